@@ -1,0 +1,1 @@
+"""The `pmserve` command line: thin typer commands over the library."""

@@ -1,0 +1,1 @@
+"""Fused LoRA + perturbation kernels (Triton) and their PyTorch references."""

@@ -1,0 +1,1 @@
+"""Compact built-in task data shipped with pmserve (see LICENSE-WORDNET)."""
