@@ -1,0 +1,203 @@
+"""Classifiers over backbone features: the training head and the inference classifier.
+
+LoRA needs a loss while it trains, so every run has a *training head*: one row per label, created when the
+label is first seen, trained only while a task contains that label, with cross-entropy over that task's labels
+(per-task heads in a class-incremental sequence; shared rows in a domain-incremental one). `linear` rows have a
+bias; `cosine` rows compare normalised features and weights with a fixed scale.
+
+The *inference classifier* (`--head`) scores every label seen so far. `linear` and `cosine` use the training
+head itself. `prototype` and `ridge` are rebuilt from statistics of each task's training features computed with
+the merged model right after each merge (exemplar-free: sums, counts and a Gram matrix, never the data):
+`prototype` predicts the nearest class mean by cosine (SimpleCIL/APER); `ridge` is RanPAC's ridge regression on
+a fixed, seeded random ReLU projection, with lambda chosen on a held-out part of the current task's data.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .errors import PMError
+
+HEADS = ("linear", "cosine", "prototype", "ridge")
+TRAIN_HEADS = ("linear", "cosine")
+RIDGE_LAMBDAS = tuple(10.0**k for k in range(-1, 7))
+
+
+class LabelHead(nn.Module):
+    """Training head: a weight row (and bias) per label seen, in first-seen order."""
+
+    def __init__(self, dim: int, kind: str = "linear", scale: float = 16.0):
+        super().__init__()
+        if kind not in TRAIN_HEADS:
+            raise PMError(f"--train-head: unknown head {kind!r} (choose from {', '.join(TRAIN_HEADS)})")
+        self.dim, self.kind, self.scale = dim, kind, scale
+        self.labels: list[str] = []
+        self.weight = nn.Parameter(torch.zeros(0, dim), requires_grad=False)
+        self.bias = nn.Parameter(torch.zeros(0), requires_grad=False)
+
+    def add_labels(self, labels: list[str], generator: torch.Generator) -> None:
+        new = [y for y in labels if y not in self.labels]
+        if not new:
+            return
+        bound = 1.0 / math.sqrt(self.dim)  # nn.Linear's default init, drawn from our seeded generator
+        w = (torch.rand(len(new), self.dim, generator=generator) * 2 - 1) * bound
+        b = (torch.rand(len(new), generator=generator) * 2 - 1) * bound
+        dev = self.weight.device
+        self.weight = nn.Parameter(torch.cat([self.weight.data, w.to(dev)]), requires_grad=False)
+        self.bias = nn.Parameter(torch.cat([self.bias.data, b.to(dev)]), requires_grad=False)
+        self.labels += new
+
+    def index(self, labels: list[str]) -> torch.Tensor:
+        pos = {y: i for i, y in enumerate(self.labels)}
+        return torch.tensor([pos[y] for y in labels], dtype=torch.long, device=self.weight.device)
+
+    def rows(self, labels: list[str]) -> tuple[nn.Parameter, nn.Parameter]:
+        """Trainable copies of the rows of `labels`; `commit` writes them back after the task."""
+        idx = self.index(labels)
+        return nn.Parameter(self.weight.data[idx].clone()), nn.Parameter(self.bias.data[idx].clone())
+
+    def commit(self, labels: list[str], w: torch.Tensor, b: torch.Tensor) -> None:
+        idx = self.index(labels)
+        self.weight.data[idx] = w.detach()
+        self.bias.data[idx] = b.detach()
+
+    def logits(self, feats: torch.Tensor, w: torch.Tensor | None = None, b: torch.Tensor | None = None) -> torch.Tensor:
+        w = self.weight if w is None else w
+        b = self.bias if b is None else b
+        if self.kind == "cosine":
+            return self.scale * F.normalize(feats, dim=-1) @ F.normalize(w, dim=-1).T
+        return feats @ w.T + b
+
+    scores = logits
+
+    def state(self) -> dict[str, torch.Tensor]:
+        return {"weight": self.weight.data.cpu(), "bias": self.bias.data.cpu()}
+
+    def load(self, state: dict[str, torch.Tensor], labels: list[str]) -> None:
+        self.labels = list(labels)
+        dev = self.weight.device
+        self.weight = nn.Parameter(state["weight"].to(dev).float(), requires_grad=False)
+        self.bias = nn.Parameter(state["bias"].to(dev).float(), requires_grad=False)
+
+
+class Prototypes:
+    """Nearest class mean by cosine; the state is per-class feature sums and counts."""
+
+    def __init__(self, dim: int):
+        self.dim = dim
+        self.labels: list[str] = []
+        self.sums = torch.zeros(0, dim, dtype=torch.float64)
+        self.counts = torch.zeros(0, dtype=torch.float64)
+
+    def _grow(self, labels: list[str]) -> torch.Tensor:
+        new = [y for y in dict.fromkeys(labels) if y not in self.labels]
+        if new:
+            self.labels += new
+            self.sums = torch.cat([self.sums, torch.zeros(len(new), self.dim, dtype=torch.float64)])
+            self.counts = torch.cat([self.counts, torch.zeros(len(new), dtype=torch.float64)])
+        pos = {y: i for i, y in enumerate(self.labels)}
+        return torch.tensor([pos[y] for y in labels], dtype=torch.long)
+
+    def update(self, feats: torch.Tensor, labels: list[str]) -> None:
+        idx = self._grow(labels)
+        self.sums.index_add_(0, idx, feats.detach().cpu().double())
+        self.counts.index_add_(0, idx, torch.ones(len(labels), dtype=torch.float64))
+
+    def means(self) -> torch.Tensor:
+        return self.sums / self.counts.clamp_min(1).unsqueeze(1)
+
+    def scores(self, feats: torch.Tensor) -> torch.Tensor:
+        m = self.means().to(feats.device, feats.dtype)
+        return F.normalize(feats, dim=-1) @ F.normalize(m, dim=-1).T
+
+    def state(self) -> dict[str, torch.Tensor]:
+        return {"sums": self.sums, "counts": self.counts}
+
+    def load(self, state: dict[str, torch.Tensor], labels: list[str]) -> None:
+        self.labels = list(labels)
+        self.sums, self.counts = state["sums"].double(), state["counts"].double()
+
+
+def random_projection(dim: int, size: int, seed: int) -> torch.Tensor:
+    """RanPAC's fixed projection (dim, size), N(0, 1) entries, reproducible from (seed, size) alone."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(dim, size, generator=g)
+
+
+class Ridge:
+    """Ridge regression on relu(features @ P) to one-hot targets, from an accumulated Gram matrix.
+
+    State: G = sum h h^T (size x size) and Q = sum h y^T (size x classes); weights = (G + lambda I)^-1 Q.
+    """
+
+    def __init__(self, dim: int, size: int = 2000, seed: int = 0, lam: float | None = None):
+        need = size * size * 8 * 3 / 2**30  # G, its solve copy and Cholesky factor, float64
+        if size < 1:
+            raise PMError(f"--ridge-dim: must be positive, got {size}")
+        if need > 8:
+            raise PMError(f"--ridge-dim: {size} needs about {need:.1f} GiB for the Gram matrix; use a smaller one")
+        if lam is not None and lam <= 0:
+            raise PMError(f"--ridge-lambda: must be > 0, got {lam}")
+        self.dim, self.size, self.seed, self.fixed_lam = dim, size, seed, lam
+        self.P = random_projection(dim, size, seed)
+        self.labels: list[str] = []
+        self.G = torch.zeros(size, size, dtype=torch.float64)
+        self.Q = torch.zeros(size, 0, dtype=torch.float64)
+        self.lam = lam if lam is not None else RIDGE_LAMBDAS[0]
+        self.W: torch.Tensor | None = None
+
+    def project(self, feats: torch.Tensor) -> torch.Tensor:
+        return torch.relu(feats.detach().cpu().float() @ self.P).double()
+
+    def _targets(self, labels: list[str]) -> torch.Tensor:
+        new = [y for y in dict.fromkeys(labels) if y not in self.labels]
+        if new:
+            self.labels += new
+            self.Q = torch.cat([self.Q, torch.zeros(self.size, len(new), dtype=torch.float64)], 1)
+        pos = {y: i for i, y in enumerate(self.labels)}
+        return F.one_hot(torch.tensor([pos[y] for y in labels]), len(self.labels)).double()
+
+    def update(self, feats: torch.Tensor, labels: list[str]) -> None:
+        h, y = self.project(feats), self._targets(labels)
+        self.G += h.T @ h
+        self.Q += h.T @ y
+
+    def solve(self, lam: float) -> torch.Tensor:
+        eye = torch.eye(self.size, dtype=torch.float64)
+        return torch.linalg.solve(self.G + lam * eye, self.Q)
+
+    def fit(self, feats: torch.Tensor, labels: list[str], holdout: float = 0.2, seed: int = 0) -> float:
+        """Add a task's features; pick lambda on a held-out part of them unless fixed. Returns lambda."""
+        if self.fixed_lam is None and len(labels) >= 5:
+            g = torch.Generator().manual_seed(seed)
+            perm = torch.randperm(len(labels), generator=g)
+            n_val = max(1, int(len(labels) * holdout))
+            val, fit = perm[:n_val], perm[n_val:]
+            self.update(feats[fit], [labels[i] for i in fit])
+            hv = self.project(feats[val])
+            yv = self._targets([labels[i] for i in val]).argmax(1)
+            accs = [(float((hv @ self.solve(lam)).argmax(1).eq(yv).double().mean()), -i) for i, lam in enumerate(RIDGE_LAMBDAS)]
+            self.lam = RIDGE_LAMBDAS[-max(accs)[1]]  # best accuracy; ties go to the smallest lambda
+            self.update(feats[val], [labels[i] for i in val])
+        else:
+            self.update(feats, labels)
+            self.lam = self.fixed_lam if self.fixed_lam is not None else self.lam
+        self.W = self.solve(self.lam)
+        return self.lam
+
+    def scores(self, feats: torch.Tensor) -> torch.Tensor:
+        if self.W is None:
+            self.W = self.solve(self.lam)
+        return (self.project(feats) @ self.W).to(feats.device, torch.float32)
+
+    def state(self) -> dict[str, torch.Tensor]:
+        return {"G": self.G, "Q": self.Q}
+
+    def load(self, state: dict[str, torch.Tensor], labels: list[str], lam: float) -> None:
+        self.labels, self.lam = list(labels), lam
+        self.G, self.Q = state["G"].double(), state["Q"].double()
+        self.W = self.solve(lam)
