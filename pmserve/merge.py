@@ -46,7 +46,10 @@ class FisherSums:
                 self.S_F[k], self.S_Ft[k] = f.clone(), ft
 
     def state(self) -> Tensors:
-        return {**{f"S_F.{k}": v for k, v in self.S_F.items()}, **{f"S_Ft.{k}": v for k, v in self.S_Ft.items()}}
+        return {
+            **{f"S_F.{k}": v for k, v in self.S_F.items()},
+            **{f"S_Ft.{k}": v for k, v in self.S_Ft.items()},
+        }
 
     @classmethod
     def from_state(cls, state: Mapping[str, torch.Tensor]) -> FisherSums:
@@ -107,7 +110,9 @@ def task_alpha(
     raise ValueError(f"no merge coefficient for method {method!r}")
 
 
-def merge_step(merged: Mapping[str, torch.Tensor], delta: Mapping[str, torch.Tensor], alpha: float) -> Tensors:
+def merge_step(
+    merged: Mapping[str, torch.Tensor], delta: Mapping[str, torch.Tensor], alpha: float
+) -> Tensors:
     """W_hat_t - W_0 = (W_hat_{t-1} - W_0) + alpha_t Delta_t, module by module."""
     out = {}
     for k, d in delta.items():

@@ -157,12 +157,19 @@ def _parse_builtin(spec: str) -> tuple[str, dict[str, int]]:
 
 
 def _class_incremental(
-    spec: str, examples: dict[str, list], kind: str, params: dict[str, int], defaults: dict[str, int], seed: int
+    spec: str,
+    examples: dict[str, list],
+    kind: str,
+    params: dict[str, int],
+    defaults: dict[str, int],
+    seed: int,
 ) -> list[Task]:
     p = {**defaults, **params}
     unknown = set(params) - set(defaults)
     if unknown:
-        raise PMError(f"{spec}: unknown option(s) {', '.join(sorted(unknown))} (known: {', '.join(defaults)})")
+        raise PMError(
+            f"{spec}: unknown option(s) {', '.join(sorted(unknown))} (known: {', '.join(defaults)})"
+        )
     n_tasks, per_task, n_train, n_test = p["tasks"], p["classes"], p["train"], p["test"]
     if min(n_tasks, per_task, n_train, n_test) < 1:
         raise PMError(f"{spec}: tasks, classes, train and test must be positive")

@@ -1,0 +1,141 @@
+"""`pmserve` commands. Each parses and validates its options, calls one library function, and prints.
+
+Errors a user can cause (PMError) become one line on stderr and exit code 2; nothing else is caught.
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+from pathlib import Path
+
+import typer
+
+from pmserve.errors import PMError
+
+app = typer.Typer(
+    help="Continual LoRA fine-tuning with Perturb-and-Merge: train, compare, merge, export and serve.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+
+def user_errors(fn):
+    """Turn PMError into `pmserve: error: ...` and exit 2, without a traceback."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except PMError as e:
+            typer.echo(f"pmserve: error: {e}", err=True)
+            raise typer.Exit(2) from None
+
+    return wrapper
+
+
+@app.command()
+@user_errors
+def train(
+    data: str = typer.Argument(
+        ..., help="Folder of task folders (sorted), or builtin:wordnet-nouns / builtin:digits."
+    ),
+    out: Path = typer.Option(Path("runs/run"), "--out", "-o", help="RUN folder to write."),
+    model: str = typer.Option("builtin:minilm", help="Local Hugging Face model folder, or builtin:minilm."),
+    method: str = typer.Option("pm", help="pm | merge | seq | avg | frozen | joint."),
+    head: str = typer.Option("linear", help="Inference classifier: linear | cosine | prototype | ridge."),
+    train_head: str = typer.Option(
+        "", help="Head LoRA trains against: linear | cosine (default follows --head)."
+    ),
+    rank: int = typer.Option(10, help="LoRA rank."),
+    lora_alpha: float = typer.Option(0.0, help="LoRA alpha (scaling = alpha / rank); 0 means alpha = rank."),
+    target_modules: str = typer.Option("key,value", help="Comma-separated module names to adapt."),
+    eps: float = typer.Option(0.5, help="Perturbation size: s in {1-eps, 1, 1+eps}."),
+    perturb_per: str = typer.Option("step", help="Draw s per 'step' or per 'sample'."),
+    epochs: int = typer.Option(5, help="Epochs per task."),
+    batch_size: int = typer.Option(32, help="Batch size."),
+    lr: float = typer.Option(1e-3, help="Learning rate of the LoRA factors."),
+    head_lr: float = typer.Option(1e-2, help="Learning rate of the heads."),
+    max_length: int = typer.Option(64, help="Maximum tokens per text."),
+    fisher_samples: int = typer.Option(512, help="Training samples for the diagonal Fisher."),
+    ridge_dim: int = typer.Option(2000, help="Random projection size of the ridge head."),
+    ridge_lambda: float = typer.Option(
+        0.0, help="Ridge lambda; 0 chooses it per task on held-out training data."
+    ),
+    seed: int = typer.Option(0, help="Seed: class order, initialisation, shuffling, perturbation draws."),
+    device: str = typer.Option("auto", help="auto | cpu | cuda."),
+    kernel: str = typer.Option("auto", help="LoRA kernel: auto | torch | triton."),
+    resume: bool = typer.Option(
+        False, "--resume", help="Continue the run in --out from its last finished task."
+    ),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
+):
+    """Train LoRA adapters task after task and merge them into one model (Perturb-and-Merge)."""
+    from pmserve.report import print_run, write_heatmap
+    from pmserve.train import TrainConfig
+    from pmserve.train import train as run_train
+
+    cfg = TrainConfig(
+        data=data,
+        model=model,
+        method=method,
+        head=head,
+        train_head=train_head,
+        rank=rank,
+        lora_alpha=lora_alpha,
+        target_modules=[t.strip() for t in target_modules.split(",") if t.strip()],
+        eps=eps,
+        perturb_per=perturb_per,
+        epochs=epochs,
+        batch_size=batch_size,
+        lr=lr,
+        head_lr=head_lr,
+        max_length=max_length,
+        fisher_samples=fisher_samples,
+        ridge_dim=ridge_dim,
+        ridge_lambda=ridge_lambda,
+        seed=seed,
+        device=device,
+        kernel=kernel,
+    )
+    result = run_train(cfg, out, resume=resume, progress=not quiet)
+    write_heatmap(result, out / "acc_matrix.png")
+    print_run(result)
+    typer.echo(f"wrote {out}")
+
+
+@app.command()
+@user_errors
+def compare(
+    runs: list[Path] = typer.Argument(..., help="RUN folders to compare."),
+    plot: Path = typer.Option(None, help="Also draw ACC / AAA / forgetting as a PNG bar chart here."),
+):
+    """Print the runs' ACC, AAA and forgetting side by side."""
+    from pmserve.report import compare_runs, load_metrics
+
+    results = [load_metrics(r) for r in runs]
+    compare_runs(results, [str(r) for r in runs], plot)
+
+
+def main() -> int:
+    """Entry point: usage errors (a non-numeric option, a missing argument) also get one line and exit 2."""
+    try:  # typer >= 0.20 vendors click
+        from typer._click.exceptions import UsageError
+    except ImportError:
+        from click.exceptions import UsageError
+
+    try:
+        rv = app(prog_name="pmserve", standalone_mode=False)
+    except UsageError as e:
+        if e.format_message():  # empty when the help was shown for a bare `pmserve`
+            typer.echo(f"pmserve: error: {e.format_message()}", err=True)
+        return 2
+    except (typer.Abort, KeyboardInterrupt):
+        typer.echo("pmserve: aborted", err=True)
+        return 130
+    return rv if isinstance(rv, int) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,67 @@
+"""The diagonal empirical Fisher of the adapted full weights, from exact per-sample gradients.
+
+F = mean over samples of (d loss_n / d W)^2 for every adapted matrix W (the full out x in weight, not the LoRA
+factors: the merge acts on W). For a linear layer y = x W^T the per-sample gradient is sum over tokens of
+g_n^T x_n, so one batched forward/backward with hooks on each adapted layer gives every sample's gradient
+exactly; no per-sample backward loop. Samples never interact (no batch norm), so this is exact.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+
+import torch
+from torch import nn
+
+from .merge import Tensors
+
+
+class _Capture:
+    def __init__(self, layers: dict[str, nn.Module]):
+        self.x: dict[str, torch.Tensor] = {}
+        self.g: dict[str, torch.Tensor] = {}
+        self.handles = [m.register_forward_hook(self._fwd(n)) for n, m in layers.items()]
+
+    def _fwd(self, name: str):
+        def hook(module, inputs, output):
+            self.x[name] = inputs[0].detach()
+            if output.requires_grad:
+                output.register_hook(lambda g: self.g.__setitem__(name, g.detach()))
+
+        return hook
+
+    def remove(self):
+        for h in self.handles:
+            h.remove()
+
+
+def diagonal_fisher(
+    layers: dict[str, nn.Module],
+    batches: Iterable[tuple[dict, torch.Tensor]],
+    loss_fn: Callable[[dict, torch.Tensor], torch.Tensor],
+) -> Tensors:
+    """Mean squared per-sample gradient of `loss_fn` (summed over the batch) w.r.t. each layer's full weight.
+
+    `layers` maps names to the adapted linear modules (LoRA-wrapped or plain); `loss_fn(batch, targets)` must
+    return the SUM of per-sample losses so that each sample's gradient is its own.
+    """
+    cap = _Capture(layers)
+    total: Tensors = {}
+    n = 0
+    try:
+        for batch, targets in batches:
+            cap.x.clear()
+            cap.g.clear()
+            loss = loss_fn(batch, targets)
+            loss.backward()  # the output hooks catch each layer's output gradient
+            for name in layers:
+                x, g = cap.x[name].float(), cap.g[name].float()
+                x = x.reshape(x.shape[0], -1, x.shape[-1])
+                g = g.reshape(g.shape[0], -1, g.shape[-1])
+                per_sample = torch.einsum("bto,bti->boi", g, x)
+                sq = per_sample.pow(2).sum(0)
+                total[name] = total[name] + sq if name in total else sq
+            n += targets.shape[0]
+    finally:
+        cap.remove()
+    return {k: (v / max(n, 1)).cpu() for k, v in total.items()}

@@ -1,0 +1,505 @@
+"""Continual training with Perturb-and-Merge: one task after another, one merged model after each.
+
+Per task t: a fresh PEFT LoRA on the merged backbone W_hat_{t-1}, trained with the perturbation; the diagonal
+Fisher at theta*_t; the adapter saved in PEFT's format; alpha_t and the merge (merge.py, the same code as
+`pmserve merge`); the inference classifier updated with the merged model; evaluation on every test set seen.
+
+A RUN folder holds config.json, one folder per completed task (written under a temporary name and renamed, so
+a killed run never leaves a half task) and metrics.json. Every random draw of task t comes from generators
+seeded by (seed, t), and the merged weights are always written as W_0 + D, so `--resume` replays the finished
+task folders and ends bitwise equal to a run that was never interrupted.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from . import metrics
+from .adapters import (
+    ADAPTER,
+    LoraSpec,
+    add_lora,
+    base_fingerprint,
+    lora_layers,
+    save_adapter,
+    set_merged,
+    task_vectors,
+)
+from .backbone import Encoder, Preprocessor, load_encoder
+from .errors import PMError
+from .fisher import diagonal_fisher
+from .heads import HEADS, TRAIN_HEADS, LabelHead, Prototypes, Ridge
+from .merge import FisherSums, Tensors, merge_step, task_alpha
+from .perturb import Perturbation
+from .tasks import Split, Task, load_tasks
+
+TRAIN_METHODS = ("pm", "merge", "seq", "avg", "frozen", "joint")
+EXECUTION_ONLY = ("device", "kernel")  # may differ between a run and its resumption
+
+
+@dataclass
+class TrainConfig:
+    """Everything that determines a run's results; saved as RUN/config.json."""
+
+    data: str
+    model: str = "builtin:minilm"
+    method: str = "pm"
+    head: str = "linear"
+    train_head: str = ""  # "" = cosine for prototype/ridge/cosine inference, linear for linear
+    rank: int = 10
+    lora_alpha: float = 0.0  # 0 = same as rank (scaling 1)
+    target_modules: list[str] = field(default_factory=lambda: ["key", "value"])
+    eps: float = 0.5
+    perturb_per: str = "step"
+    epochs: int = 5
+    batch_size: int = 32
+    lr: float = 1e-3
+    head_lr: float = 1e-2
+    weight_decay: float = 0.01
+    max_length: int = 64
+    fisher_samples: int = 512
+    clip_alpha: bool = True
+    cosine_scale: float = 16.0
+    ridge_dim: int = 2000
+    ridge_lambda: float = 0.0  # 0 = choose per task on held-out training data
+    seed: int = 0
+    device: str = "auto"
+    kernel: str = "auto"
+
+    def __post_init__(self) -> None:
+        if not self.train_head:
+            self.train_head = "linear" if self.head == "linear" else "cosine"
+        if not self.lora_alpha:
+            self.lora_alpha = float(self.rank)
+        self.target_modules = list(self.target_modules)
+
+    def validate(self) -> None:
+        def need(ok: bool, option: str, msg: str) -> None:
+            if not ok:
+                raise PMError(f"--{option}: {msg}")
+
+        need(
+            self.method in TRAIN_METHODS,
+            "method",
+            f"unknown method {self.method!r} (choose from {', '.join(TRAIN_METHODS)})",
+        )
+        need(self.head in HEADS, "head", f"unknown head {self.head!r} (choose from {', '.join(HEADS)})")
+        need(
+            self.train_head in TRAIN_HEADS,
+            "train-head",
+            f"unknown head {self.train_head!r} (choose from {', '.join(TRAIN_HEADS)})",
+        )
+        need(
+            not (self.head == "linear" and self.train_head == "cosine"),
+            "head",
+            "linear inference needs --train-head linear",
+        )
+        need(
+            not (self.head == "cosine" and self.train_head == "linear"),
+            "head",
+            "cosine inference needs --train-head cosine",
+        )
+        need(self.rank >= 1, "rank", f"must be at least 1, got {self.rank}")
+        need(0.0 <= self.eps < 1.0, "eps", f"must be in [0, 1), got {self.eps}")
+        need(
+            self.perturb_per in ("step", "sample"),
+            "perturb-per",
+            f"must be step or sample, got {self.perturb_per!r}",
+        )
+        need(self.epochs >= 1, "epochs", f"must be at least 1, got {self.epochs}")
+        need(self.batch_size >= 1, "batch-size", f"must be at least 1, got {self.batch_size}")
+        need(self.lr > 0, "lr", f"must be > 0, got {self.lr}")
+        need(self.head_lr > 0, "head-lr", f"must be > 0, got {self.head_lr}")
+        need(self.max_length >= 2, "max-length", f"must be at least 2, got {self.max_length}")
+        need(self.fisher_samples >= 1, "fisher-samples", f"must be at least 1, got {self.fisher_samples}")
+        need(self.ridge_lambda >= 0, "ridge-lambda", f"must be > 0, got {self.ridge_lambda}")
+        need(bool(self.target_modules), "target-modules", "name at least one module")
+        need(
+            self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:"),
+            "device",
+            f"must be auto, cpu or cuda, got {self.device!r}",
+        )
+        need(
+            self.kernel in ("auto", "torch", "triton"),
+            "kernel",
+            f"must be auto, torch or triton, got {self.kernel!r}",
+        )
+
+    @property
+    def lora(self) -> LoraSpec:
+        return LoraSpec(self.rank, self.lora_alpha, tuple(self.target_modules))
+
+    def results_key(self) -> dict:
+        return {k: v for k, v in asdict(self).items() if k not in EXECUTION_ONLY}
+
+
+def _device(spec: str) -> torch.device:
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if spec.startswith("cuda") and not torch.cuda.is_available():
+        raise PMError(f"--device: {spec} asked for, but no CUDA device is available")
+    return torch.device(spec)
+
+
+def _generator(seed: int, task: int, stream: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed * 1_000_003 + task * 101 + stream)
+
+
+def _atomic_json(path: Path, obj) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(obj, indent=2))
+    os.replace(tmp, path)
+
+
+class Learner:
+    """The backbone, its merged deltas, the training head and the inference classifier of one run."""
+
+    def __init__(self, cfg: TrainConfig, encoder: Encoder, prep: Preprocessor, device: torch.device):
+        self.cfg, self.encoder, self.prep, self.device = cfg, encoder.to(device), prep, device
+        self.names = _adapted_names(encoder.model, cfg.target_modules) if cfg.method != "frozen" else []
+        mods = dict(encoder.model.named_modules())
+        self.base: Tensors = {n: mods[n].weight.detach().cpu().clone() for n in self.names}
+        self.merged: Tensors = {n: torch.zeros_like(w, dtype=torch.float32) for n, w in self.base.items()}
+        self.sums = FisherSums()
+        dim = encoder.hidden_size
+        self.head = LabelHead(dim, cfg.train_head, cfg.cosine_scale).to(device)
+        self.classifier = (
+            Prototypes(dim)
+            if cfg.head == "prototype"
+            else Ridge(dim, cfg.ridge_dim, cfg.seed, cfg.ridge_lambda or None)
+            if cfg.head == "ridge"
+            else None
+        )
+
+    # ---- batches
+
+    def batches(self, split: Split, order: torch.Tensor, bs: int):
+        for i in range(0, len(order), bs):
+            idx = order[i : i + bs].tolist()
+            batch = self.prep([split.inputs[j] for j in idx])
+            yield {k: v.to(self.device) for k, v in batch.items()}, [split.labels[j] for j in idx]
+
+    @torch.no_grad()
+    def features(self, split: Split, bs: int = 128) -> torch.Tensor:
+        """Features of a split in its order; batches are formed by input length so little padding is computed."""
+        lengths = [len(x) if isinstance(x, str) else 0 for x in split.inputs]
+        order = torch.tensor(sorted(range(len(lengths)), key=lengths.__getitem__), dtype=torch.long)
+        feats = torch.cat([self.encoder(**b) for b, _ in self.batches(split, order, bs)]).float()
+        return torch.empty_like(feats).index_copy_(0, order.to(feats.device), feats)
+
+    def scores(self, feats: torch.Tensor) -> tuple[torch.Tensor, list[str]]:
+        clf = self.classifier or self.head
+        return clf.scores(feats), clf.labels
+
+    @torch.no_grad()
+    def accuracy(self, split: Split) -> float:
+        s, labels = self.scores(self.features(split))
+        pred = [labels[i] for i in s.argmax(1).tolist()]
+        return sum(p == y for p, y in zip(pred, split.labels)) / len(pred)
+
+    # ---- one task
+
+    def train_task(self, task: Task, i: int, progress=None) -> tuple[nn.Module | None, Tensors, Tensors]:
+        """Train task i; returns (the PEFT model or None, Delta_t, F_t). The head rows are committed."""
+        cfg = self.cfg
+        self.head.add_labels(task.classes, _generator(cfg.seed, i, 1))
+        w, b = self.head.rows(task.classes)
+        target_of = {y: k for k, y in enumerate(task.classes)}
+        peft_model, pert = None, None
+        params = [{"params": [w, b], "lr": cfg.head_lr}]
+        if cfg.method != "frozen":
+            torch.manual_seed(cfg.seed * 1_000_003 + i)  # PEFT draws lora_A's init from the global generator
+            peft_model = add_lora(self.encoder.model, cfg.lora)
+            self.encoder.model = peft_model
+            layers = lora_layers(peft_model)
+            params.append({"params": [p for p in peft_model.parameters() if p.requires_grad], "lr": cfg.lr})
+            if cfg.method == "pm":
+                pert = Perturbation(
+                    [m.lora_B[ADAPTER] for m in layers.values()],
+                    cfg.eps,
+                    cfg.perturb_per,
+                    seed=cfg.seed * 7919 + i,
+                )
+        opt = torch.optim.AdamW(params, weight_decay=cfg.weight_decay)
+        shuffle = _generator(cfg.seed, i, 2)
+        n = len(task.train.labels)
+        cached = self.features(task.train) if peft_model is None else None  # frozen: features never change
+        steps = cfg.epochs * ((n + cfg.batch_size - 1) // cfg.batch_size)
+        bar = progress.add_task(f"{task.name}", total=steps) if progress else None
+        for _epoch in range(cfg.epochs):
+            order = torch.randperm(n, generator=shuffle)
+            for k in range(0, n, cfg.batch_size):
+                idx = order[k : k + cfg.batch_size]
+                ys = torch.tensor([target_of[task.train.labels[j]] for j in idx.tolist()], device=self.device)
+                if cached is not None:
+                    feats = cached[idx]
+                else:
+                    batch = self.prep([task.train.inputs[j] for j in idx.tolist()])
+                    if pert is not None:
+                        pert.draw(len(idx), self.device)
+                    feats = self.encoder(**{kk: v.to(self.device) for kk, v in batch.items()})
+                loss = F.cross_entropy(self.head.logits(feats, w, b), ys)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                if bar is not None:
+                    progress.update(bar, advance=1, description=f"{task.name} loss {loss.item():.3f}")
+        if pert is not None:
+            pert.remove()
+        self.head.commit(task.classes, w, b)
+        if peft_model is None:
+            return None, {}, {}
+        fisher = self._fisher(task, i, layers, w, b, target_of)
+        return peft_model, task_vectors(peft_model), fisher
+
+    def _fisher(self, task: Task, i: int, layers, w, b, target_of) -> Tensors:
+        """The empirical Fisher at theta*_t: true labels, the task's training loss, no perturbation."""
+        order = torch.randperm(len(task.train.labels), generator=_generator(self.cfg.seed, i, 3))
+        order = order[: self.cfg.fisher_samples]
+
+        def loss_fn(batch, ys):
+            return F.cross_entropy(
+                self.head.logits(self.encoder(**batch), w.detach(), b.detach()), ys, reduction="sum"
+            )
+
+        def batches():
+            for batch, labels in self.batches(task.train, order, self.cfg.batch_size):
+                yield batch, torch.tensor([target_of[y] for y in labels], device=self.device)
+
+        return diagonal_fisher(layers, batches(), loss_fn)
+
+    def merge(self, t: int, delta: Tensors, fisher: Tensors) -> float:
+        """alpha_t and W_hat_t = W_hat_{t-1} + alpha_t Delta_t (t is 1-based)."""
+        method = "seq" if self.cfg.method == "joint" else self.cfg.method
+        if method in ("pm", "merge"):
+            self.sums.add(fisher, {k: self.merged[k] + delta[k] for k in delta})
+        alpha = task_alpha(method, t, self.merged, delta, self.sums, clip=self.cfg.clip_alpha)
+        self.merged = merge_step(self.merged, delta, alpha)
+        set_merged(self.encoder.model, self.base, self.merged)
+        return alpha
+
+    def update_classifier(self, task: Task, i: int) -> float | None:
+        if self.classifier is None:
+            return None
+        feats = self.features(task.train)
+        if isinstance(self.classifier, Ridge):
+            return self.classifier.fit(feats, task.train.labels, seed=self.cfg.seed * 31 + i)
+        self.classifier.update(feats, task.train.labels)
+        return None
+
+    # ---- files
+
+    def classifier_state(self) -> Tensors:
+        return self.classifier.state() if self.classifier is not None else {}
+
+    def load_state(self, folder: Path, info: dict) -> None:
+        if (folder / "merged.safetensors").exists():
+            self.merged = load_file(str(folder / "merged.safetensors"))
+            set_merged(self.encoder.model, self.base, self.merged)
+        self.head.load(load_file(str(folder / "head.safetensors")), info["head_labels"])
+        self.head.to(self.device)
+        if self.classifier is not None:
+            state = load_file(str(folder / "classifier.safetensors"))
+            if isinstance(self.classifier, Ridge):
+                self.classifier.load(state, info["classifier_labels"], info["ridge_lambda"])
+            else:
+                self.classifier.load(state, info["classifier_labels"])
+
+
+def _adapted_names(model: nn.Module, targets: list[str]) -> list[str]:
+    """Linear modules PEFT will adapt: a name equal to a target or ending in '.target'."""
+    names = [
+        n
+        for n, m in model.named_modules()
+        if isinstance(m, nn.Linear) and any(n == t or n.endswith("." + t) for t in targets)
+    ]
+    if not names:
+        raise PMError(f"--target-modules: no linear module of the model is named {', '.join(targets)}")
+    return names
+
+
+def _joint_task(tasks: list[Task]) -> Task:
+    tr = Split([x for t in tasks for x in t.train.inputs], [y for t in tasks for y in t.train.labels])
+    te = Split([x for t in tasks for x in t.test.inputs], [y for t in tasks for y in t.test.labels])
+    classes = list(dict.fromkeys(y for t in tasks for y in t.classes))
+    return Task("joint", tasks[0].kind, tr, te, classes)
+
+
+def _prepare_out(out: Path, cfg: TrainConfig, resume: bool) -> None:
+    cfg_path = out / "config.json"
+    if cfg_path.exists():
+        if not resume:
+            raise PMError(
+                f"{out}: already holds a run; pass --resume to continue it, or choose another --out"
+            )
+        try:
+            old = json.loads(cfg_path.read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise PMError(f"{cfg_path}: unreadable ({e})") from None
+        mine = cfg.results_key()
+        diff = [k for k in mine if k not in EXECUTION_ONLY and old.get(k) != mine[k]]
+        if diff:
+            k = diff[0]
+            raise PMError(
+                f"{cfg_path}: holds another run's config ({k} is {old.get(k)!r}, this run's is {mine[k]!r})"
+            )
+    elif out.exists() and any(out.iterdir()):
+        raise PMError(f"{out}: exists and is not a pmserve run; choose an empty or new --out")
+    (out / "tasks").mkdir(parents=True, exist_ok=True)
+    _atomic_json(cfg_path, asdict(cfg))
+    for stale in (out / "tasks").glob(".tmp-*"):
+        shutil.rmtree(stale, ignore_errors=True)
+
+
+def _task_dir(out: Path, i: int, name: str) -> Path:
+    return out / "tasks" / f"{i:02d}-{name}"
+
+
+def train(cfg: TrainConfig, out: Path | str, resume: bool = False, progress: bool = True, log=print) -> dict:
+    """Run (or resume) continual training into `out`; returns the metrics dict also written to metrics.json."""
+    cfg.validate()
+    out = Path(out)
+    tasks = load_tasks(cfg.data, cfg.seed)
+    device = _device(cfg.device)
+    encoder, prep, model_dir = load_encoder(cfg.model, tasks[0].kind, cfg.max_length)
+    learner = Learner(cfg, encoder, prep, device)
+    _prepare_out(out, cfg, resume)
+    fingerprint = base_fingerprint(model_dir)
+    train_seq = [_joint_task(tasks)] if cfg.method == "joint" else tasks
+
+    acc: list[list[float]] = []
+    alphas: list[float | None] = []
+    lambdas: list[float | None] = []
+    seconds = 0.0
+    start = 0
+    for i, task in enumerate(train_seq):
+        folder = _task_dir(out, i, task.name)
+        if not (folder / "task.json").exists():
+            break
+        info = json.loads((folder / "task.json").read_text())
+        if info["method"] != "frozen":
+            fisher = (
+                load_file(str(folder / "fisher.safetensors"))
+                if (folder / "fisher.safetensors").exists()
+                else {}
+            )
+            delta = load_file(str(folder / "delta.safetensors"))
+            if cfg.method in ("pm", "merge"):
+                learner.sums.add(fisher, {k: learner.merged[k] + delta[k] for k in delta})
+            learner.merged = load_file(str(folder / "merged.safetensors"))
+        acc.append(info["acc"])
+        alphas.append(info["alpha"])
+        lambdas.append(info.get("ridge_lambda"))
+        seconds += info["seconds"]
+        start = i + 1
+        last = (folder, info)
+    if start:
+        learner.load_state(*last)
+        log(f"resuming {out} after task {start} of {len(train_seq)}")
+
+    bar = _progress() if progress else None
+    with bar or _Null():
+        for i in range(start, len(train_seq)):
+            task = train_seq[i]
+            t0 = time.perf_counter()
+            peft_model, delta, fisher = learner.train_task(task, i, bar)
+            tmp = out / "tasks" / f".tmp-{i:02d}-{task.name}"
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir()
+            alpha = None
+            if peft_model is not None:
+                save_adapter(
+                    peft_model,
+                    tmp,
+                    str(model_dir),
+                    {
+                        "kind": "chained",
+                        "task": i,
+                        "name": task.name,
+                        "base_model": cfg.model,
+                        "base_fingerprint": fingerprint,
+                        "labels": task.classes,
+                        "method": cfg.method,
+                    },
+                )
+                learner.encoder.model = peft_model.unload()
+                alpha = learner.merge(i + 1, delta, fisher)
+                save_file(fisher, str(tmp / "fisher.safetensors"))
+                save_file(delta, str(tmp / "delta.safetensors"))
+                save_file(learner.merged, str(tmp / "merged.safetensors"))
+            lam = learner.update_classifier(task, i)
+            seen = tasks if cfg.method == "joint" else tasks[: i + 1]
+            row = [learner.accuracy(t.test) for t in seen]
+            dt = time.perf_counter() - t0
+            save_file(learner.head.state(), str(tmp / "head.safetensors"))
+            if learner.classifier is not None:
+                save_file(learner.classifier_state(), str(tmp / "classifier.safetensors"))
+            info = {
+                "index": i,
+                "name": task.name,
+                "method": cfg.method,
+                "labels": task.classes,
+                "alpha": alpha,
+                "acc": row,
+                "seconds": dt,
+                "head_labels": learner.head.labels,
+                "classifier_labels": learner.classifier.labels if learner.classifier is not None else None,
+                "ridge_lambda": lam,
+            }
+            (tmp / "task.json").write_text(json.dumps(info, indent=2))
+            os.rename(tmp, _task_dir(out, i, task.name))
+            acc.append(row)
+            alphas.append(alpha)
+            lambdas.append(lam)
+            seconds += dt
+            if bar is None:
+                log(
+                    f"{task.name}: alpha {alpha if alpha is None else round(alpha, 4)}  acc {' '.join(f'{a:.3f}' for a in row)}"
+                )
+
+    result = {
+        "method": cfg.method,
+        "head": cfg.head,
+        "tasks": [t.name for t in tasks],
+        "acc_matrix": acc,
+        **metrics.summary(acc),
+        "alphas": alphas,
+        "ridge_lambdas": lambdas,
+        "seconds": seconds,
+        "config": asdict(cfg),
+    }
+    if cfg.method == "joint":  # one model on everything: an upper bound, not a sequence
+        result["AAA"] = None
+        result["forgetting"] = None
+    _atomic_json(out / "metrics.json", result)
+    return result
+
+
+def _progress():
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    return Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        transient=False,
+    )
+
+
+class _Null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False

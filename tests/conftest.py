@@ -1,0 +1,83 @@
+"""Fixtures: a tiny random BERT with its own word-level tokenizer, and tiny learnable text task folders."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+
+WORDS = {
+    "animal": "dog cat horse cow sheep goat wolf fox bear deer",
+    "food": "bread cheese apple pear soup rice bean cake milk egg",
+    "tool": "hammer saw drill wrench chisel file axe knife plane vise",
+    "place": "city town river lake hill field road park shore port",
+    "time": "hour day week month year minute noon dawn dusk night",
+    "feeling": "joy anger fear grief love hate pride shame calm awe",
+}
+FILLER = "a the of and in with some very small large old new".split()
+
+
+def make_texts(label: str, n: int, rng: random.Random) -> list[str]:
+    pool = WORDS[label].split()
+    return [
+        " ".join(rng.choice(pool) if k % 2 == 0 else rng.choice(FILLER) for k in range(rng.randint(3, 8)))
+        for _ in range(n)
+    ]
+
+
+def write_tasks(
+    root: Path, groups: list[list[str]], n_train: int = 24, n_test: int = 8, seed: int = 0
+) -> Path:
+    rng = random.Random(seed)
+    for t, labels in enumerate(groups):
+        d = root / f"t{t}"
+        d.mkdir(parents=True)
+        for split, n in (("train", n_train), ("test", n_test)):
+            with (d / f"{split}.jsonl").open("w") as f:
+                for y in labels:
+                    for x in make_texts(y, n, rng):
+                        f.write(json.dumps({"text": x, "label": y}) + "\n")
+    return root
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> Path:
+    import torch
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import BertConfig, BertModel, PreTrainedTokenizerFast
+
+    d = tmp_path_factory.mktemp("tiny-bert")
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + sorted(
+        {w for v in WORDS.values() for w in v.split()} | set(FILLER)
+    )
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(vocab)}, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        unk_token="[UNK]",
+        pad_token="[PAD]",
+        cls_token="[CLS]",
+        sep_token="[SEP]",
+        mask_token="[MASK]",
+    )
+    fast.save_pretrained(d)
+    torch.manual_seed(0)
+    cfg = BertConfig(
+        vocab_size=len(vocab),
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=64,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+    )
+    BertModel(cfg, add_pooling_layer=False).save_pretrained(d)
+    return d
+
+
+@pytest.fixture()
+def tiny_tasks(tmp_path) -> Path:
+    return write_tasks(tmp_path / "data", [["animal", "food"], ["tool", "place"], ["time", "feeling"]])

@@ -1,0 +1,79 @@
+"""The batched per-sample Fisher against a loop of single-sample autograd gradients; the perturbation hook."""
+
+import pytest
+import torch
+from torch import nn
+
+from pmserve.adapters import LoraSpec, add_lora, lora_layers, task_vectors
+from pmserve.fisher import diagonal_fisher
+from pmserve.perturb import Perturbation, draw_scales
+
+
+class Toy(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.key = nn.Linear(6, 5)
+        self.mid = nn.Linear(5, 5)
+        self.value = nn.Linear(5, 4)
+
+    def forward(self, x):
+        return self.value(torch.tanh(self.mid(torch.tanh(self.key(x))))).mean(1)
+
+
+def make_peft(seed=0):
+    torch.manual_seed(seed)
+    model = add_lora(Toy(), LoraSpec(rank=2, alpha=4.0, target_modules=("key", "value")))
+    for m in lora_layers(model).values():  # a non-zero B so the branch matters
+        nn.init.normal_(m.lora_B["default"].weight)
+    return model
+
+
+def test_fisher_equals_per_sample_autograd():
+    model = make_peft()
+    layers = lora_layers(model)
+    x = torch.randn(7, 3, 6)
+    y = torch.randint(0, 4, (7,))
+
+    def loss_fn(batch, ys):
+        return nn.functional.cross_entropy(model(batch["x"]), ys, reduction="sum")
+
+    fisher = diagonal_fisher(layers, [({"x": x[:4]}, y[:4]), ({"x": x[4:]}, y[4:])], loss_fn)
+
+    # reference: effective weights W + scaling B A as explicit leaves, one sample at a time
+    ref = {k: torch.zeros_like(m.base_layer.weight) for k, m in layers.items()}
+    deltas = task_vectors(model)
+    for n in range(7):
+        ws = {k: (m.base_layer.weight + deltas[k]).detach().requires_grad_() for k, m in layers.items()}
+        h = torch.tanh(nn.functional.linear(x[n : n + 1], ws["key"], layers["key"].base_layer.bias))
+        h = torch.tanh(model.base_model.model.mid(h))
+        out = nn.functional.linear(h, ws["value"], layers["value"].base_layer.bias).mean(1)
+        grads = torch.autograd.grad(nn.functional.cross_entropy(out, y[n : n + 1]), list(ws.values()))
+        for k, g in zip(ws, grads):
+            ref[k] += g**2 / 7
+    for k in ref:
+        torch.testing.assert_close(fisher[k], ref[k], rtol=1e-4, atol=1e-7)
+
+
+def test_perturbation_scales_the_lora_branch_only():
+    model = make_peft(1)
+    layers = lora_layers(model)
+    x = torch.randn(4, 3, 6)
+    pert = Perturbation([m.lora_B["default"] for m in layers.values()], eps=0.5, per="sample", seed=0)
+    s = pert.draw(4)
+    y = model(x)
+    pert.off()
+    # reference: set each layer's scaling to s_n * scaling, one sample at a time
+    for n in range(4):
+        for m in layers.values():
+            m.scaling["default"] = 2.0 * float(s[n])
+        torch.testing.assert_close(y[n], model(x[n : n + 1])[0])
+    pert.remove()
+
+
+def test_draw_frequencies_and_values():
+    s = draw_scales(30000, 0.5, torch.Generator().manual_seed(0))
+    values, counts = torch.unique(s, return_counts=True)
+    assert values.tolist() == [0.5, 1.0, 1.5]
+    assert all(abs(c / 30000 - 1 / 3) < 0.015 for c in counts.tolist())
+    with pytest.raises(ValueError, match="eps"):
+        Perturbation([], eps=1.0)

@@ -1,0 +1,137 @@
+"""End-to-end runs on a tiny model: files, PEFT loading, accuracy reproduction, and resume."""
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from pmserve.train import TrainConfig, train
+
+
+def config(data, model, **kw):
+    base = dict(
+        data=str(data),
+        model=str(model),
+        epochs=6,
+        batch_size=8,
+        rank=2,
+        fisher_samples=16,
+        seed=1,
+        lr=3e-2,
+        head_lr=5e-2,
+    )
+    return TrainConfig(**{**base, **kw})
+
+
+def load_backbone(model_dir, merged=None):
+    from transformers import AutoModel
+
+    m = AutoModel.from_pretrained(str(model_dir), add_pooling_layer=False).eval()
+    if merged:
+        mods = dict(m.named_modules())
+        with torch.no_grad():
+            for k, d in merged.items():
+                mods[k].weight += d
+    return m
+
+
+def pooled(model, tok, texts):
+    enc = tok(texts, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        h = model(**enc).last_hidden_state
+    mask = enc["attention_mask"].unsqueeze(-1).float()
+    return (h * mask).sum(1) / mask.sum(1)
+
+
+def test_pm_run_files_and_metrics(tiny_model, tiny_tasks, tmp_path):
+    out = tmp_path / "run"
+    r = train(config(tiny_tasks, tiny_model), out, progress=False, log=lambda *_: None)
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["method"] == "pm" and m["tasks"] == ["t0", "t1", "t2"]
+    assert [len(row) for row in m["acc_matrix"]] == [1, 2, 3]
+    assert m["alphas"][0] == 1.0 and all(0.0 <= a <= 1.0 for a in m["alphas"])
+    assert m["ACC"] == pytest.approx(sum(m["acc_matrix"][-1]) / 3)
+    assert m["acc_matrix"][0][0] > 0.75  # the tiny tasks are learnable
+    for k in ("AAA", "forgetting", "seconds"):
+        assert k in m
+    assert json.loads((out / "config.json").read_text())["method"] == "pm"
+    folders = sorted(p.name for p in (out / "tasks").iterdir())
+    assert folders == ["00-t0", "01-t1", "02-t2"]
+    assert r["ACC"] == m["ACC"]
+
+
+def test_adapter_loads_with_plain_peft_and_merged_state_reproduces_accuracy(tiny_model, tiny_tasks, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoTokenizer
+
+    out = tmp_path / "run"
+    m = train(config(tiny_tasks, tiny_model, method="merge"), out, progress=False, log=lambda *_: None)
+    tok = AutoTokenizer.from_pretrained(str(tiny_model))
+    texts = ["dog the cat", "hammer a saw", "joy of love"]
+    t1, t2 = out / "tasks" / "01-t1", out / "tasks" / "02-t2"
+    # task 2's adapter was trained on the merged model after task 1: plain PEFT on that model ...
+    peft = PeftModel.from_pretrained(
+        load_backbone(tiny_model, load_file(str(t1 / "merged.safetensors"))), str(t2)
+    )
+    # ... equals W_hat_1 + Delta_2 written by hand
+    by_hand = load_backbone(
+        tiny_model,
+        {
+            k: load_file(str(t1 / "merged.safetensors"))[k] + v
+            for k, v in load_file(str(t2 / "delta.safetensors")).items()
+        },
+    )
+    torch.testing.assert_close(pooled(peft, tok, texts), pooled(by_hand, tok, texts), rtol=1e-4, atol=1e-5)
+    # the final merged model + the concatenated heads give the run's reported accuracy
+    final = load_backbone(tiny_model, load_file(str(t2 / "merged.safetensors")))
+    head = load_file(str(t2 / "head.safetensors"))
+    labels = json.loads((t2 / "task.json").read_text())["head_labels"]
+    for j, name in enumerate(["t0", "t1", "t2"]):
+        rows = [json.loads(x) for x in (tiny_tasks / name / "test.jsonl").read_text().splitlines()]
+        logits = pooled(final, tok, [r["text"] for r in rows]) @ head["weight"].T + head["bias"]
+        acc = sum(labels[i] == r["label"] for i, r in zip(logits.argmax(1).tolist(), rows)) / len(rows)
+        assert acc == pytest.approx(m["acc_matrix"][-1][j])
+
+
+@pytest.mark.parametrize("head", ["linear", "ridge"])
+def test_resume_equals_uninterrupted(tiny_model, tiny_tasks, tmp_path, head):
+    cfg = config(tiny_tasks, tiny_model, head=head, ridge_dim=64)
+    full = train(cfg, tmp_path / "full", progress=False, log=lambda *_: None)
+    part = tmp_path / "part"
+    shutil.copytree(tmp_path / "full", part)
+    shutil.rmtree(part / "tasks" / "02-t2")  # killed during task 3 ...
+    shutil.copytree(part / "tasks" / "01-t1", part / "tasks" / ".tmp-02-t2")  # ... with half a folder written
+    (part / "metrics.json").unlink()
+    resumed = train(
+        config(tiny_tasks, tiny_model, head=head, ridge_dim=64),
+        part,
+        resume=True,
+        progress=False,
+        log=lambda *_: None,
+    )
+    for k in ("acc_matrix", "alphas", "ACC", "AAA", "forgetting", "ridge_lambdas"):
+        assert resumed[k] == full[k], k
+    a = load_file(str(tmp_path / "full" / "tasks" / "02-t2" / "merged.safetensors"))
+    b = load_file(str(part / "tasks" / "02-t2" / "merged.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not list((part / "tasks").glob(".tmp-*"))
+
+
+@pytest.mark.parametrize("method", ["seq", "avg", "frozen", "joint"])
+def test_other_methods(tiny_model, tiny_tasks, tmp_path, method):
+    m = train(
+        config(tiny_tasks, tiny_model, method=method, epochs=1, head="prototype"),
+        tmp_path / method,
+        progress=False,
+        log=lambda *_: None,
+    )
+    if method == "joint":
+        assert len(m["acc_matrix"]) == 1 and m["forgetting"] is None
+    elif method == "frozen":
+        assert m["alphas"] == [None, None, None]
+        assert not list(Path(tmp_path / method).rglob("adapter_model.safetensors"))
+    else:
+        assert m["alphas"] == ([1.0, 1.0, 1.0] if method == "seq" else [1.0, 0.5, pytest.approx(1 / 3)])
