@@ -63,6 +63,9 @@ def train(
     ridge_lambda: float = typer.Option(
         0.0, help="Ridge lambda; 0 chooses it per task on held-out training data."
     ),
+    eval_heads: str = typer.Option(
+        "", help="More inference classifiers to measure side by side, e.g. prototype,ridge."
+    ),
     seed: int = typer.Option(0, help="Seed: class order, initialisation, shuffling, perturbation draws."),
     device: str = typer.Option("auto", help="auto | cpu | cuda."),
     kernel: str = typer.Option("auto", help="LoRA kernel: auto | torch | triton."),
@@ -95,6 +98,7 @@ def train(
         fisher_samples=fisher_samples,
         ridge_dim=ridge_dim,
         ridge_lambda=ridge_lambda,
+        eval_heads=[h.strip() for h in eval_heads.split(",") if h.strip()],
         seed=seed,
         device=device,
         kernel=kernel,

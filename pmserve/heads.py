@@ -208,3 +208,72 @@ class Ridge:
         self.labels, self.lam = list(labels), lam
         self.G, self.Q = state["G"].double(), state["Q"].double()
         self.W = self.solve(lam)
+
+
+# ---------------------------------------------------------------- files: classifier.json + classifier.safetensors
+
+Scorer = LabelHead | Prototypes | Ridge
+
+
+def scorer_kind(scorer: Scorer) -> str:
+    return (
+        scorer.kind
+        if isinstance(scorer, LabelHead)
+        else "prototype"
+        if isinstance(scorer, Prototypes)
+        else "ridge"
+    )
+
+
+def save_scorer(scorer: Scorer, folder, prefix: str = "classifier") -> None:
+    """Write the inference classifier as `{prefix}.json` (kind, labels, sizes) + `{prefix}.safetensors`."""
+    import json
+    from pathlib import Path
+
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    meta = {"kind": scorer_kind(scorer), "labels": scorer.labels, "dim": scorer.dim}
+    if isinstance(scorer, LabelHead):
+        meta["scale"] = scorer.scale
+    if isinstance(scorer, Ridge):
+        meta.update(size=scorer.size, seed=scorer.seed, lambda_=scorer.lam)
+    save_file({k: v.contiguous() for k, v in scorer.state().items()}, str(folder / f"{prefix}.safetensors"))
+    (folder / f"{prefix}.json").write_text(json.dumps(meta, indent=2))
+
+
+def load_scorer(folder, prefix: str = "classifier") -> Scorer:
+    """Read what save_scorer wrote; a missing or inconsistent file is a PMError naming it."""
+    import json
+    from pathlib import Path
+
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+    meta_path, tensor_path = folder / f"{prefix}.json", folder / f"{prefix}.safetensors"
+    try:
+        meta = json.loads(meta_path.read_text())
+        state = load_file(str(tensor_path))
+    except (OSError, json.JSONDecodeError, SafetensorError) as e:
+        raise PMError(f"{folder}: unreadable classifier ({e})") from None
+    kind, labels, dim = meta.get("kind"), meta.get("labels"), meta.get("dim")
+    if kind in TRAIN_HEADS:
+        s: Scorer = LabelHead(dim, kind, meta.get("scale", 16.0))
+        s.load(state, labels)
+        rows = s.weight.shape
+    elif kind == "prototype":
+        s = Prototypes(dim)
+        s.load(state, labels)
+        rows = s.sums.shape
+    elif kind == "ridge":
+        s = Ridge(dim, meta["size"], meta["seed"], meta["lambda_"])
+        s.load(state, labels, meta["lambda_"])
+        rows = (s.Q.shape[1], dim)
+    else:
+        raise PMError(f"{meta_path}: unknown classifier kind {kind!r}")
+    if rows != (len(labels), dim):
+        raise PMError(
+            f"{tensor_path}: holds {rows[0]} classes of size {rows[1]}, but {meta_path} says {len(labels)} of size {dim}"
+        )
+    return s

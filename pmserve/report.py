@@ -34,6 +34,11 @@ def print_run(result: dict, console: Console | None = None) -> None:
         f"ACC {_fmt(result['ACC'])}   AAA {_fmt(result['AAA'])}   forgetting {_fmt(result['forgetting'])}   "
         f"{result['seconds']:.0f} s"
     )
+    for h, m in result.get("by_head", {}).items():
+        if h != result.get("head"):
+            console.print(
+                f"  {h} head: ACC {_fmt(m['ACC'])}   AAA {_fmt(m['AAA'])}   forgetting {_fmt(m['forgetting'])}"
+            )
 
 
 def write_heatmap(result: dict, path: Path) -> None:

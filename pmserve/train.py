@@ -38,7 +38,7 @@ from .adapters import (
 from .backbone import Encoder, Preprocessor, load_encoder
 from .errors import PMError
 from .fisher import diagonal_fisher
-from .heads import HEADS, TRAIN_HEADS, LabelHead, Prototypes, Ridge
+from .heads import HEADS, TRAIN_HEADS, LabelHead, Prototypes, Ridge, Scorer, load_scorer, save_scorer
 from .merge import FisherSums, Tensors, merge_step, task_alpha
 from .perturb import Perturbation
 from .tasks import Split, Task, load_tasks
@@ -72,6 +72,7 @@ class TrainConfig:
     cosine_scale: float = 16.0
     ridge_dim: int = 2000
     ridge_lambda: float = 0.0  # 0 = choose per task on held-out training data
+    eval_heads: list[str] = field(default_factory=list)  # more inference classifiers to measure side by side
     seed: int = 0
     device: str = "auto"
     kernel: str = "auto"
@@ -124,6 +125,9 @@ class TrainConfig:
         need(self.fisher_samples >= 1, "fisher-samples", f"must be at least 1, got {self.fisher_samples}")
         need(self.ridge_lambda >= 0, "ridge-lambda", f"must be > 0, got {self.ridge_lambda}")
         need(bool(self.target_modules), "target-modules", "name at least one module")
+        for h in self.eval_heads:
+            need(h in HEADS, "eval-heads", f"unknown head {h!r} (choose from {', '.join(HEADS)})")
+            need(h in ("prototype", "ridge", self.train_head), "eval-heads", f"{h} needs --train-head {h}")
         need(
             self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:"),
             "device",
@@ -173,13 +177,16 @@ class Learner:
         self.sums = FisherSums()
         dim = encoder.hidden_size
         self.head = LabelHead(dim, cfg.train_head, cfg.cosine_scale).to(device)
-        self.classifier = (
-            Prototypes(dim)
-            if cfg.head == "prototype"
-            else Ridge(dim, cfg.ridge_dim, cfg.seed, cfg.ridge_lambda or None)
-            if cfg.head == "ridge"
-            else None
-        )
+        # inference classifiers by name; the first is --head, the rest are --eval-heads
+        self.classifiers: dict[str, Scorer] = {}
+        for h in dict.fromkeys([cfg.head, *cfg.eval_heads]):
+            self.classifiers[h] = (
+                Prototypes(dim)
+                if h == "prototype"
+                else Ridge(dim, cfg.ridge_dim, cfg.seed, cfg.ridge_lambda or None)
+                if h == "ridge"
+                else self.head
+            )
 
     # ---- batches
 
@@ -197,15 +204,15 @@ class Learner:
         feats = torch.cat([self.encoder(**b) for b, _ in self.batches(split, order, bs)]).float()
         return torch.empty_like(feats).index_copy_(0, order.to(feats.device), feats)
 
-    def scores(self, feats: torch.Tensor) -> tuple[torch.Tensor, list[str]]:
-        clf = self.classifier or self.head
-        return clf.scores(feats), clf.labels
-
     @torch.no_grad()
-    def accuracy(self, split: Split) -> float:
-        s, labels = self.scores(self.features(split))
-        pred = [labels[i] for i in s.argmax(1).tolist()]
-        return sum(p == y for p, y in zip(pred, split.labels)) / len(pred)
+    def accuracy(self, split: Split) -> dict[str, float]:
+        """Accuracy of every inference classifier on a split, over all labels seen."""
+        feats = self.features(split)
+        out = {}
+        for name, clf in self.classifiers.items():
+            pred = [clf.labels[i] for i in clf.scores(feats).argmax(1).tolist()]
+            out[name] = sum(p == y for p, y in zip(pred, split.labels)) / len(pred)
+        return out
 
     # ---- one task
 
@@ -288,32 +295,35 @@ class Learner:
         set_merged(self.encoder.model, self.base, self.merged)
         return alpha
 
-    def update_classifier(self, task: Task, i: int) -> float | None:
-        if self.classifier is None:
+    def update_classifiers(self, task: Task, i: int) -> float | None:
+        """Add the task's training features, computed with the merged model; returns ridge's lambda."""
+        stats = [c for c in self.classifiers.values() if not isinstance(c, LabelHead)]
+        if not stats:
             return None
         feats = self.features(task.train)
-        if isinstance(self.classifier, Ridge):
-            return self.classifier.fit(feats, task.train.labels, seed=self.cfg.seed * 31 + i)
-        self.classifier.update(feats, task.train.labels)
-        return None
+        lam = None
+        for clf in stats:
+            if isinstance(clf, Ridge):
+                lam = clf.fit(feats, task.train.labels, seed=self.cfg.seed * 31 + i)
+            else:
+                clf.update(feats, task.train.labels)
+        return lam
 
-    # ---- files
+    # ---- files: head.*, classifier.* (the --head) and eval-NAME.* (the --eval-heads)
 
-    def classifier_state(self) -> Tensors:
-        return self.classifier.state() if self.classifier is not None else {}
+    def save_heads(self, folder: Path) -> None:
+        save_scorer(self.head, folder, "head")
+        for k, (name, clf) in enumerate(self.classifiers.items()):
+            save_scorer(clf, folder, "classifier" if k == 0 else f"eval-{name}")
 
-    def load_state(self, folder: Path, info: dict) -> None:
+    def load_state(self, folder: Path) -> None:
         if (folder / "merged.safetensors").exists():
             self.merged = load_file(str(folder / "merged.safetensors"))
             set_merged(self.encoder.model, self.base, self.merged)
-        self.head.load(load_file(str(folder / "head.safetensors")), info["head_labels"])
-        self.head.to(self.device)
-        if self.classifier is not None:
-            state = load_file(str(folder / "classifier.safetensors"))
-            if isinstance(self.classifier, Ridge):
-                self.classifier.load(state, info["classifier_labels"], info["ridge_lambda"])
-            else:
-                self.classifier.load(state, info["classifier_labels"])
+        self.head = load_scorer(folder, "head").to(self.device)
+        for k, name in enumerate(list(self.classifiers)):
+            clf = load_scorer(folder, "classifier" if k == 0 else f"eval-{name}")
+            self.classifiers[name] = self.head if isinstance(clf, LabelHead) else clf
 
 
 def _adapted_names(model: nn.Module, targets: list[str]) -> list[str]:
@@ -377,39 +387,24 @@ def train(cfg: TrainConfig, out: Path | str, resume: bool = False, progress: boo
     fingerprint = base_fingerprint(model_dir)
     train_seq = [_joint_task(tasks)] if cfg.method == "joint" else tasks
 
-    acc: list[list[float]] = []
-    alphas: list[float | None] = []
-    lambdas: list[float | None] = []
-    seconds = 0.0
-    start = 0
-    for i, task in enumerate(train_seq):
+    done: list[dict] = []  # task.json of every finished task
+    for i, task in enumerate(train_seq):  # replay finished tasks: accumulators, then the last state
         folder = _task_dir(out, i, task.name)
         if not (folder / "task.json").exists():
             break
-        info = json.loads((folder / "task.json").read_text())
-        if info["method"] != "frozen":
-            fisher = (
-                load_file(str(folder / "fisher.safetensors"))
-                if (folder / "fisher.safetensors").exists()
-                else {}
-            )
+        done.append(json.loads((folder / "task.json").read_text()))
+        if cfg.method in ("pm", "merge"):
+            fisher = load_file(str(folder / "fisher.safetensors"))
             delta = load_file(str(folder / "delta.safetensors"))
-            if cfg.method in ("pm", "merge"):
-                learner.sums.add(fisher, {k: learner.merged[k] + delta[k] for k in delta})
+            learner.sums.add(fisher, {k: learner.merged[k] + delta[k] for k in delta})
             learner.merged = load_file(str(folder / "merged.safetensors"))
-        acc.append(info["acc"])
-        alphas.append(info["alpha"])
-        lambdas.append(info.get("ridge_lambda"))
-        seconds += info["seconds"]
-        start = i + 1
-        last = (folder, info)
-    if start:
-        learner.load_state(*last)
-        log(f"resuming {out} after task {start} of {len(train_seq)}")
+    if done:
+        learner.load_state(_task_dir(out, len(done) - 1, train_seq[len(done) - 1].name))
+        log(f"resuming {out} after task {len(done)} of {len(train_seq)}")
 
     bar = _progress() if progress else None
     with bar or _Null():
-        for i in range(start, len(train_seq)):
+        for i in range(len(done), len(train_seq)):
             task = train_seq[i]
             t0 = time.perf_counter()
             peft_model, delta, fisher = learner.train_task(task, i, bar)
@@ -418,69 +413,59 @@ def train(cfg: TrainConfig, out: Path | str, resume: bool = False, progress: boo
             tmp.mkdir()
             alpha = None
             if peft_model is not None:
-                save_adapter(
-                    peft_model,
-                    tmp,
-                    str(model_dir),
-                    {
-                        "kind": "chained",
-                        "task": i,
-                        "name": task.name,
-                        "base_model": cfg.model,
-                        "base_fingerprint": fingerprint,
-                        "labels": task.classes,
-                        "method": cfg.method,
-                    },
-                )
+                meta = {
+                    "kind": "chained",
+                    "task": i,
+                    "name": task.name,
+                    "base_model": cfg.model,
+                    "base_fingerprint": fingerprint,
+                    "labels": task.classes,
+                    "method": cfg.method,
+                }
+                save_adapter(peft_model, tmp, str(model_dir), meta)
                 learner.encoder.model = peft_model.unload()
                 alpha = learner.merge(i + 1, delta, fisher)
                 save_file(fisher, str(tmp / "fisher.safetensors"))
                 save_file(delta, str(tmp / "delta.safetensors"))
                 save_file(learner.merged, str(tmp / "merged.safetensors"))
-            lam = learner.update_classifier(task, i)
+            lam = learner.update_classifiers(task, i)
             seen = tasks if cfg.method == "joint" else tasks[: i + 1]
-            row = [learner.accuracy(t.test) for t in seen]
-            dt = time.perf_counter() - t0
-            save_file(learner.head.state(), str(tmp / "head.safetensors"))
-            if learner.classifier is not None:
-                save_file(learner.classifier_state(), str(tmp / "classifier.safetensors"))
+            accs = [learner.accuracy(t.test) for t in seen]
+            learner.save_heads(tmp)
             info = {
                 "index": i,
                 "name": task.name,
                 "method": cfg.method,
                 "labels": task.classes,
                 "alpha": alpha,
-                "acc": row,
-                "seconds": dt,
-                "head_labels": learner.head.labels,
-                "classifier_labels": learner.classifier.labels if learner.classifier is not None else None,
                 "ridge_lambda": lam,
+                "seconds": time.perf_counter() - t0,
+                "acc": {h: [a[h] for a in accs] for h in learner.classifiers},
             }
             (tmp / "task.json").write_text(json.dumps(info, indent=2))
             os.rename(tmp, _task_dir(out, i, task.name))
-            acc.append(row)
-            alphas.append(alpha)
-            lambdas.append(lam)
-            seconds += dt
+            done.append(info)
             if bar is None:
-                log(
-                    f"{task.name}: alpha {alpha if alpha is None else round(alpha, 4)}  acc {' '.join(f'{a:.3f}' for a in row)}"
-                )
+                row = " ".join(f"{a:.3f}" for a in info["acc"][cfg.head])
+                log(f"{task.name}: alpha {alpha if alpha is None else round(alpha, 4)}  acc {row}")
 
+    by_head = {}
+    for h in learner.classifiers:
+        acc = [d["acc"][h] for d in done]
+        by_head[h] = {"acc_matrix": acc, **metrics.summary(acc)}
+        if cfg.method == "joint":  # one model on everything: an upper bound, not a sequence
+            by_head[h].update(AAA=None, forgetting=None)
     result = {
         "method": cfg.method,
         "head": cfg.head,
         "tasks": [t.name for t in tasks],
-        "acc_matrix": acc,
-        **metrics.summary(acc),
-        "alphas": alphas,
-        "ridge_lambdas": lambdas,
-        "seconds": seconds,
+        **by_head[cfg.head],
+        "alphas": [d["alpha"] for d in done],
+        "ridge_lambdas": [d["ridge_lambda"] for d in done],
+        "seconds": sum(d["seconds"] for d in done),
+        "by_head": by_head,
         "config": asdict(cfg),
     }
-    if cfg.method == "joint":  # one model on everything: an upper bound, not a sequence
-        result["AAA"] = None
-        result["forgetting"] = None
     _atomic_json(out / "metrics.json", result)
     return result
 

@@ -88,7 +88,7 @@ def test_adapter_loads_with_plain_peft_and_merged_state_reproduces_accuracy(tiny
     # the final merged model + the concatenated heads give the run's reported accuracy
     final = load_backbone(tiny_model, load_file(str(t2 / "merged.safetensors")))
     head = load_file(str(t2 / "head.safetensors"))
-    labels = json.loads((t2 / "task.json").read_text())["head_labels"]
+    labels = json.loads((t2 / "classifier.json").read_text())["labels"]
     for j, name in enumerate(["t0", "t1", "t2"]):
         rows = [json.loads(x) for x in (tiny_tasks / name / "test.jsonl").read_text().splitlines()]
         logits = pooled(final, tok, [r["text"] for r in rows]) @ head["weight"].T + head["bias"]
@@ -96,9 +96,9 @@ def test_adapter_loads_with_plain_peft_and_merged_state_reproduces_accuracy(tiny
         assert acc == pytest.approx(m["acc_matrix"][-1][j])
 
 
-@pytest.mark.parametrize("head", ["linear", "ridge"])
-def test_resume_equals_uninterrupted(tiny_model, tiny_tasks, tmp_path, head):
-    cfg = config(tiny_tasks, tiny_model, head=head, ridge_dim=64)
+@pytest.mark.parametrize("head,extra", [("linear", ["prototype", "ridge"]), ("ridge", [])])
+def test_resume_equals_uninterrupted(tiny_model, tiny_tasks, tmp_path, head, extra):
+    cfg = config(tiny_tasks, tiny_model, head=head, ridge_dim=64, eval_heads=extra)
     full = train(cfg, tmp_path / "full", progress=False, log=lambda *_: None)
     part = tmp_path / "part"
     shutil.copytree(tmp_path / "full", part)
@@ -106,13 +106,13 @@ def test_resume_equals_uninterrupted(tiny_model, tiny_tasks, tmp_path, head):
     shutil.copytree(part / "tasks" / "01-t1", part / "tasks" / ".tmp-02-t2")  # ... with half a folder written
     (part / "metrics.json").unlink()
     resumed = train(
-        config(tiny_tasks, tiny_model, head=head, ridge_dim=64),
+        config(tiny_tasks, tiny_model, head=head, ridge_dim=64, eval_heads=extra),
         part,
         resume=True,
         progress=False,
         log=lambda *_: None,
     )
-    for k in ("acc_matrix", "alphas", "ACC", "AAA", "forgetting", "ridge_lambdas"):
+    for k in ("acc_matrix", "alphas", "ACC", "AAA", "forgetting", "ridge_lambdas", "by_head"):
         assert resumed[k] == full[k], k
     a = load_file(str(tmp_path / "full" / "tasks" / "02-t2" / "merged.safetensors"))
     b = load_file(str(part / "tasks" / "02-t2" / "merged.safetensors"))
