@@ -50,7 +50,9 @@ def train(
     ),
     rank: int = typer.Option(10, help="LoRA rank."),
     lora_alpha: float = typer.Option(0.0, help="LoRA alpha (scaling = alpha / rank); 0 means alpha = rank."),
-    target_modules: str = typer.Option("key,value", help="Comma-separated module names to adapt."),
+    target_modules: str = typer.Option(
+        "", help="Comma-separated module names to adapt (default: the attention key and value projections)."
+    ),
     eps: float = typer.Option(0.5, help="Perturbation size: s in {1-eps, 1, 1+eps}."),
     perturb_per: str = typer.Option("step", help="Draw s per 'step' or per 'sample'."),
     epochs: int = typer.Option(5, help="Epochs per task."),

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -43,7 +44,11 @@ def add_lora(model: nn.Module, spec: LoraSpec) -> nn.Module:
         r=spec.rank, lora_alpha=spec.alpha, target_modules=list(spec.target_modules), lora_dropout=0.0
     )
     try:
-        return get_peft_model(model, cfg)
+        with (
+            warnings.catch_warnings()
+        ):  # peft asks transformers a deprecated question; not the user's concern
+            warnings.simplefilter("ignore", FutureWarning)
+            return get_peft_model(model, cfg)
     except ValueError as e:
         from .errors import PMError
 

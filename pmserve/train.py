@@ -58,7 +58,7 @@ class TrainConfig:
     train_head: str = ""  # "" = cosine for prototype/ridge/cosine inference, linear for linear
     rank: int = 10
     lora_alpha: float = 0.0  # 0 = same as rank (scaling 1)
-    target_modules: list[str] = field(default_factory=lambda: ["key", "value"])
+    target_modules: list[str] = field(default_factory=list)  # [] = the attention key and value projections
     eps: float = 0.5
     perturb_per: str = "step"
     epochs: int = 5
@@ -124,7 +124,6 @@ class TrainConfig:
         need(self.max_length >= 2, "max-length", f"must be at least 2, got {self.max_length}")
         need(self.fisher_samples >= 1, "fisher-samples", f"must be at least 1, got {self.fisher_samples}")
         need(self.ridge_lambda >= 0, "ridge-lambda", f"must be > 0, got {self.ridge_lambda}")
-        need(bool(self.target_modules), "target-modules", "name at least one module")
         for h in self.eval_heads:
             need(h in HEADS, "eval-heads", f"unknown head {h!r} (choose from {', '.join(HEADS)})")
             need(h in ("prototype", "ridge", self.train_head), "eval-heads", f"{h} needs --train-head {h}")
@@ -170,6 +169,8 @@ class Learner:
 
     def __init__(self, cfg: TrainConfig, encoder: Encoder, prep: Preprocessor, device: torch.device):
         self.cfg, self.encoder, self.prep, self.device = cfg, encoder.to(device), prep, device
+        if not cfg.target_modules:
+            cfg.target_modules = _key_value_names(encoder.model)
         self.names = _adapted_names(encoder.model, cfg.target_modules) if cfg.method != "frozen" else []
         mods = dict(encoder.model.named_modules())
         self.base: Tensors = {n: mods[n].weight.detach().cpu().clone() for n in self.names}
@@ -324,6 +325,20 @@ class Learner:
         for k, name in enumerate(list(self.classifiers)):
             clf = load_scorer(folder, "classifier" if k == 0 else f"eval-{name}")
             self.classifiers[name] = self.head if isinstance(clf, LabelHead) else clf
+
+
+KEY_VALUE_NAMES = (("key", "value"), ("k_proj", "v_proj"), ("k_lin", "v_lin"), ("k", "v"))
+
+
+def _key_value_names(model: nn.Module) -> list[str]:
+    """The paper's LoRA targets, the attention key and value projections, under this architecture's names."""
+    leaves = {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+    for pair in KEY_VALUE_NAMES:
+        if set(pair) <= leaves:
+            return list(pair)
+    raise PMError(
+        "--target-modules: cannot tell the attention key/value projections of this model; name them"
+    )
 
 
 def _adapted_names(model: nn.Module, targets: list[str]) -> list[str]:

@@ -81,3 +81,25 @@ def tiny_model(tmp_path_factory) -> Path:
 @pytest.fixture()
 def tiny_tasks(tmp_path) -> Path:
     return write_tasks(tmp_path / "data", [["animal", "food"], ["tool", "place"], ["time", "feeling"]])
+
+
+@pytest.fixture(scope="session")
+def tiny_vit(tmp_path_factory) -> Path:
+    import torch
+    from transformers import ViTConfig, ViTImageProcessor, ViTModel
+
+    d = tmp_path_factory.mktemp("tiny-vit")
+    torch.manual_seed(0)
+    cfg = ViTConfig(
+        image_size=8,
+        patch_size=4,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+    )
+    ViTModel(cfg, add_pooling_layer=False).save_pretrained(d)
+    ViTImageProcessor(size={"height": 8, "width": 8}).save_pretrained(d)
+    return d

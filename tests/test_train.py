@@ -135,3 +135,38 @@ def test_other_methods(tiny_model, tiny_tasks, tmp_path, method):
         assert not list(Path(tmp_path / method).rglob("adapter_model.safetensors"))
     else:
         assert m["alphas"] == ([1.0, 1.0, 1.0] if method == "seq" else [1.0, 0.5, pytest.approx(1 / 3)])
+
+
+def test_image_tasks_from_builtin_digits_and_files(tiny_vit, tmp_path):
+    """The image path: built-in digits, and a folder of PNG files listed in a csv."""
+    import numpy as np
+    from PIL import Image
+
+    m = train(
+        config("builtin:digits:tasks=2,classes=2,train=12,test=6", tiny_vit, epochs=2),
+        tmp_path / "digits",
+        progress=False,
+        log=lambda *_: None,
+    )
+    assert [len(r) for r in m["acc_matrix"]] == [1, 2]
+    data = tmp_path / "imgs"
+    rng = np.random.default_rng(0)
+    for t, labels in enumerate([["dark", "light"], ["stripes", "dots"]]):
+        d = data / f"t{t}"
+        (d / "img").mkdir(parents=True)
+        for split in ("train", "test"):
+            lines = ["image,label"]
+            for y in labels:
+                for k in range(4):
+                    Image.fromarray(rng.integers(0, 255, (8, 8, 3), dtype=np.uint8)).save(
+                        d / "img" / f"{split}-{y}-{k}.png"
+                    )
+                    lines.append(f"img/{split}-{y}-{k}.png,{y}")
+            (d / f"{split}.csv").write_text("\n".join(lines) + "\n")
+    m = train(
+        config(data, tiny_vit, epochs=1, method="seq"),
+        tmp_path / "files",
+        progress=False,
+        log=lambda *_: None,
+    )
+    assert m["tasks"] == ["t0", "t1"] and len(m["acc_matrix"][1]) == 2

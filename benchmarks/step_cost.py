@@ -1,0 +1,108 @@
+"""Cost benchmark: a P&M training step against a plain LoRA step, and the Fisher pass against one epoch.
+
+    python benchmarks/step_cost.py --steps 20 --repeats 5
+Both step kinds run on the same PEFT model and the same batches, interleaved (plain, pm, plain, pm, ...), so
+machine noise hits both alike; the ratio of medians is reported. The perturbation is forward hooks that scale
+the LoRA branch, so it should cost nothing measurable: the target is <= 1.05.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+
+from pmserve.adapters import ADAPTER, add_lora, lora_layers
+from pmserve.perturb import Perturbation
+from pmserve.tasks import load_tasks
+from pmserve.train import Learner, TrainConfig
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--steps", type=int, default=15)
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--perturb-per", default="step")
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args()
+    torch.manual_seed(0)
+    cfg = TrainConfig(data="builtin:wordnet-nouns", batch_size=args.batch_size)
+    task = load_tasks(cfg.data, 0)[0]
+    from pmserve.backbone import load_encoder
+
+    enc, prep, _ = load_encoder(cfg.model, "text", cfg.max_length)
+    learner = Learner(cfg, enc, prep, torch.device("cpu"))
+    learner.head.add_labels(task.classes, torch.Generator().manual_seed(0))
+    w, b = learner.head.rows(task.classes)
+    peft_model = add_lora(learner.encoder.model, cfg.lora)
+    learner.encoder.model = peft_model
+    params = [p for p in peft_model.parameters() if p.requires_grad] + [w, b]
+    opt = torch.optim.AdamW(params, lr=1e-3)
+    pos = {y: k for k, y in enumerate(task.classes)}
+    order = torch.randperm(len(task.train.labels), generator=torch.Generator().manual_seed(0))
+    batches = []
+    for k in range(0, args.steps * args.batch_size, args.batch_size):
+        idx = order[k % len(order) : k % len(order) + args.batch_size].tolist()
+        batches.append(
+            (
+                prep([task.train.inputs[j] for j in idx]),
+                torch.tensor([pos[task.train.labels[j]] for j in idx]),
+            )
+        )
+    pert = Perturbation(
+        [m.lora_B[ADAPTER] for m in lora_layers(peft_model).values()], 0.5, args.perturb_per, seed=0
+    )
+
+    def run(perturb: bool) -> float:
+        t0 = time.perf_counter()
+        for batch, ys in batches:
+            if perturb:
+                pert.draw(len(ys))
+            else:
+                pert.off()
+            loss = F.cross_entropy(learner.head.logits(learner.encoder(**batch), w, b), ys)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        return (time.perf_counter() - t0) / len(batches)
+
+    run(False)  # warm-up
+    plain, pm = [], []
+    for _ in range(args.repeats):
+        plain.append(run(False))
+        pm.append(run(True))
+    # the Fisher pass over one epoch's worth of samples, against one epoch of training steps
+    pert.off()
+    n = len(task.train.labels)
+    learner.cfg.fisher_samples = n
+    t0 = time.perf_counter()
+    learner._fisher(task, 0, lora_layers(peft_model), w, b, pos)
+    fisher_s = time.perf_counter() - t0
+    epoch_s = statistics.median(plain) * (n / args.batch_size)
+    out = {
+        "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}",
+        "step_ms_plain_lora": 1000 * statistics.median(plain),
+        "step_ms_pm": 1000 * statistics.median(pm),
+        "ratio_pm_over_plain": statistics.median(pm) / statistics.median(plain),
+        "fisher_seconds_one_epoch_of_samples": fisher_s,
+        "epoch_seconds_estimate": epoch_s,
+        "fisher_over_epoch": fisher_s / epoch_s,
+        "steps": args.steps,
+        "repeats": args.repeats,
+        "batch_size": args.batch_size,
+        "perturb_per": args.perturb_per,
+    }
+    print(json.dumps(out, indent=1))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(out, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
