@@ -16,7 +16,7 @@ from pathlib import Path
 
 from pmserve.train import TrainConfig, train
 
-METHODS = ["seq", "avg", "frozen", "merge", "pm", "joint"]
+METHODS = ["pm", "merge", "seq", "frozen", "joint", "avg"]
 
 
 def table(results: list[dict], heads: list[str]) -> str:
@@ -77,7 +77,7 @@ def main() -> None:
             )
             if method == "joint":  # the upper bound of PM_METHOD.md: 3 epochs at lr 5e-4
                 cfg.epochs, cfg.lr = 3, 5e-4
-            r = train(cfg, args.out / f"{args.name}-{method}-s{seed}", progress=False, log=lambda *_: None)
+            r = train(cfg, args.out / f"{args.name}-{method}-s{seed}", resume=True, progress=False, log=lambda *_: None)
             r.pop("config", None)
             r["config"] = {"seed": seed, **extra}
             results.append(r)

@@ -244,10 +244,9 @@ class Learner:
         cached = self.features(task.train) if peft_model is None else None  # frozen: features never change
         steps = cfg.epochs * ((n + cfg.batch_size - 1) // cfg.batch_size)
         bar = progress.add_task(f"{task.name}", total=steps) if progress else None
+        lengths = [len(x) if isinstance(x, str) else 0 for x in task.train.inputs]
         for _epoch in range(cfg.epochs):
-            order = torch.randperm(n, generator=shuffle)
-            for k in range(0, n, cfg.batch_size):
-                idx = order[k : k + cfg.batch_size]
+            for idx in bucketed_batches(lengths, cfg.batch_size, shuffle):
                 ys = torch.tensor([target_of[task.train.labels[j]] for j in idx.tolist()], device=self.device)
                 if cached is not None:
                     feats = cached[idx]
@@ -339,6 +338,21 @@ def _key_value_names(model: nn.Module) -> list[str]:
     raise PMError(
         "--target-modules: cannot tell the attention key/value projections of this model; name them"
     )
+
+
+def bucketed_batches(lengths: list[int], bs: int, generator: torch.Generator, pool: int = 8) -> list[torch.Tensor]:
+    """One epoch of shuffled batches whose inputs have similar lengths, so little padding is computed.
+
+    A random permutation is cut into pools of `pool` batches; each pool is sorted by length and cut into batches;
+    the batches are then shuffled. Every sample appears once per epoch, and batch order stays random.
+    """
+    order = torch.randperm(len(lengths), generator=generator)
+    batches = []
+    for k in range(0, len(order), bs * pool):
+        chunk = order[k : k + bs * pool]
+        chunk = chunk[torch.argsort(torch.tensor([lengths[i] for i in chunk.tolist()]), stable=True)]
+        batches += list(chunk.split(bs))
+    return [batches[i] for i in torch.randperm(len(batches), generator=generator).tolist()]
 
 
 def _adapted_names(model: nn.Module, targets: list[str]) -> list[str]:

@@ -170,3 +170,16 @@ def test_image_tasks_from_builtin_digits_and_files(tiny_vit, tmp_path):
         log=lambda *_: None,
     )
     assert m["tasks"] == ["t0", "t1"] and len(m["acc_matrix"][1]) == 2
+
+
+def test_bucketed_batches_cover_every_sample_once_with_little_padding():
+    from pmserve.train import bucketed_batches
+
+    lengths = [(i * 37) % 101 for i in range(250)]
+    batches = bucketed_batches(lengths, 16, torch.Generator().manual_seed(0))
+    flat = torch.cat(batches).tolist()
+    assert sorted(flat) == list(range(250))
+    spread = sum(max(lengths[i] for i in b.tolist()) - min(lengths[i] for i in b.tolist()) for b in batches)
+    assert spread / len(batches) < 30  # random batches of 16 would spread over ~95
+    again = bucketed_batches(lengths, 16, torch.Generator().manual_seed(0))
+    assert all(torch.equal(a, b) for a, b in zip(batches, again))
