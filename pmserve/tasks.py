@@ -195,9 +195,9 @@ def _class_incremental(
     return tasks
 
 
-def _wordnet_examples() -> dict[str, list[str]]:
+def _wordnet_examples(part: str) -> dict[str, list[str]]:
     by_label: dict[str, list[str]] = {}
-    ref = resources.files("pmserve.data") / "wordnet_nouns.jsonl.gz"
+    ref = resources.files("pmserve.data") / f"wordnet_{part}.jsonl.gz"
     with ref.open("rb") as raw, gzip.open(raw, "rt", encoding="utf-8") as f:
         for line in f:
             r = json.loads(line)
@@ -217,7 +217,16 @@ def _digit_examples() -> dict[str, list[np.ndarray]]:
 
 BUILTINS = {
     # name: (loader, kind, defaults)
-    "wordnet-nouns": (_wordnet_examples, "text", {"tasks": 5, "classes": 4, "train": 120, "test": 60}),
+    "wordnet-nouns": (
+        lambda: _wordnet_examples("nouns"),
+        "text",
+        {"tasks": 5, "classes": 4, "train": 120, "test": 60},
+    ),
+    "wordnet-verbs": (
+        lambda: _wordnet_examples("verbs"),
+        "text",
+        {"tasks": 3, "classes": 4, "train": 120, "test": 60},
+    ),
     "digits": (_digit_examples, "image", {"tasks": 5, "classes": 2, "train": 120, "test": 50}),
 }
 

@@ -340,7 +340,9 @@ def _key_value_names(model: nn.Module) -> list[str]:
     )
 
 
-def bucketed_batches(lengths: list[int], bs: int, generator: torch.Generator, pool: int = 8) -> list[torch.Tensor]:
+def bucketed_batches(
+    lengths: list[int], bs: int, generator: torch.Generator, pool: int = 8
+) -> list[torch.Tensor]:
     """One epoch of shuffled batches whose inputs have similar lengths, so little padding is computed.
 
     A random permutation is cut into pools of `pool` batches; each pool is sorted by length and cut into batches;

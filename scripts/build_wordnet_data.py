@@ -1,11 +1,11 @@
 #!/usr/bin/env python3
-"""Build pmserve/data/wordnet_nouns.jsonl.gz from the WordNet 3.0 noun database.
+"""Build pmserve/data/wordnet_{nouns,verbs}.jsonl.gz from the WordNet 3.0 noun or verb database.
 
-One JSON object per noun synset, sorted by synset offset:
+One JSON object per synset, sorted by synset offset:
 
     {"text": "<first lemma, underscores -> spaces>: <gloss>", "label": "<lexname, e.g. noun.animal>"}
 
-Synsets in noun.Tops are dropped. Output is deterministic (gzip mtime=0, fixed
+Synsets in noun.Tops are dropped. `--pos verb` reads data.verb instead (supersenses verb.*). Output is deterministic (gzip mtime=0, fixed
 key order, sorted records), so re-running gives byte-identical output.
 
 Requires the WordNet 3.0 database files, e.g. ``apt-get install wordnet-base``
@@ -87,8 +87,8 @@ def load_lexnames(wordnet_dir: str) -> dict[int, str]:
     return names
 
 
-def parse_data_noun(path: str, lexnames: dict[int, str]) -> list[tuple[int, str, str, str]]:
-    """Return (offset, lemma, gloss, label) tuples for every synset in data.noun."""
+def parse_data(path: str, lexnames: dict[int, str], pos: str = "n") -> list[tuple[int, str, str, str]]:
+    """Return (offset, lemma, gloss, label) tuples for every synset in data.noun or data.verb."""
     out = []
     with open(path, encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):
@@ -105,7 +105,7 @@ def parse_data_noun(path: str, lexnames: dict[int, str]) -> list[tuple[int, str,
             lex_filenum = int(fields[1])
             ss_type = fields[2]
             w_cnt = int(fields[3], 16)
-            if ss_type != "n" or w_cnt < 1:
+            if ss_type != pos or w_cnt < 1:
                 raise ValueError(f"{path}:{lineno}: unexpected synset header {fields[:4]}")
             words = fields[4 : 4 + 2 * w_cnt : 2]
             p_cnt = int(fields[4 + 2 * w_cnt])
@@ -121,11 +121,13 @@ def parse_data_noun(path: str, lexnames: dict[int, str]) -> list[tuple[int, str,
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--wordnet-dir", default="/usr/share/wordnet")
-    ap.add_argument("--out", default="pmserve/data/wordnet_nouns.jsonl.gz")
+    ap.add_argument("--pos", choices=["noun", "verb"], default="noun")
+    ap.add_argument("--out", default=None, help="default: pmserve/data/wordnet_<pos>s.jsonl.gz")
     args = ap.parse_args(argv)
+    args.out = args.out or f"pmserve/data/wordnet_{args.pos}s.jsonl.gz"
 
     lexnames = load_lexnames(args.wordnet_dir)
-    synsets = parse_data_noun(os.path.join(args.wordnet_dir, "data.noun"), lexnames)
+    synsets = parse_data(os.path.join(args.wordnet_dir, f"data.{args.pos}"), lexnames, args.pos[0])
     synsets.sort(key=lambda s: s[0])
 
     buf = io.StringIO()
