@@ -44,7 +44,7 @@ def train(
     out: Path = typer.Option(Path("runs/run"), "--out", "-o", help="RUN folder to write."),
     model: str = typer.Option("builtin:minilm", help="Local Hugging Face model folder, or builtin:minilm."),
     method: str = typer.Option("pm", help="pm | merge | seq | avg | frozen | joint."),
-    head: str = typer.Option("linear", help="Inference classifier: linear | cosine | prototype | ridge."),
+    head: str = typer.Option("ridge", help="Inference classifier: ridge | prototype | linear | cosine."),
     train_head: str = typer.Option(
         "", help="Head LoRA trains against: linear | cosine (default follows --head)."
     ),
@@ -122,6 +122,15 @@ def compare(
 
     results = [load_metrics(r) for r in runs]
     compare_runs(results, [str(r) for r in runs], plot)
+
+
+def _register_commands() -> None:
+    from pmserve.cli.deploy import register as deploy
+
+    deploy(app)
+
+
+_register_commands()
 
 
 def main() -> int:

@@ -237,7 +237,7 @@ def save_scorer(scorer: Scorer, folder, prefix: str = "classifier") -> None:
     if isinstance(scorer, LabelHead):
         meta["scale"] = scorer.scale
     if isinstance(scorer, Ridge):
-        meta.update(size=scorer.size, seed=scorer.seed, lambda_=scorer.lam)
+        meta.update(size=scorer.size, seed=scorer.seed, lambda_=scorer.lam, fixed_lambda=scorer.fixed_lam is not None)
     save_file({k: v.contiguous() for k, v in scorer.state().items()}, str(folder / f"{prefix}.safetensors"))
     (folder / f"{prefix}.json").write_text(json.dumps(meta, indent=2))
 
@@ -267,7 +267,7 @@ def load_scorer(folder, prefix: str = "classifier") -> Scorer:
         s.load(state, labels)
         rows = s.sums.shape
     elif kind == "ridge":
-        s = Ridge(dim, meta["size"], meta["seed"], meta["lambda_"])
+        s = Ridge(dim, meta["size"], meta["seed"], meta["lambda_"] if meta.get("fixed_lambda") else None)
         s.load(state, labels, meta["lambda_"])
         rows = (s.Q.shape[1], dim)
     else:

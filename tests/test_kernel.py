@@ -51,16 +51,18 @@ def _close(actual, expected, dtype, what):
     )
 
 
-def _run_both(x, w, b, a, bb, dy, scaling, eps, seed, per_row):
+def _run_both(x, w, b, a, bb, dy, scaling, eps, seed, per_row, rows_per_draw=1):
     """Fused forward/backward and the float32 reference with the kernel's own draws."""
     xf = x.detach().clone().requires_grad_()
     af = a.detach().clone().requires_grad_()
     bf = bb.detach().clone().requires_grad_()
-    y = fused_lora_linear(xf, w, b, af, bf, scaling, eps=eps, seed=seed, per_row=per_row)
+    y = fused_lora_linear(
+        xf, w, b, af, bf, scaling, eps=eps, seed=seed, per_row=per_row, rows_per_draw=rows_per_draw
+    )
     y.backward(dy)
 
     rows = x.numel() // x.shape[-1]
-    s = perturbation_scales(seed, rows, eps, per_row=per_row, device=DEV)
+    s = perturbation_scales(seed, rows, eps, per_row=per_row, device=DEV, rows_per_draw=rows_per_draw)
     xr = x.detach().float().clone().requires_grad_()
     ar = a.detach().float().clone().requires_grad_()
     br = bb.detach().float().clone().requires_grad_()
@@ -163,10 +165,37 @@ def test_different_seeds_give_different_draws():
     y1 = fused_lora_linear(x, w, b_, a_, bb, 1.0, eps=0.3, seed=1, per_row=True)
     y2 = fused_lora_linear(x, w, b_, a_, bb, 1.0, eps=0.3, seed=2, per_row=True)
     assert not torch.equal(y1, y2)
-    # seed 1 is specialised by Triton as a constant; it still follows perturbation_scales.
+    # seed 1 (which Triton would specialise as a constant, were seed not in do_not_specialize).
     s1 = perturbation_scales(1, 33, 0.3, per_row=True, device=DEV)
     ref = lora_linear_reference(x, w, b_, a_, bb, 1.0, s1)
     _close(y1, ref, torch.float32, "y")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rows_per_draw_one_draw_per_sample(dtype):
+    """x (B, S, in) with per_row=True, rows_per_draw=S: one s per sample, shared by its S tokens."""
+    bsz, seq, eps, seed = 5, 3, 0.5, 4242
+    x, w, b, a, bb, dy = _make((bsz, seq), 24, 16, 4, dtype)
+    got, ref, s = _run_both(x, w, b, a, bb, dy, 1.5, eps, seed, per_row=True, rows_per_draw=seq)
+    for name, g_, r_ in zip(("y", "dx", "dA", "dB"), got, ref, strict=True):
+        _close(g_, r_, dtype, name)
+    per_sample = perturbation_scales(seed, bsz, eps, per_row=True, device=DEV)
+    assert torch.equal(s, per_sample.repeat_interleave(seq))
+    assert len(set(per_sample.tolist())) > 1  # the samples really do get different draws
+
+
+def test_rows_per_draw_scales():
+    seed, eps = 9, 0.3
+    per_draw = perturbation_scales(seed, 4, eps, per_row=True, device=DEV)
+    # Row r uses draw r // rows_per_draw, also when the rows do not fill the last group.
+    ragged = perturbation_scales(seed, 10, eps, per_row=True, device=DEV, rows_per_draw=3)
+    assert torch.equal(ragged, per_draw.repeat_interleave(3)[:10])
+    # Ignored per call.
+    per_call = perturbation_scales(seed, 10, eps, per_row=False, device=DEV, rows_per_draw=3)
+    assert torch.equal(per_call, perturbation_scales(seed, 10, eps, device=DEV))
+    for bad in (0, -2, 1.5, True):
+        with pytest.raises(ValueError, match="^rows_per_draw:"):
+            perturbation_scales(seed, 10, eps, per_row=True, device=DEV, rows_per_draw=bad)
 
 
 def test_draw_frequencies():
@@ -253,6 +282,7 @@ def _bad_cases():
     yield "eps", dict(ok, eps=float("nan"))
     yield "seed", dict(ok, seed=-1)
     yield "seed", dict(ok, seed=1.5)
+    yield "rows_per_draw", dict(ok, per_row=True, rows_per_draw=0)
     yield "scaling", dict(ok, scaling=float("inf"))
 
 

@@ -21,6 +21,8 @@ def config(data, model, **kw):
         fisher_samples=16,
         seed=1,
         lr=3e-2,
+        head="linear",
+        ridge_dim=64,
         head_lr=5e-2,
     )
     return TrainConfig(**{**base, **kw})

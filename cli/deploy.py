@@ -1,0 +1,157 @@
+"""Deployment commands: `pmserve export`, `predict`, `eval` and `bench`. Each parses, calls one library
+function (pmserve.export, pmserve.predict, pmserve.bench) and prints. `register(app)` adds them to the app."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import typer
+
+from pmserve.errors import PMError
+
+
+def _ints(text: str, option: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise PMError(f"--{option}: expected comma-separated integers, got {text!r}") from None
+
+
+def _echo_err(msg: str) -> None:
+    typer.echo(msg, err=True)
+
+
+def register(app: typer.Typer) -> None:
+    from pmserve.cli.main import user_errors  # here, not at import: main.py may import this module
+
+    @app.command()
+    @user_errors
+    def export(
+        merged: Path = typer.Argument(..., help="A RUN folder or a `pmserve merge --format full` folder."),
+        out: Path = typer.Option(..., "--out", "-o", help="BUNDLE folder to write (must not exist)."),
+        dtype: str = typer.Option("fp32", help="fp32 | fp16 (fp16 for GPUs; the classifier stays fp32)."),
+        opset: int = typer.Option(17, help="ONNX opset, 14..20."),
+        optimize: bool = typer.Option(
+            True, "--optimize/--no-optimize", help="ONNX Runtime transformer fusions (BERT-like, ViT)."
+        ),
+        quantize: str = typer.Option(
+            "", help="int8: dynamic int8 quantisation for CPUs (reports its accuracy drop)."
+        ),
+        data: str = typer.Option(
+            "", help="Task sequence for the int8 accuracy report (default: the source's)."
+        ),
+        max_length: int = typer.Option(0, help="Tokenizer truncation (default: the source's)."),
+        quiet: bool = typer.Option(False, "--quiet", "-q", help="Only the final line."),
+    ):
+        """Export a merged model to an ONNX bundle: model.onnx (scores over every class), tokenizer, labels, manifest."""
+        from pmserve.export import ExportOptions, export_bundle
+
+        opts = ExportOptions(
+            dtype=dtype,
+            opset=opset,
+            optimize=optimize,
+            quantize=quantize or None,
+            data=data or None,
+            max_length=max_length or None,
+        )
+        m = export_bundle(merged, out, opts, log=(lambda *_: None) if quiet else typer.echo)
+        size = m["files"]["model.onnx"]["bytes"] / 2**20
+        ins = ", ".join(f"{i['name']}{i['shape']}" for i in m["inputs"])
+        typer.echo(
+            f"wrote {out}: model.onnx {size:.1f} MiB ({m['dtype']}), {ins} -> scores{m['outputs'][0]['shape']}"
+        )
+
+    @app.command()
+    @user_errors
+    def predict(
+        bundle: Path = typer.Argument(..., help="A BUNDLE from `pmserve export` (or a merged model folder)."),
+        inputs: list[str] = typer.Argument(
+            ...,
+            help="Texts (or image paths), .txt files of lines, .jsonl files with a text/image field, or -.",
+        ),
+        provider: str = typer.Option("auto", help="auto (CUDA when a GPU is present) | cpu | cuda."),
+        top_k: int = typer.Option(1, help="Labels to print per input."),
+        batch_size: int = typer.Option(64, help="Inputs per model call."),
+        as_json: bool = typer.Option(
+            False, "--json", help="One JSON object per input instead of tab-separated."
+        ),
+    ):
+        """Print the predicted label(s) and score(s), tab-separated, then the input.
+
+        The score is the classifier's raw score: a logit (linear head), a scaled cosine (cosine head), a cosine
+        to the class mean (prototype) or the ridge regression's output (ridge)."""
+        from pmserve.predict import predict as run_predict
+
+        rows, model = run_predict(bundle, inputs, provider, top_k, batch_size)
+        for r in rows:
+            if as_json:
+                typer.echo(json.dumps(r))
+            else:
+                top = "\t".join(f"{lab}\t{s:.4f}" for lab, s in r["top"])
+                typer.echo(f"{top}\t{r['input']}")
+        _echo_err(
+            f"{len(rows)} inputs scored by {model.backend} ({', '.join(getattr(model, 'providers', ['pytorch']))})"
+        )
+
+    @app.command("eval")
+    @user_errors
+    def eval_(
+        model: Path = typer.Argument(
+            ..., help="A BUNDLE, a RUN folder or a `pmserve merge --format full` folder."
+        ),
+        data: str = typer.Argument(
+            None, help="Task folders or builtin:...; default: the sequence it was trained on."
+        ),
+        seed: int = typer.Option(
+            None, help="Class order of a built-in sequence (default: the model's run's)."
+        ),
+        provider: str = typer.Option("auto", help="auto | cpu | cuda."),
+        batch_size: int = typer.Option(64, help="Inputs per model call."),
+        json_file: Path = typer.Option(None, "--json", help="Also write the results here."),
+    ):
+        """Accuracy on the test split of every task, and overall."""
+        from pmserve.predict import evaluate
+
+        res = evaluate(model, data, seed, provider, batch_size)
+        for r in res["tasks"]:
+            typer.echo(f"{r['task']:<24} {r['acc']:.4f}  (n={r['n']})")
+        typer.echo(f"{'mean over tasks':<24} {res['mean']:.4f}")
+        typer.echo(f"{'all test examples':<24} {res['overall']:.4f}  ({res['backend']})")
+        if json_file:
+            json_file.write_text(json.dumps(res, indent=2))
+
+    @app.command()
+    @user_errors
+    def bench(
+        model: Path = typer.Argument(..., help="A BUNDLE or a merged model folder (exported on the fly)."),
+        batch_sizes: str = typer.Option("1,8,32", help="Comma-separated batch sizes."),
+        seq_lens: str = typer.Option("16,64,128", help="Comma-separated sequence lengths (text models)."),
+        warmup: int = typer.Option(5, help="Untimed calls per backend and shape."),
+        runs: int = typer.Option(30, help="Timed calls per backend and shape."),
+        provider: str = typer.Option(
+            "cpu", help="cpu | cuda (ONNX Runtime with IOBinding, PyTorch on the GPU)."
+        ),
+        threads: int = typer.Option(0, help="CPU threads for both runtimes (0: PyTorch's default)."),
+        backends: str = typer.Option(
+            "onnxruntime,torch-merged,torch-base,peft-unmerged", help="Which to time, comma-separated."
+        ),
+        json_file: Path = typer.Option(None, "--json", help="Write the full results here."),
+    ):
+        """Latency (p50/p90/p99) and throughput: ONNX Runtime, PyTorch merged, base and unmerged PEFT, interleaved."""
+        from pmserve.bench import BenchConfig, print_bench, run_bench, write_json
+
+        cfg = BenchConfig(
+            batch_sizes=_ints(batch_sizes, "batch-sizes"),
+            seq_lens=_ints(seq_lens, "seq-lens"),
+            warmup=warmup,
+            runs=runs,
+            provider=provider,
+            threads=threads,
+            backends=[b.strip() for b in backends.split(",") if b.strip()],
+        )
+        res = run_bench(model, cfg, log=typer.echo)
+        print_bench(res)
+        if json_file:
+            write_json(res, json_file)
+            typer.echo(f"wrote {json_file}")

@@ -1,0 +1,406 @@
+"""`pmserve export`: a merged model (RUN or full folder) -> a deployable ONNX bundle, checked against PyTorch.
+
+The graph is the whole InferenceModel: the backbone with W_hat baked into its weights (no LoRA ops), the pooling
+(mean over real tokens for text, [CLS] for images) and the inference classifier (linear / cosine rows, prototypes,
+or ridge's random ReLU projection and weights), so it maps input_ids/attention_mask[/token_type_ids] (or
+pixel_values) to `scores` [batch, classes] over every label seen, with dynamic batch and sequence axes.
+
+Choices, and why:
+- The TorchScript-based exporter (torch.onnx.export(dynamo=False)) with eager attention: ONNX Runtime's
+  transformer optimizer recognises the attention it writes and fuses it into one Attention op (and the
+  embeddings into EmbedLayerNormalization). The graph the dynamo exporter writes gets no attention fusion.
+- Optimisation = onnxruntime.transformers.optimizer for BERT-like and ViT models. Where it fuses no attention
+  (an unusual architecture) the bundle gets ONNX Runtime's provider-independent basic graph optimisation instead,
+  and the manifest says so; ORT applies its provider-specific fusions when the session loads either way.
+- fp16 (for GPUs) converts the backbone and keeps the classifier in fp32 (ridge weights can exceed fp16's range);
+  inputs and the `scores` output keep their types.
+- int8 = dynamic quantisation of the fp32 (optimised) graph for CPUs. Its parity cannot meet 1e-4, so the fp32
+  graph is checked first and the int8 one is reported: score difference, top-1 agreement, and the accuracy drop on
+  the source's test sets.
+- Parity: ONNX Runtime (CPU) against the PyTorch fp32 merged model on test inputs of the source's tasks (when
+  known), generic sentences, and random token ids at other batch and sequence sizes; a failure leaves no bundle.
+- Everything is written into a temporary folder beside BUNDLE and renamed at the end.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .bundle import MODEL, write_labels, write_manifest
+from .errors import PMError
+from .merged_model import InferenceModel, MergedSource, inspect_merged, load_inference_model
+
+DTYPES = ("fp32", "fp16")
+QUANTIZATIONS = ("int8",)
+PARITY_TOL = {"fp32": 1e-4, "fp16": 1e-2}
+DEFAULT_OPSET = 17
+OPSETS = range(14, 21)  # what the TorchScript-based exporter writes (and the transformer optimizer reads)
+SAMPLE_TEXTS = [
+    "a",
+    "the quick brown fox jumps over the lazy dog",
+    "An old map of the river, the hills and the small town beside the lake.",
+    "time flies",
+    "pmserve exports merged models to ONNX Runtime; parity is checked against PyTorch on every export.",
+]
+
+
+@dataclass
+class ExportOptions:
+    dtype: str = "fp32"
+    opset: int = DEFAULT_OPSET
+    optimize: bool = True
+    quantize: str | None = None  # None or "int8"
+    data: str | None = None  # task sequence for the int8 accuracy report; default: the source's own
+    max_length: int | None = None  # tokenizer truncation; default: the source's
+
+    def validate(self) -> None:
+        if self.dtype not in DTYPES:
+            raise PMError(f"--dtype: must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        if self.opset not in OPSETS:
+            raise PMError(f"--opset: must be in {OPSETS.start}..{OPSETS.stop - 1}, got {self.opset}")
+        if self.quantize not in (None, *QUANTIZATIONS):
+            raise PMError(f"--quantize: must be int8, got {self.quantize!r}")
+        if self.quantize and self.dtype == "fp16":
+            raise PMError("--quantize int8: quantises the fp32 graph; use it with --dtype fp32")
+        if self.max_length is not None and self.max_length < 2:
+            raise PMError(f"--max-length: must be at least 2, got {self.max_length}")
+
+
+def export_bundle(
+    source: Path | str, out: Path | str, opts: ExportOptions | None = None, log=lambda *_: None
+) -> dict:
+    """Export SOURCE (a RUN or a full merged folder) to the bundle folder OUT; returns its manifest."""
+    opts = opts or ExportOptions()
+    opts.validate()
+    out = Path(out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise PMError(f"{out}: already exists; choose a new --out")
+    src = inspect_merged(source)
+    if opts.max_length:
+        src.max_length = opts.max_length
+    model, prep = load_inference_model(src, attn="eager")
+    tasks = _tasks(opts.data or src.data, src.seed, required=bool(opts.data))
+    batches = parity_batches(model, prep, tasks, src.max_length)
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        manifest = _export_into(tmp, src, model, prep, batches, tasks, opts, log)
+        if out.exists():
+            out.rmdir()  # empty, checked above
+        os.rename(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return manifest
+
+
+def _export_into(tmp, src, model, prep, batches, tasks, opts: ExportOptions, log) -> dict:
+    work = tmp / ".work"
+    work.mkdir()
+    raw = work / "raw.onnx"
+    log(f"exporting {src.path} ({src.kind}, {len(src.labels)} classes, {src.head} classifier) to ONNX")
+    trace_onnx(model, batches[0], raw, opts.opset)
+    current, optimization = raw, {"method": None}
+    if opts.optimize:
+        current, optimization = optimize_graph(raw, work, model, src.input_kind, use_gpu=opts.dtype == "fp16")
+        log(
+            f"optimised: {optimization['method']}"
+            + (f" ({optimization['note']})" if "note" in optimization else "")
+        )
+    if opts.dtype == "fp16":
+        current = to_fp16(current, work / "fp16.onnx")
+    parity = check_parity(current, model, batches, PARITY_TOL[opts.dtype])
+    log(
+        f"parity ({opts.dtype}): max |ORT - PyTorch| {parity['max_abs_diff']:.2e} "
+        f"(tolerance {parity['tolerance']:g}), top-1 differs on {parity['top1_mismatches']} of {parity['samples']}"
+    )
+    if not parity["passed"]:
+        raise PMError(
+            f"parity check failed: max |ONNX Runtime - PyTorch| = {parity['max_abs_diff']:.3g} "
+            f"(tolerance {parity['tolerance']:g}), top-1 differs on {parity['top1_mismatches']} of "
+            f"{parity['samples']} inputs; no bundle written"
+        )
+    quantization = None
+    if opts.quantize == "int8":
+        q = work / "int8.onnx"
+        quantize_int8(current, q)
+        quantization = {
+            "method": "onnxruntime.quantization.quantize_dynamic",
+            "weight_type": "QInt8",
+            "parity_vs_pytorch": check_parity(q, model, batches, None),
+            "accuracy": int8_accuracy(current, q, prep, src, tasks),
+        }
+        current = q
+        acc = quantization["accuracy"]
+        log(
+            "int8: "
+            + (
+                f"accuracy {acc['fp32']['mean']:.4f} -> {acc['int8']['mean']:.4f} (drop {acc['drop']:.4f})"
+                if "drop" in acc
+                else acc["note"]
+            )
+        )
+    shutil.move(str(current), str(tmp / MODEL))
+    shutil.rmtree(work)
+    prep.save(tmp)
+    write_labels(tmp, src.labels)
+    cfg = model.encoder.model.config
+    return write_manifest(
+        tmp,
+        {
+            "source": src.describe(),
+            "alphas": src.alphas,
+            "input_kind": src.input_kind,
+            "max_length": src.max_length,
+            "max_positions": getattr(cfg, "max_position_embeddings", None),
+            "model_type": cfg.model_type,
+            "classes": len(src.labels),
+            "head": src.head,
+            "dtype": opts.dtype,
+            "opset": opts.opset,
+            "exporter": f"torch.onnx TorchScript exporter, torch {torch.__version__}",
+            **graph_io(tmp / MODEL),
+            "optimization": optimization,
+            "quantization": quantization,
+            "parity": parity,
+            "versions": _versions(),
+        },
+    )
+
+
+# ---------------------------------------------------------------- steps
+
+
+def trace_onnx(model: InferenceModel, batch: dict[str, torch.Tensor], path: Path, opset: int) -> None:
+    """The InferenceModel as ONNX with batch (and sequence) axes dynamic and one output, `scores`."""
+    names = model.input_names
+    axes = {n: ({0: "batch", 1: "sequence"} if n != "pixel_values" else {0: "batch"}) for n in names}
+    axes["scores"] = {0: "batch"}
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        try:
+            torch.onnx.export(
+                model,
+                tuple(batch[n] for n in names),
+                str(path),
+                dynamo=False,
+                input_names=names,
+                output_names=["scores"],
+                dynamic_axes=axes,
+                opset_version=opset,
+                do_constant_folding=True,
+            )
+        except Exception as e:  # noqa: BLE001 -- the exporter raises many types; the user needs the first line
+            raise PMError(f"ONNX export failed at opset {opset} ({str(e).splitlines()[0][:200]})") from None
+
+
+def optimize_graph(raw: Path, work: Path, model: InferenceModel, input_kind: str, use_gpu: bool):
+    """(path, report): transformer fusions where they apply, else ORT's basic graph optimisation with a note."""
+    from onnxruntime.transformers import optimizer
+
+    cfg = model.encoder.model.config
+    model_type = "vit" if input_kind == "image" else "bert"
+    dst = work / "optimized.onnx"
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            opt = optimizer.optimize_model(
+                str(raw),
+                model_type=model_type,
+                num_heads=int(cfg.num_attention_heads),
+                hidden_size=int(cfg.hidden_size),
+                opt_level=0,
+                use_gpu=use_gpu,
+            )
+        fused = {k: v for k, v in opt.get_fused_operator_statistics().items() if v}
+        if not fused.get("Attention") and not fused.get("MultiHeadAttention"):
+            reason = "it fused no attention"
+        else:
+            opt.save_model_to_file(str(dst))
+            return dst, {
+                "method": "onnxruntime.transformers.optimizer",
+                "model_type": model_type,
+                "fused": fused,
+            }
+    except Exception as e:  # noqa: BLE001 -- any failure of the fusion pass falls back below
+        reason = f"it failed: {str(e).splitlines()[0][:160]}"
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    so.optimized_model_filepath = str(dst)
+    so.log_severity_level = 3
+    ort.InferenceSession(str(raw), so, providers=["CPUExecutionProvider"])
+    return dst, {
+        "method": "onnxruntime graph optimisation (basic, provider-independent)",
+        "note": f"transformer fusion not used ({model_type}: {reason}); ORT fuses at load time",
+    }
+
+
+def to_fp16(path: Path, dst: Path) -> Path:
+    """The backbone in fp16; the classifier nodes (and inputs / outputs) stay fp32.
+
+    Through OnnxModel, whose symbolic shape inference types the fused contrib ops the converter must see."""
+    import onnx
+    from onnxruntime.transformers.onnx_model import OnnxModel
+
+    m = OnnxModel(onnx.load(str(path)))
+    keep = [n.name for n in m.model.graph.node if n.name.startswith("/classifier/")]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        m.convert_float_to_float16(keep_io_types=True, node_block_list=keep)
+    m.save_model_to_file(str(dst))
+    return dst
+
+
+def quantize_int8(path: Path, dst: Path) -> None:
+    """Dynamic int8 quantisation of the weights (activations quantised at run time), for CPUs."""
+    import logging
+
+    import onnx
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)  # the quantiser logs advice on pre-processing that does not apply here
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            quantize_dynamic(
+                str(path),
+                str(dst),
+                weight_type=QuantType.QInt8,
+                # shape inference cannot type the outputs of fused contrib ops (Attention, SkipLayerNorm)
+                extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT},
+            )
+    finally:
+        root.setLevel(level)
+
+
+# ---------------------------------------------------------------- checks
+
+
+def parity_batches(
+    model: InferenceModel, prep, tasks: list | None, max_length: int, seed: int = 0
+) -> list[dict[str, torch.Tensor]]:
+    """Inputs to compare ONNX Runtime and PyTorch on, of several batch and sequence sizes, padding included."""
+    g = torch.Generator().manual_seed(seed)
+    if model.input_names == ["pixel_values"]:
+        real = [x for t in tasks or [] for x in t.test.inputs[:4]][:16]
+        batches = [prep(real)] if real else []
+        for b in (2, 1):
+            imgs = torch.randint(0, 256, (b, 32, 32, 3), generator=g, dtype=torch.uint8).numpy()
+            batches.append(prep(list(imgs)))
+        return batches
+    real = [x for t in tasks or [] for x in t.test.inputs[:8]][:32]
+    batches = [prep(real[k : k + 16]) for k in range(0, len(real), 16)]
+    batches += [prep(SAMPLE_TEXTS), prep(SAMPLE_TEXTS[2:3])]
+    # random tokens at a length the texts may not reach, one row half padding
+    vocab = int(model.encoder.model.config.vocab_size)
+    n = max(2, min(max_length, 48))
+    ids = torch.randint(min(1000, vocab // 2), vocab, (3, n), generator=g)
+    rand = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    rand["attention_mask"][1, n // 2 :] = 0
+    if "token_type_ids" in model.input_names:
+        rand["token_type_ids"] = torch.zeros_like(ids)
+    batches.append(rand)
+    return batches
+
+
+@torch.no_grad()
+def check_parity(path: Path, model: InferenceModel, batches, tol: float | None) -> dict:
+    """ONNX Runtime (CPU) against PyTorch: max |score difference| and top-1 mismatches; passed iff within tol."""
+    from .predict import ort_session
+
+    sess = ort_session(path, "cpu")
+    names = [i.name for i in sess.get_inputs()]
+    diff, mismatches, samples = 0.0, 0, 0
+    for b in batches:
+        ref = model.scores(b).float().numpy()
+        got = sess.run(["scores"], {n: b[n].numpy() for n in names})[0].astype(np.float32)
+        diff = max(diff, float(np.abs(ref - got).max()))
+        mismatches += int((ref.argmax(1) != got.argmax(1)).sum())
+        samples += len(ref)
+    out = {
+        "max_abs_diff": diff,
+        "top1_mismatches": mismatches,
+        "top1_agreement": 1 - mismatches / samples,
+        "samples": samples,
+        "provider": "CPUExecutionProvider",
+    }
+    if tol is not None:
+        out["tolerance"] = tol
+        out["passed"] = diff <= tol and mismatches == 0
+    return out
+
+
+def _tasks(data: str | None, seed: int, required: bool):
+    """The test sets the int8 report and parity inputs use; a source whose data is gone just has none."""
+    if not data:
+        return None
+    from .tasks import load_tasks
+
+    try:
+        return load_tasks(data, seed)
+    except PMError:
+        if required:
+            raise
+        return None
+
+
+def int8_accuracy(fp32: Path, int8: Path, prep, src: MergedSource, tasks) -> dict:
+    if not tasks:
+        return {
+            "note": "accuracy not measured: the source records no test sets that exist here (pass --data)"
+        }
+    from .predict import OrtModel, evaluate_model
+
+    res = {}
+    for name, path in (("fp32", fp32), ("int8", int8)):
+        res[name] = evaluate_model(OrtModel(path, prep, src.labels, src.input_kind, "cpu"), tasks)
+    res["drop"] = res["fp32"]["mean"] - res["int8"]["mean"]
+    res["data"] = src.data
+    return res
+
+
+def graph_io(path: Path) -> dict:
+    """The graph's input and output names, element types and shapes (symbolic axes by name)."""
+    import onnx
+
+    m = onnx.load(str(path), load_external_data=False)
+
+    def describe(v):
+        t = v.type.tensor_type
+        dims = [d.dim_param or d.dim_value for d in t.shape.dim]
+        return {
+            "name": v.name,
+            "dtype": onnx.helper.tensor_dtype_to_np_dtype(t.elem_type).name,
+            "shape": dims,
+        }
+
+    return {"inputs": [describe(v) for v in m.graph.input], "outputs": [describe(v) for v in m.graph.output]}
+
+
+def _versions() -> dict:
+    import onnx
+    import onnxruntime
+    import transformers
+
+    from . import __version__
+
+    return {
+        "pmserve": __version__,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "onnx": onnx.__version__,
+        "onnxruntime": onnxruntime.__version__,
+    }

@@ -1,0 +1,314 @@
+"""Serving a merged model: one interface over an ONNX Runtime bundle and the PyTorch merged model; predict, eval.
+
+`open_model(PATH)` reads a BUNDLE (verified against its manifest, run by ONNX Runtime with the CUDA execution
+provider when a GPU is present, else the CPU one) or a merged model folder (a RUN or a `pmserve merge --format
+full` folder, run by PyTorch). Both turn raw inputs into scores over every class with the same preprocessing, so
+`evaluate` measures them alike and a bundle's accuracy can be compared with its source's.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .backbone import Preprocessor
+from .bundle import MODEL, is_bundle, verify_bundle
+from .errors import PMError
+from .merged_model import InferenceModel, MergedSource, inspect_merged, load_inference_model
+
+PROVIDERS = ("auto", "cpu", "cuda")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+
+
+# ---------------------------------------------------------------- ONNX Runtime sessions
+
+
+def _nvidia_driver() -> bool:
+    try:
+        ctypes.CDLL("libcuda.so.1")
+        return True
+    except OSError:
+        return False
+
+
+def ort_providers(provider: str = "auto") -> list[str]:
+    """Execution providers for `--provider`: auto = CUDA when ONNX Runtime has it and a GPU driver is present."""
+    import onnxruntime as ort
+
+    if provider not in PROVIDERS:
+        raise PMError(f"--provider: must be one of {', '.join(PROVIDERS)}, got {provider!r}")
+    if provider == "cpu":
+        return ["CPUExecutionProvider"]
+    cuda = "CUDAExecutionProvider" in ort.get_available_providers() and _nvidia_driver()
+    if provider == "cuda" and not cuda:
+        raise PMError("--provider cuda: no GPU driver or no CUDA execution provider in this ONNX Runtime")
+    return ["CUDAExecutionProvider", "CPUExecutionProvider"] if cuda else ["CPUExecutionProvider"]
+
+
+def ort_session(path: Path | str, provider: str = "auto", threads: int = 0):
+    """An InferenceSession on `path`; asking for cuda and not getting it is an error, not a silent fallback."""
+    import onnxruntime as ort
+
+    providers = ort_providers(provider)
+    if "CUDAExecutionProvider" in providers and hasattr(ort, "preload_dlls"):
+        try:  # CUDA/cuDNN libraries from the nvidia-* wheels, when that is where they are
+            ort.preload_dlls()
+        except Exception:  # noqa: BLE001 -- the session below says whether CUDA works
+            pass
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    if threads:
+        so.intra_op_num_threads = threads
+    try:
+        sess = ort.InferenceSession(str(path), so, providers=providers)
+    except Exception as e:  # noqa: BLE001 -- ORT raises its own pybind error types
+        raise PMError(f"{path}: ONNX Runtime cannot load it ({str(e).splitlines()[0][:200]})") from None
+    if provider == "cuda" and "CUDAExecutionProvider" not in sess.get_providers():
+        raise PMError("--provider cuda: ONNX Runtime could not start its CUDA execution provider")
+    return sess
+
+
+# ---------------------------------------------------------------- models behind one interface
+
+
+class Model:
+    """Raw inputs -> scores [n, classes] (numpy, float32), with the labels of the columns."""
+
+    backend = ""
+
+    def __init__(self, prep: Preprocessor, labels: list[str], input_names: list[str], input_kind: str):
+        self.prep, self.labels = prep, list(labels)
+        self.input_names, self.input_kind = input_names, input_kind
+
+    def run(self, batch: dict[str, torch.Tensor]) -> np.ndarray:
+        raise NotImplementedError
+
+    def scores(self, inputs: list) -> np.ndarray:
+        batch = self.prep(inputs)
+        missing = [n for n in self.input_names if n not in batch]
+        if missing:
+            raise PMError(f"the preprocessor does not produce the model input {missing[0]!r}")
+        return self.run(batch)
+
+
+class OrtModel(Model):
+    backend = "onnxruntime"
+
+    def __init__(
+        self, onnx_path: Path, prep: Preprocessor, labels, input_kind: str, provider="auto", threads=0
+    ):
+        self.session = ort_session(onnx_path, provider, threads)
+        names = [i.name for i in self.session.get_inputs()]
+        super().__init__(prep, labels, names, input_kind)
+        self.providers = self.session.get_providers()
+
+    @classmethod
+    def from_bundle(cls, path: Path | str, provider: str = "auto", threads: int = 0) -> OrtModel:
+        path = Path(path)
+        m = verify_bundle(path)
+        prep = Preprocessor(path, m["input_kind"], int(m.get("max_length", 128)))
+        model = cls(path / MODEL, prep, m["labels"], m["input_kind"], provider, threads)
+        model.manifest = m
+        return model
+
+    def run(self, batch: dict[str, torch.Tensor]) -> np.ndarray:
+        feed = {n: batch[n].numpy() for n in self.input_names}
+        return self.session.run(["scores"], feed)[0].astype(np.float32, copy=False)
+
+
+class TorchModel(Model):
+    backend = "pytorch"
+
+    def __init__(self, model: InferenceModel, prep: Preprocessor, input_kind: str, device: str = "cpu"):
+        super().__init__(prep, model.labels, model.input_names, input_kind)
+        self.device = torch.device(device)
+        self.model = model.to(self.device)
+
+    @classmethod
+    def from_merged(cls, src: MergedSource | Path | str, provider: str = "auto") -> TorchModel:
+        src = src if isinstance(src, MergedSource) else inspect_merged(src)
+        model, prep = load_inference_model(src)
+        model.source = src
+        return cls(model, prep, src.input_kind, torch_device(provider))
+
+    @torch.inference_mode()
+    def run(self, batch: dict[str, torch.Tensor]) -> np.ndarray:
+        return self.model.scores({k: v.to(self.device) for k, v in batch.items()}).float().cpu().numpy()
+
+
+def torch_device(provider: str) -> str:
+    if provider not in PROVIDERS:
+        raise PMError(f"--provider: must be one of {', '.join(PROVIDERS)}, got {provider!r}")
+    if provider == "cuda" and not torch.cuda.is_available():
+        raise PMError("--provider cuda: PyTorch sees no CUDA device")
+    return "cuda" if provider != "cpu" and torch.cuda.is_available() else "cpu"
+
+
+def open_model(path: Path | str, provider: str = "auto", threads: int = 0) -> Model:
+    """A BUNDLE (ONNX Runtime) or a merged model folder (PyTorch), by what the folder holds."""
+    path = Path(path)
+    if is_bundle(path):
+        return OrtModel.from_bundle(path, provider, threads)
+    if (path / MODEL).is_file():
+        verify_bundle(path)  # an ONNX file without a manifest: say so in the bundle's words
+    return TorchModel.from_merged(path, provider)
+
+
+# ---------------------------------------------------------------- inputs
+
+
+def read_inputs(args: list[str], kind: str) -> list:
+    """INPUT arguments -> model inputs: texts (or image paths), `.txt` files of lines, `.jsonl` files with a
+    `text` (or `image`) field, `-` for lines on stdin. An input of the other kind is a PMError naming it."""
+    out: list = []
+    for a in args:
+        p = Path(a)
+        if a == "-":
+            out += [line.rstrip("\n") for line in sys.stdin if line.strip()]
+        elif p.suffix == ".jsonl" and p.is_file():
+            out += _jsonl_inputs(p, kind)
+        elif p.suffix == ".txt" and p.is_file():
+            lines = [x for x in p.read_text(encoding="utf-8").splitlines() if x.strip()]
+            out += lines if kind == "text" else [_image_path(str(p.parent / x), f"{p}: ") for x in lines]
+        elif kind == "image":
+            out.append(_image_path(a, ""))
+        elif p.suffix.lower() in IMAGE_SUFFIXES and p.is_file():
+            raise PMError(f"{a}: an image, but the model reads text")
+        else:
+            out.append(a)
+    if not out:
+        raise PMError("INPUT: no inputs")
+    return out
+
+
+def _image_path(a: str, where: str) -> str:
+    p = Path(a)
+    if not p.is_file():
+        raise PMError(f"{where}{a}: not an image file (the model reads images)")
+    if p.suffix.lower() not in IMAGE_SUFFIXES:
+        raise PMError(f"{where}{a}: not an image file ({p.suffix or 'no suffix'}; the model reads images)")
+    return str(p)
+
+
+def _jsonl_inputs(path: Path, kind: str) -> list:
+    other = "image" if kind == "text" else "text"
+    out = []
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise PMError(f"{path}: line {n} is not valid JSON ({e.msg})") from None
+        if not isinstance(row, dict) or kind not in row:
+            has_other = isinstance(row, dict) and other in row
+            why = (
+                f"has an '{other}' field, but the model reads {kind}"
+                if has_other
+                else f"has no '{kind}' field"
+            )
+            raise PMError(f"{path}: line {n} {why}")
+        x = row[kind]
+        out.append(
+            str(x) if kind == "text" else _image_path(str(path.parent / str(x)), f"{path}: line {n}: ")
+        )
+    return out
+
+
+# ---------------------------------------------------------------- predict and eval
+
+
+def _batches(inputs: list, batch_size: int):
+    """Index batches, texts sorted by length so a batch pads little; results go back in input order."""
+    order = sorted(range(len(inputs)), key=lambda i: len(inputs[i]) if isinstance(inputs[i], str) else 0)
+    for k in range(0, len(order), batch_size):
+        yield order[k : k + batch_size]
+
+
+def score_all(model: Model, inputs: list, batch_size: int = 64) -> np.ndarray:
+    out = np.zeros((len(inputs), len(model.labels)), dtype=np.float32)
+    for idx in _batches(inputs, batch_size):
+        out[idx] = model.scores([inputs[i] for i in idx])
+    return out
+
+
+def predict(
+    path: Path | str, inputs: list[str], provider: str = "auto", top_k: int = 1, batch_size: int = 64
+) -> tuple[list[dict], Model]:
+    """For each input: its top label and score (and the next top_k - 1); the model is returned for its facts."""
+    if top_k < 1:
+        raise PMError(f"--top-k: must be at least 1, got {top_k}")
+    if batch_size < 1:
+        raise PMError(f"--batch-size: must be at least 1, got {batch_size}")
+    model = open_model(path, provider)
+    xs = read_inputs(inputs, model.input_kind)
+    scores = score_all(model, xs, batch_size)
+    rows = []
+    for x, s in zip(xs, scores):
+        top = np.argsort(-s, kind="stable")[:top_k]
+        rows.append(
+            {
+                "input": x,
+                "label": model.labels[top[0]],
+                "score": float(s[top[0]]),
+                "top": [(model.labels[i], float(s[i])) for i in top],
+            }
+        )
+    return rows, model
+
+
+def source_of(model: Model) -> dict:
+    """Where the model came from: the bundle manifest's source, or the merged folder's facts."""
+    if isinstance(model, OrtModel):
+        return model.manifest.get("source", {})
+    return model.model.source.describe()
+
+
+def evaluate(
+    path: Path | str,
+    data: str | None = None,
+    seed: int | None = None,
+    provider: str = "auto",
+    batch_size: int = 64,
+) -> dict:
+    """Accuracy on the test split of every task of DATA (default: the task sequence the model was trained on)."""
+    from .tasks import load_tasks
+
+    if batch_size < 1:
+        raise PMError(f"--batch-size: must be at least 1, got {batch_size}")
+    model = open_model(path, provider)
+    src = source_of(model)
+    data = data or src.get("data")
+    if not data:
+        raise PMError(f"DATA: not given, and {path} does not record the task sequence it was trained on")
+    seed = src.get("seed", 0) if seed is None else seed
+    tasks = load_tasks(data, seed)
+    return evaluate_model(model, tasks, batch_size) | {"model": str(path), "data": data, "seed": seed}
+
+
+def evaluate_model(model: Model, tasks: list, batch_size: int = 64) -> dict:
+    known = set(model.labels)
+    rows, hits, total = [], 0, 0
+    for t in tasks:
+        if t.kind != model.input_kind:
+            raise PMError(f"task {t.name}: {t.kind} inputs, but the model reads {model.input_kind}")
+        unknown = sorted(set(t.test.labels) - known)
+        if unknown:
+            raise PMError(
+                f"task {t.name}: label {unknown[0]!r} is not one of the model's {len(known)} classes"
+            )
+        pred = score_all(model, t.test.inputs, batch_size).argmax(1)
+        ok = sum(model.labels[p] == y for p, y in zip(pred.tolist(), t.test.labels))
+        rows.append({"task": t.name, "n": len(t.test.labels), "acc": ok / len(t.test.labels)})
+        hits, total = hits + ok, total + len(t.test.labels)
+    return {
+        "backend": model.backend,
+        "tasks": rows,
+        "mean": sum(r["acc"] for r in rows) / len(rows),  # ACC as metrics.json reports it
+        "overall": hits / total,  # pooled over every test example
+    }
