@@ -77,7 +77,13 @@ def main() -> None:
             )
             if method == "joint":  # the upper bound of PM_METHOD.md: 3 epochs at lr 5e-4
                 cfg.epochs, cfg.lr = 3, 5e-4
-            r = train(cfg, args.out / f"{args.name}-{method}-s{seed}", resume=True, progress=False, log=lambda *_: None)
+            r = train(
+                cfg,
+                args.out / f"{args.name}-{method}-s{seed}",
+                resume=True,
+                progress=False,
+                log=lambda *_: None,
+            )
             r.pop("config", None)
             r["config"] = {"seed": seed, **extra}
             results.append(r)

@@ -61,6 +61,9 @@ def train(
     head_lr: float = typer.Option(1e-2, help="Learning rate of the heads."),
     max_length: int = typer.Option(64, help="Maximum tokens per text."),
     fisher_samples: int = typer.Option(512, help="Training samples for the diagonal Fisher."),
+    fisher_labels: str = typer.Option(
+        "true", help="Fisher labels: true (empirical) | sampled (from the model)."
+    ),
     ridge_dim: int = typer.Option(2000, help="Random projection size of the ridge head."),
     ridge_lambda: float = typer.Option(
         0.0, help="Ridge lambda; 0 chooses it per task on held-out training data."
@@ -98,6 +101,7 @@ def train(
         head_lr=head_lr,
         max_length=max_length,
         fisher_samples=fisher_samples,
+        fisher_labels=fisher_labels,
         ridge_dim=ridge_dim,
         ridge_lambda=ridge_lambda,
         eval_heads=[h.strip() for h in eval_heads.split(",") if h.strip()],
@@ -126,7 +130,6 @@ def compare(
 
 def _register_commands() -> None:
     from pmserve.cli.deploy import register as deploy
-
     deploy(app)
 
 

@@ -3,13 +3,18 @@
     y = x W^T + bias + s * scaling * (x A^T) B^T,     s in {1 - eps, 1, 1 + eps}, each with prob. 1/3
 
 ``s`` is drawn with Triton's Philox generator (``tl.randint``) from ``seed``: one draw per call
-(``per_row=False``, every row uses Philox offset 0) or one per row of ``x`` flattened to
-``(M, in)`` (``per_row=True``, row ``m`` uses offset ``m``). No noise tensor is materialised: the
+(``per_row=False``, every row uses Philox offset 0) or one per group of ``rows_per_draw``
+consecutive rows of ``x`` flattened to ``(M, in)`` (``per_row=True``, row ``m`` uses offset
+``m // rows_per_draw``; the default 1 gives one draw per row, and ``rows_per_draw=S`` on x of
+shape ``(B, S, in)`` gives one draw per sample, shared by its S tokens). No noise tensor is materialised: the
 backward kernels regenerate exactly the same draws from the saved seed. ``eps == 0`` compiles the
 draw away and gives plain LoRA.
 
 Pass a different ``seed`` every training step (e.g. the step counter, or ``hash((step, layer))``):
-the same seed always gives the same draws.
+the same seed always gives the same draws. ``seed`` and ``rows_per_draw`` are not specialised on
+by Triton, so a new value does not compile new kernels (keep seeds below 2**31: a larger one is
+passed as int64, a second signature). ``pmserve.perturb.FusedPerturbation`` routes every LoRA layer
+of a PEFT model through these kernels with one seed per training step.
 
 Kernel decomposition (M = tokens, K = in_features, N = out_features, r = rank padded to a power of
 two >= 16 as the constexpr ``BLOCK_R``):
@@ -75,6 +80,11 @@ MAX_RANK = 128
 
 _SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
+#: Scalar kernel arguments that change from call to call in training (a fresh seed every step, the
+#: sequence length): Triton must not specialise on their value (== 1, divisible by 16), or each new
+#: value could compile another variant of every kernel.
+_NO_SPECIALIZE = ["seed", "rows_per_draw"]
+
 
 # ----------------------------------------------------------------------------------------------------
 # Device-side helpers
@@ -82,15 +92,15 @@ _SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 @triton.jit
-def _draw_scales(seed, rows, eps, PERTURB: tl.constexpr, PER_ROW: tl.constexpr):
+def _draw_scales(seed, rows, eps, rows_per_draw, PERTURB: tl.constexpr, PER_ROW: tl.constexpr):
     """Perturb-and-Merge factors (float32) for the int32 row indices ``rows``.
 
-    s = 1 + eps * (k - 1) with k = philox(seed, offset) mod 3, offset = row (per row) or 0 (per
-    call). The modulo bias of a uint32 is 2**-32, negligible.
+    s = 1 + eps * (k - 1) with k = philox(seed, offset) mod 3, offset = row // rows_per_draw (per
+    row) or 0 (per call). The modulo bias of a uint32 is 2**-32, negligible.
     """
     if PERTURB:
         if PER_ROW:
-            offsets = rows
+            offsets = rows // rows_per_draw
         else:
             offsets = rows * 0
         k = (tl.randint(seed, offsets) % 3).to(tl.float32)
@@ -163,17 +173,24 @@ def _rowreduce_configs() -> list[triton.Config]:
 # ----------------------------------------------------------------------------------------------------
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_NO_SPECIALIZE)
 def _scales_kernel(
-    out_ptr, n_rows, seed, eps, PERTURB: tl.constexpr, PER_ROW: tl.constexpr, BLOCK: tl.constexpr
+    out_ptr,
+    n_rows,
+    seed,
+    eps,
+    rows_per_draw,
+    PERTURB: tl.constexpr,
+    PER_ROW: tl.constexpr,
+    BLOCK: tl.constexpr,
 ):
     rows = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    s = _draw_scales(seed, rows, eps, PERTURB, PER_ROW)
+    s = _draw_scales(seed, rows, eps, rows_per_draw, PERTURB, PER_ROW)
     tl.store(out_ptr + rows, s, mask=rows < n_rows)
 
 
 @triton.autotune(configs=_proj_configs(), key=["M_BUCKET", "K", "BLOCK_R"])
-@triton.jit
+@triton.jit(do_not_specialize=_NO_SPECIALIZE)
 def _proj_kernel(
     x_ptr,
     y_ptr,
@@ -191,6 +208,7 @@ def _proj_kernel(
     seed,
     eps,
     scaling,
+    rows_per_draw,
     APPLY_S: tl.constexpr,
     PERTURB: tl.constexpr,
     PER_ROW: tl.constexpr,
@@ -219,14 +237,14 @@ def _proj_kernel(
         x_ptrs += BLOCK_K * stride_xk
         y_ptrs += BLOCK_K * stride_yk
     if APPLY_S:
-        s = _draw_scales(seed, offs_m, eps, PERTURB, PER_ROW) * scaling
+        s = _draw_scales(seed, offs_m, eps, rows_per_draw, PERTURB, PER_ROW) * scaling
         acc = acc * s[:, None]
     out_ptrs = out_ptr + rows[:, None] * stride_om + offs_r[None, :] * stride_or
     tl.store(out_ptrs, acc, mask=mask_m[:, None] & mask_r[None, :])
 
 
 @triton.autotune(configs=_gemm_configs(), key=["M_BUCKET", "N", "K", "BLOCK_R"])
-@triton.jit
+@triton.jit(do_not_specialize=_NO_SPECIALIZE)
 def _gemm_lowrank_kernel(
     x_ptr,
     w_ptr,
@@ -252,6 +270,7 @@ def _gemm_lowrank_kernel(
     seed,
     eps,
     scaling,
+    rows_per_draw,
     HAS_BIAS: tl.constexpr,
     APPLY_S: tl.constexpr,
     PERTURB: tl.constexpr,
@@ -312,7 +331,7 @@ def _gemm_lowrank_kernel(
         other=0.0,
     )
     if APPLY_S:
-        s = _draw_scales(seed, offs_m, eps, PERTURB, PER_ROW) * scaling
+        s = _draw_scales(seed, offs_m, eps, rows_per_draw, PERTURB, PER_ROW) * scaling
         p = p * s[:, None]
     acc = _mma(p.to(q.dtype), q, acc, UPCAST, PREC)
     if HAS_BIAS:
@@ -323,7 +342,7 @@ def _gemm_lowrank_kernel(
 
 
 @triton.autotune(configs=_rowreduce_configs(), key=["M_BUCKET", "C", "BLOCK_R"])
-@triton.jit
+@triton.jit(do_not_specialize=_NO_SPECIALIZE)
 def _rowreduce_kernel(
     x_ptr,
     p_ptr,
@@ -342,6 +361,7 @@ def _rowreduce_kernel(
     seed,
     eps,
     scaling,
+    rows_per_draw,
     APPLY_S: tl.constexpr,
     PERTURB: tl.constexpr,
     PER_ROW: tl.constexpr,
@@ -383,7 +403,7 @@ def _rowreduce_kernel(
             other=0.0,
         )
         if APPLY_S:
-            s = _draw_scales(seed, offs_m, eps, PERTURB, PER_ROW) * scaling
+            s = _draw_scales(seed, offs_m, eps, rows_per_draw, PERTURB, PER_ROW) * scaling
             p = p * s[:, None]
         acc = _mma(tl.trans(xt), p.to(xt.dtype), acc, UPCAST, PREC)
     out_ptrs = out_ptr + pid_s * stride_os + offs_c[:, None] * stride_oc + offs_r[None, :] * stride_or
@@ -426,7 +446,9 @@ def _num_splits(m: int, c: int, device: torch.device) -> int:
     return max(1, min(triton.cdiv(m, 256), triton.cdiv(2 * sms, triton.cdiv(c, 128))))
 
 
-def _launch_proj(x2, y_kr, rank, *, seed=0, eps=0.0, scaling=1.0, apply_s=False, per_row=False):
+def _launch_proj(
+    x2, y_kr, rank, *, seed=0, eps=0.0, scaling=1.0, apply_s=False, per_row=False, rows_per_draw=1
+):
     """fp32 (M x rank) = [s*scaling] * x2 (M x K) @ y_kr (K x rank, any strides)."""
     m, k = x2.shape
     out = torch.empty((m, rank), device=x2.device, dtype=torch.float32)
@@ -450,6 +472,7 @@ def _launch_proj(x2, y_kr, rank, *, seed=0, eps=0.0, scaling=1.0, apply_s=False,
         seed,
         eps,
         scaling,
+        rows_per_draw,
         APPLY_S=apply_s,
         PERTURB=eps > 0.0,
         PER_ROW=per_row,
@@ -460,7 +483,21 @@ def _launch_proj(x2, y_kr, rank, *, seed=0, eps=0.0, scaling=1.0, apply_s=False,
     return out
 
 
-def _launch_gemm(x2, w_kn, p, q_rn, bias, out, *, seed=0, eps=0.0, scaling=1.0, apply_s=False, per_row=False):
+def _launch_gemm(
+    x2,
+    w_kn,
+    p,
+    q_rn,
+    bias,
+    out,
+    *,
+    seed=0,
+    eps=0.0,
+    scaling=1.0,
+    apply_s=False,
+    per_row=False,
+    rows_per_draw=1,
+):
     """out (M x N) = x2 (M x K) @ w_kn (K x N) + [s*scaling]*p (M x R) @ q_rn (R x N) [+ bias]."""
     m, k = x2.shape
     n = w_kn.shape[1]
@@ -491,6 +528,7 @@ def _launch_gemm(x2, w_kn, p, q_rn, bias, out, *, seed=0, eps=0.0, scaling=1.0, 
         seed,
         eps,
         scaling,
+        rows_per_draw,
         HAS_BIAS=bias is not None,
         APPLY_S=apply_s,
         PERTURB=eps > 0.0,
@@ -502,7 +540,7 @@ def _launch_gemm(x2, w_kn, p, q_rn, bias, out, *, seed=0, eps=0.0, scaling=1.0, 
     return out
 
 
-def _launch_rowreduce(x2, p, *, seed=0, eps=0.0, scaling=1.0, apply_s=False, per_row=False):
+def _launch_rowreduce(x2, p, *, seed=0, eps=0.0, scaling=1.0, apply_s=False, per_row=False, rows_per_draw=1):
     """fp32 (C x R) = x2 (M x C)^T @ ([s*scaling] * p (M x R)), reduced over the M rows."""
     m, c = x2.shape
     rank = p.shape[1]
@@ -527,6 +565,7 @@ def _launch_rowreduce(x2, p, *, seed=0, eps=0.0, scaling=1.0, apply_s=False, per
         seed,
         eps,
         scaling,
+        rows_per_draw,
         APPLY_S=apply_s,
         PERTURB=eps > 0.0,
         PER_ROW=per_row,
@@ -549,10 +588,10 @@ def _on_device(t: torch.Tensor):
 
 class _FusedLoRALinear(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, bias, lora_A, lora_B, scaling, eps, seed, per_row):
+    def forward(ctx, x, weight, bias, lora_A, lora_B, scaling, eps, seed, per_row, rows_per_draw):
         with _on_device(x):
             return _FusedLoRALinear._forward(
-                ctx, x, weight, bias, lora_A, lora_B, scaling, eps, seed, per_row
+                ctx, x, weight, bias, lora_A, lora_B, scaling, eps, seed, per_row, rows_per_draw
             )
 
     @staticmethod
@@ -562,7 +601,7 @@ class _FusedLoRALinear(torch.autograd.Function):
             return _FusedLoRALinear._backward(ctx, dy)
 
     @staticmethod
-    def _forward(ctx, x, weight, bias, lora_A, lora_B, scaling, eps, seed, per_row):
+    def _forward(ctx, x, weight, bias, lora_A, lora_B, scaling, eps, seed, per_row, rows_per_draw):
         in_features = x.shape[-1]
         lead = x.shape[:-1]
         x2 = x.reshape(-1, in_features)
@@ -570,7 +609,7 @@ class _FusedLoRALinear(torch.autograd.Function):
             x2 = x2.contiguous()
         m = x2.shape[0]
         n, rank = lora_B.shape
-        draw = dict(seed=seed, eps=eps, scaling=scaling, per_row=per_row)
+        draw = dict(seed=seed, eps=eps, scaling=scaling, per_row=per_row, rows_per_draw=rows_per_draw)
 
         xa = _launch_proj(x2, lora_A.t(), rank)  # (M, r) fp32, unscaled
         y = torch.empty((m, n), device=x.device, dtype=x.dtype)
@@ -603,7 +642,7 @@ class _FusedLoRALinear(torch.autograd.Function):
                 d_a = torch.zeros_like(lora_A)
             if need_b:
                 d_b = torch.zeros_like(lora_B)
-            return dx, None, None, d_a, d_b, None, None, None, None
+            return dx, None, None, d_a, d_b, None, None, None, None, None
 
         if need_x or need_a:
             # g = s * scaling * (dy B): (M, r) fp32, the gradient w.r.t. xa.
@@ -616,7 +655,7 @@ class _FusedLoRALinear(torch.autograd.Function):
                 d_a = _launch_rowreduce(x2, g).t().to(lora_A.dtype).contiguous()
         if need_b:
             d_b = _launch_rowreduce(dy2, xa, apply_s=True, **draw).to(lora_B.dtype)
-        return dx, None, None, d_a, d_b, None, None, None, None
+        return dx, None, None, d_a, d_b, None, None, None, None, None
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -645,6 +684,15 @@ def _check_seed(seed) -> int:
     return seed
 
 
+def _check_rows_per_draw(rows_per_draw) -> int:
+    if isinstance(rows_per_draw, bool) or not isinstance(rows_per_draw, numbers.Integral):
+        raise ValueError(f"rows_per_draw: expected a positive int, got {type(rows_per_draw).__name__}")
+    rows_per_draw = int(rows_per_draw)
+    if not 1 <= rows_per_draw < 2**31:
+        raise ValueError(f"rows_per_draw: expected 1 <= rows_per_draw < 2**31, got {rows_per_draw}")
+    return rows_per_draw
+
+
 def _check_eps(eps) -> float:
     if isinstance(eps, bool) or not isinstance(eps, numbers.Real):
         raise ValueError(f"eps: expected a float in [0, 1), got {type(eps).__name__}")
@@ -655,15 +703,23 @@ def _check_eps(eps) -> float:
 
 
 def perturbation_scales(
-    seed: int, n_rows: int, eps: float, per_row: bool = False, device: torch.device | str = "cuda"
+    seed: int,
+    n_rows: int,
+    eps: float,
+    per_row: bool = False,
+    device: torch.device | str = "cuda",
+    rows_per_draw: int = 1,
 ) -> torch.Tensor:
     """The factors s the fused kernels draw for ``seed``: a float32 tensor of shape ``(n_rows,)``.
 
     Runs the same Philox draw as the kernels in a tiny Triton kernel. With ``per_row=False`` all
-    ``n_rows`` entries hold the one per-call draw.
+    ``n_rows`` entries hold the one per-call draw; with ``per_row=True`` row ``r`` holds draw
+    ``r // rows_per_draw`` (so ``perturbation_scales(seed, B, eps, per_row=True)`` are the B
+    per-sample factors of a call with ``per_row=True, rows_per_draw=S`` on x of shape (B, S, in)).
     """
     seed = _check_seed(seed)
     eps = _check_eps(eps)
+    rows_per_draw = _check_rows_per_draw(rows_per_draw)
     if isinstance(n_rows, bool) or not isinstance(n_rows, numbers.Integral) or n_rows < 0:
         raise ValueError(f"n_rows: expected a non-negative int, got {n_rows!r}")
     n_rows = int(n_rows)
@@ -674,7 +730,7 @@ def perturbation_scales(
         return out
     block = 1024
     _scales_kernel[(triton.cdiv(n_rows, block),)](
-        out, n_rows, seed, eps, PERTURB=eps > 0.0, PER_ROW=bool(per_row), BLOCK=block
+        out, n_rows, seed, eps, rows_per_draw, PERTURB=eps > 0.0, PER_ROW=bool(per_row), BLOCK=block
     )
     return out
 
@@ -738,22 +794,28 @@ def fused_lora_linear(
     eps: float = 0.0,
     seed: int = 0,
     per_row: bool = False,
+    rows_per_draw: int = 1,
 ) -> torch.Tensor:
     """``x W^T + bias + s * scaling * (x A^T) B^T`` with s drawn in-kernel from ``seed``.
 
     Shapes: x (..., in), weight (out, in), bias (out,) or None, lora_A (r, in), lora_B (out, r);
     all of one dtype (float32, bfloat16 or float16; accumulation is float32). Returns y (..., out)
     in x's dtype. s is in {1 - eps, 1, 1 + eps} with probability 1/3 each, one draw per call or,
-    with ``per_row=True``, one per row of x flattened to (rows, in). ``eps=0`` is plain LoRA.
+    with ``per_row=True``, one per ``rows_per_draw`` consecutive rows of x flattened to (rows, in):
+    row r uses draw r // rows_per_draw, so ``rows_per_draw=S`` on x of shape (B, S, in) gives one s
+    per sample (``rows_per_draw`` is ignored when ``per_row=False``). ``eps=0`` is plain LoRA.
     Gradients flow to x, lora_A and lora_B; weight and bias are frozen (ValueError if they
     require grad while autograd is recording). Raises ValueError naming the offending argument.
     """
     _validate(x, weight, bias, lora_A, lora_B, scaling)
     eps = _check_eps(eps)
     seed = _check_seed(seed)
+    rows_per_draw = _check_rows_per_draw(rows_per_draw)
     weight = weight.contiguous()
     lora_A = lora_A.contiguous()
     lora_B = lora_B.contiguous()
     if bias is not None:
         bias = bias.contiguous()
-    return _FusedLoRALinear.apply(x, weight, bias, lora_A, lora_B, float(scaling), eps, seed, bool(per_row))
+    return _FusedLoRALinear.apply(
+        x, weight, bias, lora_A, lora_B, float(scaling), eps, seed, bool(per_row), rows_per_draw
+    )

@@ -237,7 +237,9 @@ def save_scorer(scorer: Scorer, folder, prefix: str = "classifier") -> None:
     if isinstance(scorer, LabelHead):
         meta["scale"] = scorer.scale
     if isinstance(scorer, Ridge):
-        meta.update(size=scorer.size, seed=scorer.seed, lambda_=scorer.lam, fixed_lambda=scorer.fixed_lam is not None)
+        meta.update(
+            size=scorer.size, seed=scorer.seed, lambda_=scorer.lam, fixed_lambda=scorer.fixed_lam is not None
+        )
     save_file({k: v.contiguous() for k, v in scorer.state().items()}, str(folder / f"{prefix}.safetensors"))
     (folder / f"{prefix}.json").write_text(json.dumps(meta, indent=2))
 

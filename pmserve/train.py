@@ -40,7 +40,7 @@ from .errors import PMError
 from .fisher import diagonal_fisher
 from .heads import HEADS, TRAIN_HEADS, LabelHead, Prototypes, Ridge, Scorer, load_scorer, save_scorer
 from .merge import FisherSums, Tensors, merge_step, task_alpha
-from .perturb import Perturbation
+from .perturb import FusedPerturbation, Perturbation, use_fused_kernel
 from .tasks import Split, Task, load_tasks
 
 TRAIN_METHODS = ("pm", "merge", "seq", "avg", "frozen", "joint")
@@ -68,6 +68,7 @@ class TrainConfig:
     weight_decay: float = 0.01
     max_length: int = 64
     fisher_samples: int = 512
+    fisher_labels: str = "true"
     clip_alpha: bool = True
     cosine_scale: float = 16.0
     ridge_dim: int = 2000
@@ -116,6 +117,11 @@ class TrainConfig:
             self.perturb_per in ("step", "sample"),
             "perturb-per",
             f"must be step or sample, got {self.perturb_per!r}",
+        )
+        need(
+            self.fisher_labels in ("true", "sampled"),
+            "fisher-labels",
+            f"must be true or sampled, got {self.fisher_labels!r}",
         )
         need(self.epochs >= 1, "epochs", f"must be at least 1, got {self.epochs}")
         need(self.batch_size >= 1, "batch-size", f"must be at least 1, got {self.batch_size}")
@@ -231,12 +237,13 @@ class Learner:
             self.encoder.model = peft_model
             layers = lora_layers(peft_model)
             params.append({"params": [p for p in peft_model.parameters() if p.requires_grad], "lr": cfg.lr})
-            if cfg.method == "pm":
+            eps = cfg.eps if cfg.method == "pm" else 0.0
+            if use_fused_kernel(cfg.kernel, self.device, layers):
+                # One Triton kernel per LoRA layer: base matmul, LoRA branch and s in one pass.
+                pert = FusedPerturbation(layers, eps, cfg.perturb_per, seed=cfg.seed * 7919 + i)
+            elif eps > 0:
                 pert = Perturbation(
-                    [m.lora_B[ADAPTER] for m in layers.values()],
-                    cfg.eps,
-                    cfg.perturb_per,
-                    seed=cfg.seed * 7919 + i,
+                    [m.lora_B[ADAPTER] for m in layers.values()], eps, cfg.perturb_per, cfg.seed * 7919 + i
                 )
         opt = torch.optim.AdamW(params, weight_decay=cfg.weight_decay)
         shuffle = _generator(cfg.seed, i, 2)
@@ -270,14 +277,20 @@ class Learner:
         return peft_model, task_vectors(peft_model), fisher
 
     def _fisher(self, task: Task, i: int, layers, w, b, target_of) -> Tensors:
-        """The empirical Fisher at theta*_t: true labels, the task's training loss, no perturbation."""
-        order = torch.randperm(len(task.train.labels), generator=_generator(self.cfg.seed, i, 3))
-        order = order[: self.cfg.fisher_samples]
+        """The diagonal Fisher at theta*_t over the task's training loss, no perturbation.
+
+        `fisher_labels="true"` is the empirical Fisher of PM_METHOD.md; "sampled" draws each label from the
+        model's own prediction (the true Fisher's estimator), an ablation of issue 6.
+        """
+        gen = _generator(self.cfg.seed, i, 3)
+        order = torch.randperm(len(task.train.labels), generator=gen)[: self.cfg.fisher_samples]
 
         def loss_fn(batch, ys):
-            return F.cross_entropy(
-                self.head.logits(self.encoder(**batch), w.detach(), b.detach()), ys, reduction="sum"
-            )
+            logits = self.head.logits(self.encoder(**batch), w.detach(), b.detach())
+            if self.cfg.fisher_labels == "sampled":
+                probs = torch.softmax(logits.detach().float().cpu(), -1)
+                ys = torch.multinomial(probs, 1, generator=gen).squeeze(1).to(logits.device)
+            return F.cross_entropy(logits, ys, reduction="sum")
 
         def batches():
             for batch, labels in self.batches(task.train, order, self.cfg.batch_size):
