@@ -130,6 +130,9 @@ def compare(
 
 def _register_commands() -> None:
     from pmserve.cli.deploy import register as deploy
+    from pmserve.cli.merge import register as merge
+
+    merge(app)
     deploy(app)
 
 

@@ -1,0 +1,71 @@
+"""`pmserve merge`: parses options, calls pmserve.merge_files.merge_adapters, prints. `register(app)` adds it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from pmserve.errors import PMError
+
+
+def _floats(text: str, option: str) -> list[float] | None:
+    if not text.strip():
+        return None
+    try:
+        return [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise PMError(f"--{option}: expected comma-separated numbers, got {text!r}") from None
+
+
+def register(app: typer.Typer) -> None:
+    from pmserve.cli.main import user_errors  # here, not at import: main.py may import this module
+
+    @app.command()
+    @user_errors
+    def merge(
+        adapters: list[Path] = typer.Argument(
+            ..., help="PEFT adapter folders in task order; a pmserve RUN stands for its task adapters."
+        ),
+        out: Path = typer.Option(..., "--out", "-o", help="Folder to write (must not exist)."),
+        base: str = typer.Option(
+            "", "--base", help="Base model folder or builtin:minilm (default: the one the adapters name)."
+        ),
+        method: str = typer.Option(
+            "pm", help="pm | avg | linear | task-arithmetic | ties | dare-linear | dare-ties."
+        ),
+        weights: str = typer.Option(
+            "", help="Comma-separated weight per adapter (linear, task-arithmetic, ties, dare-*; default 1)."
+        ),
+        density: float = typer.Option(
+            None, help="Fraction of each task vector kept by ties / dare-* (default 0.5)."
+        ),
+        format: str = typer.Option(
+            "delta",
+            "--format",
+            help="delta (merged.safetensors: W_hat - W_0) | adapter (one PEFT LoRA) | full (HF model folder).",
+        ),
+        seed: int = typer.Option(0, help="Seed of DARE's random pruning."),
+        clip: bool = typer.Option(
+            None, "--clip/--no-clip", help="Clip pm's alphas to [0, 1] (default: the run's setting, else on)."
+        ),
+        max_shard_size: str = typer.Option("5GB", help="Largest weight file of --format full."),
+        quiet: bool = typer.Option(False, "--quiet", "-q", help="Only the summary."),
+    ):
+        """Merge LoRA adapters into one model: P&M's closed form or a peer method, streaming from the files."""
+        from pmserve.merge_files import MergeOptions, merge_adapters, summary
+
+        opts = MergeOptions(
+            method=method,
+            format=format,
+            weights=_floats(weights, "weights"),
+            density=density,
+            seed=seed,
+            clip=clip,
+            max_shard_size=max_shard_size,
+        )
+        report = merge_adapters(
+            adapters, out, base or None, opts, log=(lambda *_: None) if quiet else typer.echo
+        )
+        typer.echo(summary(report))
+        typer.echo(f"wrote {out}")

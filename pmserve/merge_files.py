@@ -1,0 +1,900 @@
+"""`pmserve merge`: merge LoRA adapter files into one model, on files alone, one module at a time.
+
+Inputs are PEFT adapter folders in task order; a pmserve RUN stands for its task adapters. Two kinds of sequence:
+- chained: adapters `pmserve train` wrote (pmserve_adapter.json, kind "chained"): task t was trained on the
+  previous merged model, so theta*_t = W_hat_{t-1} + Delta_t;
+- independent: any other PEFT adapter, trained from the base: theta*_t = W_0 + Delta_t.
+Both follow W_hat_t = (1 - alpha_t) W_hat_{t-1} + alpha_t theta*_t. With D = W_hat - W_0 that is
+D_t = D_{t-1} + alpha_t (theta*_t - W_hat_{t-1}), so the result is always sum_t c_t Delta_t for per-task effective
+coefficients c_t, which is what the `adapter` output stores (task LoRAs concatenated, B_t scaled by c_t).
+
+The maths is pmserve.merge's, the code `pmserve train` runs after every task: lora_delta (Delta_t = scaling B A in
+fp32), FisherSums, alpha_terms, closed_form_alpha, task_alpha, merge_step. An offline `pm` merge of a run's
+adapters therefore replays the run's merges operation for operation and ends with its alphas and merged weights.
+
+Streaming: alpha_t is one number over every adapted module, and it depends on W_hat_{t-1}, which depends on the
+alphas before it. Rather than holding W_hat, S_F and S_Ft for the whole model, the closed form makes T - 1 passes
+over the modules; pass t rebuilds each module's D_{t-1}, S_F and S_Ft from the files (the factors are small, the
+Fisher is read one module at a time) and adds its share of alpha_t's numerator and denominator. Memory stays a few
+module-sized tensors whatever the model size or T; compute is T^2/2 low-rank products per module. Every other
+method needs one pass. The peer methods (task arithmetic, TIES, DARE) are PEFT's merge_utils over Delta_t.
+
+Everything is checked before anything is written (base identity, target modules, missing or corrupt files,
+NaN/Inf, shapes), and OUT is written as a hidden temporary folder beside it and renamed at the end.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import time
+import warnings
+from collections import Counter
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from .adapters import base_fingerprint
+from .backbone import resolve_model
+from .errors import PMError
+from .merge import FisherSums, alpha_terms, closed_form_alpha, lora_delta, merge_step, task_alpha
+from .tensor_io import (
+    FLOATS,
+    LazyTensors,
+    ModelWeights,
+    SafetensorsWriter,
+    TensorSpec,
+    parse_size,
+    sha256_file,
+)
+
+FORMATS = ("delta", "adapter", "full")
+KINDS = ("chained", "independent")
+DEFAULT_DENSITY = 0.5
+PEFT_PREFIX = "base_model.model."
+LORA_KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<ab>[AB])(?:\.[^.]+)?\.weight$")
+TASK_FOLDER = re.compile(r"^(\d+)-.+")
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".onnx", ".gguf")
+
+
+# ---------------------------------------------------------------- merge methods
+
+
+@dataclass(frozen=True)
+class MergeMethod:
+    """One way to merge task vectors; the CLI and the report know methods only through MERGE_METHODS.
+
+    `sequential` methods run the convex merge task after task with an alpha_t per task (the adapters' kinds
+    decide theta*_t); the others combine the task vectors Delta_t with per-task weights, optionally sparsified
+    to --density (`magnitude`: TIES, `random`: DARE, rescaled) and with TIES' sign consensus.
+    """
+
+    name: str
+    help: str
+    sequential: bool = False
+    normalise: bool = False
+    sparsify: str | None = None
+    consensus: bool = False
+
+    @property
+    def linear(self) -> bool:
+        """The result is sum_t c_t Delta_t, so an adapter of concatenated task LoRAs reproduces it exactly."""
+        return self.sparsify is None and not self.consensus
+
+    @property
+    def uses_weights(self) -> bool:
+        return not self.sequential
+
+    @property
+    def uses_density(self) -> bool:
+        return self.sparsify is not None
+
+
+MERGE_METHODS: dict[str, MergeMethod] = {
+    m.name: m
+    for m in (
+        MergeMethod(
+            "pm",
+            "closed-form P&M alphas from the Fisher files (identity Hessian without them)",
+            sequential=True,
+        ),
+        MergeMethod(
+            "avg",
+            "alpha_t = 1/t: the running average (the plain average of independent adapters)",
+            sequential=True,
+        ),
+        MergeMethod(
+            "linear", "weighted average of the task vectors (weights normalised to sum 1)", normalise=True
+        ),
+        MergeMethod("task-arithmetic", "weighted sum of the task vectors (PEFT task_arithmetic)"),
+        MergeMethod(
+            "ties",
+            "TIES: magnitude pruning, sign election, disjoint mean (PEFT ties)",
+            sparsify="magnitude",
+            consensus=True,
+        ),
+        MergeMethod(
+            "dare-linear",
+            "DARE: random pruning with rescaling, weighted sum (PEFT dare_linear)",
+            sparsify="random",
+        ),
+        MergeMethod(
+            "dare-ties",
+            "DARE pruning + TIES sign consensus (PEFT dare_ties)",
+            sparsify="random",
+            consensus=True,
+        ),
+    )
+}
+
+
+def combine_task_vectors(
+    task_tensors: list[torch.Tensor], weights: torch.Tensor, method: MergeMethod, density: float
+) -> torch.Tensor:
+    """One module's merged delta under a weighted method, composed from PEFT's merge_utils.
+
+    Sparsify each task vector (magnitude: keep the top `density` fraction by |value|; random: keep each value
+    with probability `density` and divide by it), weight them, then either sum or, with consensus, keep per
+    element only the values agreeing with the weighted-sum sign of the sparsified vectors and average them.
+    Equal to peft.utils.merge_utils.{task_arithmetic, ties, dare_linear, dare_ties} with the same random state.
+    """
+    from peft.utils import merge_utils as mu
+
+    if method.sparsify and density < 1.0:
+        rescale = method.sparsify == "random"
+        task_tensors = [mu.prune(t, density, method=method.sparsify, rescale=rescale) for t in task_tensors]
+    stacked = torch.stack(task_tensors, dim=0)
+    weighted = stacked * mu.reshape_weight_task_tensors(stacked, weights.to(stacked.dtype))
+    if method.consensus:
+        return mu.disjoint_merge(weighted, mu.calculate_majority_sign_mask(stacked, method="total"))
+    return weighted.sum(dim=0)
+
+
+def sequence_step(merged: torch.Tensor | None, delta: torch.Tensor, alpha: float, kind: str) -> torch.Tensor:
+    """D_t from D_{t-1} (None for D_0 = 0): W_hat_t = (1 - alpha) W_hat_{t-1} + alpha theta*_t.
+
+    chained: theta*_t - W_hat_{t-1} = Delta_t; independent: theta*_t - W_hat_{t-1} = Delta_t - D_{t-1}.
+    """
+    step = delta if kind == "chained" or merged is None else delta - merged
+    prev = {} if merged is None else {"m": merged}
+    return merge_step(prev, {"m": step}, alpha)["m"]
+
+
+def effective_coefficients(kinds: list[str], alphas: list[float]) -> list[float]:
+    """c_t with D_T = sum_t c_t Delta_t: an independent step scales every earlier coefficient by (1 - alpha_t)."""
+    c: list[float] = []
+    for kind, a in zip(kinds, alphas):
+        if kind == "independent" and c:
+            c = [x * (1.0 - a) for x in c]
+        c.append(a)
+    return c
+
+
+# ---------------------------------------------------------------- inputs
+
+
+@dataclass
+class LoraModule:
+    a_key: str
+    b_key: str
+    rank: int
+    scaling: float
+
+
+@dataclass
+class AdapterInput:
+    """One PEFT LoRA adapter folder, its header read and checked; tensors are read only when asked for."""
+
+    path: Path
+    name: str
+    kind: str
+    config: dict
+    meta: dict
+    tensors: LazyTensors
+    modules: dict[str, LoraModule]
+    fan_in_fan_out: bool
+    fisher: LazyTensors | None
+    run_config: dict | None
+    ignored: list[str] = field(default_factory=list)
+
+    def factors(self, module: str) -> tuple[torch.Tensor, torch.Tensor]:
+        m = self.modules[module]
+        return self.tensors.get(m.a_key), self.tensors.get(m.b_key)
+
+    def delta(self, module: str) -> torch.Tensor:
+        """Delta_t of one module in the base weight's layout, fp32 (merge.lora_delta, as training computes it)."""
+        a, b = self.factors(module)
+        d = lora_delta(a, b, self.modules[module].scaling)
+        return d.T.contiguous() if self.fan_in_fan_out else d
+
+    def fisher_of(self, module: str) -> torch.Tensor:
+        return self.fisher.get(module).float()
+
+    @property
+    def labels(self) -> list[str]:
+        return list(self.meta.get("labels") or [])
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        obj = json.loads(path.read_text())
+    except OSError as e:
+        raise PMError(f"{path}: unreadable ({e.strerror or e})") from None
+    except json.JSONDecodeError as e:
+        raise PMError(f"{path}: bad JSON ({e})") from None
+    if not isinstance(obj, dict):
+        raise PMError(f"{path}: expected a JSON object")
+    return obj
+
+
+def _pattern_value(patterns: dict, module: str, default):
+    from peft.utils.other import get_pattern_key
+
+    return patterns.get(get_pattern_key(list(patterns), module), default) if patterns else default
+
+
+def expand_inputs(paths: list[Path | str]) -> list[Path]:
+    """Adapter folders in task order: each path is an adapter folder or a RUN (its finished task adapters)."""
+    if not paths:
+        raise PMError("ADAPTER_DIR: give at least one adapter folder or RUN")
+    out: list[Path] = []
+    for p in map(Path, paths):
+        if not p.is_dir():
+            raise PMError(f"{p}: does not exist or is not a folder")
+        if (p / "adapter_config.json").is_file():
+            out.append(p)
+        elif (p / "config.json").is_file() and (p / "tasks").is_dir():
+            folders = [d for d in (p / "tasks").iterdir() if d.is_dir() and TASK_FOLDER.match(d.name)]
+            folders.sort(key=lambda d: int(TASK_FOLDER.match(d.name).group(1)))
+            found = [
+                d for d in folders if (d / "task.json").is_file() and (d / "adapter_config.json").is_file()
+            ]
+            if not found:
+                raise PMError(
+                    f"{p}: a pmserve RUN without task adapters (a --method frozen run, or no finished task)"
+                )
+            out += found
+        else:
+            raise PMError(
+                f"{p}: neither a PEFT adapter folder (adapter_config.json) nor a pmserve RUN (tasks/)"
+            )
+    return out
+
+
+def read_adapter(path: Path) -> AdapterInput:
+    """Read and check one adapter folder's config, metadata and tensor headers (not the tensors themselves)."""
+    cfg_path = path / "adapter_config.json"
+    cfg = _read_json(cfg_path)
+    if cfg.get("peft_type", "LORA") != "LORA":
+        raise PMError(f"{cfg_path}: a {cfg.get('peft_type')} adapter; only LoRA adapters can be merged")
+    if cfg.get("use_dora"):
+        raise PMError(f"{cfg_path}: a DoRA adapter; its magnitude vector does not merge linearly")
+    r, lora_alpha = cfg.get("r"), cfg.get("lora_alpha")
+    if not isinstance(r, int) or r < 1 or not isinstance(lora_alpha, (int, float)):
+        raise PMError(f"{cfg_path}: needs an integer r >= 1 and a number lora_alpha")
+    file = path / "adapter_model.safetensors"
+    if not file.is_file() and (path / "adapter_model.bin").is_file():
+        raise PMError(
+            f"{path / 'adapter_model.bin'}: only safetensors adapters are read; re-save with safe_serialization=True"
+        )
+    tensors = LazyTensors(file, keep_open=True)
+    meta_path = path / "pmserve_adapter.json"
+    meta = _read_json(meta_path) if meta_path.exists() else {}
+    kind = meta.get("kind", "independent")
+    if kind not in KINDS:
+        raise PMError(f"{meta_path}: kind must be chained or independent, got {kind!r}")
+
+    found: dict[str, dict[str, str]] = {}
+    ignored = []
+    for key in tensors.keys():
+        m = LORA_KEY.match(key)
+        if m is None:
+            if "lora_embedding" in key or "lora_magnitude" in key:
+                raise PMError(
+                    f"{file}: {key} is not a linear LoRA factor (embedding LoRA and DoRA are not merged)"
+                )
+            ignored.append(key)  # modules_to_save, biases: not part of any task vector
+            continue
+        module = m.group("module")
+        module = module[len(PEFT_PREFIX) :] if module.startswith(PEFT_PREFIX) else module
+        if m.group("ab") in found.setdefault(module, {}):
+            raise PMError(
+                f"{file}: two lora_{m.group('ab')} tensors for {module} (several adapters in one file?)"
+            )
+        found[module][m.group("ab")] = key
+    if not found:
+        raise PMError(f"{file}: holds no LoRA factors (no *.lora_A.weight / *.lora_B.weight)")
+
+    modules = {}
+    for module, ab in found.items():
+        if set(ab) != {"A", "B"}:
+            raise PMError(
+                f"{file}: {module} has lora_{next(iter(ab))} but no lora_{'B' if 'A' in ab else 'A'}"
+            )
+        sa, sb = tensors.shapes[ab["A"]], tensors.shapes[ab["B"]]
+        if len(sa) != 2 or len(sb) != 2:
+            raise PMError(f"{file}: {module} is not a linear LoRA (factor shapes {list(sa)}, {list(sb)})")
+        if sa[0] != sb[1]:
+            raise PMError(f"{file}: {module}'s lora_A {list(sa)} and lora_B {list(sb)} have different ranks")
+        for k in ab.values():
+            if tensors.dtypes[k] not in FLOATS:
+                raise PMError(f"{file}: {k} is {tensors.dtypes[k]}, not a floating-point tensor")
+        rank = _pattern_value(cfg.get("rank_pattern") or {}, module, r)
+        if rank != sa[0]:
+            raise PMError(f"{file}: {module} has rank {sa[0]}, but {cfg_path.name} says {rank}")
+        alpha = _pattern_value(cfg.get("alpha_pattern") or {}, module, lora_alpha)
+        scaling = alpha / rank**0.5 if cfg.get("use_rslora") else alpha / rank  # as peft's LoraLayer sets it
+        modules[module] = LoraModule(ab["A"], ab["B"], rank, scaling)
+
+    fisher = None
+    if (path / "fisher.safetensors").exists():
+        fisher = LazyTensors(path / "fisher.safetensors")
+        if set(fisher.keys()) != set(modules):
+            extra = sorted(set(fisher.keys()) ^ set(modules))
+            raise PMError(f"{fisher.path}: its modules differ from the adapter's (e.g. {extra[0]})")
+    run_config = None
+    if path.parent.name == "tasks" and (path.parent.parent / "config.json").is_file():
+        try:
+            run_config = json.loads((path.parent.parent / "config.json").read_text())
+        except (OSError, json.JSONDecodeError):
+            run_config = None
+    name = str(meta.get("name") or path.name)
+    return AdapterInput(
+        path,
+        name,
+        kind,
+        cfg,
+        meta,
+        tensors,
+        modules,
+        bool(cfg.get("fan_in_fan_out")),
+        fisher,
+        run_config,
+        ignored,
+    )
+
+
+@dataclass
+class BaseModel:
+    spec: str
+    folder: Path
+    fingerprint: str
+    weights: ModelWeights
+
+    def key_for(self, module: str, where: Path) -> str:
+        """The base tensor that `module`'s LoRA adapts: `module.weight`, allowing for a wrapper prefix either side
+        (an adapter trained on BertForSequenceClassification names `bert.encoder...`, a BertModel base `encoder...`)."""
+        exact = f"{module}.weight"
+        if exact in self.weights:
+            return exact
+        hits = [k for k in self.weights.keys() if k.endswith("." + exact) or exact.endswith("." + k)]
+        if len(hits) != 1:
+            what = "no" if not hits else f"{len(hits)} candidate"
+            raise PMError(f"{where}: {module} has {what} weight in the base model {self.folder}")
+        return hits[0]
+
+
+def resolve_base(spec: str | None, adapters: list[AdapterInput]) -> BaseModel:
+    """--base, or the local base model the adapters name (pmserve metadata, the RUN's config, PEFT's config)."""
+    if not spec:
+        for a in adapters:
+            for cand in (
+                a.meta.get("base_model"),
+                (a.run_config or {}).get("model"),
+                a.config.get("base_model_name_or_path"),
+            ):
+                if cand and (str(cand).startswith("builtin:") or Path(cand).is_dir()):
+                    spec = str(cand)
+                    break
+            if spec:
+                break
+        if not spec:
+            raise PMError("--base: not given, and the adapters name no base model folder on this machine")
+    folder = resolve_model(spec)
+    return BaseModel(spec, folder, base_fingerprint(folder), ModelWeights(folder))
+
+
+@dataclass
+class Inputs:
+    """Adapters checked against each other and against the base; `keys` maps each module to its base tensor."""
+
+    adapters: list[AdapterInput]
+    base: BaseModel
+    modules: list[str]  # natural order: layer 2 before layer 10
+    keys: dict[str, str]
+    warnings: list[str]
+
+
+def natural_key(name: str) -> list:
+    return [int(p) if p.isdigit() else p for p in re.split(r"(\d+)", name)]
+
+
+def check_inputs(adapters: list[AdapterInput], base: BaseModel) -> Inputs:
+    """Everything that can be wrong with the inputs, found before anything is written: one PMError naming the file."""
+    notes: list[str] = []
+    first = adapters[0]
+    for a in adapters:
+        fp = a.meta.get("base_fingerprint")
+        if fp and fp != base.fingerprint:
+            raise PMError(
+                f"{a.path / 'pmserve_adapter.json'}: made for another base model "
+                f"(fingerprint {fp}; {base.spec} has {base.fingerprint})"
+            )
+        if set(a.modules) != set(first.modules):
+            diff = sorted(set(a.modules) ^ set(first.modules), key=natural_key)
+            raise PMError(
+                f"{a.tensors.path}: inconsistent target modules: {diff[0]} is adapted in only one of "
+                f"{first.path} and {a.path}"
+            )
+        if a.fan_in_fan_out != first.fan_in_fan_out:
+            raise PMError(f"{a.path / 'adapter_config.json'}: fan_in_fan_out differs from {first.path}'s")
+        if a.ignored:
+            notes.append(
+                f"{a.path}: ignored {len(a.ignored)} tensors that are not LoRA factors (e.g. {a.ignored[0]})"
+            )
+    modules = sorted(first.modules, key=natural_key)
+    keys = {m: base.key_for(m, first.tensors.path) for m in modules}
+    for a in adapters:
+        for m in modules:
+            shape = tuple(base.weights.shape(keys[m]))
+            mod = a.modules[m]
+            (_, i), (o, _) = a.tensors.shapes[mod.a_key], a.tensors.shapes[mod.b_key]
+            dshape = (i, o) if a.fan_in_fan_out else (o, i)
+            if dshape != shape:
+                raise PMError(
+                    f"{a.tensors.path}: {m} makes a {list(dshape)} update, but the base's {keys[m]} is {list(shape)}"
+                )
+            for k in (mod.a_key, mod.b_key):
+                if not torch.isfinite(a.tensors.get(k)).all():
+                    raise PMError(f"{a.tensors.path}: {k} holds NaN or Inf")
+            if a.fisher is not None:
+                if tuple(a.fisher.shapes[m]) != shape:
+                    raise PMError(
+                        f"{a.fisher.path}: {m} is {list(a.fisher.shapes[m])}, the base's weight {list(shape)}"
+                    )
+                f = a.fisher.get(m)
+                if not torch.isfinite(f).all():
+                    raise PMError(f"{a.fisher.path}: {m} holds NaN or Inf")
+                if (f < 0).any():
+                    raise PMError(f"{a.fisher.path}: {m} has negative entries (a diagonal Fisher cannot)")
+                del f
+    chained = [a for a in adapters if a.kind == "chained"]
+    if chained:
+        runs = {a.path.parent for a in chained}
+        order = [a.meta.get("task") for a in adapters]
+        if len(chained) != len(adapters) or len(runs) != 1 or order != list(range(len(adapters))):
+            notes.append(
+                "chained adapters that are not one RUN's tasks 0..T-1 in order: each was trained on its own run's "
+                "merged model, which this merge does not rebuild"
+            )
+    return Inputs(adapters, base, modules, keys, notes)
+
+
+# ---------------------------------------------------------------- the plan: alphas and per-module deltas
+
+
+@dataclass
+class MergeOptions:
+    """`pmserve merge`'s options; recorded in merge_report.json."""
+
+    method: str = "pm"
+    format: str = "delta"
+    weights: list[float] | None = None
+    density: float | None = None
+    seed: int = 0
+    clip: bool | None = None  # None: the RUN's clip_alpha when the adapters come from one, else True
+    max_shard_size: str = "5GB"
+
+    def validate(self, n_tasks: int | None = None) -> None:
+        if self.method not in MERGE_METHODS:
+            raise PMError(
+                f"--method: unknown method {self.method!r} (choose from {', '.join(MERGE_METHODS)})"
+            )
+        if self.format not in FORMATS:
+            raise PMError(f"--format: unknown format {self.format!r} (choose from {', '.join(FORMATS)})")
+        m = MERGE_METHODS[self.method]
+        if self.format == "adapter" and not m.linear:
+            raise PMError(
+                f"--format adapter: {m.name} is not a weighted sum of the task LoRAs, so no adapter reproduces it; "
+                "use --format delta or full"
+            )
+        if self.weights is not None:
+            if not m.uses_weights:
+                raise PMError(
+                    f"--weights: {m.name} sets its own coefficients; weights apply to the other methods"
+                )
+            if n_tasks is not None and len(self.weights) != n_tasks:
+                raise PMError(f"--weights: {len(self.weights)} given for {n_tasks} adapters")
+            if not all(map(_finite, self.weights)):
+                raise PMError("--weights: must be finite numbers")
+            if m.normalise and sum(self.weights) == 0:
+                raise PMError("--weights: linear divides by their sum, which is 0")
+        if self.density is not None:
+            if not m.uses_density:
+                raise PMError(
+                    f"--density: {m.name} does not prune (density applies to ties, dare-linear, dare-ties)"
+                )
+            if not 0.0 < self.density <= 1.0:
+                raise PMError(f"--density: must be in (0, 1], got {self.density}")
+        parse_size(self.max_shard_size)
+
+
+def _finite(x: float) -> bool:
+    return x == x and abs(x) != float("inf")
+
+
+@dataclass
+class MergePlan:
+    """What to compute for every module: per-task alphas or weights, and the effective coefficients."""
+
+    inputs: Inputs
+    method: MergeMethod
+    options: MergeOptions
+    alphas: list[float] | None  # sequential methods: alpha_t
+    weights: list[float] | None  # weighted methods: w_t (normalised for linear)
+    coefficients: list[float] | None  # linear methods: D = sum_t c_t Delta_t
+    fisher: str | None  # pm: "files" or "identity"
+    clip: bool
+    density: float | None
+    notes: list[str]
+
+    def module_delta(self, index: int, module: str, norms: dict | None = None) -> torch.Tensor:
+        """W_hat - W_0 of one module, fp32, computed from the adapter files alone."""
+        ads = self.inputs.adapters
+        deltas: Iterator[torch.Tensor] = (a.delta(module) for a in ads)
+        task_norms = []
+        if self.method.sequential or self.method.linear:
+            merged = None
+            if self.method.sequential:
+                steps = [(al, a.kind) for al, a in zip(self.alphas, ads)]
+            else:  # a weighted sum is the chained recurrence with alpha_t = w_t
+                steps = [(w, "chained") for w in self.weights]
+            for d, (al, kind) in zip(deltas, steps):
+                task_norms.append(float(d.norm()))
+                merged = sequence_step(merged, d, al, kind)
+                del d
+        else:
+            ds = list(deltas)
+            task_norms = [float(d.norm()) for d in ds]
+            with torch.random.fork_rng(devices=[]):  # DARE's pruning draws from the global generator
+                torch.manual_seed(self.options.seed * 1_000_003 + index)
+                merged = combine_task_vectors(
+                    ds, torch.tensor(self.weights), self.method, self.density or DEFAULT_DENSITY
+                )
+        if norms is not None:
+            norms[module] = {"merged": float(merged.norm()), "tasks": task_norms}
+        return merged
+
+
+def pm_alphas(inputs: Inputs, identity: bool, clip: bool, log: Callable[[str], None]) -> list[float]:
+    """alpha_1..alpha_T of the closed form, exactly as `pmserve train` computes them, in T - 1 streaming passes.
+
+    Pass t rebuilds each module's D_{t-1}, S_F and S_Ft (FisherSums with theta*_i relative to W_0) from the files
+    and adds alpha_terms for it; closed_form_alpha sums the terms over every module. `identity` uses F_i = 1.
+    """
+    ads = inputs.adapters
+    alphas = [task_alpha("pm", 1, {}, {})]
+    for t in range(2, len(ads) + 1):
+        terms = []
+        for k in inputs.modules:
+            merged, sums = None, FisherSums()
+            for i, a in enumerate(ads[:t]):
+                delta = a.delta(k)
+                fisher = torch.ones_like(delta) if identity else a.fisher_of(k)
+                theta = delta if a.kind == "independent" or merged is None else merged + delta
+                sums.add({k: fisher}, {k: theta})
+                if i < t - 1:
+                    merged = sequence_step(merged, delta, alphas[i], a.kind)
+            step = delta if a.kind == "chained" or merged is None else delta - merged
+            prev = torch.zeros_like(delta) if merged is None else merged
+            terms.append(alpha_terms(prev, step, sums.S_F[k], sums.S_Ft[k]))
+        alphas.append(closed_form_alpha(terms, clip=clip))
+        log(f"alpha_{t} = {alphas[-1]:.6g}")
+    return alphas
+
+
+def plan_merge(inputs: Inputs, opts: MergeOptions, log: Callable[[str], None]) -> MergePlan:
+    method = MERGE_METHODS[opts.method]
+    ads = inputs.adapters
+    notes: list[str] = []
+    run_clip = {(a.run_config or {}).get("clip_alpha") for a in ads} - {None}
+    clip = opts.clip if opts.clip is not None else (run_clip.pop() if len(run_clip) == 1 else True)
+    alphas = weights = coefficients = None
+    fisher = None
+    if method.sequential:
+        trained = {a.meta.get("method") for a in ads if a.kind == "chained"} - {None}
+        family = {"pm": {"pm", "merge"}, "avg": {"avg"}}[method.name]
+        if trained - family:
+            notes.append(
+                f"the chained adapters were trained with --method {', '.join(sorted(trained))}; merging them with "
+                f"{method.name} gives a model their run never evaluated"
+            )
+        if method.name == "pm":
+            missing = [a for a in ads if a.fisher is None]
+            fisher = "identity" if missing else "files"
+            if missing:
+                notes.append(
+                    f"no fisher.safetensors in {missing[0].path}: pm falls back to the identity Hessian (F = 1), "
+                    "the closed form of plain squared distance (for independent adapters that is their average)"
+                )
+                log(f"note: {notes[-1]}")
+            alphas = pm_alphas(inputs, fisher == "identity", clip, log)
+        else:
+            alphas = [task_alpha(method.name, t, {}, {}) for t in range(1, len(ads) + 1)]
+        coefficients = effective_coefficients([a.kind for a in ads], alphas)
+    else:
+        w = [float(x) for x in (opts.weights or [1.0] * len(ads))]
+        weights = [x / sum(w) for x in w] if method.normalise else w
+        if method.linear:
+            coefficients = list(weights)
+        if any(a.kind == "chained" for a in ads):
+            notes.append(
+                f"{method.name} takes each chained adapter's Delta_t as its task vector, relative to the model it "
+                "was trained on"
+            )
+    density = (opts.density if opts.density is not None else DEFAULT_DENSITY) if method.uses_density else None
+    return MergePlan(inputs, method, opts, alphas, weights, coefficients, fisher, clip, density, notes)
+
+
+# ---------------------------------------------------------------- outputs
+
+
+@contextmanager
+def atomic_dir(out: Path) -> Iterator[Path]:
+    """A hidden temporary folder beside `out`, renamed to `out` when the block succeeds, removed when it fails."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    for stale in out.parent.glob(f".{out.name}.tmp-*"):  # left by a merge that was killed
+        pid = stale.name.rsplit("-", 1)[-1]
+        if not pid.isdigit() or not _alive(int(pid)):
+            shutil.rmtree(stale, ignore_errors=True)
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        yield tmp
+        if out.is_dir():
+            out.rmdir()  # checked empty before the merge started
+        os.rename(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _check_out(out: Path) -> None:
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise PMError(f"{out}: already exists; choose a new --out")
+
+
+def write_delta(tmp: Path, plan: MergePlan, norms: dict) -> list[Path]:
+    """merged.safetensors: W_hat - W_0 of every adapted module, fp32, named as a RUN's merged.safetensors."""
+    inp = plan.inputs
+    specs = [TensorSpec(m, torch.float32, tuple(inp.base.weights.shape(inp.keys[m]))) for m in inp.modules]
+    w = SafetensorsWriter(tmp, specs, stem="merged", metadata={"pmserve": "W_hat - W_0 per adapted module"})
+    for i, m in enumerate(inp.modules):
+        w.write(m, plan.module_delta(i, m, norms))
+    return w.close()
+
+
+def write_adapter(tmp: Path, plan: MergePlan, norms: dict) -> list[Path]:
+    """One PEFT LoRA: every task's factors concatenated along the rank, B_t scaled by c_t * scaling_t, scaling 1."""
+    inp, ads = plan.inputs, plan.inputs.adapters
+    total = {m: sum(a.modules[m].rank for a in ads) for m in inp.modules}
+    specs = []
+    for m in inp.modules:
+        (_, i), (o, _) = (
+            ads[0].tensors.shapes[ads[0].modules[m].a_key],
+            ads[0].tensors.shapes[ads[0].modules[m].b_key],
+        )
+        specs += [
+            TensorSpec(f"{PEFT_PREFIX}{m}.lora_A.weight", torch.float32, (total[m], i)),
+            TensorSpec(f"{PEFT_PREFIX}{m}.lora_B.weight", torch.float32, (o, total[m])),
+        ]
+    w = SafetensorsWriter(tmp, specs, stem="adapter_model")
+    for k, m in enumerate(inp.modules):
+        plan.module_delta(
+            k, m, norms
+        )  # the norms the report records; the adapter itself needs only the factors
+        parts = [a.factors(m) for a in ads]
+        w.write(f"{PEFT_PREFIX}{m}.lora_A.weight", torch.cat([fa.float() for fa, _ in parts], dim=0))
+        w.write(
+            f"{PEFT_PREFIX}{m}.lora_B.weight",
+            torch.cat(
+                [
+                    c * a.modules[m].scaling * fb.float()
+                    for c, a, (_, fb) in zip(plan.coefficients, ads, parts)
+                ],
+                1,
+            ),
+        )
+    files = w.close()
+
+    cfg = dict(ads[0].config)
+    r = Counter(total.values()).most_common(1)[0][0]
+    pattern = {m: n for m, n in total.items() if n != r}
+    same_targets = all(a.config.get("target_modules") == cfg.get("target_modules") for a in ads)
+    cfg.update(
+        r=r,
+        lora_alpha=float(r),  # scaling 1: the coefficients are already in B
+        rank_pattern=pattern,
+        alpha_pattern={m: float(n) for m, n in pattern.items()},
+        use_rslora=False,
+        use_dora=False,
+        lora_dropout=0.0,
+        modules_to_save=None,
+        inference_mode=True,
+        base_model_name_or_path=str(inp.base.folder),
+    )
+    if not same_targets or not cfg.get("target_modules"):
+        cfg.update(target_modules=list(inp.modules), layers_to_transform=None, layers_pattern=None)
+    (tmp / "adapter_config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True))
+    meta = {
+        "kind": "independent",  # W_hat = W_0 + this adapter's delta
+        "base_model": inp.base.spec,
+        "base_fingerprint": inp.base.fingerprint,
+        "labels": _labels(ads),
+        "method": plan.method.name,
+        "merged_from": [str(a.path) for a in ads],
+    }
+    (tmp / "pmserve_adapter.json").write_text(json.dumps(meta, indent=2, sort_keys=True))
+    return [*files, tmp / "adapter_config.json", tmp / "pmserve_adapter.json"]
+
+
+def write_full(tmp: Path, plan: MergePlan, norms: dict, log: Callable[[str], None]) -> list[Path]:
+    """A Hugging Face model folder with W_hat in the base's dtypes, sharded like the base's save_pretrained."""
+    inp = plan.inputs
+    weights = inp.base.weights
+    module_of = {k: m for m, k in inp.keys.items()}
+    index = {m: i for i, m in enumerate(inp.modules)}
+    specs = [TensorSpec(k, weights.dtype(k), tuple(weights.shape(k))) for k in weights.keys()]
+    w = SafetensorsWriter(tmp, specs, stem="model", max_shard_bytes=parse_size(plan.options.max_shard_size))
+    for k in weights.keys():
+        t = weights.get(k)
+        m = module_of.get(k)
+        if m is not None:
+            d = plan.module_delta(index[m], m, norms)
+            t = (t.float() + d).to(t.dtype)  # W_0 + (W_hat - W_0), as adapters.set_merged writes it
+            if not torch.isfinite(t).all():
+                raise PMError(f"{weights.folder}: merged {k} overflows {t.dtype} (NaN or Inf)")
+        w.write(k, t)
+        del t
+    files = w.close()
+    for p in sorted(
+        inp.base.folder.iterdir()
+    ):  # config, tokenizer or image processor, generation config, ...
+        if p.is_file() and not p.name.endswith(WEIGHT_SUFFIXES) and not p.name.endswith(".index.json"):
+            shutil.copy2(p, tmp / p.name)
+            files.append(tmp / p.name)
+    last = inp.adapters[-1]
+    rc = last.run_config or {}
+    meta = {
+        "method": plan.method.name,
+        "alphas": plan.alphas,
+        "tasks": [a.name for a in inp.adapters],
+        "data": rc.get("data"),
+        "seed": rc.get("seed", 0),
+        "max_length": rc.get("max_length", 128),
+        "base_model": inp.base.spec,
+        "base_fingerprint": inp.base.fingerprint,
+    }
+    (tmp / "pmserve_merge.json").write_text(json.dumps(meta, indent=2))
+    return [*files, tmp / "pmserve_merge.json"]
+
+
+def _labels(ads: list[AdapterInput]) -> list[str]:
+    return list(dict.fromkeys(y for a in ads for y in a.labels))
+
+
+def copy_classifier(tmp: Path, ads: list[AdapterInput]) -> Path | None:
+    """The last task's inference classifier (it covers every label seen) and training head, plus labels.json."""
+    from .heads import load_scorer, save_scorer
+
+    last = ads[-1]
+    if not (last.path / "classifier.json").is_file():
+        if _labels(ads):
+            (tmp / "labels.json").write_text(json.dumps(_labels(ads), indent=2))
+        return None
+    scorer = load_scorer(last.path, "classifier")
+    save_scorer(scorer, tmp, "classifier")
+    if (last.path / "head.json").is_file():
+        save_scorer(load_scorer(last.path, "head"), tmp, "head")
+    (tmp / "labels.json").write_text(json.dumps(list(scorer.labels), indent=2))
+    return last.path
+
+
+def _input_record(a: AdapterInput) -> dict:
+    files = ["adapter_config.json", "adapter_model.safetensors", "pmserve_adapter.json", "fisher.safetensors"]
+    return {
+        "path": str(a.path.resolve()),
+        "name": a.name,
+        "kind": a.kind,
+        "task": a.meta.get("task"),
+        "ranks": sorted({m.rank for m in a.modules.values()}),
+        "scaling": sorted({m.scaling for m in a.modules.values()}),
+        "fisher": a.fisher is not None,
+        "sha256": {f: sha256_file(a.path / f) for f in files if (a.path / f).is_file()},
+    }
+
+
+def merge_adapters(
+    adapters: list[Path | str],
+    out: Path | str,
+    base: str | None = None,
+    options: MergeOptions | None = None,
+    log: Callable[[str], None] = print,
+) -> dict:
+    """Merge adapter folders (or RUNs) into OUT in `options.format`; returns the report also written to
+    OUT/merge_report.json. Any problem with the inputs is a PMError raised before OUT exists."""
+    t0 = time.perf_counter()
+    opts = options or MergeOptions()
+    opts.validate()
+    out = Path(out)
+    _check_out(out)
+    ads = [read_adapter(p) for p in expand_inputs(adapters)]
+    opts.validate(len(ads))
+    inputs = check_inputs(ads, resolve_base(base, ads))
+    log(f"{len(ads)} adapters, {len(inputs.modules)} modules, base {inputs.base.folder}")
+    plan = plan_merge(inputs, opts, log)
+    norms: dict[str, dict] = {}
+    with atomic_dir(out) as tmp, warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # peft's prune warns when density is 1
+        if opts.format == "delta":
+            files = write_delta(tmp, plan, norms)
+        elif opts.format == "adapter":
+            files = write_adapter(tmp, plan, norms)
+        else:
+            files = write_full(tmp, plan, norms, log)
+        classifier = copy_classifier(tmp, ads)
+        report = {
+            "method": plan.method.name,
+            "format": opts.format,
+            "alphas": plan.alphas,
+            "weights": plan.weights,
+            "coefficients": plan.coefficients,
+            "fisher": plan.fisher,
+            "clip": plan.clip if plan.method.name == "pm" else None,
+            "density": plan.density,
+            "seed": opts.seed if plan.method.sparsify == "random" else None,
+            "options": asdict(opts),
+            "base": {
+                "model": inputs.base.spec,
+                "path": str(inputs.base.folder.resolve()),
+                "fingerprint": inputs.base.fingerprint,
+            },
+            "inputs": [_input_record(a) for a in ads],
+            "labels": _labels(ads),
+            "classifier": str(classifier.resolve()) if classifier else None,
+            "notes": inputs.warnings + plan.notes,
+            "outputs": sorted(p.name for p in files),
+            "modules": norms,
+            "seconds": round(time.perf_counter() - t0, 3),
+        }
+        (tmp / "merge_report.json").write_text(json.dumps(report, indent=2))
+    return report
+
+
+def summary(report: dict) -> str:
+    """A few lines for the terminal: method, alphas or weights, Fisher source, notes."""
+    lines = [f"method {report['method']}, format {report['format']}, {len(report['inputs'])} adapters"]
+    if report["alphas"] is not None:
+        lines.append("alphas " + " ".join(f"{a:.4g}" for a in report["alphas"]))
+    if report["weights"] is not None:
+        lines.append("weights " + " ".join(f"{w:.4g}" for w in report["weights"]))
+    if report["fisher"]:
+        lines.append(f"fisher: {report['fisher']}")
+    lines += [f"note: {n}" for n in report["notes"]]
+    return "\n".join(lines)

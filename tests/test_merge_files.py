@@ -1,0 +1,351 @@
+"""`pmserve merge` on files: it replays a run's merges exactly, its outputs load in PEFT and transformers, the peer
+methods equal PEFT's merge_utils, and bad inputs give one PMError naming the file with no OUT left behind."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from pmserve.errors import PMError
+from pmserve.merge_files import MergeOptions, merge_adapters
+from pmserve.tensor_io import SafetensorsWriter, TensorSpec
+from tests.conftest import write_tasks
+
+QUIET = dict(log=lambda *_: None)
+
+
+def _auto_model(path):
+    from transformers import AutoModel
+
+    return AutoModel.from_pretrained(str(path), add_pooling_layer=False).eval()
+
+
+def _weights(model) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+@pytest.fixture(scope="module")
+def pm_run(tiny_model, tmp_path_factory) -> Path:
+    """A real 3-task pm run on the tiny model (scaling lora_alpha / r = 2, a prototype classifier)."""
+    from pmserve.train import TrainConfig, train
+
+    root = tmp_path_factory.mktemp("merge-run")
+    data = write_tasks(root / "data", [["animal", "food"], ["tool", "place"], ["time", "feeling"]], 12, 4)
+    cfg = TrainConfig(
+        data=str(data),
+        model=str(tiny_model),
+        epochs=1,
+        batch_size=8,
+        rank=2,
+        lora_alpha=4.0,
+        fisher_samples=8,
+        seed=1,
+        lr=3e-2,
+        head="prototype",
+    )
+    train(cfg, root / "run", progress=False, log=lambda *_: None)
+    return root / "run"
+
+
+def _foreign(tiny_model, folder: Path, seed: int, rank: int, alpha: float, targets=("key", "value")) -> Path:
+    """A PEFT adapter trained elsewhere: random B so Delta != 0, no pmserve metadata, no Fisher."""
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(seed)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        peft_model = get_peft_model(
+            _auto_model(tiny_model), LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(targets))
+        )
+    for n, p in peft_model.named_parameters():
+        if "lora_B" in n:
+            p.data.normal_(0.0, 0.2)
+    peft_model.save_pretrained(str(folder))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def foreign(tiny_model, tmp_path_factory) -> list[Path]:
+    root = tmp_path_factory.mktemp("foreign")
+    return [
+        _foreign(tiny_model, root / "a", 0, 2, 2.0),
+        _foreign(tiny_model, root / "b", 1, 4, 8.0),
+        _foreign(tiny_model, root / "c", 2, 3, 3.0),
+    ]
+
+
+def _deltas(folder: Path, scaling: float) -> dict[str, torch.Tensor]:
+    t = load_file(str(folder / "adapter_model.safetensors"))
+    out = {}
+    for k, a in t.items():
+        if ".lora_A." in k:
+            m = k[len("base_model.model.") : -len(".lora_A.weight")]
+            out[m] = scaling * (t[k.replace("lora_A", "lora_B")] @ a)
+    return out
+
+
+def test_offline_pm_replays_the_run_exactly(pm_run, tmp_path):
+    metrics = json.loads((pm_run / "metrics.json").read_text())
+    last = sorted((pm_run / "tasks").iterdir())[-1]
+    rep = merge_adapters([pm_run], tmp_path / "d", options=MergeOptions("pm", "delta"), **QUIET)
+    assert rep["fisher"] == "files" and rep["alphas"] == pytest.approx(metrics["alphas"], abs=1e-6)
+    ours, theirs = (
+        load_file(str(tmp_path / "d" / "merged.safetensors")),
+        load_file(str(last / "merged.safetensors")),
+    )
+    assert ours.keys() == theirs.keys()
+    for k in theirs:
+        torch.testing.assert_close(ours[k], theirs[k], rtol=0, atol=1e-6)
+    report = json.loads((tmp_path / "d" / "merge_report.json").read_text())
+    assert [i["kind"] for i in report["inputs"]] == ["chained"] * 3
+    assert all(len(i["sha256"]["fisher.safetensors"]) == 64 for i in report["inputs"])
+    assert set(report["modules"]) == set(theirs) and report["base"]["fingerprint"]
+    assert json.loads((tmp_path / "d" / "labels.json").read_text()) == report["labels"]
+    # the task folders one by one are the same sequence as the RUN
+    tasks = sorted(p for p in (pm_run / "tasks").iterdir() if p.is_dir())
+    rep2 = merge_adapters(tasks, tmp_path / "d2", options=MergeOptions("pm", "delta"), **QUIET)
+    assert rep2["alphas"] == rep["alphas"]
+
+
+def test_adapter_output_is_plain_peft_and_reproduces_the_merge(pm_run, tiny_model, tmp_path):
+    from peft import PeftModel
+
+    from pmserve.heads import load_scorer
+
+    merge_adapters([pm_run], tmp_path / "a", options=MergeOptions("pm", "adapter"), **QUIET)
+    merged = load_file(str(sorted((pm_run / "tasks").iterdir())[-1] / "merged.safetensors"))
+    cfg = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
+    assert cfg["r"] == 6 and cfg["lora_alpha"] == 6.0  # three rank-2 LoRAs, scaling folded into B
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        peft_model = PeftModel.from_pretrained(_auto_model(tiny_model), str(tmp_path / "a")).eval()
+    ref = _auto_model(tiny_model)
+    mods = dict(ref.named_modules())
+    with torch.no_grad():
+        for k, d in merged.items():
+            mods[k].weight += d
+    x = {"input_ids": torch.tensor([[2, 7, 9, 11, 3]]), "attention_mask": torch.ones(1, 5, dtype=torch.long)}
+    with torch.no_grad():
+        torch.testing.assert_close(
+            peft_model(**x).last_hidden_state, ref(**x).last_hidden_state, rtol=0, atol=1e-5
+        )
+    assert load_scorer(tmp_path / "a").labels == json.loads((tmp_path / "a" / "labels.json").read_text())
+
+
+def test_full_output_sharded_loads_with_from_pretrained(pm_run, tiny_model, tmp_path):
+    from transformers import AutoTokenizer
+
+    from pmserve.heads import load_scorer
+
+    out = tmp_path / "f"
+    merge_adapters(
+        [pm_run],
+        out,
+        base=str(tiny_model),
+        options=MergeOptions("pm", "full", max_shard_size="30KB"),
+        **QUIET,
+    )
+    assert (out / "model.safetensors.index.json").is_file() and len(list(out.glob("model-*.safetensors"))) > 1
+    merged = load_file(str(sorted((pm_run / "tasks").iterdir())[-1] / "merged.safetensors"))
+    base, full = _weights(_auto_model(tiny_model)), _weights(_auto_model(out))
+    assert base.keys() == full.keys()
+    for k, w in base.items():
+        want = w + merged[k[: -len(".weight")]] if k[: -len(".weight")] in merged else w
+        torch.testing.assert_close(full[k], want, rtol=0, atol=1e-6)
+    assert AutoTokenizer.from_pretrained(str(out))("dog cat")["input_ids"]
+    labels = json.loads((out / "labels.json").read_text())
+    assert load_scorer(out).labels == labels and len(labels) == 6
+    meta = json.loads((out / "pmserve_merge.json").read_text())
+    assert meta["method"] == "pm" and len(meta["alphas"]) == 3
+
+
+def test_independent_adapters_and_peer_methods_match_peft(foreign, tmp_path):
+    from peft.utils import merge_utils as mu
+
+    deltas = [_deltas(foreign[0], 1.0), _deltas(foreign[1], 2.0), _deltas(foreign[2], 1.0)]
+    mods = sorted(deltas[0])
+
+    def run(name, method, **kw):
+        merge_adapters(foreign, tmp_path / name, options=MergeOptions(method, "delta", **kw), **QUIET)
+        rep = json.loads((tmp_path / name / "merge_report.json").read_text())
+        return load_file(str(tmp_path / name / "merged.safetensors")), rep
+
+    avg, _ = run("avg", "avg")
+    pm, rep = run("pm", "pm")  # no Fisher: identity Hessian, which for independent adapters is the average
+    assert rep["fisher"] == "identity" and any("identity" in n for n in rep["notes"])
+    assert rep["alphas"] == pytest.approx([1, 1 / 2, 1 / 3], abs=1e-6)
+    lin, _ = run("lin", "linear", weights=[1.0, 2.0, 1.0])
+    ta, _ = run("ta", "task-arithmetic", weights=[0.5, 1.0, -0.25])
+    w = torch.tensor([0.5, 1.0, -0.25])
+    for m in mods:
+        ds = [d[m] for d in deltas]
+        torch.testing.assert_close(avg[m], sum(ds) / 3, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(pm[m], avg[m], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(lin[m], (ds[0] + 2 * ds[1] + ds[2]) / 4, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(ta[m], mu.task_arithmetic(ds, w), rtol=1e-5, atol=1e-6)
+    for method, fn in (("ties", mu.ties), ("dare-linear", mu.dare_linear), ("dare-ties", mu.dare_ties)):
+        got, rep = run(method, method, weights=[1.0, 0.5, 1.0], density=0.4, seed=3)
+        assert rep["density"] == 0.4
+        for i, m in enumerate(
+            sorted(mods, key=lambda s: [int(p) if p.isdigit() else p for p in s.split(".")])
+        ):
+            torch.manual_seed(3 * 1_000_003 + i)
+            want = fn([d[m] for d in deltas], torch.tensor([1.0, 0.5, 1.0]), 0.4)
+            torch.testing.assert_close(got[m], want, rtol=1e-5, atol=1e-6)
+
+
+def test_bf16_sharded_base_full_and_independent_adapter(foreign, tiny_model, tmp_path):
+    from peft import PeftModel
+
+    base_dir = tmp_path / "bf16"
+    m = _auto_model(tiny_model).to(torch.bfloat16)
+    m.save_pretrained(str(base_dir), max_shard_size="40KB")
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(tiny_model / f, base_dir / f)
+    assert (base_dir / "model.safetensors.index.json").is_file()
+    out = tmp_path / "full"
+    merge_adapters(foreign, out, base=str(base_dir), options=MergeOptions("avg", "full"), **QUIET)
+    full, base = _weights(_auto_model(out)), _weights(m)
+    deltas = [_deltas(foreign[0], 1.0), _deltas(foreign[1], 2.0), _deltas(foreign[2], 1.0)]
+    for k, w in base.items():
+        assert full[k].dtype == torch.bfloat16
+        mod = k[: -len(".weight")]
+        want = (w.float() + sum(d[mod] for d in deltas) / 3).to(torch.bfloat16) if mod in deltas[0] else w
+        torch.testing.assert_close(full[k], want, rtol=0, atol=0.02)
+    # an adapter of the same merge, on the bf16 base, is the same model
+    merge_adapters(
+        foreign, tmp_path / "ad", base=str(base_dir), options=MergeOptions("avg", "adapter"), **QUIET
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        merged = PeftModel.from_pretrained(
+            _auto_model(base_dir).float(), str(tmp_path / "ad")
+        ).merge_and_unload()
+    got = _weights(merged)
+    for mod in deltas[0]:
+        want = base[mod + ".weight"].float() + sum(d[mod] for d in deltas) / 3
+        torch.testing.assert_close(got[mod + ".weight"], want, rtol=0, atol=1e-5)
+
+
+def _corrupt(case: str, pm_run: Path, foreign: list[Path], tiny_model: Path, root: Path):
+    """(inputs, base, options, words the one-line error must contain)."""
+    run = root / "run"
+    shutil.copytree(pm_run, run)
+    t1 = sorted((run / "tasks").iterdir())[1]
+    opts = MergeOptions("pm", "delta")
+    if case == "fingerprint":
+        meta = json.loads((t1 / "pmserve_adapter.json").read_text())
+        (t1 / "pmserve_adapter.json").write_text(json.dumps({**meta, "base_fingerprint": "0123456789abcdef"}))
+        return [run], None, opts, [str(t1 / "pmserve_adapter.json"), "another base model"]
+    if case == "targets":
+        other = _foreign(tiny_model, root / "q", 5, 2, 2.0, targets=("query", "value"))
+        return (
+            [foreign[0], other],
+            str(tiny_model),
+            opts,
+            [str(other / "adapter_model.safetensors"), "target modules"],
+        )
+    if case == "truncated":
+        f = t1 / "adapter_model.safetensors"
+        f.write_bytes(f.read_bytes()[:-40])
+        return [run], None, opts, [str(f), "not a readable safetensors"]
+    if case == "bad_json":
+        (t1 / "adapter_config.json").write_text("{oops")
+        return [run], None, opts, [str(t1 / "adapter_config.json"), "bad JSON"]
+    if case == "missing_fisher_file":
+        (t1 / "adapter_model.safetensors").unlink()
+        return [run], None, opts, [str(t1 / "adapter_model.safetensors"), "missing"]
+    if case in ("nan_factor", "inf_fisher"):
+        name = "adapter_model.safetensors" if case == "nan_factor" else "fisher.safetensors"
+        t = load_file(str(t1 / name))
+        k = sorted(t)[-1]
+        t[k][0, 0] = float("nan") if case == "nan_factor" else float("inf")
+        save_file(t, str(t1 / name))
+        return [run], None, opts, [str(t1 / name), "NaN or Inf"]
+    if case == "shape":
+        f = t1 / "adapter_model.safetensors"
+        t = load_file(str(f))
+        t = {k: (v[:, :16].contiguous() if ".lora_A." in k else v) for k, v in t.items()}
+        save_file(t, str(f))
+        return [run], None, opts, [str(f), "the base's"]
+    if case == "ties_adapter":
+        return foreign, str(tiny_model), MergeOptions("ties", "adapter"), ["--format adapter", "ties"]
+    raise AssertionError(case)
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        "fingerprint",
+        "targets",
+        "truncated",
+        "bad_json",
+        "missing_fisher_file",
+        "nan_factor",
+        "inf_fisher",
+        "shape",
+        "ties_adapter",
+    ],
+)
+def test_bad_inputs_one_error_no_out(case, pm_run, foreign, tiny_model, tmp_path):
+    inputs, base, opts, needles = _corrupt(case, pm_run, foreign, tiny_model, tmp_path / "in")
+    out = tmp_path / "out" / "merged"
+    with pytest.raises(PMError) as e:
+        merge_adapters(inputs, out, base=base, options=opts, **QUIET)
+    msg = str(e.value)
+    assert "\n" not in msg
+    for n in needles:
+        assert n in msg, msg
+    assert (
+        not out.exists() and not list((tmp_path / "out").glob(".*")) if (tmp_path / "out").exists() else True
+    )
+
+
+def test_interrupted_write_leaves_nothing(foreign, tiny_model, tmp_path, monkeypatch):
+    import pmserve.merge_files as mf
+
+    def boom(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(mf, "copy_classifier", boom)
+    with pytest.raises(KeyboardInterrupt):
+        merge_adapters(foreign, tmp_path / "o", base=str(tiny_model), options=MergeOptions("avg"), **QUIET)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_safetensors_writer_streams_a_readable_file(tmp_path):
+    from safetensors import safe_open
+
+    ts = {
+        "a": torch.randn(3, 4),
+        "b": torch.randn(5).to(torch.bfloat16),
+        "c": torch.tensor(7, dtype=torch.int64),
+    }
+    w = SafetensorsWriter(tmp_path, [TensorSpec(k, v.dtype, tuple(v.shape)) for k, v in ts.items()], stem="x")
+    for k, v in ts.items():
+        w.write(k, v)
+    w.close()
+    with safe_open(str(tmp_path / "x.safetensors"), "pt") as f:
+        assert f.metadata() == {"format": "pt"}
+        for k, v in ts.items():
+            assert torch.equal(f.get_tensor(k), v)
+
+
+def test_cli_merge(pm_run, tmp_path):
+    from typer.testing import CliRunner
+
+    from pmserve.cli.main import app
+
+    runner = CliRunner()
+    res = runner.invoke(app, ["merge", str(pm_run), "--out", str(tmp_path / "o"), "--quiet"])
+    assert res.exit_code == 0, res.output
+    assert "alphas 1" in res.output and (tmp_path / "o" / "merged.safetensors").is_file()
+    bad = runner.invoke(app, ["merge", str(pm_run), "--out", str(tmp_path / "p"), "--method", "magic"])
+    assert bad.exit_code == 2 and "pmserve: error: --method" in bad.output
+    assert not (tmp_path / "p").exists()
