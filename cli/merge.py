@@ -45,7 +45,16 @@ def register(app: typer.Typer) -> None:
             "--format",
             help="delta (merged.safetensors: W_hat - W_0) | adapter (one PEFT LoRA) | full (HF model folder).",
         ),
-        seed: int = typer.Option(0, help="Seed of DARE's random pruning."),
+        seed: int = typer.Option(
+            0, help="Seed of DARE's random pruning, of a builtin --data sequence and of its Fisher samples."
+        ),
+        data: str = typer.Option(
+            "",
+            "--data",
+            help="pm: tasks (a folder or builtin:..., as `pmserve train` takes) to compute the Fisher of adapters "
+            "without fisher.safetensors; task t pairs with adapter t. Without it: the identity Hessian.",
+        ),
+        fisher_samples: int = typer.Option(512, help="Training examples per task for the --data Fisher."),
         clip: bool = typer.Option(
             None, "--clip/--no-clip", help="Clip pm's alphas to [0, 1] (default: the run's setting, else on)."
         ),
@@ -63,6 +72,8 @@ def register(app: typer.Typer) -> None:
             seed=seed,
             clip=clip,
             max_shard_size=max_shard_size,
+            data=data or None,
+            fisher_samples=fisher_samples,
         )
         report = merge_adapters(
             adapters, out, base or None, opts, log=(lambda *_: None) if quiet else typer.echo

@@ -13,11 +13,17 @@ fp32), FisherSums, alpha_terms, closed_form_alpha, task_alpha, merge_step. An of
 adapters therefore replays the run's merges operation for operation and ends with its alphas and merged weights.
 
 Streaming: alpha_t is one number over every adapted module, and it depends on W_hat_{t-1}, which depends on the
-alphas before it. Rather than holding W_hat, S_F and S_Ft for the whole model, the closed form makes T - 1 passes
-over the modules; pass t rebuilds each module's D_{t-1}, S_F and S_Ft from the files (the factors are small, the
-Fisher is read one module at a time) and adds its share of alpha_t's numerator and denominator. Memory stays a few
-module-sized tensors whatever the model size or T; compute is T^2/2 low-rank products per module. Every other
+alphas before it. Rather than holding W_hat, S_F and S_Ft for the whole model, note that all of them are linear
+combinations of the task vectors, so the closed form needs only the Fisher-weighted Gram matrices
+H^k_ij = <Delta_i, F_k Delta_j> summed over modules (T x T numbers per Fisher). One pass over the modules computes
+them, each Fisher read once, in row blocks of the weight; the recurrence then replays on T x T matrices
+(gram_alphas) and a second pass writes the output. Memory stays a few blocks of T x 8M numbers whatever the model
+size; compute is one T x T Gram product per module and Fisher (one in all for the identity Hessian). Every other
 method needs one pass. The peer methods (task arithmetic, TIES, DARE) are PEFT's merge_utils over Delta_t.
+
+The Fisher of pm: each adapter's fisher.safetensors (what `pmserve train` writes); for adapters without one,
+computed from --data (task t's training data at theta*_t, task_fisher.DataFisher, held in memory: it needs the
+whole model loaded anyway), else the identity Hessian F = 1, said in the output and in merge_report.json.
 
 Everything is checked before anything is written (base identity, target modules, missing or corrupt files,
 NaN/Inf, shapes), and OUT is written as a hidden temporary folder beside it and renamed at the end.
@@ -26,6 +32,7 @@ NaN/Inf, shapes), and OUT is written as a hidden temporary folder beside it and 
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import shutil
@@ -42,9 +49,10 @@ import torch
 from .adapters import base_fingerprint
 from .backbone import resolve_model
 from .errors import PMError
-from .merge import FisherSums, alpha_terms, closed_form_alpha, lora_delta, merge_step, task_alpha
+from .merge import closed_form_alpha, lora_delta, merge_step, task_alpha
 from .tensor_io import (
     FLOATS,
+    InMemoryTensors,
     LazyTensors,
     ModelWeights,
     SafetensorsWriter,
@@ -201,6 +209,7 @@ class AdapterInput:
     fisher: LazyTensors | None
     run_config: dict | None
     ignored: list[str] = field(default_factory=list)
+    fisher_source: str | None = None  # "files", "data" (computed from --data) or "identity"
 
     def factors(self, module: str) -> tuple[torch.Tensor, torch.Tensor]:
         m = self.modules[module]
@@ -211,6 +220,12 @@ class AdapterInput:
         a, b = self.factors(module)
         d = lora_delta(a, b, self.modules[module].scaling)
         return d.T.contiguous() if self.fan_in_fan_out else d
+
+    def delta_shape(self, module: str) -> tuple[int, int]:
+        """The shape of delta(module): the base weight's."""
+        m = self.modules[module]
+        (_, i), (o, _) = self.tensors.shapes[m.a_key], self.tensors.shapes[m.b_key]
+        return (i, o) if self.fan_in_fan_out else (o, i)
 
     def fisher_of(self, module: str) -> torch.Tensor:
         return self.fisher.get(module).float()
@@ -282,7 +297,7 @@ def read_adapter(path: Path) -> AdapterInput:
         raise PMError(
             f"{path / 'adapter_model.bin'}: only safetensors adapters are read; re-save with safe_serialization=True"
         )
-    tensors = LazyTensors(file, keep_open=True)
+    tensors = LazyTensors(file)  # reopened per tensor: a mapping held open keeps what it touched resident
     meta_path = path / "pmserve_adapter.json"
     meta = _read_json(meta_path) if meta_path.exists() else {}
     kind = meta.get("kind", "independent")
@@ -356,6 +371,7 @@ def read_adapter(path: Path) -> AdapterInput:
         fisher,
         run_config,
         ignored,
+        "files" if fisher is not None else None,
     )
 
 
@@ -489,6 +505,8 @@ class MergeOptions:
     seed: int = 0
     clip: bool | None = None  # None: the RUN's clip_alpha when the adapters come from one, else True
     max_shard_size: str = "5GB"
+    data: str | None = None  # pm: tasks to compute missing Fishers from (task t pairs with adapter t)
+    fisher_samples: int = 512
 
     def validate(self, n_tasks: int | None = None) -> None:
         if self.method not in MERGE_METHODS:
@@ -521,6 +539,10 @@ class MergeOptions:
                 )
             if not 0.0 < self.density <= 1.0:
                 raise PMError(f"--density: must be in (0, 1], got {self.density}")
+        if self.data is not None and m.name != "pm":
+            raise PMError(f"--data: only pm uses a Fisher; {m.name} does not read data")
+        if self.fisher_samples < 1:
+            raise PMError(f"--fisher-samples: must be at least 1, got {self.fisher_samples}")
         parse_size(self.max_shard_size)
 
 
@@ -538,7 +560,7 @@ class MergePlan:
     alphas: list[float] | None  # sequential methods: alpha_t
     weights: list[float] | None  # weighted methods: w_t (normalised for linear)
     coefficients: list[float] | None  # linear methods: D = sum_t c_t Delta_t
-    fisher: str | None  # pm: "files" or "identity"
+    fisher: str | None  # pm: "files", "data", "files+data" or "identity"
     clip: bool
     density: float | None
     notes: list[str]
@@ -546,20 +568,20 @@ class MergePlan:
     def module_delta(self, index: int, module: str, norms: dict | None = None) -> torch.Tensor:
         """W_hat - W_0 of one module, fp32, computed from the adapter files alone."""
         ads = self.inputs.adapters
-        deltas: Iterator[torch.Tensor] = (a.delta(module) for a in ads)
-        task_norms = []
-        if self.method.sequential or self.method.linear:
-            merged = None
-            if self.method.sequential:
-                steps = [(al, a.kind) for al, a in zip(self.alphas, ads)]
-            else:  # a weighted sum is the chained recurrence with alpha_t = w_t
-                steps = [(w, "chained") for w in self.weights]
-            for d, (al, kind) in zip(deltas, steps):
-                task_norms.append(float(d.norm()))
-                merged = sequence_step(merged, d, al, kind)
-                del d
+        if self.method.linear or self.method.sequential:
+            # D = sum_t c_t Delta_t = [c_1 s_1 B_1 ... c_T s_T B_T] @ [A_1; ...; A_T]: one rank-sum(r_t) product
+            # instead of T low-rank products and T weight-sized additions (the recurrence, in closed form)
+            a_cat, b_cat, blocks = stacked_factors(ads, module, torch.float32)
+            merged = (b_cat * (torch.tensor(self.coefficients) @ blocks)) @ a_cat
+            if ads[0].fan_in_fan_out:
+                merged = merged.T.contiguous()
+            if norms is not None:  # ||Delta_t|| from the factors' Gram matrix, never forming Delta_t
+                gram = blocks @ ((b_cat.T @ b_cat) * (a_cat @ a_cat.T)) @ blocks.T
+                task_norms = gram.diagonal().clamp_min(0).sqrt().tolist()
+                norms[module] = {"merged": float(merged.norm()), "tasks": task_norms}
+            return merged
         else:
-            ds = list(deltas)
+            ds = [a.delta(module) for a in ads]
             task_norms = [float(d.norm()) for d in ds]
             with torch.random.fork_rng(devices=[]):  # DARE's pruning draws from the global generator
                 torch.manual_seed(self.options.seed * 1_000_003 + index)
@@ -571,31 +593,193 @@ class MergePlan:
         return merged
 
 
-def pm_alphas(inputs: Inputs, identity: bool, clip: bool, log: Callable[[str], None]) -> list[float]:
-    """alpha_1..alpha_T of the closed form, exactly as `pmserve train` computes them, in T - 1 streaming passes.
+def stacked_factors(
+    adapters: list[AdapterInput], module: str, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """[A_1; ...; A_T], [s_1 B_1 ... s_T B_T] and the (T x sum r_t) 0/1 matrix of which rank rows are task t's."""
+    facs = [a.factors(module) for a in adapters]
+    a_cat = torch.cat([fa.to(dtype) for fa, _ in facs], 0)
+    b_cat = torch.cat([a.modules[module].scaling * fb.to(dtype) for a, (_, fb) in zip(adapters, facs)], 1)
+    blocks = torch.zeros(len(adapters), a_cat.shape[0], dtype=dtype)
+    k = 0
+    for t, (fa, _) in enumerate(facs):
+        blocks[t, k : k + fa.shape[0]] = 1.0
+        k += fa.shape[0]
+    return a_cat, b_cat, blocks
 
-    Pass t rebuilds each module's D_{t-1}, S_F and S_Ft (FisherSums with theta*_i relative to W_0) from the files
-    and adds alpha_terms for it; closed_form_alpha sums the terms over every module. `identity` uses F_i = 1.
+
+def factor_gram(adapters: list[AdapterInput], module: str) -> torch.Tensor:
+    """One module's share of G_ij = <Delta_i, Delta_j> (the identity-Hessian Gram matrix) from the factors alone:
+    <s_i B_i A_i, s_j B_j A_j> = s_i s_j sum((B_i^T B_j) * (A_i A_j^T)), float64, no weight-sized tensor."""
+    a_cat, b_cat, blocks = stacked_factors(adapters, module, torch.float64)
+    return blocks @ ((b_cat.T @ b_cat) * (a_cat @ a_cat.T)) @ blocks.T
+
+
+def theta_star(inputs: Inputs, index: int, alphas: list[float]) -> dict[str, torch.Tensor]:
+    """theta*_t - W_0 of adapter `index` for every module: Delta_t (independent) or D_{t-1} + Delta_t (chained),
+    D_{t-1} rebuilt from the alphas before it."""
+    ads = inputs.adapters
+    out = {}
+    for k in inputs.modules:
+        merged = None
+        if ads[index].kind == "chained":
+            for a, al in zip(ads[:index], alphas):
+                merged = sequence_step(merged, a.delta(k), al, a.kind)
+        d = ads[index].delta(k)
+        out[k] = d if merged is None else merged + d
+    return out
+
+
+FisherFor = Callable[[int, list[float]], dict[str, torch.Tensor]]
+GRAM_BLOCK = 1 << 23  # elements of one row block of the stacked task vectors (64 MiB in float64)
+
+
+def module_grams(
+    adapters: list[AdapterInput], module: str, fishers: list[int | None]
+) -> dict[int | None, torch.Tensor]:
+    """One module's share of H^k_ij = <Delta_i, F_k Delta_j> for each k in `fishers` (None: F = 1), float64.
+
+    The task vectors are stacked as rows of X (T x n) and H^k = (X * F_k) X^T, computed block by block of the
+    weight's rows so memory stays T x GRAM_BLOCK whatever the module's size.
+    """
+    facs = [a.factors(module) for a in adapters]
+    scal = [a.modules[module].scaling for a in adapters]
+    flip = adapters[0].fan_in_fan_out
+    shape = adapters[0].delta_shape(module)
+    fis = {k: adapters[k].fisher_of(module) for k in fishers if k is not None}
+    out = {k: torch.zeros(len(adapters), len(adapters), dtype=torch.float64) for k in fishers}
+    rows = max(1, GRAM_BLOCK // (len(adapters) * shape[1]))
+    for r in range(0, shape[0], rows):
+        # Delta[r:r+rows] = scaling B[r:r+rows] A (or its transpose for fan_in_fan_out), as lora_delta computes it
+        parts = []
+        for (a, b), s in zip(facs, scal):
+            d = lora_delta(a[:, r : r + rows], b, s).T if flip else lora_delta(a, b[r : r + rows], s)
+            parts.append(d.reshape(-1))
+        x = torch.stack(parts).double()
+        for k in fishers:
+            y = x if k is None else x * fis[k][r : r + rows].reshape(1, -1).double()
+            out[k] += y @ x.T
+    return out
+
+
+def gram_alphas(kinds: list[str], grams: list[torch.Tensor], clip: bool) -> list[float]:
+    """The closed-form alphas from the Gram matrices H^1..H^t (t = len(grams)), replaying merge.py's recurrence.
+
+    Every quantity of the closed form is a combination of the task vectors: D_{t-1} = sum_j d_j Delta_j,
+    theta*_i - W_0 = Delta_i (+ D_{i-1} when chained), the step s = Delta_t (- D_{t-1} when independent). So with
+    S_F = sum_{k<=t} F_k and S_Ft = sum_{k<=t} F_k theta*_k,
+        num = -sum((D S_F - S_Ft) * s) = -sum_{k<=t} (d - theta_k)^T H^k s,   den = sum_{k<=t} s^T H^k s,
+    exactly the sums merge.alpha_terms takes over every element of every module.
+    """
+    n = len(kinds)
+    d = torch.zeros(n, dtype=torch.float64)
+    thetas, alphas = [], []
+    for t in range(len(grams)):
+        e = torch.zeros(n, dtype=torch.float64)
+        e[t] = 1.0
+        thetas.append(e + d if kinds[t] == "chained" and t > 0 else e)
+        if t == 0:
+            alphas.append(task_alpha("pm", 1, {}, {}))
+            d = e * alphas[0]
+            continue
+        s = e if kinds[t] == "chained" else e - d
+        num = -sum(float((d - thetas[k]) @ grams[k] @ s) for k in range(t + 1))
+        den = sum(float(s @ grams[k] @ s) for k in range(t + 1))
+        alphas.append(closed_form_alpha([(num, den)], clip=clip))
+        d = d + alphas[-1] * s
+    return alphas
+
+
+def pm_alphas(
+    inputs: Inputs,
+    identity: bool,
+    clip: bool,
+    log: Callable[[str], None],
+    fisher_for: FisherFor | None = None,
+) -> list[float]:
+    """alpha_1..alpha_T of the closed form, as `pmserve train` computes them, from one streaming pass.
+
+    The pass reads each module's factors and each Fisher once and adds the module's share of the Gram matrices
+    H^k (module_grams); gram_alphas replays the recurrence on them. `identity` uses F_k = 1 (one Gram matrix).
+    An adapter without a Fisher gets `fisher_for(index, alphas before it)`: independent adapters all up front,
+    chained ones when the alphas their theta*_t depends on are known (then the pass is repeated for the new H^k).
     """
     ads = inputs.adapters
-    alphas = [task_alpha("pm", 1, {}, {})]
-    for t in range(2, len(ads) + 1):
-        terms = []
-        for k in inputs.modules:
-            merged, sums = None, FisherSums()
-            for i, a in enumerate(ads[:t]):
-                delta = a.delta(k)
-                fisher = torch.ones_like(delta) if identity else a.fisher_of(k)
-                theta = delta if a.kind == "independent" or merged is None else merged + delta
-                sums.add({k: fisher}, {k: theta})
-                if i < t - 1:
-                    merged = sequence_step(merged, delta, alphas[i], a.kind)
-            step = delta if a.kind == "chained" or merged is None else delta - merged
-            prev = torch.zeros_like(delta) if merged is None else merged
-            terms.append(alpha_terms(prev, step, sums.S_F[k], sums.S_Ft[k]))
-        alphas.append(closed_form_alpha(terms, clip=clip))
-        log(f"alpha_{t} = {alphas[-1]:.6g}")
+    kinds = [a.kind for a in ads]
+
+    def compute(ks: list[int | None]) -> dict[int | None, torch.Tensor]:
+        total = {k: torch.zeros(len(ads), len(ads), dtype=torch.float64) for k in ks}
+        for m in inputs.modules:
+            if ks == [None]:
+                total[None] += factor_gram(ads, m)
+                continue
+            for k, h in module_grams(ads, m, ks).items():
+                total[k] += h
+        return total
+
+    def get_fisher(i: int, alphas: list[float]) -> None:
+        a = ads[i]
+        if fisher_for is None:
+            raise ValueError(f"{a.path}: no Fisher and no way to compute one")
+        fisher = fisher_for(i, alphas)
+        if not all(torch.isfinite(f).all() for f in fisher.values()):
+            raise PMError(f"--data: the Fisher of {a.path} computed from task {i + 1} holds NaN or Inf")
+        a.fisher, a.fisher_source = InMemoryTensors(fisher, f"{a.path} (--data)"), "data"
+        log(f"fisher of {a.name} from --data task {i + 1}")
+
+    if identity:
+        g = compute([None])[None]
+        alphas = gram_alphas(kinds, [g] * len(ads), clip)
+    else:
+        for i, a in enumerate(ads):
+            if a.fisher is None and (a.kind == "independent" or i == 0):
+                get_fisher(i, [])  # theta*_i does not depend on any alpha
+        grams: dict[int, torch.Tensor] = {}
+        alphas = []
+        for t in range(1, len(ads) + 1):
+            if ads[t - 1].fisher is None:
+                get_fisher(t - 1, alphas)
+            if t - 1 not in grams:
+                grams.update(
+                    compute([k for k, a in enumerate(ads) if a.fisher is not None and k not in grams])
+                )
+            alphas = gram_alphas(kinds, [grams[k] for k in range(t)], clip)
+    for t, a in enumerate(alphas[1:], 2):
+        log(f"alpha_{t} = {a:.6g}")
     return alphas
+
+
+def data_fisher(inputs: Inputs, opts: MergeOptions) -> FisherFor:
+    """The Fisher of each adapter without one, from task t of --data at its theta*_t (task_fisher.DataFisher)."""
+    from .task_fisher import DataFisher
+    from .tasks import load_tasks
+
+    ads = inputs.adapters
+    tasks = load_tasks(opts.data, opts.seed)
+    if len(tasks) != len(ads):
+        raise PMError(
+            f"--data: {opts.data} has {len(tasks)} tasks for {len(ads)} adapters (task t pairs with adapter t)"
+        )
+    for a, task in zip(ads, tasks):
+        if a.labels and set(a.labels) != set(task.classes):
+            raise PMError(
+                f"--data: task {task.name} has labels {sorted(task.classes)}, but {a.path} was trained on "
+                f"{sorted(a.labels)}"
+            )
+    lengths = [int(a.run_config["max_length"]) for a in ads if "max_length" in (a.run_config or {})]
+    model = DataFisher(
+        inputs.base.spec,
+        inputs.modules,
+        tasks,
+        opts.seed,
+        opts.fisher_samples,
+        max_length=lengths[0] if lengths else 128,
+    )
+
+    def fisher_for(index: int, alphas: list[float]) -> dict[str, torch.Tensor]:
+        return model(index, theta_star(inputs, index, alphas))
+
+    return fisher_for
 
 
 def plan_merge(inputs: Inputs, opts: MergeOptions, log: Callable[[str], None]) -> MergePlan:
@@ -616,14 +800,30 @@ def plan_merge(inputs: Inputs, opts: MergeOptions, log: Callable[[str], None]) -
             )
         if method.name == "pm":
             missing = [a for a in ads if a.fisher is None]
-            fisher = "identity" if missing else "files"
-            if missing:
+            fisher_for = None
+            if not missing:
+                fisher = "files"
+                if opts.data:
+                    notes.append("--data not used: every adapter has its fisher.safetensors")
+            elif opts.data:
+                fisher = "data" if len(missing) == len(ads) else "files+data"
+                fisher_for = data_fisher(inputs, opts)
                 notes.append(
-                    f"no fisher.safetensors in {missing[0].path}: pm falls back to the identity Hessian (F = 1), "
-                    "the closed form of plain squared distance (for independent adapters that is their average)"
+                    f"{len(missing)} of {len(ads)} adapters have no fisher.safetensors: their Fisher is computed "
+                    f"from --data {opts.data} with a prototype head fitted on their own features"
                 )
                 log(f"note: {notes[-1]}")
-            alphas = pm_alphas(inputs, fisher == "identity", clip, log)
+            else:
+                fisher = "identity"
+                for a in ads:
+                    a.fisher_source = "identity"
+                notes.append(
+                    f"no fisher.safetensors in {missing[0].path}: pm falls back to the identity Hessian (F = 1), "
+                    "the closed form of plain squared distance (for independent adapters that is their average); "
+                    "give --data to compute the Fisher"
+                )
+                log(f"note: {notes[-1]}")
+            alphas = pm_alphas(inputs, fisher == "identity", clip, log, fisher_for)
         else:
             alphas = [task_alpha(method.name, t, {}, {}) for t in range(1, len(ads) + 1)]
         coefficients = effective_coefficients([a.kind for a in ads], alphas)
@@ -767,9 +967,11 @@ def write_full(tmp: Path, plan: MergePlan, norms: dict, log: Callable[[str], Non
         m = module_of.get(k)
         if m is not None:
             d = plan.module_delta(index[m], m, norms)
-            t = (t.float() + d).to(t.dtype)  # W_0 + (W_hat - W_0), as adapters.set_merged writes it
-            if not torch.isfinite(t).all():
+            d += t  # W_0 + (W_hat - W_0) in fp32, as adapters.set_merged writes it
+            top = torch.finfo(t.dtype).max
+            if not math.isfinite(norms[m]["merged"]) or float(d.abs().amax()) > top:
                 raise PMError(f"{weights.folder}: merged {k} overflows {t.dtype} (NaN or Inf)")
+            t = d.to(t.dtype)
         w.write(k, t)
         del t
     files = w.close()
@@ -825,7 +1027,7 @@ def _input_record(a: AdapterInput) -> dict:
         "task": a.meta.get("task"),
         "ranks": sorted({m.rank for m in a.modules.values()}),
         "scaling": sorted({m.scaling for m in a.modules.values()}),
-        "fisher": a.fisher is not None,
+        "fisher": a.fisher_source,
         "sha256": {f: sha256_file(a.path / f) for f in files if (a.path / f).is_file()},
     }
 

@@ -112,6 +112,29 @@ class LazyTensors:
         self._handle = None
 
 
+class InMemoryTensors:
+    """Tensors already computed (e.g. a Fisher from --data), behind LazyTensors' reading interface."""
+
+    def __init__(self, tensors: dict[str, torch.Tensor], path: Path | str = "<memory>"):
+        self.path = Path(path)
+        self._tensors = tensors
+        self.shapes = {k: tuple(v.shape) for k, v in tensors.items()}
+        self.dtypes = {k: v.dtype for k, v in tensors.items()}
+        self.metadata: dict[str, str] = {}
+
+    def keys(self) -> list[str]:
+        return list(self.shapes)
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.shapes
+
+    def get(self, key: str) -> torch.Tensor:
+        return self._tensors[key]
+
+    def close(self) -> None:
+        pass
+
+
 def _first_line(e: BaseException) -> str:
     return (str(e).splitlines() or [type(e).__name__])[0]
 

@@ -200,6 +200,126 @@ def test_independent_adapters_and_peer_methods_match_peft(foreign, tmp_path):
             torch.testing.assert_close(got[m], want, rtol=1e-5, atol=1e-6)
 
 
+def _brute_force_fisher(
+    tiny_model: Path, adapter: Path, task, scale: float = 16.0
+) -> dict[str, torch.Tensor]:
+    """The --data Fisher by other means: plain PEFT, one sample at a time, torch.autograd.grad of
+    cross-entropy over the task's classes of cosine logits to the class means of the adapted model's features."""
+    import torch.nn.functional as F
+    from peft import PeftModel
+    from peft.tuners.lora import LoraLayer
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(tiny_model))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = PeftModel.from_pretrained(_auto_model(tiny_model), str(adapter)).eval()
+    weights = {
+        n[len("base_model.model.") :]: m.base_layer.weight
+        for n, m in model.named_modules()
+        if isinstance(m, LoraLayer)
+    }
+    for w in weights.values():
+        w.requires_grad_(True)
+
+    def feature(text):
+        enc = tok([text], return_tensors="pt")
+        enc = {k: v for k, v in enc.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
+        h = model(**enc).last_hidden_state
+        mask = enc["attention_mask"].unsqueeze(-1).float()
+        return ((h * mask).sum(1) / mask.sum(1))[0]
+
+    xs, ys = task.train.inputs, task.train.labels
+    with torch.no_grad():
+        feats = torch.stack([feature(x) for x in xs])
+    means = torch.stack([feats[[i for i, y in enumerate(ys) if y == c]].mean(0) for c in task.classes])
+    means = F.normalize(means, dim=-1)
+    fisher = {k: torch.zeros_like(w) for k, w in weights.items()}
+    for x, y in zip(xs, ys):
+        logits = scale * F.normalize(feature(x), dim=-1) @ means.T
+        loss = F.cross_entropy(logits[None], torch.tensor([task.classes.index(y)]))
+        for k, g in zip(weights, torch.autograd.grad(loss, list(weights.values()))):
+            fisher[k] += g.pow(2)
+    return {k: (f / len(xs)).detach().contiguous() for k, f in fisher.items()}
+
+
+def test_pm_fisher_from_data_equals_brute_force(foreign, tiny_model, tiny_tasks, tmp_path):
+    from pmserve.tasks import load_tasks
+
+    tasks = load_tasks(str(tiny_tasks))
+    with_files = []
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # hundreds of tiny single-sample passes: threads only contend
+    try:
+        for k, (a, task) in enumerate(
+            zip(foreign, tasks)
+        ):  # every task has fewer samples than fisher_samples
+            d = shutil.copytree(a, tmp_path / "files" / f"a{k}")
+            save_file(_brute_force_fisher(tiny_model, a, task), str(d / "fisher.safetensors"))
+            with_files.append(d)
+    finally:
+        torch.set_num_threads(threads)
+    ref = merge_adapters(with_files, tmp_path / "ref", options=MergeOptions("pm"), **QUIET)
+    ident = merge_adapters(foreign, tmp_path / "id", options=MergeOptions("pm"), **QUIET)
+    got = merge_adapters(
+        foreign, tmp_path / "m-data", options=MergeOptions("pm", data=str(tiny_tasks)), **QUIET
+    )
+    assert ref["fisher"] == "files" and ident["fisher"] == "identity" and got["fisher"] == "data"
+    assert [i["fisher"] for i in got["inputs"]] == ["data"] * 3
+    assert any("--data" in n for n in got["notes"]) and any("identity" in n for n in ident["notes"])
+    assert got["alphas"] == pytest.approx(ref["alphas"], rel=1e-4, abs=1e-6)
+    assert max(abs(a - b) for a, b in zip(got["alphas"], ident["alphas"])) > 1e-2
+    saved = json.loads((tmp_path / "m-data" / "merge_report.json").read_text())
+    assert saved["fisher"] == "data" and saved["options"]["data"] == str(tiny_tasks)
+    # mixed: files where present, --data for the rest
+    mixed = merge_adapters(
+        [with_files[0], foreign[1], with_files[2]],
+        tmp_path / "mixed",
+        options=MergeOptions("pm", data=str(tiny_tasks)),
+        **QUIET,
+    )
+    assert mixed["fisher"] == "files+data" and [i["fisher"] for i in mixed["inputs"]] == [
+        "files",
+        "data",
+        "files",
+    ]
+    assert mixed["alphas"] == pytest.approx(ref["alphas"], rel=1e-4, abs=1e-6)
+    with pytest.raises(PMError, match="2 tasks for 3 adapters"):
+        two = write_tasks(tmp_path / "two", [["animal", "food"], ["tool", "place"]])
+        merge_adapters(foreign, tmp_path / "x", options=MergeOptions("pm", data=str(two)), **QUIET)
+    with pytest.raises(PMError, match="--data: only pm"):
+        merge_adapters(foreign, tmp_path / "y", options=MergeOptions("avg", data=str(tiny_tasks)), **QUIET)
+    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+
+
+def test_pm_with_fisher_files_on_independent_adapters_matches_merge_py(foreign, tmp_path):
+    """The one-pass Gram-matrix closed form against merge.py's full-tensor formulas (what training runs)."""
+    from pmserve.merge import FisherSums, alpha_terms, closed_form_alpha
+
+    deltas = [_deltas(foreign[0], 1.0), _deltas(foreign[1], 2.0), _deltas(foreign[2], 1.0)]
+    g = torch.Generator().manual_seed(0)
+    fishers = [{k: torch.rand(d.shape, generator=g) ** 4 for k, d in ds.items()} for ds in deltas]
+    folders = []
+    for k, (a, f) in enumerate(zip(foreign, fishers)):
+        folders.append(shutil.copytree(a, tmp_path / f"a{k}"))
+        save_file(f, str(folders[-1] / "fisher.safetensors"))
+    for clip in (True, False):
+        rep = merge_adapters(folders, tmp_path / f"o{clip}", options=MergeOptions("pm", clip=clip), **QUIET)
+        merged, sums, want = {}, FisherSums(), []
+        for t, (ds, f) in enumerate(zip(deltas, fishers)):
+            sums.add(f, ds)  # independent: theta*_t - W_0 = Delta_t
+            step = {k: d - merged[k] for k, d in ds.items()} if merged else ds
+            terms = [
+                alpha_terms(merged.get(k, 0 * d), step[k], sums.S_F[k], sums.S_Ft[k]) for k, d in ds.items()
+            ]
+            want.append(1.0 if t == 0 else closed_form_alpha(terms, clip=clip))
+            merged = {k: merged.get(k, 0) + want[-1] * step[k] for k in ds}
+        assert rep["fisher"] == "files" and rep["alphas"] == pytest.approx(want, rel=1e-5, abs=1e-7)
+        got = load_file(str(tmp_path / f"o{clip}" / "merged.safetensors"))
+        for k in merged:
+            torch.testing.assert_close(got[k], merged[k], rtol=1e-5, atol=1e-6)
+
+
 def test_bf16_sharded_base_full_and_independent_adapter(foreign, tiny_model, tmp_path):
     from peft import PeftModel
 
@@ -338,9 +458,8 @@ def test_safetensors_writer_streams_a_readable_file(tmp_path):
 
 
 def test_cli_merge(pm_run, tmp_path):
-    from typer.testing import CliRunner
-
     from pmserve.cli.main import app
+    from typer.testing import CliRunner
 
     runner = CliRunner()
     res = runner.invoke(app, ["merge", str(pm_run), "--out", str(tmp_path / "o"), "--quiet"])

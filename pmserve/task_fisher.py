@@ -1,0 +1,184 @@
+"""A task's diagonal Fisher from its training data, for adapters that came without one.
+
+`pmserve train` takes each task's Fisher right after training, with the run's own training head
+(Learner._fisher). A PEFT adapter trained elsewhere has neither a Fisher nor a pmserve head, so
+`pmserve merge --data` rebuilds the model at theta*_t, fits a classifier on that model's own training features
+(class-mean prototypes with cosine logits at the training cosine scale: it needs no training and its cross-entropy
+is well defined), and takes the same Fisher as training: fisher.diagonal_fisher of the cross-entropy over the
+task's classes, summed over the batch, true labels, on up to `samples` training examples drawn with the generator
+training draws them with. The Fisher is of the full adapted weights, so it does not matter whether the model holds
+W_0 + Delta as plain weights (here) or as a LoRA-wrapped layer (training): the gradient w.r.t. W is the same.
+
+`task_fisher` is the part training could share: Learner._fisher is task_fisher with its linear/cosine head's
+logits as `logits_fn` and its label-sampling ablation as `sample_labels`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .backbone import Encoder, Preprocessor, load_encoder
+from .errors import PMError
+from .fisher import diagonal_fisher
+from .heads import Prototypes
+from .merge import Tensors
+from .tasks import Split, Task
+
+DEFAULT_SAMPLES = 512  # TrainConfig.fisher_samples
+DEFAULT_SCALE = 16.0  # TrainConfig.cosine_scale
+
+
+def fisher_generator(seed: int, task: int) -> torch.Generator:
+    """The generator training draws task `task`'s Fisher samples from (train._generator(seed, task, 3))."""
+    return torch.Generator().manual_seed(seed * 1_000_003 + task * 101 + 3)
+
+
+def split_batches(prep: Preprocessor, split: Split, order: torch.Tensor, bs: int, device: torch.device):
+    """(model inputs on `device`, labels) for `order` in chunks of `bs`, as Learner.batches gives them."""
+    for i in range(0, len(order), bs):
+        idx = order[i : i + bs].tolist()
+        batch = prep([split.inputs[j] for j in idx])
+        yield {k: v.to(device) for k, v in batch.items()}, [split.labels[j] for j in idx]
+
+
+@torch.no_grad()
+def split_features(
+    encoder: Encoder, prep: Preprocessor, split: Split, device: torch.device, bs: int = 128
+) -> torch.Tensor:
+    """Pooled features of every input of `split`, in its order (batched by length, as Learner.features)."""
+    lengths = [len(x) if isinstance(x, str) else 0 for x in split.inputs]
+    order = torch.tensor(sorted(range(len(lengths)), key=lengths.__getitem__), dtype=torch.long)
+    feats = torch.cat([encoder(**b) for b, _ in split_batches(prep, split, order, bs, device)]).float()
+    return torch.empty_like(feats).index_copy_(0, order.to(feats.device), feats)
+
+
+def task_fisher(
+    encoder: Encoder,
+    prep: Preprocessor,
+    layers: Mapping[str, nn.Module],
+    split: Split,
+    classes: list[str],
+    logits_fn: Callable[[torch.Tensor], torch.Tensor],
+    order: torch.Tensor,
+    batch_size: int,
+    device: torch.device,
+    sample_labels: torch.Generator | None = None,
+) -> Tensors:
+    """The diagonal Fisher of cross-entropy over `classes` (logits_fn(features) has one column per class) on the
+    samples `order` of `split`, w.r.t. each layer's full weight. True labels, or with `sample_labels` labels drawn
+    from the model's own softmax (the true Fisher's estimator)."""
+    target_of = {y: k for k, y in enumerate(classes)}
+
+    def loss_fn(batch, ys):
+        logits = logits_fn(encoder(**batch))
+        if sample_labels is not None:
+            probs = torch.softmax(logits.detach().float().cpu(), -1)
+            ys = torch.multinomial(probs, 1, generator=sample_labels).squeeze(1).to(logits.device)
+        return F.cross_entropy(logits, ys, reduction="sum")
+
+    def batches():
+        for batch, labels in split_batches(prep, split, order, batch_size, device):
+            yield batch, torch.tensor([target_of[y] for y in labels], device=device)
+
+    return diagonal_fisher(dict(layers), batches(), loss_fn)
+
+
+def prototype_logits(
+    feats: torch.Tensor, labels: list[str], classes: list[str], scale: float = DEFAULT_SCALE
+) -> Callable[[torch.Tensor], torch.Tensor]:
+    """Cosine logits to the class means of `feats` (heads.Prototypes), times `scale`, one column per class."""
+    protos = Prototypes(feats.shape[1])
+    protos.update(feats, labels)
+    pos = {y: i for i, y in enumerate(protos.labels)}
+    means = F.normalize(protos.means()[[pos[y] for y in classes]].float(), dim=-1).to(feats.device)
+
+    def logits(f: torch.Tensor) -> torch.Tensor:
+        return scale * F.normalize(f, dim=-1) @ means.T
+
+    return logits
+
+
+def find_linears(model: nn.Module, modules: list[str]) -> dict[str, nn.Linear]:
+    """The model's linear layer for each adapter module name, allowing for a wrapper prefix either side."""
+    linears = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+    out = {}
+    for name in modules:
+        if name in linears:
+            out[name] = linears[name]
+            continue
+        hits = [n for n in linears if n.endswith("." + name) or name.endswith("." + n)]
+        if len(hits) != 1:
+            raise PMError(f"--data: cannot find the adapted layer {name} in the base model")
+        out[name] = linears[hits[0]]
+    return out
+
+
+class DataFisher:
+    """Computes F_t over task t's training data at theta*_t = W_0 + theta, one task at a time, on one model."""
+
+    def __init__(
+        self,
+        base: str,
+        modules: list[str],
+        tasks: list[Task],
+        seed: int = 0,
+        samples: int = DEFAULT_SAMPLES,
+        batch_size: int = 32,
+        max_length: int = 128,
+        scale: float = DEFAULT_SCALE,
+        device: str = "cpu",
+    ):
+        if samples < 1:
+            raise PMError(f"--fisher-samples: must be at least 1, got {samples}")
+        kinds = {t.kind for t in tasks}
+        if len(kinds) != 1:
+            raise PMError("--data: mixes text and image tasks")
+        self.tasks, self.seed, self.samples, self.batch_size, self.scale = (
+            tasks,
+            seed,
+            samples,
+            batch_size,
+            scale,
+        )
+        self.device = torch.device(device)
+        encoder, self.prep, _ = load_encoder(base, kinds.pop(), max_length)
+        self.encoder = encoder.float().to(self.device)
+        for p in self.encoder.parameters():
+            p.requires_grad_(False)
+        self.layers = find_linears(self.encoder.model, modules)
+        for m in self.layers.values():
+            m.weight.requires_grad_(True)  # only the adapted weights' gradients are needed
+        self.w0 = {k: m.weight.detach().clone() for k, m in self.layers.items()}
+
+    def __call__(self, index: int, theta: Mapping[str, torch.Tensor]) -> Tensors:
+        """F of task `index` with the adapted weights at W_0 + theta[module] (theta*_t relative to W_0)."""
+        task = self.tasks[index]
+        with torch.no_grad():
+            for k, m in self.layers.items():
+                m.weight.copy_(self.w0[k] + theta[k].to(m.weight))
+        logits = prototype_logits(
+            split_features(self.encoder, self.prep, task.train, self.device),
+            task.train.labels,
+            task.classes,
+            self.scale,
+        )
+        gen = fisher_generator(self.seed, index)
+        order = torch.randperm(len(task.train.labels), generator=gen)[: self.samples]
+        fisher = task_fisher(
+            self.encoder,
+            self.prep,
+            self.layers,
+            task.train,
+            task.classes,
+            logits,
+            order,
+            self.batch_size,
+            self.device,
+        )
+        for m in self.layers.values():
+            m.weight.grad = None
+        return fisher
