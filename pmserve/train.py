@@ -401,7 +401,9 @@ def _prepare_out(out: Path, cfg: TrainConfig, resume: bool) -> None:
         except (OSError, json.JSONDecodeError) as e:
             raise PMError(f"{cfg_path}: unreadable ({e})") from None
         mine = cfg.results_key()
-        diff = [k for k in mine if k not in EXECUTION_ONLY and old.get(k) != mine[k]]
+        # a key the older run's config lacks was added since with its default: the run used the default
+        defaults = TrainConfig(data=cfg.data).results_key()
+        diff = [k for k in mine if old.get(k, defaults[k]) != mine[k]]
         if diff:
             k = diff[0]
             raise PMError(

@@ -8,6 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from pmserve.errors import PMError
 from pmserve.train import TrainConfig, train
 
 
@@ -107,6 +108,11 @@ def test_resume_equals_uninterrupted(tiny_model, tiny_tasks, tmp_path, head, ext
     shutil.rmtree(part / "tasks" / "02-t2")  # killed during task 3 ...
     shutil.copytree(part / "tasks" / "01-t1", part / "tasks" / ".tmp-02-t2")  # ... with half a folder written
     (part / "metrics.json").unlink()
+    with pytest.raises(PMError, match="rank is 2, this run.s is 5"):  # ranks differ: another run
+        train(config(tiny_tasks, tiny_model, head=head, ridge_dim=64, eval_heads=extra, rank=5), part, True)
+    old_cfg = json.loads((part / "config.json").read_text())
+    del old_cfg["fisher_labels"]  # a run from before the option existed: it used the default
+    (part / "config.json").write_text(json.dumps(old_cfg))
     resumed = train(
         config(tiny_tasks, tiny_model, head=head, ridge_dim=64, eval_heads=extra),
         part,
