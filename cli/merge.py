@@ -55,6 +55,15 @@ def register(app: typer.Typer) -> None:
             "without fisher.safetensors; task t pairs with adapter t. Without it: the identity Hessian.",
         ),
         fisher_samples: int = typer.Option(512, help="Training examples per task for the --data Fisher."),
+        calibrate: str = typer.Option(
+            "",
+            "--calibrate",
+            help="Tasks (a folder or builtin:...) whose training data rebuilds the inference classifier with the "
+            "merged model. Without it the adapters' classifiers are carried over (approximate).",
+        ),
+        calibrate_head: str = typer.Option(
+            "", help="prototype | ridge for --calibrate (default: the carried classifier's kind, else ridge)."
+        ),
         clip: bool = typer.Option(
             None, "--clip/--no-clip", help="Clip pm's alphas to [0, 1] (default: the run's setting, else on)."
         ),
@@ -74,6 +83,8 @@ def register(app: typer.Typer) -> None:
             max_shard_size=max_shard_size,
             data=data or None,
             fisher_samples=fisher_samples,
+            calibrate=calibrate or None,
+            calibrate_head=calibrate_head or None,
         )
         report = merge_adapters(
             adapters, out, base or None, opts, log=(lambda *_: None) if quiet else typer.echo

@@ -50,6 +50,7 @@ from .adapters import base_fingerprint
 from .backbone import resolve_model
 from .errors import PMError
 from .merge import closed_form_alpha, lora_delta, merge_step, task_alpha
+from .merge_classifier import CALIBRATE_HEADS, calibration_tasks, write_classifier
 from .tensor_io import (
     FLOATS,
     InMemoryTensors,
@@ -507,6 +508,8 @@ class MergeOptions:
     max_shard_size: str = "5GB"
     data: str | None = None  # pm: tasks to compute missing Fishers from (task t pairs with adapter t)
     fisher_samples: int = 512
+    calibrate: str | None = None  # tasks to recompute the inference classifier on, with the merged model
+    calibrate_head: str | None = None  # prototype | ridge (default: the carried kind, else ridge)
 
     def validate(self, n_tasks: int | None = None) -> None:
         if self.method not in MERGE_METHODS:
@@ -541,6 +544,12 @@ class MergeOptions:
                 raise PMError(f"--density: must be in (0, 1], got {self.density}")
         if self.data is not None and m.name != "pm":
             raise PMError(f"--data: only pm uses a Fisher; {m.name} does not read data")
+        if self.calibrate_head and self.calibrate_head not in CALIBRATE_HEADS:
+            raise PMError(
+                f"--calibrate-head: unknown head {self.calibrate_head!r} (choose from {', '.join(CALIBRATE_HEADS)})"
+            )
+        if self.calibrate_head and not self.calibrate:
+            raise PMError("--calibrate-head: only with --calibrate DATA")
         if self.fisher_samples < 1:
             raise PMError(f"--fisher-samples: must be at least 1, got {self.fisher_samples}")
         parse_size(self.max_shard_size)
@@ -1001,23 +1010,6 @@ def _labels(ads: list[AdapterInput]) -> list[str]:
     return list(dict.fromkeys(y for a in ads for y in a.labels))
 
 
-def copy_classifier(tmp: Path, ads: list[AdapterInput]) -> Path | None:
-    """The last task's inference classifier (it covers every label seen) and training head, plus labels.json."""
-    from .heads import load_scorer, save_scorer
-
-    last = ads[-1]
-    if not (last.path / "classifier.json").is_file():
-        if _labels(ads):
-            (tmp / "labels.json").write_text(json.dumps(_labels(ads), indent=2))
-        return None
-    scorer = load_scorer(last.path, "classifier")
-    save_scorer(scorer, tmp, "classifier")
-    if (last.path / "head.json").is_file():
-        save_scorer(load_scorer(last.path, "head"), tmp, "head")
-    (tmp / "labels.json").write_text(json.dumps(list(scorer.labels), indent=2))
-    return last.path
-
-
 def _input_record(a: AdapterInput) -> dict:
     files = ["adapter_config.json", "adapter_model.safetensors", "pmserve_adapter.json", "fisher.safetensors"]
     return {
@@ -1051,6 +1043,7 @@ def merge_adapters(
     inputs = check_inputs(ads, resolve_base(base, ads))
     log(f"{len(ads)} adapters, {len(inputs.modules)} modules, base {inputs.base.folder}")
     plan = plan_merge(inputs, opts, log)
+    calibrate = calibration_tasks(opts.calibrate, opts.seed, ads) if opts.calibrate else None
     norms: dict[str, dict] = {}
     with atomic_dir(out) as tmp, warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # peft's prune warns when density is 1
@@ -1060,7 +1053,9 @@ def merge_adapters(
             files = write_adapter(tmp, plan, norms)
         else:
             files = write_full(tmp, plan, norms, log)
-        classifier = copy_classifier(tmp, ads)
+        classifier = write_classifier(
+            tmp, plan, opts.calibrate, calibrate, opts.calibrate_head, opts.seed, _labels(ads), log
+        )
         report = {
             "method": plan.method.name,
             "format": opts.format,
@@ -1079,7 +1074,7 @@ def merge_adapters(
             },
             "inputs": [_input_record(a) for a in ads],
             "labels": _labels(ads),
-            "classifier": str(classifier.resolve()) if classifier else None,
+            "classifier": classifier,
             "notes": inputs.warnings + plan.notes,
             "outputs": sorted(p.name for p in files),
             "modules": norms,

@@ -433,7 +433,7 @@ def test_interrupted_write_leaves_nothing(foreign, tiny_model, tmp_path, monkeyp
     def boom(*a, **k):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(mf, "copy_classifier", boom)
+    monkeypatch.setattr(mf, "write_classifier", boom)
     with pytest.raises(KeyboardInterrupt):
         merge_adapters(foreign, tmp_path / "o", base=str(tiny_model), options=MergeOptions("avg"), **QUIET)
     assert list(tmp_path.iterdir()) == []
@@ -468,3 +468,78 @@ def test_cli_merge(pm_run, tmp_path):
     bad = runner.invoke(app, ["merge", str(pm_run), "--out", str(tmp_path / "p"), "--method", "magic"])
     assert bad.exit_code == 2 and "pmserve: error: --method" in bad.output
     assert not (tmp_path / "p").exists()
+
+
+def test_classifier_statistics_add_like_pooled_data():
+    """Classifiers built on parts of the data (same backbone) combine into the classifier of the pooled data."""
+    from pmserve.heads import LabelHead, Prototypes, Ridge
+    from pmserve.merge_classifier import combine
+
+    g = torch.Generator().manual_seed(0)
+    feats = torch.randn(60, 8, generator=g)
+    labels = [["a", "b", "c"][i % 3] if i < 40 else ["c", "d"][i % 2] for i in range(60)]
+    parts = [(0, 25), (25, 40), (40, 60)]  # "c" is in every part, "d" only in the last
+    for make in (lambda: Prototypes(8), lambda: Ridge(8, size=16, seed=3, lam=0.5)):
+        pooled = make()
+        pooled.update(feats, labels)
+        pieces = []
+        for lo, hi in parts:
+            pieces.append(make())
+            pieces[-1].update(feats[lo:hi], labels[lo:hi])
+        got = combine(pieces)
+        assert sorted(got.labels) == sorted(pooled.labels)
+        torch.testing.assert_close(
+            got.scores(feats)[:, [got.labels.index(y) for y in pooled.labels]], pooled.scores(feats)
+        )
+    heads = [LabelHead(8), LabelHead(8)]
+    heads[0].add_labels(["a", "b"], g)
+    heads[1].add_labels(["b", "c"], g)
+    got = combine(heads)
+    assert got.labels == ["a", "b", "c"]
+    torch.testing.assert_close(got.weight[1:], heads[1].weight)  # "b": the later head's row
+    torch.testing.assert_close(got.weight[0], heads[0].weight[0])
+
+
+def test_merge_carries_the_run_classifier_and_calibrates_one(pm_run, tiny_model, tmp_path):
+    from transformers import AutoTokenizer
+
+    from pmserve.heads import load_scorer
+
+    data = pm_run.parent / "data"
+    last = sorted(p for p in (pm_run / "tasks").iterdir() if p.is_dir())[-1]
+    rep = merge_adapters([pm_run], tmp_path / "carried", options=MergeOptions("pm", "full"), **QUIET)
+    assert rep["classifier"]["source"] == "carried" and rep["classifier"]["approximate"]
+    carried, run_clf = load_scorer(tmp_path / "carried"), load_scorer(last)
+    assert carried.labels == run_clf.labels
+    torch.testing.assert_close(carried.sums, run_clf.sums)
+
+    out = tmp_path / "calibrated"
+    rep = merge_adapters([pm_run], out, options=MergeOptions("pm", "full", calibrate=str(data)), **QUIET)
+    assert rep["classifier"]["source"] == "calibrated" and not rep["classifier"]["approximate"]
+    # reference: the written HF model itself, mean-pooled features, class sums
+    model, tok = _auto_model(out), AutoTokenizer.from_pretrained(str(out))
+    want: dict[str, torch.Tensor] = {}
+    for task in sorted(data.iterdir()):
+        for line in (task / "train.jsonl").read_text().splitlines():
+            row = json.loads(line)
+            enc = tok([row["text"]], return_tensors="pt")
+            with torch.no_grad():
+                h = model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).last_hidden_state
+            want[row["label"]] = want.get(row["label"], 0) + h[0].mean(0).double()
+    got = load_scorer(out)
+    assert set(got.labels) == set(want) and got.counts.tolist() == [12.0] * 6
+    for i, y in enumerate(got.labels):
+        torch.testing.assert_close(got.sums[i], want[y], rtol=1e-4, atol=1e-4)
+    ridge = merge_adapters(
+        [pm_run],
+        tmp_path / "ridge",
+        options=MergeOptions("pm", "delta", calibrate=str(data), calibrate_head="ridge"),
+        **QUIET,
+    )
+    assert ridge["classifier"]["kind"] == "ridge" and ridge["classifier"]["lambda"] > 0
+    with pytest.raises(PMError, match="--calibrate-head: only with --calibrate"):
+        merge_adapters([pm_run], tmp_path / "x", options=MergeOptions("pm", calibrate_head="ridge"), **QUIET)
+    two = write_tasks(tmp_path / "two", [["animal", "food"], ["tool", "place"]])
+    with pytest.raises(PMError, match="--calibrate: .* no task with label 'feeling'"):
+        merge_adapters([pm_run], tmp_path / "y", options=MergeOptions("pm", calibrate=str(two)), **QUIET)
+    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
