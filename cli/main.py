@@ -29,7 +29,10 @@ def user_errors(fn):
         try:
             return fn(*args, **kwargs)
         except PMError as e:
-            typer.echo(f"pmserve: error: {e}", err=True)
+            from pmserve import distributed
+
+            where = f"rank {distributed.rank()}: " if distributed.world() > 1 else ""
+            typer.echo(f"pmserve: error: {where}{e}", err=True)
             raise typer.Exit(2) from None
 
     return wrapper
@@ -38,6 +41,7 @@ def user_errors(fn):
 @app.command()
 @user_errors
 def train(
+    ctx: typer.Context,
     data: str = typer.Argument(
         ..., help="Folder of task folders (sorted), or builtin:wordnet-nouns / builtin:digits."
     ),
@@ -72,14 +76,25 @@ def train(
         "", help="More inference classifiers to measure side by side, e.g. prototype,ridge."
     ),
     seed: int = typer.Option(0, help="Seed: class order, initialisation, shuffling, perturbation draws."),
-    device: str = typer.Option("auto", help="auto | cpu | cuda."),
+    device: str = typer.Option("auto", help="auto | cpu | cuda (under torchrun: cuda:LOCAL_RANK)."),
     kernel: str = typer.Option("auto", help="LoRA kernel: auto | torch | triton."),
     resume: bool = typer.Option(
         False, "--resume", help="Continue the run in --out from its last finished task."
     ),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
+    nproc: int = typer.Option(
+        0, help="Run as N processes on this machine under torchrun (one per GPU); --batch-size is global."
+    ),
 ):
     """Train LoRA adapters task after task and merge them into one model (Perturb-and-Merge)."""
+    from pmserve import distributed
+
+    if nproc:
+        if nproc < 1 or distributed.world() > 1:
+            raise PMError(f"--nproc: must be at least 1 and not given under torchrun, got {nproc}")
+        distributed.check_batch(batch_size, nproc)  # before starting any process
+        distributed.launch(nproc, _train_argv(ctx.params))
+        return
     from pmserve.report import print_run, write_heatmap
     from pmserve.train import TrainConfig
     from pmserve.train import train as run_train
@@ -110,9 +125,24 @@ def train(
         kernel=kernel,
     )
     result = run_train(cfg, out, resume=resume, progress=not quiet)
-    write_heatmap(result, out / "acc_matrix.png")
-    print_run(result)
-    typer.echo(f"wrote {out}")
+    if distributed.is_main():
+        write_heatmap(result, out / "acc_matrix.png")
+        print_run(result)
+        typer.echo(f"wrote {out}")
+
+
+def _train_argv(params: dict) -> list[str]:
+    """`train` with the same options, less --nproc: what each torchrun worker runs."""
+    argv = ["train", params["data"]]
+    for name, value in params.items():
+        option = "--" + name.replace("_", "-")
+        if name in ("data", "nproc"):
+            continue
+        if isinstance(value, bool):
+            argv += [option] if value else []
+        else:
+            argv += [option, str(value)]
+    return argv
 
 
 @app.command()

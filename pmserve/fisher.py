@@ -3,7 +3,9 @@
 F = mean over samples of (d loss_n / d W)^2 for every adapted matrix W (the full out x in weight, not the LoRA
 factors: the merge acts on W). For a linear layer y = x W^T the per-sample gradient is sum over tokens of
 g_n^T x_n, so one batched forward/backward with hooks on each adapted layer gives every sample's gradient
-exactly; no per-sample backward loop. Samples never interact (no batch norm), so this is exact.
+exactly; no per-sample backward loop. Samples never interact (no batch norm), so this is exact. On several
+ranks (torchrun) each passes its own share of the samples, and the sums of squares and the counts are summed
+over the ranks, so the mean is the one a single process computes over all of them.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from collections.abc import Callable, Iterable
 import torch
 from torch import nn
 
+from . import distributed
 from .merge import Tensors
 
 
@@ -46,7 +49,7 @@ def diagonal_fisher(
     return the SUM of per-sample losses so that each sample's gradient is its own.
     """
     cap = _Capture(layers)
-    total: Tensors = {}
+    total: Tensors = {name: torch.zeros_like(m.weight, dtype=torch.float32) for name, m in layers.items()}
     n = 0
     try:
         for batch, targets in batches:
@@ -60,8 +63,11 @@ def diagonal_fisher(
                 g = g.reshape(g.shape[0], -1, g.shape[-1])
                 per_sample = torch.einsum("bto,bti->boi", g, x)
                 sq = per_sample.pow(2).sum(0)
-                total[name] = total[name] + sq if name in total else sq
+                total[name] += sq
             n += targets.shape[0]
     finally:
         cap.remove()
+    for v in total.values():
+        distributed.all_reduce_sum(v)
+    n = int(distributed.all_reduce_sum(torch.tensor(n, device=next(iter(total.values())).device)).item())
     return {k: (v / max(n, 1)).cpu() for k, v in total.items()}

@@ -31,11 +31,18 @@ class Perturbation:
         self.s: torch.Tensor | None = None
         self.handles = [m.register_forward_hook(self._hook) for m in lora_b_modules] if eps > 0 else []
 
-    def draw(self, batch_size: int, device: torch.device | str = "cpu") -> torch.Tensor | None:
-        """Draw s for the next step: shape (1,) per step, (batch_size,) per sample."""
+    def draw(
+        self, batch_size: int, device: torch.device | str = "cpu", rows: slice | None = None
+    ) -> torch.Tensor | None:
+        """Draw s for the next step: shape (1,) per step, (batch_size,) per sample.
+
+        `rows` keeps one rank's rows of a global batch: every rank draws the whole batch's factors, so each
+        sample gets the same s whichever rank computes it.
+        """
         if self.eps == 0:
             return None
-        self.s = draw_scales(1 if self.per == "step" else batch_size, self.eps, self.generator).to(device)
+        s = draw_scales(1 if self.per == "step" else batch_size, self.eps, self.generator)
+        self.s = (s if self.per == "step" or rows is None else s[rows]).to(device)
         return self.s
 
     def off(self) -> None:
@@ -184,11 +191,21 @@ class FusedPerturbation:
             original = layer.forward  # the bound class forward, or an earlier instance override
             layer.forward = self._make_forward(name, layer, original)
 
-    def draw(self, batch_size: int, device: torch.device | str = "cpu") -> torch.Tensor | None:
+    def draw(
+        self, batch_size: int, device: torch.device | str = "cpu", rows: slice | None = None
+    ) -> torch.Tensor | None:
         """Start the next step: returns its s, shape (1,) per step or (batch_size,) per sample
-        (the factors the kernel will draw), or None with eps = 0."""
+        (the factors the kernel will draw), or None with eps = 0. `rows`: this rank's part of a global
+        batch; the kernel draws s by local row, so per sample it cannot take a part (ValueError)."""
         if self.eps == 0:
             return None
+        if rows is not None:
+            part = range(batch_size)[rows]
+            if self.per == "sample" and len(part) != batch_size:
+                raise ValueError(
+                    "rows: the fused kernel draws per-sample s by local row, not by global sample"
+                )
+            batch_size = len(part)
         self.step_seed = step_seed(self.seed, self.step)
         self.step += 1
         self.batch_size = int(batch_size)

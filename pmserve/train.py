@@ -8,6 +8,12 @@ A RUN folder holds config.json, one folder per completed task (written under a t
 a killed run never leaves a half task) and metrics.json. Every random draw of task t comes from generators
 seeded by (seed, t), and the merged weights are always written as W_0 + D, so `--resume` replays the finished
 task folders and ends bitwise equal to a run that was never interrupted.
+
+Under torchrun every rank runs this same loop (distributed.py). --batch-size is the global batch: every rank
+draws the same batch order and the same perturbation factors from the same generators and computes its slice
+of each global batch; DDP averages the gradients of losses scaled to the global batch's mean, so N ranks take
+the steps one process takes with the same batch. The Fisher and the features are computed in shares and
+summed over the ranks, so alpha, the merge and the classifiers are the same on every rank; only rank 0 writes.
 """
 
 from __future__ import annotations
@@ -24,7 +30,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from . import metrics
+from . import distributed, metrics
 from .adapters import (
     ADAPTER,
     LoraSpec,
@@ -154,9 +160,11 @@ class TrainConfig:
 
 def _device(spec: str) -> torch.device:
     if spec == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        spec = "cuda" if torch.cuda.is_available() else "cpu"
     if spec.startswith("cuda") and not torch.cuda.is_available():
         raise PMError(f"--device: {spec} asked for, but no CUDA device is available")
+    if spec == "cuda" and distributed.world() > 1:
+        spec = f"cuda:{distributed.local_rank()}"  # one device per process on each machine
     return torch.device(spec)
 
 
@@ -205,11 +213,19 @@ class Learner:
 
     @torch.no_grad()
     def features(self, split: Split, bs: int = 128) -> torch.Tensor:
-        """Features of a split in its order; batches are formed by input length so little padding is computed."""
+        """Features of a split in its order; batches are formed by input length so little padding is computed.
+
+        On several ranks each computes every world-th input of that order, and the sum over ranks of the
+        zero-filled shares gives every rank all the features.
+        """
         lengths = [len(x) if isinstance(x, str) else 0 for x in split.inputs]
         order = torch.tensor(sorted(range(len(lengths)), key=lengths.__getitem__), dtype=torch.long)
-        feats = torch.cat([self.encoder(**b) for b, _ in self.batches(split, order, bs)]).float()
-        return torch.empty_like(feats).index_copy_(0, order.to(feats.device), feats)
+        mine = order[distributed.rank() :: distributed.world()]
+        parts = [self.encoder(**b) for b, _ in self.batches(split, mine, bs)]
+        dim = self.encoder.hidden_size
+        feats = torch.cat(parts).float() if parts else torch.zeros(0, dim, device=self.device)
+        full = torch.zeros(len(order), feats.shape[1], device=feats.device)
+        return distributed.all_reduce_sum(full.index_copy_(0, mine.to(feats.device), feats))
 
     @torch.no_grad()
     def accuracy(self, split: Split) -> dict[str, float]:
@@ -238,7 +254,7 @@ class Learner:
             layers = lora_layers(peft_model)
             params.append({"params": [p for p in peft_model.parameters() if p.requires_grad], "lr": cfg.lr})
             eps = cfg.eps if cfg.method == "pm" else 0.0
-            if use_fused_kernel(cfg.kernel, self.device, layers):
+            if not _sliced_samples(cfg) and use_fused_kernel(cfg.kernel, self.device, layers):
                 # One Triton kernel per LoRA layer: base matmul, LoRA branch and s in one pass.
                 pert = FusedPerturbation(layers, eps, cfg.perturb_per, seed=cfg.seed * 7919 + i)
             elif eps > 0:
@@ -252,22 +268,31 @@ class Learner:
         steps = cfg.epochs * ((n + cfg.batch_size - 1) // cfg.batch_size)
         bar = progress.add_task(f"{task.name}", total=steps) if progress else None
         lengths = [len(x) if isinstance(x, str) else 0 for x in task.train.inputs]
+        net = distributed.wrap(_Net(self.encoder if cached is None else None, self.head, w, b), self.device)
+        world = distributed.world()
         for _epoch in range(cfg.epochs):
+            # the same global batches on every rank, each computing its slice
             for idx in bucketed_batches(lengths, cfg.batch_size, shuffle):
-                ys = torch.tensor([target_of[task.train.labels[j]] for j in idx.tolist()], device=self.device)
+                rows, weight = distributed.shard(len(idx)), world
+                if rows.start == rows.stop:  # short last batch: DDP needs every rank, so one sample weighs 0
+                    rows, weight = slice(0, 1), 0
+                part = idx[rows].tolist()
+                ys = torch.tensor([target_of[task.train.labels[j]] for j in part], device=self.device)
                 if cached is not None:
-                    feats = cached[idx]
+                    inputs = cached[part]
                 else:
-                    batch = self.prep([task.train.inputs[j] for j in idx.tolist()])
+                    batch = self.prep([task.train.inputs[j] for j in part])
                     if pert is not None:
-                        pert.draw(len(idx), self.device)
-                    feats = self.encoder(**{kk: v.to(self.device) for kk, v in batch.items()})
-                loss = F.cross_entropy(self.head.logits(feats, w, b), ys)
+                        pert.draw(len(idx), self.device, rows)
+                    inputs = {kk: v.to(self.device) for kk, v in batch.items()}
+                # the global batch's mean: DDP divides the sum of the ranks' gradients by world
+                loss = F.cross_entropy(net(inputs), ys, reduction="sum") / len(idx) * weight
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
                 if bar is not None:
                     progress.update(bar, advance=1, description=f"{task.name} loss {loss.item():.3f}")
+        del net  # DDP's gradient hooks go with it, before the Fisher's backward passes
         if pert is not None:
             pert.remove()
         self.head.commit(task.classes, w, b)
@@ -284,17 +309,27 @@ class Learner:
         """
         gen = _generator(self.cfg.seed, i, 3)
         order = torch.randperm(len(task.train.labels), generator=gen)[: self.cfg.fisher_samples]
+        sampled = self.cfg.fisher_labels == "sampled"
 
-        def loss_fn(batch, ys):
+        def loss_fn(batch, targets):
             logits = self.head.logits(self.encoder(**batch), w.detach(), b.detach())
-            if self.cfg.fisher_labels == "sampled":
+            # targets are then Exp(1) draws q: argmax p / q is a draw from p (what torch.multinomial does)
+            if sampled:
                 probs = torch.softmax(logits.detach().float().cpu(), -1)
-                ys = torch.multinomial(probs, 1, generator=gen).squeeze(1).to(logits.device)
-            return F.cross_entropy(logits, ys, reduction="sum")
+                targets = (probs / targets).argmax(1).to(logits.device)
+            return F.cross_entropy(logits, targets, reduction="sum")
 
-        def batches():
-            for batch, labels in self.batches(task.train, order, self.cfg.batch_size):
-                yield batch, torch.tensor([target_of[y] for y in labels], device=self.device)
+        def batches():  # the global batches of one process; each rank takes its slice
+            for k in range(0, len(order), self.cfg.batch_size):
+                glob = order[k : k + self.cfg.batch_size]
+                rows = distributed.shard(len(glob))
+                if sampled:  # drawn for the whole global batch, so the labels do not depend on the ranks
+                    q = torch.empty(len(glob), len(task.classes)).exponential_(1, generator=gen)
+                part = glob[rows]
+                if len(part):
+                    batch, labels = next(self.batches(task.train, part, len(part)))
+                    ys = torch.tensor([target_of[y] for y in labels], device=self.device)
+                    yield batch, q[rows] if sampled else ys
 
         return diagonal_fisher(layers, batches(), loss_fn)
 
@@ -337,6 +372,26 @@ class Learner:
         for k, name in enumerate(list(self.classifiers)):
             clf = load_scorer(folder, "classifier" if k == 0 else f"eval-{name}")
             self.classifiers[name] = self.head if isinstance(clf, LabelHead) else clf
+
+
+def _sliced_samples(cfg: TrainConfig) -> bool:
+    """Whether ranks draw per-sample s for slices of a global batch: the fused kernel draws s by local row, so
+    only the hook perturbation can key them by the sample's place in the global batch."""
+    return distributed.world() > 1 and cfg.perturb_per == "sample" and cfg.method == "pm" and cfg.eps > 0
+
+
+class _Net(nn.Module):
+    """The encoder (None: cached features) and the task's head rows as one module, the one DDP wraps."""
+
+    def __init__(self, encoder: Encoder | None, head: LabelHead, w: nn.Parameter, b: nn.Parameter):
+        super().__init__()
+        self.encoder, self.w, self.logits = encoder, w, head.logits
+        # a cosine head has no bias: DDP would wait for its gradient
+        self.b = b if head.kind == "linear" else None
+
+    def forward(self, inputs) -> torch.Tensor:
+        feats = inputs if self.encoder is None else self.encoder(**inputs)
+        return self.logits(feats, self.w, self.b)
 
 
 KEY_VALUE_NAMES = (("key", "value"), ("k_proj", "v_proj"), ("k_lin", "v_lin"), ("k", "v"))
@@ -422,14 +477,27 @@ def _task_dir(out: Path, i: int, name: str) -> Path:
 
 
 def train(cfg: TrainConfig, out: Path | str, resume: bool = False, progress: bool = True, log=print) -> dict:
-    """Run (or resume) continual training into `out`; returns the metrics dict also written to metrics.json."""
+    """Run (or resume) continual training into `out`; returns the metrics dict also written to metrics.json.
+
+    Under torchrun every rank calls this: rank 0 writes and logs, and a restart by torchrun resumes.
+    """
     cfg.validate()
-    out = Path(out)
-    tasks = load_tasks(cfg.data, cfg.seed)
+    distributed.check_batch(cfg.batch_size)
+    if cfg.kernel == "triton" and _sliced_samples(cfg):
+        raise PMError("--kernel: triton cannot draw per-sample s across ranks; use --perturb-per step")
     device = _device(cfg.device)
+    if not distributed.is_main():
+        progress, log = False, lambda *_: None
+    with distributed.session(device):
+        return _train(cfg, Path(out), device, resume or distributed.restarted(), progress, log)
+
+
+def _train(cfg: TrainConfig, out: Path, device: torch.device, resume: bool, progress: bool, log) -> dict:
+    tasks = load_tasks(cfg.data, cfg.seed)
     encoder, prep, model_dir = load_encoder(cfg.model, tasks[0].kind, cfg.max_length)
     learner = Learner(cfg, encoder, prep, device)
-    _prepare_out(out, cfg, resume)
+    distributed.on_main(lambda: _prepare_out(out, cfg, resume))
+    main = distributed.is_main()
     fingerprint = base_fingerprint(model_dir)
     train_seq = [_joint_task(tasks)] if cfg.method == "joint" else tasks
 
@@ -455,29 +523,27 @@ def train(cfg: TrainConfig, out: Path | str, resume: bool = False, progress: boo
             t0 = time.perf_counter()
             peft_model, delta, fisher = learner.train_task(task, i, bar)
             tmp = out / "tasks" / f".tmp-{i:02d}-{task.name}"
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir()
+            if main:
+                shutil.rmtree(tmp, ignore_errors=True)
+                tmp.mkdir()
             alpha = None
             if peft_model is not None:
-                meta = {
-                    "kind": "chained",
-                    "task": i,
-                    "name": task.name,
-                    "base_model": cfg.model,
-                    "base_fingerprint": fingerprint,
-                    "labels": task.classes,
-                    "method": cfg.method,
-                }
-                save_adapter(peft_model, tmp, str(model_dir), meta)
+                if main:
+                    meta = {
+                        "kind": "chained",
+                        "task": i,
+                        "name": task.name,
+                        "base_model": cfg.model,
+                        "base_fingerprint": fingerprint,
+                        "labels": task.classes,
+                        "method": cfg.method,
+                    }
+                    save_adapter(peft_model, tmp, str(model_dir), meta)
                 learner.encoder.model = peft_model.unload()
-                alpha = learner.merge(i + 1, delta, fisher)
-                save_file(fisher, str(tmp / "fisher.safetensors"))
-                save_file(delta, str(tmp / "delta.safetensors"))
-                save_file(learner.merged, str(tmp / "merged.safetensors"))
+                alpha = learner.merge(i + 1, delta, fisher)  # the same on every rank: the Fisher was summed
             lam = learner.update_classifiers(task, i)
             seen = tasks if cfg.method == "joint" else tasks[: i + 1]
             accs = [learner.accuracy(t.test) for t in seen]
-            learner.save_heads(tmp)
             info = {
                 "index": i,
                 "name": task.name,
@@ -488,8 +554,14 @@ def train(cfg: TrainConfig, out: Path | str, resume: bool = False, progress: boo
                 "seconds": time.perf_counter() - t0,
                 "acc": {h: [a[h] for a in accs] for h in learner.classifiers},
             }
-            (tmp / "task.json").write_text(json.dumps(info, indent=2))
-            os.rename(tmp, _task_dir(out, i, task.name))
+            if main:
+                if peft_model is not None:
+                    save_file(fisher, str(tmp / "fisher.safetensors"))
+                    save_file(delta, str(tmp / "delta.safetensors"))
+                    save_file(learner.merged, str(tmp / "merged.safetensors"))
+                learner.save_heads(tmp)
+                (tmp / "task.json").write_text(json.dumps(info, indent=2))
+                os.rename(tmp, _task_dir(out, i, task.name))
             done.append(info)
             if bar is None:
                 row = " ".join(f"{a:.3f}" for a in info["acc"][cfg.head])
@@ -512,7 +584,9 @@ def train(cfg: TrainConfig, out: Path | str, resume: bool = False, progress: boo
         "by_head": by_head,
         "config": asdict(cfg),
     }
-    _atomic_json(out / "metrics.json", result)
+    if main:
+        _atomic_json(out / "metrics.json", result)
+    distributed.barrier()  # every rank returns once the run is on disk
     return result
 
 
