@@ -249,9 +249,11 @@ def _read_json(path: Path) -> dict:
 
 
 def _pattern_value(patterns: dict, module: str, default):
-    from peft.utils.other import get_pattern_key
+    if not patterns:
+        return default
+    from peft.utils.other import get_pattern_key  # imports transformers: only when there are patterns
 
-    return patterns.get(get_pattern_key(list(patterns), module), default) if patterns else default
+    return patterns.get(get_pattern_key(list(patterns), module), default)
 
 
 def expand_inputs(paths: list[Path | str]) -> list[Path]:
