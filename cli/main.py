@@ -161,9 +161,11 @@ def compare(
 def _register_commands() -> None:
     from pmserve.cli.deploy import register as deploy
     from pmserve.cli.merge import register as merge
+    from pmserve.cli.serve import register as serve
 
     merge(app)
     deploy(app)
+    serve(app)
 
 
 _register_commands()

@@ -1,0 +1,212 @@
+"""Load benchmark of `pmserve serve` on loopback: throughput and p50 / p99 latency by --max-batch and concurrency.
+
+    python benchmarks/serve_bench.py --bundle BUNDLE [--inputs glosses,words] [--batches 1,8,32]
+                                     [--concurrency 1,8,32] [--requests 300] [--seconds 15] [--max-wait-ms 5]
+
+BUNDLE is the `pmserve export` of a builtin:minilm run. For each --max-batch a server process starts on
+127.0.0.1; for each input set and concurrency C, C closed-loop clients (asyncio + httpx) send single-text v2
+infer requests until --requests answers or --seconds have passed, after a short warm-up. Input sets from the
+built-in task data: WordNet glosses (long, varied lengths: a batch pads to its longest) and their headwords
+(short queries, where per-call overhead dominates). The server's /metrics gives the mean batch it formed.
+Bounded: at most sets x batches x concurrencies x --seconds of load, plus server starts. Target (issue 9): at
+concurrency 32, batching gives at least 3x the throughput of --max-batch 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import signal
+import socket
+import subprocess
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import httpx
+import numpy as np
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(
+    bundle: Path, max_batch: int, max_wait_ms: float, threads: int
+) -> tuple[subprocess.Popen, str]:
+    port = free_port()
+    cmd = [sys.executable, "-m", "pmserve", "serve", str(bundle), "--name", "m", "--port", str(port)]
+    cmd += ["--max-batch", str(max_batch), "--max-wait-ms", str(max_wait_ms), "--threads", str(threads)]
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            sys.exit(f"server exited {proc.returncode}: {proc.stderr.read()}")
+        try:
+            if httpx.get(f"{url}/v2/health/ready", timeout=1).status_code == 200:
+                return proc, url
+        except httpx.TransportError:
+            pass
+        time.sleep(0.3)
+    proc.kill()
+    sys.exit("server not ready in 180 s")
+
+
+def batch_stats(url: str) -> tuple[float, float]:
+    """(batches, inputs) so far, from the server's batch-size histogram."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    fam = next(
+        f
+        for f in text_string_to_metric_families(httpx.get(f"{url}/metrics").text)
+        if f.name == "pmserve_batch_size"
+    )
+    get = {s.name.rsplit("_", 1)[-1]: s.value for s in fam.samples if not s.name.endswith("_bucket")}
+    return get.get("count", 0.0), get.get("sum", 0.0)
+
+
+async def load(url: str, texts: list[str], concurrency: int, requests: int, seconds: float) -> dict:
+    """C closed-loop clients; each request is one text. Returns throughput and latency percentiles."""
+    latencies: list[float] = []
+    errors = 0
+    sent = 0
+    stop_at = time.perf_counter() + seconds
+
+    async def client(k: int, http: httpx.AsyncClient):
+        nonlocal errors, sent
+        while sent < requests and time.perf_counter() < stop_at:
+            text = texts[(sent + k) % len(texts)]
+            sent += 1
+            body = {"inputs": [{"name": "text", "datatype": "BYTES", "shape": [1], "data": [text]}]}
+            t0 = time.perf_counter()
+            r = await http.post(f"{url}/v2/models/m/infer", json=body)
+            if r.status_code == 200:
+                latencies.append(time.perf_counter() - t0)
+            else:
+                errors += 1
+
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    async with httpx.AsyncClient(limits=limits, timeout=60) as http:
+        start = time.perf_counter()
+        await asyncio.gather(*(client(k, http) for k in range(concurrency)))
+        wall = time.perf_counter() - start
+    ms = np.array(latencies) * 1000
+    return {
+        "requests": len(latencies),
+        "errors": errors,
+        "seconds": round(wall, 2),
+        "throughput_rps": round(len(latencies) / wall, 1),
+        "p50_ms": round(float(np.percentile(ms, 50)), 1),
+        "p99_ms": round(float(np.percentile(ms, 99)), 1),
+    }
+
+
+def table(rows: list[dict]) -> str:
+    out = [
+        "| inputs | --max-batch | concurrency | requests | throughput (req/s) | p50 (ms) | p99 (ms) | mean batch |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        out.append(
+            f"| {r['inputs']} | {r['max_batch']} | {r['concurrency']} | {r['requests']} | {r['throughput_rps']} "
+            f"| {r['p50_ms']} | {r['p99_ms']} | {r['mean_batch']} |"
+        )
+    return "\n".join(out)
+
+
+def input_sets(names: list[str]) -> dict[str, list[str]]:
+    """glosses: "word: definition; example" (mean about 19 tokens, up to 64), so a batch pads to far more tokens
+    than its mean; words: the headword alone (2 to 5 tokens), where per-call overhead dominates."""
+    from pmserve.tasks import load_tasks
+
+    glosses = [x for t in load_tasks("builtin:wordnet-nouns", 0) for x in t.test.inputs]
+    sets = {"glosses": glosses, "words": [x.split(":")[0] for x in glosses]}
+    unknown = [n for n in names if n not in sets]
+    if unknown:
+        sys.exit(f"--inputs: {unknown[0]!r} is not one of {', '.join(sets)}")
+    return {n: sets[n] for n in names}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--bundle", type=Path, required=True, help="`pmserve export` of a builtin:minilm run.")
+    ap.add_argument("--inputs", default="glosses,words", help="Input sets: glosses, words.")
+    ap.add_argument("--batches", default="1,8,32", help="--max-batch values.")
+    ap.add_argument("--concurrency", default="1,8,32", help="Concurrent clients.")
+    ap.add_argument("--requests", type=int, default=300, help="Most answered requests per cell.")
+    ap.add_argument("--seconds", type=float, default=15.0, help="Most seconds of load per cell.")
+    ap.add_argument("--warmup", type=int, default=16, help="Untimed requests per cell.")
+    ap.add_argument("--max-wait-ms", type=float, default=5.0)
+    ap.add_argument("--threads", type=int, default=0, help="ONNX Runtime threads (0: one per core).")
+    ap.add_argument("--out", type=Path, default=Path("benchmarks/results/serve_bench.json"))
+    args = ap.parse_args()
+
+    sets = input_sets(args.inputs.split(","))
+    concurrency = [int(x) for x in args.concurrency.split(",")]
+    load_before = os.getloadavg()  # other work on the machine shifts every number: record how much there was
+    rows = []
+    for mb in [int(x) for x in args.batches.split(",")]:
+        proc, url = start_server(args.bundle, mb, args.max_wait_ms, args.threads)
+        try:
+            for name, texts in sets.items():
+                for c in concurrency:
+                    asyncio.run(load(url, texts[::-1], c, args.warmup, args.seconds))
+                    b0, n0 = batch_stats(url)
+                    res = asyncio.run(load(url, texts, c, args.requests, args.seconds))
+                    b1, n1 = batch_stats(url)
+                    mean_batch = round((n1 - n0) / max(b1 - b0, 1), 1)
+                    row = {"inputs": name, "max_batch": mb, "concurrency": c, **res, "mean_batch": mean_batch}
+                    print(json.dumps(row), flush=True)
+                    rows.append(row)
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(timeout=60)
+
+    def rps(name, mb, c):
+        return next(
+            r["throughput_rps"]
+            for r in rows
+            if (r["inputs"], r["max_batch"], r["concurrency"]) == (name, mb, c)
+        )
+
+    top_c = max(concurrency)
+    batches = sorted({r["max_batch"] for r in rows})
+    speedups = {
+        name: {f"max_batch_{mb}": round(rps(name, mb, top_c) / rps(name, 1, top_c), 2) for mb in batches}
+        for name in sets
+        if 1 in batches
+    }
+    rows.sort(key=lambda r: (list(sets).index(r["inputs"]), r["max_batch"], r["concurrency"]))
+    result = {
+        "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "command": "python benchmarks/serve_bench.py " + " ".join(sys.argv[1:]),
+        "bundle": str(args.bundle),
+        "machine": {
+            "cpus": os.cpu_count(),
+            "platform": platform.platform(),
+            "python": platform.python_version(),
+        },
+        "load_average_1_5_15": {"before": load_before, "after": os.getloadavg()},
+        "max_wait_ms": args.max_wait_ms,
+        "threads": args.threads,
+        "rows": rows,
+        f"throughput_vs_max_batch_1_at_concurrency_{top_c}": speedups,
+        "target": "at concurrency 32, batching >= 3x the throughput of --max-batch 1",
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    print()
+    print(table(rows))
+    print(f"\nthroughput vs --max-batch 1 at concurrency {top_c}: {speedups}")
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

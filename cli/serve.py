@@ -1,0 +1,50 @@
+"""`pmserve serve`: parses the options and calls pmserve.serve.serve. `register(app)` adds it to the app."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+
+def register(app: typer.Typer) -> None:
+    from pmserve.cli.main import user_errors  # here, not at import: main.py imports this module
+
+    @app.command()
+    @user_errors
+    def serve(
+        bundles: list[Path] = typer.Argument(
+            ..., metavar="BUNDLE", help="One or more BUNDLE folders (`pmserve export`)."
+        ),
+        host: str = typer.Option("127.0.0.1", help="Address to listen on (0.0.0.0 in a container)."),
+        port: int = typer.Option(8000, help="Port to listen on (0 picks a free one)."),
+        name: list[str] = typer.Option(
+            [], "--name", help="Model name, once per bundle in order (default: the bundle folder's name)."
+        ),
+        max_batch: int = typer.Option(32, help="Most inputs in one model call."),
+        max_wait_ms: float = typer.Option(5.0, help="Longest wait for a batch to fill, in milliseconds."),
+        provider: str = typer.Option("auto", help="auto | cpu | cuda (ONNX Runtime execution provider)."),
+        max_inputs: int = typer.Option(256, help="Most inputs in one request (413 past it)."),
+        max_text_chars: int = typer.Option(8192, help="Longest text in characters (413 past it)."),
+        threads: int = typer.Option(0, help="ONNX Runtime intra-op threads (0: its default, one per core)."),
+        drain_timeout: float = typer.Option(
+            30.0, help="On SIGTERM, seconds to let in-flight requests finish before closing them."
+        ),
+    ):
+        """Serve bundles over the Open Inference Protocol v2 (KServe v2 / Triton REST), with dynamic batching.
+
+        POST /v2/models/NAME/infer takes a BYTES tensor `text` [N] (encoded images for image bundles) and returns
+        `label` [N] and `scores` [N, classes]; POST /predict takes {"inputs": [...]}; /metrics is Prometheus."""
+        from pmserve.serve import ServeConfig
+        from pmserve.serve import serve as run_server
+
+        cfg = ServeConfig(
+            max_batch=max_batch,
+            max_wait_ms=max_wait_ms,
+            max_inputs=max_inputs,
+            max_text_chars=max_text_chars,
+            provider=provider,
+            threads=threads,
+            drain_s=drain_timeout,
+        )
+        run_server(bundles, name, cfg, host, port, log=lambda m: typer.echo(f"pmserve: {m}", err=True))

@@ -1,0 +1,702 @@
+"""`pmserve serve`: exported bundles behind the Open Inference Protocol v2 (KServe v2 / Triton REST).
+
+KServe's and Triton's clients already speak v2, so a bundle served here is called the same way on a laptop and
+in a cluster. Requests are small and arrive concurrently, and one ONNX Runtime call on a padded batch costs far
+less than one call per request, so a batcher per model gathers requests for at most --max-wait-ms (or until
+--max-batch inputs) and runs them as one call in a worker thread: the event loop goes on parsing and answering
+while the model runs. The binary tensor extension is spoken too, because tritonclient uses it by default.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import json
+import signal
+import socket
+import struct
+import time
+import zlib
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from fastapi import Request  # at module level: FastAPI resolves the handlers' annotations in this namespace
+
+from . import __version__
+from .bundle import read_manifest
+from .errors import PMError
+from .predict import PROVIDERS, OrtModel
+
+HEADER_LENGTH = "inference-header-content-length"
+IMAGE_BYTES = 16 << 20  # one encoded image; text bodies are bounded by --max-inputs x --max-text-chars
+VERSION = "1"  # a bundle is one immutable model: version 1
+
+
+@dataclass
+class ServeConfig:
+    """Limits and batching of a server; every field is a `pmserve serve` option."""
+
+    max_batch: int = 32
+    max_wait_ms: float = 5.0
+    max_inputs: int = 256
+    max_text_chars: int = 8192
+    provider: str = "auto"
+    threads: int = 0
+    drain_s: float = 30.0
+
+    def check(self) -> None:
+        for opt, value, low in (
+            ("max-batch", self.max_batch, 1),
+            ("max-inputs", self.max_inputs, 1),
+            ("max-text-chars", self.max_text_chars, 1),
+            ("max-wait-ms", self.max_wait_ms, 0),
+            ("threads", self.threads, 0),
+            ("drain-timeout", self.drain_s, 0),
+        ):
+            if value < low:
+                raise PMError(f"--{opt}: must be at least {low}, got {value}")
+        if self.provider not in PROVIDERS:
+            raise PMError(f"--provider: must be one of {', '.join(PROVIDERS)}, got {self.provider!r}")
+
+
+@dataclass
+class Served:
+    """One loaded bundle under its model name."""
+
+    name: str
+    path: Path
+    model: OrtModel
+
+    @property
+    def kind(self) -> str:
+        return self.model.input_kind
+
+    @property
+    def labels(self) -> list[str]:
+        return self.model.labels
+
+    def metadata(self) -> dict:
+        """The v2 model metadata; `parameters.labels` names the columns of `scores`."""
+        return {
+            "name": self.name,
+            "versions": [VERSION],
+            "platform": "onnxruntime_onnx",
+            "inputs": [{"name": self.kind, "datatype": "BYTES", "shape": [-1]}],
+            "outputs": [
+                {"name": "label", "datatype": "BYTES", "shape": [-1]},
+                {"name": "scores", "datatype": "FP32", "shape": [-1, len(self.labels)]},
+            ],
+            "parameters": {"labels": self.labels, "providers": self.model.providers},
+        }
+
+
+def load_models(bundles: list[Path], names: list[str], cfg: ServeConfig) -> list[Served]:
+    """Every bundle verified against its manifest's hashes, opened and run once, so that a bundle that cannot
+    serve stops the server before it listens rather than failing its first request."""
+    cfg.check()
+    if names and len(names) != len(bundles):
+        raise PMError(
+            f"--name: given {len(names)} times for {len(bundles)} bundles (once per bundle, or never)"
+        )
+    names = names or [Path(b).resolve().name for b in bundles]
+    seen = set()
+    for n in names:
+        if not n or "/" in n or n in seen:
+            raise PMError(f"--name: {n!r} is empty, has a '/', or names two bundles (use --name per bundle)")
+        seen.add(n)
+    out = []
+    for path, name in zip(bundles, names):
+        path = Path(path)
+        read_manifest(path)  # "not a bundle" in the bundle's words before anything else
+        model = OrtModel.from_bundle(path, cfg.provider, cfg.threads)  # checks every file's sha256
+        try:
+            model.scores(["warm up"] if model.input_kind == "text" else [np.zeros((16, 16, 3), np.uint8)])
+        except Exception as e:  # noqa: BLE001 -- any failure here means the bundle cannot serve
+            raise PMError(f"{path}: the model does not run ({str(e).splitlines()[0][:200]})") from None
+        out.append(Served(name, path, model))
+    return out
+
+
+# ---------------------------------------------------------------- metrics
+
+
+class Metrics:
+    """Prometheus metrics in a registry of their own, so that two apps in one process never collide."""
+
+    def __init__(self):
+        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+        r = self.registry = CollectorRegistry()
+        self.requests = Counter("pmserve_requests", "HTTP requests by endpoint", ["endpoint"], registry=r)
+        self.errors = Counter(
+            "pmserve_errors", "HTTP error answers by endpoint and status", ["endpoint", "code"], registry=r
+        )
+        self.latency = Histogram(
+            "pmserve_request_seconds", "Request latency by endpoint", ["endpoint"], registry=r
+        )
+        self.batch_size = Histogram(
+            "pmserve_batch_size",
+            "Inputs per model call",
+            ["model"],
+            buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256),
+            registry=r,
+        )
+        fine = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
+        self.queue = Histogram(
+            "pmserve_queue_seconds", "Time a request waits for its batch", ["model"], buckets=fine, registry=r
+        )
+        self.inference = Histogram(
+            "pmserve_inference_seconds", "Model call time per batch", ["model"], buckets=fine, registry=r
+        )
+        self.queued = Gauge("pmserve_queued_inputs", "Inputs waiting for a batch", ["model"], registry=r)
+
+    def render(self) -> tuple[bytes, str]:
+        from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST
+
+
+# ---------------------------------------------------------------- dynamic batching
+
+
+@dataclass
+class _Job:
+    inputs: list
+    future: asyncio.Future
+    queued: float = field(default_factory=time.perf_counter)
+
+
+class Batcher:
+    """Gathers one model's concurrent requests into batches of at most `max_batch` inputs, waiting at most
+    `max_wait_s` after the oldest request arrived, and runs each batch as one model call (padded to its longest
+    input by the tokenizer) in a worker thread; each caller gets back its own rows."""
+
+    def __init__(self, served: Served, max_batch: int, max_wait_s: float, metrics: Metrics):
+        self.served, self.max_batch, self.max_wait = served, max_batch, max_wait_s
+        self.metrics = metrics
+        self.pending: deque[_Job] = deque()
+        self.pending_inputs = 0
+        self.closing = False
+        self.executor = ThreadPoolExecutor(1, thread_name_prefix=f"infer-{served.name}")
+        self._wake: asyncio.Event | None = None
+        self._task: asyncio.Task | None = None
+
+    def start(self) -> None:
+        self._wake = asyncio.Event()
+        self._task = asyncio.create_task(self._loop(), name=f"batcher-{self.served.name}")
+
+    async def infer(self, inputs: list) -> np.ndarray:
+        """Scores [len(inputs), classes]. A request larger than max_batch is split so that no call exceeds it."""
+        if self.closing:
+            raise RequestError(503, "the server is shutting down")
+        loop = asyncio.get_running_loop()
+        jobs = [
+            _Job(inputs[k : k + self.max_batch], loop.create_future())
+            for k in range(0, len(inputs), self.max_batch)
+        ]
+        for job in jobs:
+            self.pending.append(job)
+            self.pending_inputs += len(job.inputs)
+        self.metrics.queued.labels(self.served.name).set(self.pending_inputs)
+        self._wake.set()
+        parts = await asyncio.gather(*(j.future for j in jobs))
+        return parts[0] if len(parts) == 1 else np.concatenate(parts)
+
+    async def close(self) -> None:
+        """Finish every queued request, then stop the worker thread."""
+        self.closing = True
+        if self._task is not None:
+            self._wake.set()
+            await self._task
+        self.executor.shutdown(wait=True)
+
+    async def _loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            while not self.pending:
+                if self.closing:
+                    return
+                self._wake.clear()
+                await self._wake.wait()
+            deadline = self.pending[0].queued + self.max_wait
+            while self.pending_inputs < self.max_batch and not self.closing:
+                left = deadline - time.perf_counter()
+                if left <= 0:
+                    break
+                self._wake.clear()
+                try:
+                    await asyncio.wait_for(self._wake.wait(), left)
+                except asyncio.TimeoutError:
+                    break
+            await self._run(self._take(), loop)
+
+    def _take(self) -> list[_Job]:
+        """The oldest jobs that fit in one batch (the first always does: requests are split to max_batch)."""
+        jobs, n = [], 0
+        while self.pending and n + len(self.pending[0].inputs) <= self.max_batch:
+            job = self.pending.popleft()
+            self.pending_inputs -= len(job.inputs)
+            if not job.future.done():  # a caller that went away is not scored
+                jobs.append(job)
+                n += len(job.inputs)
+        self.metrics.queued.labels(self.served.name).set(self.pending_inputs)
+        return jobs
+
+    async def _run(self, jobs: list[_Job], loop: asyncio.AbstractEventLoop) -> None:
+        if not jobs:
+            return
+        name, m = self.served.name, self.metrics
+        inputs = [x for j in jobs for x in j.inputs]
+        start = time.perf_counter()
+        for j in jobs:
+            m.queue.labels(name).observe(start - j.queued)
+        try:
+            scores = await loop.run_in_executor(self.executor, self.served.model.scores, inputs)
+        except Exception as e:  # noqa: BLE001 -- the callers answer 500 with it; the server goes on
+            for j in jobs:
+                if not j.future.done():
+                    j.future.set_exception(e)
+            return
+        m.inference.labels(name).observe(time.perf_counter() - start)
+        m.batch_size.labels(name).observe(len(inputs))
+        k = 0
+        for j in jobs:
+            if not j.future.done():
+                j.future.set_result(scores[k : k + len(j.inputs)])
+            k += len(j.inputs)
+
+
+# ---------------------------------------------------------------- the v2 wire format
+
+
+class RequestError(Exception):
+    """A request the server will not run: answered with `status` and {"error": message}."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+
+
+def pack_bytes(items: list[bytes]) -> bytes:
+    """BYTES elements in the binary tensor format: each as a 4-byte little-endian length, then the bytes."""
+    return b"".join(struct.pack("<I", len(b)) + b for b in items)
+
+
+def unpack_bytes(raw: bytes) -> list[bytes]:
+    out, k = [], 0
+    while k < len(raw):
+        if k + 4 > len(raw):
+            raise RequestError(400, "binary BYTES tensor: truncated length prefix")
+        (n,) = struct.unpack_from("<I", raw, k)
+        if k + 4 + n > len(raw):
+            raise RequestError(400, "binary BYTES tensor: an element runs past the data")
+        out.append(raw[k + 4 : k + 4 + n])
+        k += 4 + n
+    return out
+
+
+def _flatten(data) -> list:
+    """v2 allows tensor data as a flat row-major list or nested lists of the tensor's shape."""
+    if not isinstance(data, list):
+        return [data]
+    return [x for d in data for x in _flatten(d)]
+
+
+def parse_infer_request(body: bytes, header_length: str | None) -> tuple[dict, bytes]:
+    """The JSON header of an infer request and the binary data after it (the binary tensor extension)."""
+    rest = b""
+    if header_length is not None:
+        try:
+            n = int(header_length)
+        except ValueError:
+            raise RequestError(
+                400, f"Inference-Header-Content-Length: not an integer: {header_length!r}"
+            ) from None
+        if not 0 < n <= len(body):
+            raise RequestError(
+                400, f"Inference-Header-Content-Length: {n} is outside the {len(body)}-byte body"
+            )
+        body, rest = body[:n], body[n:]
+    req = parse_json(body)
+    if not isinstance(req, dict):
+        raise RequestError(400, "the request body must be a JSON object")
+    return req, rest
+
+
+def parse_json(body: bytes):
+    try:
+        return json.loads(body)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise RequestError(400, f"malformed JSON: {e}") from None
+
+
+def infer_elements(req: dict, binary: bytes, input_name: str, max_inputs: int) -> list:
+    """The elements of the one input tensor, checked against the protocol: name, datatype BYTES, shape [N]."""
+    inputs = req.get("inputs")
+    if not isinstance(inputs, list) or len(inputs) != 1 or not isinstance(inputs[0], dict):
+        raise RequestError(400, f"'inputs': expected a list of one tensor named {input_name!r}")
+    t = inputs[0]
+    if t.get("name") != input_name:
+        raise RequestError(400, f"input {t.get('name')!r}: the model takes one input named {input_name!r}")
+    if t.get("datatype") != "BYTES":
+        raise RequestError(400, f"input {input_name!r}: datatype must be BYTES, got {t.get('datatype')!r}")
+    shape = t.get("shape")
+    if not (isinstance(shape, list) and len(shape) == 1 and isinstance(shape[0], int) and shape[0] >= 1):
+        raise RequestError(400, f"input {input_name!r}: shape must be [N] with N >= 1, got {shape!r}")
+    if shape[0] > max_inputs:
+        raise RequestError(
+            413, f"input {input_name!r}: {shape[0]} inputs, more than --max-inputs {max_inputs}"
+        )
+    params = t.get("parameters") or {}
+    if not isinstance(params, dict):
+        raise RequestError(400, f"input {input_name!r}: 'parameters' must be an object")
+    if "binary_data_size" in params:
+        size = params["binary_data_size"]
+        if not isinstance(size, int) or size != len(binary):
+            raise RequestError(
+                400, f"input {input_name!r}: binary_data_size {size!r}, but {len(binary)} bytes follow"
+            )
+        elements = unpack_bytes(binary)
+    elif "data" in t:
+        elements = _flatten(t["data"])
+    else:
+        raise RequestError(400, f"input {input_name!r}: no 'data' and no binary_data_size")
+    if len(elements) != shape[0]:
+        raise RequestError(400, f"input {input_name!r}: shape {shape} but {len(elements)} elements")
+    return elements
+
+
+def requested_outputs(req: dict) -> list[tuple[str, bool]]:
+    """(name, as binary) of each output asked for; all of them when the request names none."""
+    params = req.get("parameters") or {}
+    default = bool(params.get("binary_data_output", False)) if isinstance(params, dict) else False
+    outs = req.get("outputs")
+    if outs is None:
+        return [("label", default), ("scores", default)]
+    if not isinstance(outs, list) or not all(isinstance(o, dict) for o in outs):
+        raise RequestError(400, "'outputs': expected a list of objects")
+    out = []
+    for o in outs:
+        if o.get("name") not in ("label", "scores"):
+            raise RequestError(400, f"output {o.get('name')!r}: the model has outputs 'label' and 'scores'")
+        p = o.get("parameters") or {}
+        if isinstance(p, dict) and p.get("classification"):
+            raise RequestError(400, f"output {o['name']!r}: the classification extension is not supported")
+        out.append((o["name"], bool(p.get("binary_data", default)) if isinstance(p, dict) else default))
+    return out
+
+
+def infer_response(served: Served, req: dict, scores: np.ndarray) -> tuple[dict, bytes]:
+    """The v2 response header and the binary data that follows it (empty when every output is JSON)."""
+    labels = [served.labels[i] for i in scores.argmax(1).tolist()]
+    outputs, chunks = [], []
+    for name, binary in requested_outputs(req):
+        if name == "label":
+            t = {"name": "label", "datatype": "BYTES", "shape": [len(labels)]}
+            raw = pack_bytes([x.encode() for x in labels]) if binary else None
+            data = labels
+        else:
+            t = {"name": "scores", "datatype": "FP32", "shape": list(scores.shape)}
+            raw = scores.astype("<f4").tobytes() if binary else None
+            data = scores.ravel().tolist()
+        if binary:
+            t["parameters"] = {"binary_data_size": len(raw)}
+            chunks.append(raw)
+        else:
+            t["data"] = data
+        outputs.append(t)
+    head = {"model_name": served.name, "model_version": VERSION, "outputs": outputs}
+    if "id" in req:
+        head["id"] = req["id"]
+    return head, b"".join(chunks)
+
+
+def model_inputs(served: Served, elements: list, max_text_chars: int) -> list:
+    """Protocol elements -> what the model's preprocessor takes: texts, or decoded RGB arrays for images.
+    JSON carries an image as base64 text; the binary extension carries its encoded bytes as they are."""
+    out = []
+    for i, x in enumerate(elements):
+        if served.kind == "text":
+            if isinstance(x, bytes):
+                try:
+                    x = x.decode("utf-8")
+                except UnicodeDecodeError:
+                    raise RequestError(400, f"input {i}: not UTF-8 text") from None
+            if not isinstance(x, str):
+                raise RequestError(400, f"input {i}: expected a string, got {type(x).__name__}")
+            if len(x) > max_text_chars:
+                raise RequestError(
+                    413, f"input {i}: {len(x)} characters, more than --max-text-chars {max_text_chars}"
+                )
+            out.append(x)
+        else:
+            out.append(_decode_image(x, i))
+    return out
+
+
+def _decode_image(x, i: int) -> np.ndarray:
+    from PIL import Image
+
+    if isinstance(x, str):
+        try:
+            x = base64.b64decode(x, validate=True)
+        except ValueError:
+            raise RequestError(400, f"input {i}: not base64 (JSON carries images as base64 text)") from None
+    if not isinstance(x, bytes):
+        raise RequestError(400, f"input {i}: expected encoded image bytes, got {type(x).__name__}")
+    if len(x) > IMAGE_BYTES:
+        raise RequestError(413, f"input {i}: {len(x)} bytes, more than {IMAGE_BYTES} per image")
+    try:
+        with Image.open(io.BytesIO(x)) as im:
+            return np.asarray(im.convert("RGB"))
+    except (OSError, ValueError, Image.DecompressionBombError) as e:
+        raise RequestError(400, f"input {i}: not a readable image ({e})") from None
+
+
+# ---------------------------------------------------------------- the HTTP app
+
+
+class _MetricsMiddleware:
+    """Counts requests, errors and latency by route template (not raw path: model names stay low-cardinality
+    and a scan of random URLs does not grow the metrics)."""
+
+    def __init__(self, app, metrics: Metrics):
+        self.app, self.metrics = app, metrics
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        status = 500
+        start = time.perf_counter()
+
+        async def send_status(message):
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_status)
+        finally:
+            route = scope.get("route")
+            endpoint = getattr(route, "path", "other")
+            self.metrics.requests.labels(endpoint).inc()
+            self.metrics.latency.labels(endpoint).observe(time.perf_counter() - start)
+            if status >= 400:
+                self.metrics.errors.labels(endpoint, str(status)).inc()
+
+
+def create_app(models: list[Served], cfg: ServeConfig):
+    """The FastAPI app serving `models` (already loaded); batchers start and drain with its lifespan."""
+    from fastapi import FastAPI
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.responses import JSONResponse, Response
+    from starlette.exceptions import HTTPException
+
+    metrics = Metrics()
+    by_name = {s.name: s for s in models}
+    batchers = {s.name: Batcher(s, cfg.max_batch, cfg.max_wait_ms / 1000, metrics) for s in models}
+    state = {"ready": False}
+    max_body = cfg.max_inputs * max(4 * cfg.max_text_chars + 16, IMAGE_BYTES if _any_images(models) else 0)
+    max_body += 1 << 16  # the JSON around the data
+
+    @asynccontextmanager
+    async def lifespan(app):
+        for b in batchers.values():
+            b.start()
+        state["ready"] = True
+        yield
+        state["ready"] = False  # uvicorn has stopped accepting and waited for in-flight requests
+        for b in batchers.values():
+            await b.close()
+
+    app = FastAPI(title="pmserve", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None)
+    app.add_middleware(_MetricsMiddleware, metrics=metrics)
+
+    @app.exception_handler(RequestError)
+    async def _request_error(request, e: RequestError):
+        return JSONResponse({"error": str(e)}, status_code=e.status)
+
+    @app.exception_handler(HTTPException)
+    async def _http_error(request, e: HTTPException):
+        return JSONResponse({"error": str(e.detail)}, status_code=e.status_code, headers=e.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(request, e: RequestValidationError):
+        return JSONResponse({"error": f"bad request: {e.errors()}"}, status_code=400)
+
+    @app.exception_handler(Exception)
+    async def _internal_error(request, e: Exception):
+        return JSONResponse({"error": f"internal error: {type(e).__name__}: {e}"}, status_code=500)
+
+    def model(name: str, version: str | None = None) -> Served:
+        if name not in by_name:
+            raise RequestError(404, f"unknown model {name!r}; this server has {', '.join(sorted(by_name))}")
+        if version not in (None, "", VERSION):
+            raise RequestError(404, f"model {name!r} has no version {version!r}; it has version {VERSION}")
+        return by_name[name]
+
+    async def read_body(request: Request) -> bytes:
+        """The body, refused past the limits' size while it streams in, and un-gzipped when it came so."""
+        chunks, n = [], 0
+        async for chunk in request.stream():
+            n += len(chunk)
+            if n > max_body:
+                raise RequestError(
+                    413, f"request body over {max_body} bytes (see --max-inputs, --max-text-chars)"
+                )
+            chunks.append(chunk)
+        body = b"".join(chunks)
+        encoding = request.headers.get("content-encoding", "identity").lower()
+        if encoding in ("gzip", "deflate"):
+            d = zlib.decompressobj(wbits=31 if encoding == "gzip" else 15)
+            try:
+                body = d.decompress(body, max_body)
+            except zlib.error as e:
+                raise RequestError(400, f"Content-Encoding {encoding}: corrupt ({e})") from None
+            if d.unconsumed_tail:
+                raise RequestError(413, f"request body over {max_body} bytes once decompressed")
+        elif encoding != "identity":
+            raise RequestError(415, f"Content-Encoding {encoding!r} is not supported (gzip, deflate)")
+        return body
+
+    async def scores_for(served: Served, elements: list) -> np.ndarray:
+        if served.kind == "text":
+            inputs = model_inputs(served, elements, cfg.max_text_chars)
+        else:  # decoding images takes milliseconds each: not on the event loop
+            inputs = await asyncio.to_thread(model_inputs, served, elements, cfg.max_text_chars)
+        return await batchers[served.name].infer(inputs)
+
+    @app.get("/v2")
+    async def server_metadata():
+        return {"name": "pmserve", "version": __version__, "extensions": ["binary_tensor_data"]}
+
+    @app.get("/v2/health/live")
+    async def live():
+        return {"live": True}
+
+    @app.get("/v2/health/ready")
+    async def ready():
+        return JSONResponse({"ready": state["ready"]}, status_code=200 if state["ready"] else 503)
+
+    @app.get("/v2/models/{name}")
+    @app.get("/v2/models/{name}/versions/{version}")
+    async def model_metadata(name: str, version: str | None = None):
+        return model(name, version).metadata()
+
+    @app.get("/v2/models/{name}/ready")
+    @app.get("/v2/models/{name}/versions/{version}/ready")
+    async def model_ready(name: str, version: str | None = None):
+        model(name, version)
+        return JSONResponse(
+            {"name": name, "ready": state["ready"]}, status_code=200 if state["ready"] else 503
+        )
+
+    @app.post("/v2/models/{name}/infer")
+    @app.post("/v2/models/{name}/versions/{version}/infer")
+    async def infer(name: str, request: Request, version: str | None = None):
+        served = model(name, version)
+        req, binary = parse_infer_request(await read_body(request), request.headers.get(HEADER_LENGTH))
+        elements = infer_elements(req, binary, served.kind, cfg.max_inputs)
+        requested_outputs(req)  # a bad 'outputs' is a 400 before the model runs, not after
+        head, tail = infer_response(served, req, await scores_for(served, elements))
+        if not tail:
+            return JSONResponse(head)
+        raw = json.dumps(head).encode()
+        return Response(
+            raw + tail, media_type="application/octet-stream", headers={HEADER_LENGTH: str(len(raw))}
+        )
+
+    @app.post("/predict")
+    async def predict(request: Request):
+        """For curl: {"inputs": [...], "model": NAME (optional)} -> the top label and score of each input."""
+        req = parse_json(await read_body(request))
+        if not isinstance(req, dict) or not isinstance(req.get("inputs"), list) or not req["inputs"]:
+            raise RequestError(400, 'expected {"inputs": [text, ...]} with at least one input')
+        served = model(str(req.get("model", models[0].name)))
+        if len(req["inputs"]) > cfg.max_inputs:
+            raise RequestError(413, f"{len(req['inputs'])} inputs, more than --max-inputs {cfg.max_inputs}")
+        scores = await scores_for(served, req["inputs"])
+        top = scores.argmax(1).tolist()
+        return {
+            "model": served.name,
+            "predictions": [
+                {"label": served.labels[k], "score": float(s[k])} for k, s in zip(top, scores.tolist())
+            ],
+        }
+
+    @app.get("/metrics")
+    async def prometheus():
+        body, content_type = metrics.render()
+        return Response(body, media_type=content_type)
+
+    app.state.metrics, app.state.batchers = metrics, batchers
+    return app
+
+
+def _any_images(models: list[Served]) -> bool:
+    return any(s.kind != "text" for s in models)
+
+
+# ---------------------------------------------------------------- running it
+
+
+def listen(host: str, port: int) -> socket.socket:
+    """The listening socket, bound here so that a taken port is a one-line error before anything starts."""
+    try:
+        family, kind, proto = socket.getaddrinfo(
+            host, port, type=socket.SOCK_STREAM, proto=socket.IPPROTO_TCP
+        )[0][:3]
+        # proto must say TCP: asyncio sets TCP_NODELAY only on such sockets, and without it Nagle holds every
+        # response body until the client's delayed ACK, 40 ms later, on keep-alive connections
+        sock = socket.socket(family, kind, proto)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+        sock.listen(2048)
+    except OSError as e:
+        raise PMError(f"--host/--port: cannot listen on {host}:{port} ({e.strerror or e})") from None
+    sock.set_inheritable(True)
+    return sock
+
+
+def serve(
+    bundles: list[Path],
+    names: list[str],
+    cfg: ServeConfig,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    log: Callable[[str], None] = print,
+) -> None:
+    """Load and verify every bundle, then serve until SIGTERM or SIGINT: stop accepting, let in-flight requests
+    finish (at most cfg.drain_s seconds), drain the batchers, return."""
+    import uvicorn
+
+    models = load_models(bundles, names, cfg)
+    sock = listen(host, port)
+    app = create_app(models, cfg)
+    for s in models:
+        log(f"model {s.name}: {s.path} ({s.kind}, {len(s.labels)} classes, {', '.join(s.model.providers)})")
+    bound = sock.getsockname()[1]
+    log(f"listening on http://{host}:{bound} (Open Inference Protocol v2 at /v2, metrics at /metrics)")
+    config = uvicorn.Config(
+        app,
+        log_level="warning",
+        access_log=False,
+        timeout_graceful_shutdown=cfg.drain_s,
+        lifespan="on",
+    )
+    # uvicorn re-raises the signal it stopped for once it has drained; a drained SIGTERM is a clean stop, so
+    # let it reach a handler that does nothing instead of the default one that kills the process.
+    previous = {s: signal.signal(s, lambda *_: None) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        uvicorn.Server(config).run(sockets=[sock])
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+    log("stopped: in-flight requests answered")

@@ -1,0 +1,284 @@
+"""`pmserve serve` as a real process on 127.0.0.1: tritonclient and plain HTTP, parity with `pmserve predict`,
+dynamic batching seen in /metrics, bad requests answered 4xx while good ones go on, SIGTERM drains, and a
+tampered bundle that never starts."""
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import numpy as np
+import pytest
+
+from pmserve.predict import predict, score_all
+from tests.test_export import bundle, run  # noqa: F401 -- the tiny trained run and its bundle
+
+TEXTS = ["dog and cat", "a hammer", "the old city by the river", "joy", "bread with cheese and a pear"]
+NAME = "tiny"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start(bundle_dir, *opts):
+    """A server process, once it answers ready; its stderr goes to a file (a pipe nobody reads could fill)."""
+    port = free_port()
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    cmd = [sys.executable, "-m", "pmserve", "serve", str(bundle_dir), "--port", str(port), "--threads", "1"]
+    log = tempfile.TemporaryFile("w+")
+    proc = subprocess.Popen(
+        [*cmd, *map(str, opts)], stdout=subprocess.DEVNULL, stderr=log, text=True, env=env
+    )
+    proc.log = log
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"server exited {proc.returncode}: {stderr(proc)}")
+        try:
+            if httpx.get(f"{url}/v2/health/ready", timeout=1).status_code == 200:
+                return proc, url
+        except httpx.TransportError:
+            pass
+        time.sleep(0.2)
+    proc.kill()
+    raise AssertionError("server not ready in 60 s")
+
+
+def stderr(proc) -> str:
+    proc.log.seek(0)
+    return proc.log.read()
+
+
+@pytest.fixture(scope="module")
+def server(bundle):  # noqa: F811
+    opts = "--max-batch 16 --max-wait-ms 50 --max-inputs 8 --max-text-chars 200".split()
+    proc, url = start(bundle, "--name", NAME, *opts)
+    yield url
+    proc.kill()
+    proc.wait()
+
+
+def infer_body(texts, **tensor):
+    return {"inputs": [{"name": "text", "datatype": "BYTES", "shape": [len(texts)], "data": texts, **tensor}]}
+
+
+def test_metadata_and_health_with_tritonclient(server, bundle):  # noqa: F811
+    import tritonclient.http as tc
+
+    c = tc.InferenceServerClient(server.removeprefix("http://"))
+    assert c.is_server_live() and c.is_server_ready() and c.is_model_ready(NAME)
+    assert c.get_server_metadata()["name"] == "pmserve"
+    labels = json.loads((bundle / "labels.json").read_text())
+    meta = c.get_model_metadata(NAME)
+    assert meta["inputs"] == [{"name": "text", "datatype": "BYTES", "shape": [-1]}]
+    assert meta["outputs"] == [
+        {"name": "label", "datatype": "BYTES", "shape": [-1]},
+        {"name": "scores", "datatype": "FP32", "shape": [-1, len(labels)]},
+    ]
+    assert meta["parameters"]["labels"] == labels
+    assert not c.is_model_ready("nope")
+
+
+def test_results_equal_pmserve_predict(server, bundle):  # noqa: F811
+    import tritonclient.http as tc
+
+    rows, model = predict(bundle, TEXTS, provider="cpu")
+    want_labels = [r["label"] for r in rows]
+    want_scores = score_all(model, TEXTS)
+
+    c = tc.InferenceServerClient(server.removeprefix("http://"))
+    x = tc.InferInput("text", [len(TEXTS)], "BYTES")
+    x.set_data_from_numpy(np.array([t.encode() for t in TEXTS], dtype=object))  # binary tensor extension
+    res = c.infer(NAME, [x])
+    assert [b.decode() for b in res.as_numpy("label")] == want_labels
+    np.testing.assert_allclose(res.as_numpy("scores"), want_scores, rtol=1e-4, atol=1e-5)
+
+    out = httpx.post(f"{server}/v2/models/{NAME}/infer", json={"id": "q1", **infer_body(TEXTS)}).json()
+    assert out["id"] == "q1" and out["model_name"] == NAME
+    by_name = {o["name"]: o for o in out["outputs"]}
+    assert by_name["label"]["data"] == want_labels
+    assert by_name["scores"]["shape"] == list(want_scores.shape)
+    got = np.array(by_name["scores"]["data"], dtype=np.float32).reshape(want_scores.shape)
+    np.testing.assert_allclose(got, want_scores, rtol=1e-4, atol=1e-5)
+
+    plain = httpx.post(f"{server}/predict", json={"inputs": TEXTS}).json()
+    assert [p["label"] for p in plain["predictions"]] == want_labels
+
+
+def queued(url) -> float:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = httpx.get(f"{url}/metrics").text
+    fam = [f for f in text_string_to_metric_families(text) if f.name == "pmserve_queued_inputs"]
+    return fam[0].samples[0].value if fam and fam[0].samples else 0.0
+
+
+def batch_sizes(url) -> tuple[float, float]:
+    """(batches, batches of one input) from the batch-size histogram."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = httpx.get(f"{url}/metrics").text
+    fam = next(f for f in text_string_to_metric_families(text) if f.name == "pmserve_batch_size")
+    count = next(s.value for s in fam.samples if s.name.endswith("_count"))
+    ones = next(s.value for s in fam.samples if s.name.endswith("_bucket") and s.labels["le"] == "1.0")
+    return count, ones
+
+
+def test_concurrent_requests_are_batched(server):
+    count0, ones0 = batch_sizes(server)
+    with ThreadPoolExecutor(12) as pool:
+        res = list(pool.map(lambda t: httpx.post(f"{server}/predict", json={"inputs": [t]}), TEXTS * 4))
+    assert all(r.status_code == 200 for r in res)
+    count, ones = batch_sizes(server)
+    assert count - count0 < len(res), "20 single-input requests ran as 20 model calls"
+    assert (count - count0) > (ones - ones0), "no batch of more than one input"
+
+
+BAD = {
+    "malformed_json": (b'{"inputs": [', 400, "malformed JSON"),
+    "wrong_datatype": (
+        infer_body(["dog"]) | {"inputs": [{**infer_body(["dog"])["inputs"][0], "datatype": "FP32"}]},
+        400,
+        "BYTES",
+    ),
+    "wrong_shape": (infer_body(["dog", "cat"], shape=[1, 2]), 400, "shape"),
+    "count_mismatch": (infer_body(["dog", "cat"], shape=[3]), 400, "but 2 elements"),
+    "wrong_input_name": (
+        infer_body(["dog"]) | {"inputs": [{**infer_body(["dog"])["inputs"][0], "name": "x"}]},
+        400,
+        "'text'",
+    ),
+    "not_text": (infer_body([1, 2]), 400, "expected a string"),
+    "unknown_output": (infer_body(["dog"]) | {"outputs": [{"name": "logits"}]}, 400, "'logits'"),
+    "too_many_inputs": (infer_body(["dog"] * 9), 413, "--max-inputs"),
+    "too_long_text": (infer_body(["dog " * 60]), 413, "--max-text-chars"),
+    "unknown_model": (infer_body(["dog"]), 404, "unknown model"),
+    "predict_no_inputs": ({"texts": ["dog"]}, 400, "inputs"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD))
+def test_bad_requests_get_4xx_while_good_ones_go_on(server, case):
+    body, status, needle = BAD[case]
+    path = (
+        "/predict"
+        if case.startswith("predict")
+        else f"/v2/models/{'nope' if 'model' in case else NAME}/infer"
+    )
+    content = body if isinstance(body, bytes) else json.dumps(body).encode()
+    with ThreadPoolExecutor(2) as pool:
+        good = pool.submit(httpx.post, f"{server}/predict", json={"inputs": ["dog and cat"]})
+        bad = pool.submit(httpx.post, f"{server}{path}", content=content)
+        bad, good = bad.result(), good.result()
+    assert bad.status_code == status, bad.text
+    assert needle in bad.json()["error"], bad.json()
+    assert good.status_code == 200 and good.json()["predictions"][0]["label"]
+
+
+def test_sigterm_answers_in_flight_requests_then_exits_0(bundle):  # noqa: F811
+    # A long wait and a batch that 5 inputs cannot fill: the requests are still queued when SIGTERM lands.
+    proc, url = start(bundle, "--max-batch", 64, "--max-wait-ms", 4000)
+    try:
+        with ThreadPoolExecutor(8) as pool:
+            futures = [
+                pool.submit(httpx.post, f"{url}/predict", json={"inputs": [t]}, timeout=30) for t in TEXTS
+            ]
+            deadline = time.monotonic() + 20
+            while queued(url) < len(TEXTS) and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert queued(url) == len(TEXTS)
+            proc.send_signal(signal.SIGTERM)
+            res = [f.result() for f in futures]
+        assert [r.status_code for r in res] == [200] * len(TEXTS)
+        assert proc.wait(timeout=30) == 0, stderr(proc)
+        assert "stopped" in stderr(proc)
+    finally:
+        proc.kill()
+
+
+def test_tampered_bundle_does_not_start(bundle, tmp_path):  # noqa: F811
+    b = tmp_path / "tampered"
+    shutil.copytree(bundle, b)
+    raw = bytearray((b / "model.onnx").read_bytes())
+    raw[len(raw) // 2] ^= 1  # same size, one bit flipped
+    (b / "model.onnx").write_bytes(bytes(raw))
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    res = subprocess.run(
+        [sys.executable, "-m", "pmserve", "serve", str(b), "--port", str(free_port())],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+    )
+    assert res.returncode != 0
+    lines = [x for x in res.stderr.strip().splitlines() if x.strip()]
+    assert len(lines) == 1 and "model.onnx" in lines[0] and "sha256" in lines[0], res.stderr
+
+
+def test_image_bundle_takes_encoded_images_json_and_binary(tiny_vit, tmp_path):
+    """In process (no socket): base64 PNGs in JSON and raw PNG bytes in tritonclient's binary format."""
+    import base64
+
+    import tritonclient.http as tc
+    from fastapi.testclient import TestClient
+    from PIL import Image
+
+    from pmserve.export import export_bundle
+    from pmserve.serve import ServeConfig, create_app, load_models
+    from pmserve.train import TrainConfig, train
+
+    cfg = TrainConfig(
+        data="builtin:digits:tasks=1,classes=2,train=8,test=4",
+        model=str(tiny_vit),
+        epochs=1,
+        batch_size=8,
+        rank=2,
+        fisher_samples=8,
+        head="linear",
+    )
+    train(cfg, tmp_path / "run", progress=False, log=lambda *_: None)
+    export_bundle(tmp_path / "run", tmp_path / "digits")
+    rng = np.random.default_rng(0)
+    paths = []
+    for k in range(3):
+        paths.append(tmp_path / f"{k}.png")
+        Image.fromarray(rng.integers(0, 255, (8, 8, 3), dtype=np.uint8)).save(paths[-1])
+    rows, model = predict(tmp_path / "digits", [str(p) for p in paths], provider="cpu")
+    want = score_all(model, [str(p) for p in paths])
+    pngs = [p.read_bytes() for p in paths]
+
+    serve_cfg = ServeConfig(provider="cpu", threads=1)
+    with TestClient(create_app(load_models([tmp_path / "digits"], [], serve_cfg), serve_cfg)) as c:
+        meta = c.get("/v2/models/digits").json()
+        assert meta["inputs"][0]["name"] == "image"
+        b64 = [base64.b64encode(b).decode() for b in pngs]
+        body = {"inputs": [{"name": "image", "datatype": "BYTES", "shape": [3], "data": b64}]}
+        out = {o["name"]: o for o in c.post("/v2/models/digits/infer", json=body).json()["outputs"]}
+        assert out["label"]["data"] == [r["label"] for r in rows]
+        got = np.array(out["scores"]["data"], dtype=np.float32).reshape(want.shape)
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+
+        x = tc.InferInput("image", [3], "BYTES")
+        x.set_data_from_numpy(np.array(pngs, dtype=object))
+        raw, n = tc.InferenceServerClient.generate_request_body([x])
+        r = c.post(
+            "/v2/models/digits/infer", content=raw, headers={"Inference-Header-Content-Length": str(n)}
+        )
+        res = tc.InferenceServerClient.parse_response_body(
+            r.content, header_length=int(r.headers["inference-header-content-length"])
+        )
+        np.testing.assert_allclose(res.as_numpy("scores"), want, rtol=1e-4, atol=1e-5)
+
+        bad = c.post("/predict", json={"inputs": [base64.b64encode(b"not a png").decode()]})
+        assert bad.status_code == 400 and "not a readable image" in bad.json()["error"]
