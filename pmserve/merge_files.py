@@ -218,9 +218,15 @@ class AdapterInput:
 
     def delta(self, module: str) -> torch.Tensor:
         """Delta_t of one module in the base weight's layout, fp32 (merge.lora_delta, as training computes it)."""
-        a, b = self.factors(module)
-        d = lora_delta(a, b, self.modules[module].scaling)
-        return d.T.contiguous() if self.fan_in_fan_out else d
+        return self.delta_rows(module, 0, None).contiguous()
+
+    def delta_rows(self, module: str, start: int, stop: int, factors=None) -> torch.Tensor:
+        """Rows start:stop of delta(module), computed from the factors' matching slice alone."""
+        a, b = factors or self.factors(module)
+        s = self.modules[module].scaling
+        return (
+            lora_delta(a[:, start:stop], b, s).T if self.fan_in_fan_out else lora_delta(a, b[start:stop], s)
+        )
 
     def delta_shape(self, module: str) -> tuple[int, int]:
         """The shape of delta(module): the base weight's."""
@@ -591,6 +597,10 @@ class MergePlan:
                 task_norms = gram.diagonal().clamp_min(0).sqrt().tolist()
                 norms[module] = {"merged": float(merged.norm()), "tasks": task_norms}
             return merged
+        elif self.method.sparsify == "magnitude" and (self.density or DEFAULT_DENSITY) < 1.0:
+            merged, task_norms = ties_by_rows(
+                ads, module, torch.tensor(self.weights), self.density or DEFAULT_DENSITY
+            )
         else:
             ds = [a.delta(module) for a in ads]
             task_norms = [float(d.norm()) for d in ds]
@@ -617,6 +627,39 @@ def stacked_factors(
         blocks[t, k : k + fa.shape[0]] = 1.0
         k += fa.shape[0]
     return a_cat, b_cat, blocks
+
+
+def ties_by_rows(
+    adapters: list[AdapterInput], module: str, weights: torch.Tensor, density: float
+) -> tuple[torch.Tensor, list[float]]:
+    """TIES on one module (peft's ties: magnitude pruning, sign election, disjoint merge) without holding the T
+    task vectors at once; returns the merged delta and ||Delta_t||.
+
+    Magnitude pruning keeps |x| >= the k-th largest |value| of each whole task vector: that is peft's top-k mask
+    (found with kthvalue, an O(n) selection, instead of a full top-k sort) except that values tied at the
+    threshold are all kept. With each task's threshold known, the election and merge act element by element, so
+    they run over row blocks of the T task vectors, recomputed from the factors.
+    """
+    from peft.utils import merge_utils as mu
+
+    facs = [a.factors(module) for a in adapters]
+    thresholds, norms = [], []
+    for a, f in zip(adapters, facs):
+        d = a.delta_rows(module, 0, None, f).reshape(-1).abs_()
+        norms.append(float(d.norm()))
+        k = int(density * d.numel())
+        thresholds.append(float("inf") if k == 0 else float(torch.kthvalue(d, d.numel() - k + 1).values))
+        del d
+    shape = adapters[0].delta_shape(module)
+    out = torch.empty(shape, dtype=torch.float32)
+    thr = torch.tensor(thresholds).view(-1, 1, 1)
+    w = weights.float().view(-1, 1, 1)
+    rows = max(1, GRAM_BLOCK // (len(adapters) * shape[1]))
+    for r in range(0, shape[0], rows):
+        x = torch.stack([a.delta_rows(module, r, r + rows, f) for a, f in zip(adapters, facs)])
+        x *= x.abs() >= thr
+        out[r : r + rows] = mu.disjoint_merge(x * w, mu.calculate_majority_sign_mask(x, method="total"))
+    return out, norms
 
 
 def factor_gram(adapters: list[AdapterInput], module: str) -> torch.Tensor:
@@ -654,19 +697,14 @@ def module_grams(
     weight's rows so memory stays T x GRAM_BLOCK whatever the module's size.
     """
     facs = [a.factors(module) for a in adapters]
-    scal = [a.modules[module].scaling for a in adapters]
-    flip = adapters[0].fan_in_fan_out
     shape = adapters[0].delta_shape(module)
     fis = {k: adapters[k].fisher_of(module) for k in fishers if k is not None}
     out = {k: torch.zeros(len(adapters), len(adapters), dtype=torch.float64) for k in fishers}
     rows = max(1, GRAM_BLOCK // (len(adapters) * shape[1]))
     for r in range(0, shape[0], rows):
         # Delta[r:r+rows] = scaling B[r:r+rows] A (or its transpose for fan_in_fan_out), as lora_delta computes it
-        parts = []
-        for (a, b), s in zip(facs, scal):
-            d = lora_delta(a[:, r : r + rows], b, s).T if flip else lora_delta(a, b[r : r + rows], s)
-            parts.append(d.reshape(-1))
-        x = torch.stack(parts).double()
+        x = torch.stack([a.delta_rows(module, r, r + rows, f).reshape(-1) for a, f in zip(adapters, facs)])
+        x = x.double()
         for k in fishers:
             y = x if k is None else x * fis[k][r : r + rows].reshape(1, -1).double()
             out[k] += y @ x.T

@@ -200,6 +200,26 @@ def test_independent_adapters_and_peer_methods_match_peft(foreign, tmp_path):
             torch.testing.assert_close(got[m], want, rtol=1e-5, atol=1e-6)
 
 
+def test_ties_in_row_blocks_equals_peft(foreign, tmp_path, monkeypatch):
+    """TIES streamed over row blocks of the task vectors (a block of 1 to 3 rows here) against peft's ties."""
+    from peft.utils import merge_utils as mu
+
+    import pmserve.merge_files as mf
+
+    monkeypatch.setattr(mf, "GRAM_BLOCK", 50)
+    deltas = [_deltas(foreign[0], 1.0), _deltas(foreign[1], 2.0), _deltas(foreign[2], 1.0)]
+    for density in (0.3, 0.8):
+        rep = merge_adapters(
+            foreign, tmp_path / f"t{density}", options=MergeOptions("ties", density=density), **QUIET
+        )
+        got = load_file(str(tmp_path / f"t{density}" / "merged.safetensors"))
+        for m in deltas[0]:
+            want = mu.ties([d[m] for d in deltas], torch.ones(3), density)
+            torch.testing.assert_close(got[m], want, rtol=1e-5, atol=1e-6)
+            norms = [float(d[m].norm()) for d in deltas]
+            assert rep["modules"][m]["tasks"] == pytest.approx(norms, rel=1e-5)
+
+
 def _brute_force_fisher(
     tiny_model: Path, adapter: Path, task, scale: float = 16.0
 ) -> dict[str, torch.Tensor]:
