@@ -55,9 +55,7 @@ def main() -> None:
                 torch.tensor([pos[task.train.labels[j]] for j in idx]),
             )
         )
-    pert = Perturbation(
-        [m.lora_B[ADAPTER] for m in lora_layers(peft_model).values()], 0.5, args.perturb_per, seed=0
-    )
+    pert = Perturbation(lora_layers(peft_model), 0.5, args.perturb_per, seed=0, adapter=ADAPTER)
 
     def run(perturb: bool) -> float:
         t0 = time.perf_counter()

@@ -19,17 +19,32 @@ def draw_scales(n: int, eps: float, generator: torch.Generator) -> torch.Tensor:
 
 
 class Perturbation:
-    """Forward hooks on every LoRA B projection that multiply its output by the current s."""
+    """The perturbation in PyTorch, on PEFT LoRA layers.
 
-    def __init__(self, lora_b_modules: list[nn.Module], eps: float, per: str = "step", seed: int = 0):
+    Per step, s is folded into each layer's LoRA scaling for the step (PEFT computes B A x * scaling anyway),
+    so the perturbation adds no operation at all. Per sample, forward hooks on every LoRA B projection multiply
+    its output row by row by that sample's s.
+    """
+
+    def __init__(
+        self,
+        layers: dict[str, nn.Module],
+        eps: float,
+        per: str = "step",
+        seed: int = 0,
+        adapter: str = "default",
+    ):
         if not 0.0 <= eps < 1.0:
             raise ValueError(f"eps must be in [0, 1), got {eps}")
         if per not in ("step", "sample"):
             raise ValueError(f"per must be 'step' or 'sample', got {per!r}")
-        self.eps, self.per = eps, per
+        self.eps, self.per, self.adapter = eps, per, adapter
         self.generator = torch.Generator().manual_seed(seed)
         self.s: torch.Tensor | None = None
-        self.handles = [m.register_forward_hook(self._hook) for m in lora_b_modules] if eps > 0 else []
+        self.layers = list(layers.values()) if eps > 0 else []
+        self.scaling = [layer.scaling[adapter] for layer in self.layers]
+        hooked = self.layers if per == "sample" else []
+        self.handles = [layer.lora_B[adapter].register_forward_hook(self._hook) for layer in hooked]
 
     def draw(
         self, batch_size: int, device: torch.device | str = "cpu", rows: slice | None = None
@@ -43,10 +58,17 @@ class Perturbation:
             return None
         s = draw_scales(1 if self.per == "step" else batch_size, self.eps, self.generator)
         self.s = (s if self.per == "step" or rows is None else s[rows]).to(device)
+        if self.per == "step":
+            self._set_scaling(float(s))
         return self.s
 
     def off(self) -> None:
         self.s = None
+        self._set_scaling(1.0)
+
+    def _set_scaling(self, s: float) -> None:
+        for layer, scaling in zip(self.layers, self.scaling):
+            layer.scaling[self.adapter] = scaling * s
 
     def _hook(self, module: nn.Module, inputs, output: torch.Tensor) -> torch.Tensor | None:
         if self.s is None:
@@ -55,6 +77,7 @@ class Perturbation:
         return output * s.view(-1, *([1] * (output.dim() - 1)))
 
     def remove(self) -> None:
+        self.off()
         for h in self.handles:
             h.remove()
         self.handles = []

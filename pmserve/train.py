@@ -258,9 +258,7 @@ class Learner:
                 # One Triton kernel per LoRA layer: base matmul, LoRA branch and s in one pass.
                 pert = FusedPerturbation(layers, eps, cfg.perturb_per, seed=cfg.seed * 7919 + i)
             elif eps > 0:
-                pert = Perturbation(
-                    [m.lora_B[ADAPTER] for m in layers.values()], eps, cfg.perturb_per, cfg.seed * 7919 + i
-                )
+                pert = Perturbation(layers, eps, cfg.perturb_per, cfg.seed * 7919 + i, ADAPTER)
         opt = torch.optim.AdamW(params, weight_decay=cfg.weight_decay)
         shuffle = _generator(cfg.seed, i, 2)
         n = len(task.train.labels)

@@ -54,20 +54,46 @@ def test_fisher_equals_per_sample_autograd():
         torch.testing.assert_close(fisher[k], ref[k], rtol=1e-4, atol=1e-7)
 
 
-def test_perturbation_scales_the_lora_branch_only():
+def _reference(model, layers, x, ws):
+    h = torch.tanh(nn.functional.linear(x, ws["key"], layers["key"].base_layer.bias))
+    h = torch.tanh(model.base_model.model.mid(h))
+    return nn.functional.linear(h, ws["value"], layers["value"].base_layer.bias).mean(1)
+
+
+@pytest.mark.parametrize("per", ["step", "sample"])
+def test_perturbation_scales_the_lora_branch_only(per):
+    """Outputs and LoRA B gradients equal plain autograd on W + s * Delta, sample by sample; off() restores."""
     model = make_peft(1)
     layers = lora_layers(model)
     x = torch.randn(4, 3, 6)
-    pert = Perturbation([m.lora_B["default"] for m in layers.values()], eps=0.5, per="sample", seed=0)
-    s = pert.draw(4)
-    y = model(x)
+    plain, deltas = model(x).detach(), task_vectors(model)  # Delta = scaling * B A, scaling = 4 / 2
+    pert = Perturbation(layers, eps=0.5, per=per, seed=0)
+    drawn = set()
+    for _ in range(4):
+        s = pert.draw(4).expand(4).tolist()
+        drawn.update(s)
+        y = model(x)
+        grads = torch.autograd.grad(y.pow(2).sum(), [m.lora_B["default"].weight for m in layers.values()])
+        want = [torch.zeros_like(g) for g in grads]
+        for n in range(4):
+            ws = {
+                k: (m.base_layer.weight + s[n] * deltas[k]).detach().requires_grad_()
+                for k, m in layers.items()
+            }
+            out = _reference(model, layers, x[n : n + 1], ws)
+            torch.testing.assert_close(y[n : n + 1], out)
+            # W = W_0 + s * 2 * B A, so dL/dB = s * 2 * dL/dW @ A^T
+            for j, (m, g) in enumerate(
+                zip(layers.values(), torch.autograd.grad(out.pow(2).sum(), list(ws.values())))
+            ):
+                want[j] += s[n] * 2.0 * g @ m.lora_A["default"].weight.T
+        for g, w in zip(grads, want):
+            torch.testing.assert_close(g, w)
+    assert len(drawn) > 1
     pert.off()
-    # reference: set each layer's scaling to s_n * scaling, one sample at a time
-    for n in range(4):
-        for m in layers.values():
-            m.scaling["default"] = 2.0 * float(s[n])
-        torch.testing.assert_close(y[n], model(x[n : n + 1])[0])
+    torch.testing.assert_close(model(x), plain)
     pert.remove()
+    assert all(m.scaling["default"] == 2.0 for m in layers.values())
 
 
 def test_draw_frequencies_and_values():
