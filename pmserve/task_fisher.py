@@ -37,6 +37,14 @@ def fisher_generator(seed: int, task: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed * 1_000_003 + task * 101 + 3)
 
 
+def fisher_order(split: Split, samples: int, generator: torch.Generator) -> torch.Tensor:
+    """The examples a task's Fisher is taken on: `samples` drawn at random, then sorted by length so that its
+    batches pad little (the Fisher is a sum over the samples: their order does not change it)."""
+    order = torch.randperm(len(split.labels), generator=generator)[:samples]
+    lengths = [len(split.inputs[j]) if isinstance(split.inputs[j], str) else 0 for j in order.tolist()]
+    return order[torch.argsort(torch.tensor(lengths), stable=True)]
+
+
 def split_batches(prep: Preprocessor, split: Split, order: torch.Tensor, bs: int, device: torch.device):
     """(model inputs on `device`, labels) for `order` in chunks of `bs`, as Learner.batches gives them."""
     for i in range(0, len(order), bs):
@@ -167,7 +175,7 @@ class DataFisher:
             self.scale,
         )
         gen = fisher_generator(self.seed, index)
-        order = torch.randperm(len(task.train.labels), generator=gen)[: self.samples]
+        order = fisher_order(task.train, self.samples, gen)
         fisher = task_fisher(
             self.encoder,
             self.prep,

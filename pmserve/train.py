@@ -47,6 +47,7 @@ from .fisher import diagonal_fisher
 from .heads import HEADS, TRAIN_HEADS, LabelHead, Prototypes, Ridge, Scorer, load_scorer, save_scorer
 from .merge import FisherSums, Tensors, merge_step, task_alpha
 from .perturb import FusedPerturbation, Perturbation, use_fused_kernel
+from .task_fisher import fisher_order
 from .tasks import Split, Task, load_tasks
 
 TRAIN_METHODS = ("pm", "merge", "seq", "avg", "frozen", "joint")
@@ -306,7 +307,7 @@ class Learner:
         model's own prediction (the true Fisher's estimator), an ablation of issue 6.
         """
         gen = _generator(self.cfg.seed, i, 3)
-        order = torch.randperm(len(task.train.labels), generator=gen)[: self.cfg.fisher_samples]
+        order = fisher_order(task.train, self.cfg.fisher_samples, gen)
         sampled = self.cfg.fisher_labels == "sampled"
 
         def loss_fn(batch, targets):
