@@ -19,27 +19,30 @@ from pmserve.train import TrainConfig, train
 METHODS = ["pm", "merge", "seq", "frozen", "joint", "avg"]
 
 
+def _mean_std(vals: list[float]) -> str:
+    if not vals:
+        return "-"
+    sd = statistics.stdev(vals) if len(vals) > 1 else 0.0
+    return f"{statistics.mean(vals):.3f} ± {sd:.3f}"
+
+
 def table(results: list[dict], heads: list[str]) -> str:
+    """One Markdown row per (head, method): ACC, AAA and forgetting as mean ± std over the seeds run."""
     rows = [
-        "| method | " + " | ".join(f"{h} ACC | {h} forgetting" for h in heads) + " | alphas (seed 0) |",
-        "|---|" + "---|---|" * len(heads) + "---|",
+        "| head | method | seeds | ACC | AAA | forgetting | alphas (first seed) |",
+        "|---|---|---|---|---|---|---|",
     ]
-    for m in METHODS:
-        rs = [r for r in results if r["method"] == m]
-        if not rs:
-            continue
-        cells = []
-        for h in heads:
-            for key in ("ACC", "forgetting"):
-                vals = [r["by_head"][h][key] for r in rs if r["by_head"][h][key] is not None]
-                if not vals:
-                    cells.append("-")
-                    continue
-                sd = statistics.stdev(vals) if len(vals) > 1 else 0.0
-                cells.append(f"{statistics.mean(vals):.3f} ± {sd:.3f}")
-        a = rs[0]["alphas"]
-        alphas = ", ".join("-" if x is None else f"{x:.2g}" for x in a)
-        rows.append(f"| {m} (n={len(rs)}) | " + " | ".join(cells) + f" | {alphas} |")
+    for h in heads:
+        for m in METHODS:
+            rs = [r for r in results if r["method"] == m]
+            if not rs:
+                continue
+            cells = [
+                _mean_std([r["by_head"][h][k] for r in rs if r["by_head"][h][k] is not None])
+                for k in ("ACC", "AAA", "forgetting")
+            ]
+            alphas = ", ".join("-" if x is None else f"{x:.2g}" for x in rs[0]["alphas"])
+            rows.append(f"| {h} | {m} | {len(rs)} | " + " | ".join(cells) + f" | {alphas} |")
     return "\n".join(rows)
 
 
