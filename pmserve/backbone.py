@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from .errors import PMError
+from .tasks import Split
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -139,3 +140,32 @@ def load_encoder(spec: str, kind: str, max_length: int = 128) -> tuple[Encoder, 
         raise PMError(f"{spec}: a {'image' if is_image else 'text'} model cannot read {kind} tasks")
     model.eval()
     return Encoder(model, kind), Preprocessor(path, kind, max_length), path
+
+
+def split_batches(prep: Preprocessor, split: Split, order: torch.Tensor, bs: int, device: torch.device):
+    """(model inputs on `device`, labels) for the inputs `order` of `split`, in chunks of `bs`."""
+    for i in range(0, len(order), bs):
+        idx = order[i : i + bs].tolist()
+        batch = prep([split.inputs[j] for j in idx])
+        yield {k: v.to(device) for k, v in batch.items()}, [split.labels[j] for j in idx]
+
+
+@torch.no_grad()
+def split_features(
+    encoder: Encoder, prep: Preprocessor, split: Split, device: torch.device, bs: int = 128
+) -> torch.Tensor:
+    """Pooled features of every input of `split`, in its order; batches are formed by input length so little
+    padding is computed.
+
+    On several ranks (torchrun) each computes every world-th input of that order, and the sum over the ranks of
+    the zero-filled shares gives every rank all the features.
+    """
+    from . import distributed
+
+    lengths = [len(x) if isinstance(x, str) else 0 for x in split.inputs]
+    order = torch.tensor(sorted(range(len(lengths)), key=lengths.__getitem__), dtype=torch.long)
+    mine = order[distributed.rank() :: distributed.world()]
+    parts = [encoder(**b) for b, _ in split_batches(prep, split, mine, bs, device)]
+    feats = torch.cat(parts).float() if parts else torch.zeros(0, encoder.hidden_size, device=device)
+    full = torch.zeros(len(order), feats.shape[1], device=feats.device)
+    return distributed.all_reduce_sum(full.index_copy_(0, mine.to(feats.device), feats))

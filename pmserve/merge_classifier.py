@@ -142,8 +142,8 @@ def calibrate(
     plan: MergePlan, tasks: list[Task], seed: int, kind: str, like: Scorer | None, log: Callable[[str], None]
 ) -> Scorer:
     """A `kind` classifier built from the tasks' training features computed with the merged model of `plan`."""
-    from .backbone import load_encoder
-    from .task_fisher import find_linears, split_features
+    from .backbone import load_encoder, split_features
+    from .task_fisher import find_linears
 
     inputs = plan.inputs
     lengths = [

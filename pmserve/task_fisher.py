@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .backbone import Encoder, Preprocessor, load_encoder
+from .backbone import Encoder, Preprocessor, load_encoder, split_batches, split_features
 from .errors import PMError
 from .fisher import diagonal_fisher
 from .heads import Prototypes
@@ -43,25 +43,6 @@ def fisher_order(split: Split, samples: int, generator: torch.Generator) -> torc
     order = torch.randperm(len(split.labels), generator=generator)[:samples]
     lengths = [len(split.inputs[j]) if isinstance(split.inputs[j], str) else 0 for j in order.tolist()]
     return order[torch.argsort(torch.tensor(lengths), stable=True)]
-
-
-def split_batches(prep: Preprocessor, split: Split, order: torch.Tensor, bs: int, device: torch.device):
-    """(model inputs on `device`, labels) for `order` in chunks of `bs`, as Learner.batches gives them."""
-    for i in range(0, len(order), bs):
-        idx = order[i : i + bs].tolist()
-        batch = prep([split.inputs[j] for j in idx])
-        yield {k: v.to(device) for k, v in batch.items()}, [split.labels[j] for j in idx]
-
-
-@torch.no_grad()
-def split_features(
-    encoder: Encoder, prep: Preprocessor, split: Split, device: torch.device, bs: int = 128
-) -> torch.Tensor:
-    """Pooled features of every input of `split`, in its order (batched by length, as Learner.features)."""
-    lengths = [len(x) if isinstance(x, str) else 0 for x in split.inputs]
-    order = torch.tensor(sorted(range(len(lengths)), key=lengths.__getitem__), dtype=torch.long)
-    feats = torch.cat([encoder(**b) for b, _ in split_batches(prep, split, order, bs, device)]).float()
-    return torch.empty_like(feats).index_copy_(0, order.to(feats.device), feats)
 
 
 def task_fisher(

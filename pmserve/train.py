@@ -41,7 +41,7 @@ from .adapters import (
     set_merged,
     task_vectors,
 )
-from .backbone import Encoder, Preprocessor, load_encoder
+from .backbone import Encoder, Preprocessor, load_encoder, split_batches, split_features
 from .errors import PMError
 from .fisher import diagonal_fisher
 from .heads import HEADS, TRAIN_HEADS, LabelHead, Prototypes, Ridge, Scorer, load_scorer, save_scorer
@@ -207,26 +207,10 @@ class Learner:
     # ---- batches
 
     def batches(self, split: Split, order: torch.Tensor, bs: int):
-        for i in range(0, len(order), bs):
-            idx = order[i : i + bs].tolist()
-            batch = self.prep([split.inputs[j] for j in idx])
-            yield {k: v.to(self.device) for k, v in batch.items()}, [split.labels[j] for j in idx]
+        return split_batches(self.prep, split, order, bs, self.device)
 
-    @torch.no_grad()
     def features(self, split: Split, bs: int = 128) -> torch.Tensor:
-        """Features of a split in its order; batches are formed by input length so little padding is computed.
-
-        On several ranks each computes every world-th input of that order, and the sum over ranks of the
-        zero-filled shares gives every rank all the features.
-        """
-        lengths = [len(x) if isinstance(x, str) else 0 for x in split.inputs]
-        order = torch.tensor(sorted(range(len(lengths)), key=lengths.__getitem__), dtype=torch.long)
-        mine = order[distributed.rank() :: distributed.world()]
-        parts = [self.encoder(**b) for b, _ in self.batches(split, mine, bs)]
-        dim = self.encoder.hidden_size
-        feats = torch.cat(parts).float() if parts else torch.zeros(0, dim, device=self.device)
-        full = torch.zeros(len(order), feats.shape[1], device=feats.device)
-        return distributed.all_reduce_sum(full.index_copy_(0, mine.to(feats.device), feats))
+        return split_features(self.encoder, self.prep, split, self.device, bs)
 
     @torch.no_grad()
     def accuracy(self, split: Split) -> dict[str, float]:
