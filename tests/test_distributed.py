@@ -35,7 +35,17 @@ def cli(data, model, out, *extra):
     for k, v in OPTIONS.items():
         argv += [f"--{k.replace('_', '-')}", ",".join(v) if isinstance(v, list) else str(v)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.run([*argv, "--quiet", *extra], capture_output=True, text=True, env=env, timeout=300)
+    proc = subprocess.run([*argv, "--quiet", *extra], capture_output=True, text=True, env=env, timeout=300)
+    if "(exit code -6)" in proc.stderr and "--nproc" in extra:
+        # A rare abort of a gloo rank ("terminate called without an active exception": once in about 20
+        # launches on a loaded 2-core machine, cause not yet found; see the closing note of stop 12) gets one
+        # more launch, from scratch or resuming as the call asked. Any other failure fails the test.
+        if "--resume" not in extra:
+            shutil.rmtree(out, ignore_errors=True)
+        proc = subprocess.run(
+            [*argv, "--quiet", *extra], capture_output=True, text=True, env=env, timeout=300
+        )
+    return proc
 
 
 def files(run):
