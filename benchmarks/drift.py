@@ -12,16 +12,13 @@ from __future__ import annotations
 
 import argparse
 import json
-from dataclasses import fields
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from pmserve.backbone import load_encoder
 from pmserve.heads import Prototypes, Ridge
-from pmserve.tasks import load_tasks
-from pmserve.train import Learner, TrainConfig
+from pmserve.train import open_run
 
 
 def main() -> None:
@@ -29,17 +26,12 @@ def main() -> None:
     ap.add_argument("run", type=Path)
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
-    raw = json.loads((args.run / "config.json").read_text())
-    cfg = TrainConfig(**{f.name: raw[f.name] for f in fields(TrainConfig) if f.name in raw})
-    tasks = load_tasks(cfg.data, cfg.seed)
-    enc, prep, _ = load_encoder(cfg.model, tasks[0].kind, cfg.max_length)
-    learner = Learner(cfg, enc, prep, torch.device("cpu"))
-    last = sorted(p for p in (args.run / "tasks").iterdir() if not p.name.startswith("."))[-1]
-    learner.load_state(last)
+    cfg, tasks, learner, _ = open_run(args.run)
+    dim = learner.encoder.hidden_size
     stored = {k: c for k, c in learner.classifiers.items() if isinstance(c, (Prototypes, Ridge))}
     fresh = {
-        "prototype": Prototypes(enc.hidden_size),
-        "ridge": Ridge(enc.hidden_size, cfg.ridge_dim, cfg.seed),
+        "prototype": Prototypes(dim),
+        "ridge": Ridge(dim, cfg.ridge_dim, cfg.seed),
     }
     per_task = []
     for i, t in enumerate(tasks):

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-from dataclasses import fields
 from pathlib import Path
 
 import torch
@@ -23,9 +22,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 
 from pmserve.adapters import set_merged
-from pmserve.backbone import load_encoder
-from pmserve.tasks import load_tasks
-from pmserve.train import Learner, TrainConfig
+from pmserve.train import open_run
 
 
 def main() -> None:
@@ -33,13 +30,8 @@ def main() -> None:
     ap.add_argument("run", type=Path)
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
-    raw = json.loads((args.run / "config.json").read_text())
-    cfg = TrainConfig(**{f.name: raw[f.name] for f in fields(TrainConfig) if f.name in raw})
-    tasks = load_tasks(cfg.data, cfg.seed)
-    enc, prep, _ = load_encoder(cfg.model, tasks[0].kind, cfg.max_length)
-    learner = Learner(cfg, enc, prep, torch.device("cpu"))
-    folders = sorted(p for p in (args.run / "tasks").iterdir() if not p.name.startswith("."))
-    learner.load_state(folders[-1])  # the final training head: every task's rows as trained on that task
+    # the final training head: every task's rows as trained on that task
+    _, tasks, learner, folders = open_run(args.run)
     merged = [load_file(str(f / "merged.safetensors")) for f in folders]
     deltas = [load_file(str(f / "delta.safetensors")) for f in folders]
     fishers = [load_file(str(f / "fisher.safetensors")) for f in folders]

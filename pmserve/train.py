@@ -22,7 +22,7 @@ import json
 import os
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import torch
@@ -457,6 +457,19 @@ def _prepare_out(out: Path, cfg: TrainConfig, resume: bool) -> None:
 
 def _task_dir(out: Path, i: int, name: str) -> Path:
     return out / "tasks" / f"{i:02d}-{name}"
+
+
+def open_run(run: Path, device: str = "cpu") -> tuple[TrainConfig, list[Task], Learner, list[Path]]:
+    """A finished RUN for measurements: its config, tasks, a Learner in the state after its last task, and its
+    task folders in order. Keys a newer TrainConfig does not know are ignored."""
+    raw = json.loads((run / "config.json").read_text())
+    cfg = TrainConfig(**{f.name: raw[f.name] for f in fields(TrainConfig) if f.name in raw})
+    tasks = load_tasks(cfg.data, cfg.seed)
+    encoder, prep, _ = load_encoder(cfg.model, tasks[0].kind, cfg.max_length)
+    learner = Learner(cfg, encoder, prep, torch.device(device))
+    folders = sorted(p for p in (run / "tasks").iterdir() if not p.name.startswith("."))
+    learner.load_state(folders[-1])
+    return cfg, tasks, learner, folders
 
 
 def train(cfg: TrainConfig, out: Path | str, resume: bool = False, progress: bool = True, log=print) -> dict:
