@@ -9,8 +9,8 @@ task's classes, summed over the batch, true labels, on up to `samples` training 
 training draws them with. The Fisher is of the full adapted weights, so it does not matter whether the model holds
 W_0 + Delta as plain weights (here) or as a LoRA-wrapped layer (training): the gradient w.r.t. W is the same.
 
-`task_fisher` is the part training could share: Learner._fisher is task_fisher with its linear/cosine head's
-logits as `logits_fn` and its label-sampling ablation as `sample_labels`.
+`task_fisher` is the one implementation: Learner._fisher calls it with its linear/cosine head's logits (and
+the label-sampling ablation), DataFisher with prototype logits.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import distributed
 from .backbone import Encoder, Preprocessor, load_encoder, split_batches, split_features
 from .errors import PMError
 from .fisher import diagonal_fisher
@@ -59,19 +60,32 @@ def task_fisher(
 ) -> Tensors:
     """The diagonal Fisher of cross-entropy over `classes` (logits_fn(features) has one column per class) on the
     samples `order` of `split`, w.r.t. each layer's full weight. True labels, or with `sample_labels` labels drawn
-    from the model's own softmax (the true Fisher's estimator)."""
+    from the model's own softmax (the true Fisher's estimator).
+
+    The batches are the global ones of one process; on several ranks each takes its slice (distributed.shard),
+    and sampled labels are drawn for the whole global batch (Exp(1) draws q, label argmax p / q, a draw from p),
+    so neither the samples nor the labels depend on the number of ranks.
+    """
     target_of = {y: k for k, y in enumerate(classes)}
 
-    def loss_fn(batch, ys):
+    def loss_fn(batch, targets):
         logits = logits_fn(encoder(**batch))
-        if sample_labels is not None:
+        if sample_labels is not None:  # targets are the Exp(1) draws q
             probs = torch.softmax(logits.detach().float().cpu(), -1)
-            ys = torch.multinomial(probs, 1, generator=sample_labels).squeeze(1).to(logits.device)
-        return F.cross_entropy(logits, ys, reduction="sum")
+            targets = (probs / targets).argmax(1).to(logits.device)
+        return F.cross_entropy(logits, targets, reduction="sum")
 
     def batches():
-        for batch, labels in split_batches(prep, split, order, batch_size, device):
-            yield batch, torch.tensor([target_of[y] for y in labels], device=device)
+        for k in range(0, len(order), batch_size):
+            glob = order[k : k + batch_size]
+            rows = distributed.shard(len(glob))
+            if sample_labels is not None:
+                q = torch.empty(len(glob), len(classes)).exponential_(1, generator=sample_labels)
+            part = glob[rows]
+            if len(part):
+                batch, labels = next(split_batches(prep, split, part, len(part), device))
+                ys = torch.tensor([target_of[y] for y in labels], device=device)
+                yield batch, q[rows] if sample_labels is not None else ys
 
     return diagonal_fisher(dict(layers), batches(), loss_fn)
 

@@ -43,11 +43,10 @@ from .adapters import (
 )
 from .backbone import Encoder, Preprocessor, load_encoder, split_batches, split_features
 from .errors import PMError
-from .fisher import diagonal_fisher
 from .heads import HEADS, TRAIN_HEADS, LabelHead, Prototypes, Ridge, Scorer, load_scorer, save_scorer
 from .merge import FisherSums, Tensors, merge_step, task_alpha
 from .perturb import FusedPerturbation, Perturbation, use_fused_kernel
-from .task_fisher import fisher_order
+from .task_fisher import fisher_generator, fisher_order, task_fisher
 from .tasks import Split, Task, load_tasks
 
 TRAIN_METHODS = ("pm", "merge", "seq", "avg", "frozen", "joint")
@@ -281,40 +280,29 @@ class Learner:
         self.head.commit(task.classes, w, b)
         if peft_model is None:
             return None, {}, {}
-        fisher = self._fisher(task, i, layers, w, b, target_of)
+        fisher = self._fisher(task, i, layers, w, b)
         return peft_model, task_vectors(peft_model), fisher
 
-    def _fisher(self, task: Task, i: int, layers, w, b, target_of) -> Tensors:
+    def _fisher(self, task: Task, i: int, layers, w, b) -> Tensors:
         """The diagonal Fisher at theta*_t over the task's training loss, no perturbation.
 
         `fisher_labels="true"` is the empirical Fisher of PM_METHOD.md; "sampled" draws each label from the
         model's own prediction (the true Fisher's estimator), an ablation of issue 6.
         """
-        gen = _generator(self.cfg.seed, i, 3)
+        gen = fisher_generator(self.cfg.seed, i)
         order = fisher_order(task.train, self.cfg.fisher_samples, gen)
-        sampled = self.cfg.fisher_labels == "sampled"
-
-        def loss_fn(batch, targets):
-            logits = self.head.logits(self.encoder(**batch), w.detach(), b.detach())
-            # targets are then Exp(1) draws q: argmax p / q is a draw from p (what torch.multinomial does)
-            if sampled:
-                probs = torch.softmax(logits.detach().float().cpu(), -1)
-                targets = (probs / targets).argmax(1).to(logits.device)
-            return F.cross_entropy(logits, targets, reduction="sum")
-
-        def batches():  # the global batches of one process; each rank takes its slice
-            for k in range(0, len(order), self.cfg.batch_size):
-                glob = order[k : k + self.cfg.batch_size]
-                rows = distributed.shard(len(glob))
-                if sampled:  # drawn for the whole global batch, so the labels do not depend on the ranks
-                    q = torch.empty(len(glob), len(task.classes)).exponential_(1, generator=gen)
-                part = glob[rows]
-                if len(part):
-                    batch, labels = next(self.batches(task.train, part, len(part)))
-                    ys = torch.tensor([target_of[y] for y in labels], device=self.device)
-                    yield batch, q[rows] if sampled else ys
-
-        return diagonal_fisher(layers, batches(), loss_fn)
+        return task_fisher(
+            self.encoder,
+            self.prep,
+            layers,
+            task.train,
+            task.classes,
+            lambda feats: self.head.logits(feats, w.detach(), b.detach()),
+            order,
+            self.cfg.batch_size,
+            self.device,
+            sample_labels=gen if self.cfg.fisher_labels == "sampled" else None,
+        )
 
     def merge(self, t: int, delta: Tensors, fisher: Tensors) -> float:
         """alpha_t and W_hat_t = W_hat_{t-1} + alpha_t Delta_t (t is 1-based)."""

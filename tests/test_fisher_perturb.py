@@ -103,3 +103,48 @@ def test_draw_frequencies_and_values():
     assert all(abs(c / 30000 - 1 / 3) < 0.015 for c in counts.tolist())
     with pytest.raises(ValueError, match="eps"):
         Perturbation([], eps=1.0)
+
+
+def test_sampled_label_fisher_converges_to_the_true_fisher():
+    """task_fisher's label draws (argmax p / q, q ~ Exp(1)) against the analytic sum_y p_y g_y^2 of each sample;
+    the empirical Fisher (true labels) is far from it, so the comparison can tell them apart."""
+    from pmserve.task_fisher import task_fisher
+    from pmserve.tasks import Split
+
+    model = make_peft(2)
+    layers = lora_layers(model)
+    x = torch.randn(3, 3, 6) * 2
+    split = Split(inputs=[0, 1, 2], labels=["a", "b", "c"])
+    classes = ["a", "b", "c", "d"]
+    order = torch.arange(3).repeat(2000)  # each sample 2000 times, each time its own draw
+
+    def run(sample_labels):
+        return task_fisher(
+            lambda x: model(x),
+            lambda idx: {"x": x[idx]},
+            layers,
+            split,
+            classes,
+            lambda logits: logits,
+            order,
+            500,
+            torch.device("cpu"),
+            sample_labels=sample_labels,
+        )
+
+    sampled = run(torch.Generator().manual_seed(0))
+    empirical = run(None)
+    # reference: per sample and class, autograd on explicit full weights W + Delta, weighted by the model's p_y
+    deltas = task_vectors(model)
+    ws = {k: (m.base_layer.weight + deltas[k]).detach().requires_grad_() for k, m in layers.items()}
+    true = {k: torch.zeros_like(w) for k, w in ws.items()}
+    for n in range(3):
+        out = _reference(model, layers, x[n : n + 1], ws)
+        p = torch.softmax(out.detach(), -1)[0]
+        for y in range(4):
+            loss = nn.functional.cross_entropy(out, torch.tensor([y]))
+            for k, g in zip(ws, torch.autograd.grad(loss, list(ws.values()), retain_graph=True)):
+                true[k] += p[y] * g.pow(2) / 3
+    for k in true:
+        assert (sampled[k] - true[k]).norm() / true[k].norm() < 0.05, k
+        assert (empirical[k] - true[k]).norm() / true[k].norm() > 0.2, k
