@@ -66,7 +66,7 @@ def train(
     max_length: int = typer.Option(64, help="Maximum tokens per text."),
     fisher_samples: int = typer.Option(512, help="Training samples for the diagonal Fisher."),
     fisher_labels: str = typer.Option(
-        "true", help="Fisher labels: true (empirical) | sampled (from the model)."
+        "sampled", help="Fisher labels: sampled (from the model: the true Fisher) | true (the empirical one)."
     ),
     ridge_dim: int = typer.Option(2000, help="Random projection size of the ridge head."),
     ridge_lambda: float = typer.Option(

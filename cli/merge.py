@@ -55,6 +55,10 @@ def register(app: typer.Typer) -> None:
             "without fisher.safetensors; task t pairs with adapter t. Without it: the identity Hessian.",
         ),
         fisher_samples: int = typer.Option(512, help="Training examples per task for the --data Fisher."),
+        fisher_labels: str = typer.Option(
+            "sampled",
+            help="Labels of the --data Fisher: sampled (from the model) | true, as `pmserve train`.",
+        ),
         calibrate: str = typer.Option(
             "",
             "--calibrate",
@@ -83,6 +87,7 @@ def register(app: typer.Typer) -> None:
             max_shard_size=max_shard_size,
             data=data or None,
             fisher_samples=fisher_samples,
+            fisher_labels=fisher_labels,
             calibrate=calibrate or None,
             calibrate_head=calibrate_head or None,
         )

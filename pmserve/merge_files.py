@@ -516,6 +516,7 @@ class MergeOptions:
     max_shard_size: str = "5GB"
     data: str | None = None  # pm: tasks to compute missing Fishers from (task t pairs with adapter t)
     fisher_samples: int = 512
+    fisher_labels: str = "sampled"  # as TrainConfig.fisher_labels
     calibrate: str | None = None  # tasks to recompute the inference classifier on, with the merged model
     calibrate_head: str | None = None  # prototype | ridge (default: the carried kind, else ridge)
 
@@ -560,6 +561,8 @@ class MergeOptions:
             raise PMError("--calibrate-head: only with --calibrate DATA")
         if self.fisher_samples < 1:
             raise PMError(f"--fisher-samples: must be at least 1, got {self.fisher_samples}")
+        if self.fisher_labels not in ("true", "sampled"):
+            raise PMError(f"--fisher-labels: must be true or sampled, got {self.fisher_labels!r}")
         parse_size(self.max_shard_size)
 
 
@@ -823,6 +826,7 @@ def data_fisher(inputs: Inputs, opts: MergeOptions) -> FisherFor:
         opts.seed,
         opts.fisher_samples,
         max_length=lengths[0] if lengths else 128,
+        labels=opts.fisher_labels,
     )
 
     def fisher_for(index: int, alphas: list[float]) -> dict[str, torch.Tensor]:

@@ -5,12 +5,13 @@
 `pmserve merge --data` rebuilds the model at theta*_t, fits a classifier on that model's own training features
 (class-mean prototypes with cosine logits at the training cosine scale: it needs no training and its cross-entropy
 is well defined), and takes the same Fisher as training: fisher.diagonal_fisher of the cross-entropy over the
-task's classes, summed over the batch, true labels, on up to `samples` training examples drawn with the generator
-training draws them with. The Fisher is of the full adapted weights, so it does not matter whether the model holds
-W_0 + Delta as plain weights (here) or as a LoRA-wrapped layer (training): the gradient w.r.t. W is the same.
+task's classes, summed over the batch, with labels drawn from the model (or the true ones), on up to `samples`
+training examples drawn with the generator training draws them with. The Fisher is of the full adapted weights,
+so it does not matter whether the model holds W_0 + Delta as plain weights (here) or as a LoRA-wrapped layer
+(training): the gradient w.r.t. W is the same.
 
-`task_fisher` is the one implementation: Learner._fisher calls it with its linear/cosine head's logits (and
-the label-sampling ablation), DataFisher with prototype logits.
+`task_fisher` is the one implementation: Learner._fisher calls it with its linear/cosine head's logits,
+DataFisher with prototype logits.
 """
 
 from __future__ import annotations
@@ -134,6 +135,7 @@ class DataFisher:
         max_length: int = 128,
         scale: float = DEFAULT_SCALE,
         device: str = "cpu",
+        labels: str = "sampled",
     ):
         if samples < 1:
             raise PMError(f"--fisher-samples: must be at least 1, got {samples}")
@@ -147,6 +149,7 @@ class DataFisher:
             batch_size,
             scale,
         )
+        self.sampled = labels == "sampled"
         self.device = torch.device(device)
         encoder, self.prep, _ = load_encoder(base, kinds.pop(), max_length)
         self.encoder = encoder.float().to(self.device)
@@ -181,6 +184,7 @@ class DataFisher:
             order,
             self.batch_size,
             self.device,
+            sample_labels=gen if self.sampled else None,
         )
         for m in self.layers.values():
             m.weight.grad = None

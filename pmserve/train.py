@@ -74,7 +74,7 @@ class TrainConfig:
     weight_decay: float = 0.01
     max_length: int = 64
     fisher_samples: int = 512
-    fisher_labels: str = "true"
+    fisher_labels: str = "sampled"  # measured best (BENCHMARKS.md); runs from before the option used "true"
     clip_alpha: bool = True
     cosine_scale: float = 16.0
     ridge_dim: int = 2000
@@ -415,6 +415,16 @@ def _joint_task(tasks: list[Task]) -> Task:
     return Task("joint", tasks[0].kind, tr, te, classes)
 
 
+# What a run whose config.json predates an option used for it, where that is not the option's default today.
+PREDATES = {"fisher_labels": "true"}
+
+
+def _saved_config(raw: dict) -> dict:
+    """A saved config.json as today's TrainConfig fields: options added since get the value the run used."""
+    names = {f.name for f in fields(TrainConfig)}
+    return {**PREDATES, **{k: v for k, v in raw.items() if k in names}}
+
+
 def _prepare_out(out: Path, cfg: TrainConfig, resume: bool) -> None:
     cfg_path = out / "config.json"
     if cfg_path.exists():
@@ -427,9 +437,9 @@ def _prepare_out(out: Path, cfg: TrainConfig, resume: bool) -> None:
         except (OSError, json.JSONDecodeError) as e:
             raise PMError(f"{cfg_path}: unreadable ({e})") from None
         mine = cfg.results_key()
-        # a key the older run's config lacks was added since with its default: the run used the default
-        defaults = TrainConfig(data=cfg.data).results_key()
-        diff = [k for k in mine if old.get(k, defaults[k]) != mine[k]]
+        # a key the older run's config lacks was added since: the run used PREDATES' value, else the default
+        old = asdict(TrainConfig(**{"data": cfg.data, **_saved_config(old)}))
+        diff = [k for k in mine if old[k] != mine[k]]
         if diff:
             k = diff[0]
             raise PMError(
@@ -450,8 +460,7 @@ def _task_dir(out: Path, i: int, name: str) -> Path:
 def open_run(run: Path, device: str = "cpu") -> tuple[TrainConfig, list[Task], Learner, list[Path]]:
     """A finished RUN for measurements: its config, tasks, a Learner in the state after its last task, and its
     task folders in order. Keys a newer TrainConfig does not know are ignored."""
-    raw = json.loads((run / "config.json").read_text())
-    cfg = TrainConfig(**{f.name: raw[f.name] for f in fields(TrainConfig) if f.name in raw})
+    cfg = TrainConfig(**_saved_config(json.loads((run / "config.json").read_text())))
     tasks = load_tasks(cfg.data, cfg.seed)
     encoder, prep, _ = load_encoder(cfg.model, tasks[0].kind, cfg.max_length)
     learner = Learner(cfg, encoder, prep, torch.device(device))

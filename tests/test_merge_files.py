@@ -282,7 +282,10 @@ def test_pm_fisher_from_data_equals_brute_force(foreign, tiny_model, tiny_tasks,
     ref = merge_adapters(with_files, tmp_path / "ref", options=MergeOptions("pm"), **QUIET)
     ident = merge_adapters(foreign, tmp_path / "id", options=MergeOptions("pm"), **QUIET)
     got = merge_adapters(
-        foreign, tmp_path / "m-data", options=MergeOptions("pm", data=str(tiny_tasks)), **QUIET
+        foreign,
+        tmp_path / "m-data",
+        options=MergeOptions("pm", data=str(tiny_tasks), fisher_labels="true"),  # the brute force's labels
+        **QUIET,
     )
     assert ref["fisher"] == "files" and ident["fisher"] == "identity" and got["fisher"] == "data"
     assert [i["fisher"] for i in got["inputs"]] == ["data"] * 3
@@ -291,11 +294,16 @@ def test_pm_fisher_from_data_equals_brute_force(foreign, tiny_model, tiny_tasks,
     assert max(abs(a - b) for a, b in zip(got["alphas"], ident["alphas"])) > 1e-2
     saved = json.loads((tmp_path / "m-data" / "merge_report.json").read_text())
     assert saved["fisher"] == "data" and saved["options"]["data"] == str(tiny_tasks)
+    sampled = merge_adapters(  # the default: labels drawn from the model, as `pmserve train` takes them
+        foreign, tmp_path / "m-sampled", options=MergeOptions("pm", data=str(tiny_tasks)), **QUIET
+    )
+    assert sampled["options"]["fisher_labels"] == "sampled"
+    assert max(abs(a - b) for a, b in zip(sampled["alphas"], ref["alphas"])) > 1e-3
     # mixed: files where present, --data for the rest
     mixed = merge_adapters(
         [with_files[0], foreign[1], with_files[2]],
         tmp_path / "mixed",
-        options=MergeOptions("pm", data=str(tiny_tasks)),
+        options=MergeOptions("pm", data=str(tiny_tasks), fisher_labels="true"),
         **QUIET,
     )
     assert mixed["fisher"] == "files+data" and [i["fisher"] for i in mixed["inputs"]] == [

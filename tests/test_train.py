@@ -111,7 +111,16 @@ def test_resume_equals_uninterrupted(tiny_model, tiny_tasks, tmp_path, head, ext
     with pytest.raises(PMError, match="rank is 2, this run.s is 5"):  # ranks differ: another run
         train(config(tiny_tasks, tiny_model, head=head, ridge_dim=64, eval_heads=extra, rank=5), part, True)
     old_cfg = json.loads((part / "config.json").read_text())
-    del old_cfg["fisher_labels"]  # a run from before the option existed: it used the default
+    assert old_cfg["fisher_labels"] == "sampled"
+    old_cfg["fisher_labels"] = "true"
+    (part / "config.json").write_text(json.dumps(old_cfg))
+    with pytest.raises(PMError, match="fisher_labels is 'true', this run's is 'sampled'"):
+        train(config(tiny_tasks, tiny_model, head=head, ridge_dim=64, eval_heads=extra), part, True)
+    del old_cfg["fisher_labels"]  # a run from before the option existed: it used true labels
+    (part / "config.json").write_text(json.dumps(old_cfg))
+    with pytest.raises(PMError, match="fisher_labels is 'true'"):
+        train(config(tiny_tasks, tiny_model, head=head, ridge_dim=64, eval_heads=extra), part, True)
+    old_cfg["fisher_labels"] = "sampled"
     (part / "config.json").write_text(json.dumps(old_cfg))
     resumed = train(
         config(tiny_tasks, tiny_model, head=head, ridge_dim=64, eval_heads=extra),
