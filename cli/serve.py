@@ -22,7 +22,9 @@ def register(app: typer.Typer) -> None:
             [], "--name", help="Model name, once per bundle in order (default: the bundle folder's name)."
         ),
         max_batch: int = typer.Option(32, help="Most inputs in one model call."),
-        max_wait_ms: float = typer.Option(5.0, help="Longest wait for a batch to fill, in milliseconds."),
+        max_wait_ms: float = typer.Option(
+            5.0, help="Longest wait for a batch to fill, in milliseconds (only under concurrency)."
+        ),
         provider: str = typer.Option("auto", help="auto | cpu | cuda (ONNX Runtime execution provider)."),
         max_inputs: int = typer.Option(256, help="Most inputs in one request (413 past it)."),
         max_text_chars: int = typer.Option(8192, help="Longest text in characters (413 past it)."),

@@ -175,7 +175,12 @@ class _Job:
 class Batcher:
     """Gathers one model's concurrent requests into batches of at most `max_batch` inputs, waiting at most
     `max_wait_s` after the oldest request arrived, and runs each batch as one model call (padded to its longest
-    input by the tokenizer) in a worker thread; each caller gets back its own rows."""
+    input by the tokenizer) in a worker thread; each caller gets back its own rows.
+
+    The wait only pays under concurrency, so it adapts: after a batch that held a single request with nothing
+    else queued, the next request runs at once (a lone client does not pay max_wait_s per call); as soon as
+    requests queue up together again (they arrived while the model was busy), batches wait again.
+    """
 
     def __init__(self, served: Served, max_batch: int, max_wait_s: float, metrics: Metrics):
         self.served, self.max_batch, self.max_wait = served, max_batch, max_wait_s
@@ -183,6 +188,7 @@ class Batcher:
         self.pending: deque[_Job] = deque()
         self.pending_inputs = 0
         self.closing = False
+        self.company = True  # whether the last batch had company: only then wait for more
         self.executor = ThreadPoolExecutor(1, thread_name_prefix=f"infer-{served.name}")
         self._wake: asyncio.Event | None = None
         self._task: asyncio.Task | None = None
@@ -224,7 +230,7 @@ class Batcher:
                     return
                 self._wake.clear()
                 await self._wake.wait()
-            deadline = self.pending[0].queued + self.max_wait
+            deadline = self.pending[0].queued + (self.max_wait if self.company else 0.0)
             while self.pending_inputs < self.max_batch and not self.closing:
                 left = deadline - time.perf_counter()
                 if left <= 0:
@@ -234,7 +240,9 @@ class Batcher:
                     await asyncio.wait_for(self._wake.wait(), left)
                 except asyncio.TimeoutError:
                     break
-            await self._run(self._take(), loop)
+            jobs = self._take()
+            self.company = len(jobs) > 1 or bool(self.pending)
+            await self._run(jobs, loop)
 
     def _take(self) -> list[_Job]:
         """The oldest jobs that fit in one batch (the first always does: requests are split to max_batch)."""

@@ -282,3 +282,40 @@ def test_image_bundle_takes_encoded_images_json_and_binary(tiny_vit, tmp_path):
 
         bad = c.post("/predict", json={"inputs": [base64.b64encode(b"not a png").decode()]})
         assert bad.status_code == 400 and "not a readable image" in bad.json()["error"]
+
+
+def test_batcher_waits_only_under_concurrency():
+    """A lone client's requests run at once (after the first, which waits for company that does not come);
+    requests that queue up together turn the wait back on. An in-process Batcher over a recording model."""
+    import asyncio
+    from types import SimpleNamespace
+
+    from pmserve.serve import Batcher, Metrics
+
+    sizes = []
+
+    def scores(inputs):
+        sizes.append(len(inputs))
+        return np.zeros((len(inputs), 2), np.float32)
+
+    async def main():
+        served = SimpleNamespace(name="m", model=SimpleNamespace(scores=scores))
+        b = Batcher(served, max_batch=8, max_wait_s=0.5, metrics=Metrics())
+        b.start()
+
+        async def timed(*batches):
+            t = time.perf_counter()
+            await asyncio.gather(*(b.infer(x) for x in batches))
+            return time.perf_counter() - t
+
+        first = await timed(["a"])
+        lone = [await timed(["a"]) for _ in range(3)]
+        together = await timed(["a"], ["b"], ["c"])  # queued before the batcher looks: one batch, no wait
+        after = await timed(["a"])
+        await b.close()
+        return first, lone, together, after
+
+    first, lone, together, after = asyncio.run(main())
+    assert sizes == [1, 1, 1, 1, 3, 1]
+    assert first >= 0.45 and after >= 0.45, "the wait for company was skipped"
+    assert max(lone) < 0.25 and together < 0.25, "a lone request waited for company"
