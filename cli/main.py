@@ -55,7 +55,9 @@ def train(
     rank: int = typer.Option(10, help="LoRA rank."),
     lora_alpha: float = typer.Option(0.0, help="LoRA alpha (scaling = alpha / rank); 0 means alpha = rank."),
     target_modules: str = typer.Option(
-        "", help="Comma-separated module names to adapt (default: the attention key and value projections)."
+        "all-linear",
+        help="Modules to adapt: all-linear (every linear layer of the transformer blocks) | key-value (the "
+        "paper's attention key and value projections) | comma-separated names.",
     ),
     eps: float = typer.Option(0.5, help="Perturbation size: s in {1-eps, 1, 1+eps}."),
     perturb_per: str = typer.Option("step", help="Draw s per 'step' or per 'sample'."),

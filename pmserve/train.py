@@ -64,7 +64,7 @@ class TrainConfig:
     train_head: str = ""  # "" = cosine for --head cosine, else linear (what the benchmarks measured)
     rank: int = 10
     lora_alpha: float = 0.0  # 0 = same as rank (scaling 1)
-    target_modules: list[str] = field(default_factory=list)  # [] = the attention key and value projections
+    target_modules: list[str] = field(default_factory=lambda: ["all-linear"])  # or "key-value", or names
     eps: float = 0.5
     perturb_per: str = "step"
     epochs: int = 5
@@ -183,8 +183,7 @@ class Learner:
 
     def __init__(self, cfg: TrainConfig, encoder: Encoder, prep: Preprocessor, device: torch.device):
         self.cfg, self.encoder, self.prep, self.device = cfg, encoder.to(device), prep, device
-        if not cfg.target_modules:
-            cfg.target_modules = _key_value_names(encoder.model)
+        cfg.target_modules = resolve_targets(encoder.model, cfg.target_modules)
         self.names = _adapted_names(encoder.model, cfg.target_modules) if cfg.method != "frozen" else []
         mods = dict(encoder.model.named_modules())
         self.base: Tensors = {n: mods[n].weight.detach().cpu().clone() for n in self.names}
@@ -368,15 +367,32 @@ class _Net(nn.Module):
 KEY_VALUE_NAMES = (("key", "value"), ("k_proj", "v_proj"), ("k_lin", "v_lin"), ("k", "v"))
 
 
-def _key_value_names(model: nn.Module) -> list[str]:
-    """The paper's LoRA targets, the attention key and value projections, under this architecture's names."""
-    leaves = {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear)}
-    for pair in KEY_VALUE_NAMES:
-        if set(pair) <= leaves:
-            return list(pair)
-    raise PMError(
-        "--target-modules: cannot tell the attention key/value projections of this model; name them"
-    )
+def resolve_targets(model: nn.Module, targets: list[str]) -> list[str]:
+    """--target-modules as module names. "all-linear" (the default, measured best): every linear layer of the
+    transformer blocks, attention and feed-forward; "key-value": the paper's attention key and value projections;
+    anything else: names as PEFT takes them. Names are leaf names where those pick out nothing else (BERT's
+    query, key, value, dense), else full names, so config.json stays readable and PEFT adapts exactly these."""
+    if targets not in (["all-linear"], ["key-value"], []):
+        return list(targets)
+    linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    leaves = {n: n.rsplit(".", 1)[-1] for n in linears}
+    if targets == ["key-value"]:
+        for pair in KEY_VALUE_NAMES:
+            if set(pair) <= set(leaves.values()):
+                return list(pair)
+        raise PMError(
+            "--target-modules: cannot tell the attention key/value projections of this model; name them"
+        )
+    # all-linear, or [] (an empty --target-modules): the default. Saved configs hold resolved names.
+    inside = [n for n in linears if any(part.isdigit() for part in n.split("."))]  # in a repeated block
+    if not inside:
+        raise PMError(
+            "--target-modules: this model has no repeated blocks of linear layers; name the modules"
+        )
+    names = list(dict.fromkeys(leaves[n] for n in inside))
+    if any(leaves[n] in names for n in linears if n not in inside):  # e.g. a pooler's dense layer
+        return inside
+    return names
 
 
 def bucketed_batches(

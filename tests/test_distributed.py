@@ -70,7 +70,8 @@ def test_two_ranks_give_one_process_results_and_resume(tiny_model, tmp_path):
         f1 = load_file(str(tmp_path / "one" / "tasks" / task / "fisher.safetensors"))
         f2 = load_file(str(run / "tasks" / task / "fisher.safetensors"))
         for k in f1:
-            assert ((f1[k] - f2[k]).abs().max() / f1[k].abs().max()).item() < 1e-5, k
+            # the same sums of float32 squares, added in another order: a shard missing or counted twice is O(1)
+            assert ((f1[k] - f2[k]).abs().max() / f1[k].abs().max()).item() < 1e-4, k
     # rank 0 wrote every file, once: the same files as one process (and the plot), nothing temporary
     assert files(run) == sorted([*files(tmp_path / "one"), "acc_matrix.png"])
 

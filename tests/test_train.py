@@ -200,3 +200,30 @@ def test_bucketed_batches_cover_every_sample_once_with_little_padding():
     assert spread / len(batches) < 30  # random batches of 16 would spread over ~95
     again = bucketed_batches(lengths, 16, torch.Generator().manual_seed(0))
     assert all(torch.equal(a, b) for a, b in zip(batches, again))
+
+
+def test_target_modules_all_linear_is_peft_all_linear_without_the_pooler():
+    """The default targets against PEFT's own "all-linear" on a BERT with a pooler (which pools nothing here:
+    pmserve mean-pools), and "key-value" against the paper's choice."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import BertConfig, BertModel
+
+    from pmserve.train import _adapted_names, resolve_targets
+
+    def bert():
+        torch.manual_seed(0)
+        return BertModel(
+            BertConfig(hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=24)
+        )
+
+    peft = get_peft_model(bert(), LoraConfig(r=2, target_modules="all-linear"))
+    ref = {n.removeprefix("base_model.model.") for n, m in peft.named_modules() if hasattr(m, "lora_A")}
+    assert "pooler.dense" in ref
+    ours = resolve_targets(bert(), ["all-linear"])
+    assert set(_adapted_names(bert(), ours)) == ref - {"pooler.dense"}
+    assert resolve_targets(bert(), []) == ours
+    assert resolve_targets(bert(), ["key-value"]) == ["key", "value"]
+    assert resolve_targets(bert(), ["query"]) == ["query"]
+    # without a pooler the leaf names pick out exactly the blocks' layers
+    no_pool = BertModel(bert().config, add_pooling_layer=False)
+    assert resolve_targets(no_pool, ["all-linear"]) == ["query", "key", "value", "dense"]
