@@ -285,8 +285,8 @@ class Learner:
     def _fisher(self, task: Task, i: int, layers, w, b) -> Tensors:
         """The diagonal Fisher at theta*_t over the task's training loss, no perturbation.
 
-        `fisher_labels="true"` is the empirical Fisher of PM_METHOD.md; "sampled" draws each label from the
-        model's own prediction (the true Fisher's estimator), an ablation of issue 6.
+        `fisher_labels="sampled"` (the default) draws each label from the model's own prediction (the true
+        Fisher's estimator); "true" is the empirical Fisher of PM_METHOD.md, which vanishes where the model fits.
         """
         gen = fisher_generator(self.cfg.seed, i)
         order = fisher_order(task.train, self.cfg.fisher_samples, gen)
