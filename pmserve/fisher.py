@@ -3,9 +3,9 @@
 F = mean over samples of (d loss_n / d W)^2, loss_n at the label the caller gives (the true one: the empirical
 Fisher; one drawn from the model: the true Fisher, see task_fisher), for every adapted matrix W (the full out x
 in weight, not the LoRA factors: the merge acts on W). For a linear layer y = x W^T the per-sample gradient is
-sum over tokens of g_n^T x_n, so one batched forward/backward with hooks on each adapted layer gives every sample's gradient
-exactly; no per-sample backward loop. Samples never interact (no batch norm), so this is exact. On several
-ranks (torchrun) each passes its own share of the samples, and the sums of squares and the counts are summed
+sum over tokens of g_n^T x_n, so one batched forward/backward with hooks on each adapted layer gives every
+sample's gradient exactly; no per-sample backward loop. Samples never interact (no batch norm), so this is
+exact. On several ranks (torchrun) each passes its own share of the samples, and the sums of squares and the counts are summed
 over the ranks, so the mean is the one a single process computes over all of them.
 """
 
