@@ -5,8 +5,8 @@ Fisher; one drawn from the model: the true Fisher, see task_fisher), for every a
 in weight, not the LoRA factors: the merge acts on W). For a linear layer y = x W^T the per-sample gradient is
 sum over tokens of g_n^T x_n, so one batched forward/backward with hooks on each adapted layer gives every
 sample's gradient exactly; no per-sample backward loop. Samples never interact (no batch norm), so this is
-exact. On several ranks (torchrun) each passes its own share of the samples, and the sums of squares and the counts are summed
-over the ranks, so the mean is the one a single process computes over all of them.
+exact. On several ranks (torchrun) each passes its own share of the samples, and the sums of squares and the
+counts are summed over the ranks, so the mean is the one a single process computes over all of them.
 """
 
 from __future__ import annotations
