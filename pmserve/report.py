@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import sys
+from collections.abc import Callable
 from pathlib import Path
 
 from rich.console import Console
@@ -91,19 +93,32 @@ def load_metrics(run: Path) -> dict:
         raise PMError(f"{path}: unreadable ({e})") from None
 
 
+def _warn(msg: str) -> None:
+    print(f"pmserve: warning: {msg}", file=sys.stderr, flush=True)
+
+
 def compare_runs(
-    results: list[dict], names: list[str], plot: Path | None = None, console: Console | None = None
+    results: list[dict],
+    names: list[str],
+    plot: Path | None = None,
+    console: Console | None = None,
+    warn: Callable[[str], None] = _warn,
 ) -> None:
-    """Print ACC / AAA / forgetting side by side; refuse runs that differ in data, or warn when heads differ."""
+    """Print ACC / AAA / forgetting side by side. Refuse runs that differ in data; `warn` (one line each, by
+    default `pmserve: warning: ...` on stderr) when their heads or their numbers of tasks differ, as the
+    figures then measure different things."""
     console = console or Console()
     datas = {r["config"]["data"] for r in results}
     if len(datas) > 1:
         raise PMError(f"runs were trained on different data ({', '.join(sorted(datas))}); nothing to compare")
     heads = {r.get("head", "linear") for r in results}
     if len(heads) > 1:
-        console.print(
-            f"[bold red]warning:[/] runs use different heads ({', '.join(sorted(heads))}): "
-            "compare methods with the same head"
+        warn(f"runs use different heads ({', '.join(sorted(heads))}): compare methods with the same head")
+    counts = [len(r["tasks"]) for r in results]
+    if len(set(counts)) > 1:
+        each = ", ".join(f"{name}: {n}" for name, n in zip(names, counts))
+        warn(
+            f"runs have different numbers of tasks ({each}): ACC, AAA and forgetting average over different tasks"
         )
     t = Table(title=f"data {datas.pop()}")
     for c in ("run", "method", "head", "ACC", "AAA", "forgetting", "alphas", "seconds"):
