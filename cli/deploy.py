@@ -8,14 +8,9 @@ from pathlib import Path
 
 import typer
 
-from pmserve.errors import PMError
+from pmserve import defaults as D
 
-
-def _ints(text: str, option: str) -> list[int]:
-    try:
-        return [int(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise PMError(f"--{option}: expected comma-separated integers, got {text!r}") from None
+from .options import joined, parse_list
 
 
 def _echo_err(msg: str) -> None:
@@ -30,10 +25,14 @@ def register(app: typer.Typer) -> None:
     def export(
         merged: Path = typer.Argument(..., help="A RUN folder or a `pmserve merge --format full` folder."),
         out: Path = typer.Option(..., "--out", "-o", help="BUNDLE folder to write (must not exist)."),
-        dtype: str = typer.Option("fp32", help="fp32 | fp16 (fp16 for GPUs; the classifier stays fp32)."),
-        opset: int = typer.Option(17, help="ONNX opset, 14..20."),
+        dtype: str = typer.Option(
+            D.EXPORT_DTYPE, help="fp32 | fp16 (fp16 for GPUs; the classifier stays fp32)."
+        ),
+        opset: int = typer.Option(D.EXPORT_OPSET, help="ONNX opset, 14..20."),
         optimize: bool = typer.Option(
-            True, "--optimize/--no-optimize", help="ONNX Runtime transformer fusions (BERT-like, ViT)."
+            D.EXPORT_OPTIMIZE,
+            "--optimize/--no-optimize",
+            help="ONNX Runtime transformer fusions (BERT-like, ViT).",
         ),
         quantize: str = typer.Option(
             "", help="int8: dynamic int8 quantisation for CPUs (reports its accuracy drop)."
@@ -41,7 +40,9 @@ def register(app: typer.Typer) -> None:
         data: str = typer.Option(
             "", help="Task sequence for the int8 accuracy report (default: the source's)."
         ),
-        max_length: int = typer.Option(0, help="Tokenizer truncation (default: the source's)."),
+        max_length: int = typer.Option(
+            0, help=f"Tokenizer truncation (default: the source's, else {D.UNKNOWN_MAX_LENGTH})."
+        ),
         quiet: bool = typer.Option(False, "--quiet", "-q", help="Only the final line."),
     ):
         """Export a merged model to an ONNX bundle: model.onnx (scores over every class), tokenizer, labels, manifest."""
@@ -70,9 +71,11 @@ def register(app: typer.Typer) -> None:
             ...,
             help="Texts (or image paths), .txt files of lines, .jsonl files with a text/image field, or -.",
         ),
-        provider: str = typer.Option("auto", help="auto (CUDA when a GPU is present) | cpu | cuda."),
-        top_k: int = typer.Option(1, help="Labels to print per input."),
-        batch_size: int = typer.Option(64, help="Inputs per model call."),
+        provider: str = typer.Option(
+            D.PREDICT_PROVIDER, help="auto (CUDA when a GPU is present) | cpu | cuda."
+        ),
+        top_k: int = typer.Option(D.PREDICT_TOP_K, help="Labels to print per input."),
+        batch_size: int = typer.Option(D.PREDICT_BATCH_SIZE, help="Inputs per model call."),
         as_json: bool = typer.Option(
             False, "--json", help="One JSON object per input instead of tab-separated."
         ),
@@ -106,8 +109,8 @@ def register(app: typer.Typer) -> None:
         seed: int = typer.Option(
             None, help="Class order of a built-in sequence (default: the model's run's)."
         ),
-        provider: str = typer.Option("auto", help="auto | cpu | cuda."),
-        batch_size: int = typer.Option(64, help="Inputs per model call."),
+        provider: str = typer.Option(D.PREDICT_PROVIDER, help="auto | cpu | cuda."),
+        batch_size: int = typer.Option(D.PREDICT_BATCH_SIZE, help="Inputs per model call."),
         json_file: Path = typer.Option(None, "--json", help="Also write the results here."),
     ):
         """Accuracy on the test split of every task, and overall."""
@@ -125,30 +128,32 @@ def register(app: typer.Typer) -> None:
     @user_errors
     def bench(
         model: Path = typer.Argument(..., help="A BUNDLE or a merged model folder (exported on the fly)."),
-        batch_sizes: str = typer.Option("1,8,32", help="Comma-separated batch sizes."),
-        seq_lens: str = typer.Option("16,64,128", help="Comma-separated sequence lengths (text models)."),
-        warmup: int = typer.Option(5, help="Untimed calls per backend and shape."),
-        runs: int = typer.Option(30, help="Timed calls per backend and shape."),
+        batch_sizes: str = typer.Option(joined(D.BENCH_BATCH_SIZES), help="Comma-separated batch sizes."),
+        seq_lens: str = typer.Option(
+            joined(D.BENCH_SEQ_LENS), help="Comma-separated sequence lengths (text models)."
+        ),
+        warmup: int = typer.Option(D.BENCH_WARMUP, help="Untimed calls per backend and shape."),
+        runs: int = typer.Option(D.BENCH_RUNS, help="Timed calls per backend and shape."),
         provider: str = typer.Option(
-            "cpu", help="cpu | cuda (ONNX Runtime with IOBinding, PyTorch on the GPU)."
+            D.BENCH_PROVIDER, help="cpu | cuda (ONNX Runtime with IOBinding, PyTorch on the GPU)."
         ),
-        threads: int = typer.Option(0, help="CPU threads for both runtimes (0: PyTorch's default)."),
-        backends: str = typer.Option(
-            "onnxruntime,torch-merged,torch-base,peft-unmerged", help="Which to time, comma-separated."
+        threads: int = typer.Option(
+            D.BENCH_THREADS, help="CPU threads for both runtimes (0: PyTorch's default)."
         ),
+        backends: str = typer.Option(joined(D.BENCH_BACKENDS), help="Which to time, comma-separated."),
         json_file: Path = typer.Option(None, "--json", help="Write the full results here."),
     ):
         """Latency (p50/p90/p99) and throughput: ONNX Runtime, PyTorch merged, base and unmerged PEFT, interleaved."""
         from pmserve.bench import BenchConfig, print_bench, run_bench, write_json
 
         cfg = BenchConfig(
-            batch_sizes=_ints(batch_sizes, "batch-sizes"),
-            seq_lens=_ints(seq_lens, "seq-lens"),
+            batch_sizes=parse_list(batch_sizes, "batch-sizes", int),
+            seq_lens=parse_list(seq_lens, "seq-lens", int),
             warmup=warmup,
             runs=runs,
             provider=provider,
             threads=threads,
-            backends=[b.strip() for b in backends.split(",") if b.strip()],
+            backends=parse_list(backends, "backends"),
         )
         res = run_bench(model, cfg, log=typer.echo)
         print_bench(res)

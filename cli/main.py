@@ -11,14 +11,34 @@ from pathlib import Path
 
 import typer
 
+from pmserve import defaults as D
 from pmserve.errors import PMError
 
-app = typer.Typer(
+from .options import App, joined, parse_list
+
+app = App(
     help="Continual LoRA fine-tuning with Perturb-and-Merge: train, compare, merge, export and serve.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
 )
+
+
+def _version(value: bool) -> None:
+    if value:
+        from pmserve import __version__
+
+        typer.echo(f"pmserve {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(
+        False, "--version", callback=_version, is_eager=True, help="Print the version and exit."
+    ),
+):
+    """Continual LoRA fine-tuning with Perturb-and-Merge: train, compare, merge, export and serve."""
 
 
 def user_errors(fn):
@@ -43,43 +63,55 @@ def user_errors(fn):
 def train(
     ctx: typer.Context,
     data: str = typer.Argument(
-        ..., help="Folder of task folders (sorted), or builtin:wordnet-nouns / builtin:digits."
+        ...,
+        help="Folder of task folders (sorted), or a built-in sequence: builtin:wordnet-nouns | "
+        "builtin:wordnet-verbs | builtin:digits, with options as builtin:wordnet-nouns:tasks=10,classes=2 "
+        "(also train=, test= examples per class).",
     ),
     out: Path = typer.Option(Path("runs/run"), "--out", "-o", help="RUN folder to write."),
-    model: str = typer.Option("builtin:minilm", help="Local Hugging Face model folder, or builtin:minilm."),
-    method: str = typer.Option("pm", help="pm | merge | seq | avg | frozen | joint."),
-    head: str = typer.Option("ridge", help="Inference classifier: ridge | prototype | linear | cosine."),
+    model: str = typer.Option(D.TRAIN_MODEL, help="Local Hugging Face model folder, or builtin:minilm."),
+    method: str = typer.Option(D.TRAIN_METHOD, help="pm | merge | seq | avg | frozen | joint."),
+    head: str = typer.Option(D.TRAIN_HEAD, help="Inference classifier: ridge | prototype | linear | cosine."),
     train_head: str = typer.Option(
-        "", help="Head LoRA trains against: linear | cosine (default follows --head)."
+        D.TRAIN_TRAIN_HEAD,
+        help="Head LoRA trains against: linear | cosine (default: cosine with --head cosine, else linear).",
     ),
-    rank: int = typer.Option(10, help="LoRA rank."),
-    lora_alpha: float = typer.Option(0.0, help="LoRA alpha (scaling = alpha / rank); 0 means alpha = rank."),
+    rank: int = typer.Option(D.TRAIN_RANK, help="LoRA rank."),
+    lora_alpha: float = typer.Option(
+        D.TRAIN_LORA_ALPHA, help="LoRA alpha (scaling = alpha / rank); 0 means alpha = rank."
+    ),
     target_modules: str = typer.Option(
-        "all-linear",
+        joined(D.TRAIN_TARGET_MODULES),
         help="Modules to adapt: all-linear (every linear layer of the transformer blocks) | key-value (the "
         "paper's attention key and value projections) | comma-separated names.",
     ),
-    eps: float = typer.Option(0.5, help="Perturbation size: s in {1-eps, 1, 1+eps}."),
-    perturb_per: str = typer.Option("step", help="Draw s per 'step' or per 'sample'."),
-    epochs: int = typer.Option(5, help="Epochs per task."),
-    batch_size: int = typer.Option(32, help="Batch size."),
-    lr: float = typer.Option(1e-3, help="Learning rate of the LoRA factors."),
-    head_lr: float = typer.Option(1e-2, help="Learning rate of the heads."),
-    max_length: int = typer.Option(64, help="Maximum tokens per text."),
-    fisher_samples: int = typer.Option(512, help="Training samples for the diagonal Fisher."),
-    fisher_labels: str = typer.Option(
-        "sampled", help="Fisher labels: sampled (from the model: the true Fisher) | true (the empirical one)."
+    eps: float = typer.Option(D.TRAIN_EPS, help="Perturbation size: s in {1-eps, 1, 1+eps}."),
+    perturb_per: str = typer.Option(D.TRAIN_PERTURB_PER, help="Draw s per 'step' or per 'sample'."),
+    epochs: int = typer.Option(D.TRAIN_EPOCHS, help="Epochs per task."),
+    batch_size: int = typer.Option(D.TRAIN_BATCH_SIZE, help="Batch size."),
+    lr: float = typer.Option(D.TRAIN_LR, help="Learning rate of the LoRA factors."),
+    head_lr: float = typer.Option(D.TRAIN_HEAD_LR, help="Learning rate of the heads."),
+    max_length: int = typer.Option(D.TRAIN_MAX_LENGTH, help="Maximum tokens per text."),
+    fisher_samples: int = typer.Option(
+        D.TRAIN_FISHER_SAMPLES, help="Training samples for the diagonal Fisher."
     ),
-    ridge_dim: int = typer.Option(2000, help="Random projection size of the ridge head."),
+    fisher_labels: str = typer.Option(
+        D.TRAIN_FISHER_LABELS,
+        help="Fisher labels: sampled (from the model: the true Fisher) | true (the empirical one).",
+    ),
+    ridge_dim: int = typer.Option(D.TRAIN_RIDGE_DIM, help="Random projection size of the ridge head."),
     ridge_lambda: float = typer.Option(
-        0.0, help="Ridge lambda; 0 chooses it per task on held-out training data."
+        D.TRAIN_RIDGE_LAMBDA, help="Ridge lambda; 0 chooses it per task on held-out training data."
     ),
     eval_heads: str = typer.Option(
-        "", help="More inference classifiers to measure side by side, e.g. prototype,ridge."
+        joined(D.TRAIN_EVAL_HEADS),
+        help="More inference classifiers to measure side by side, e.g. prototype,ridge.",
     ),
-    seed: int = typer.Option(0, help="Seed: class order, initialisation, shuffling, perturbation draws."),
-    device: str = typer.Option("auto", help="auto | cpu | cuda (under torchrun: cuda:LOCAL_RANK)."),
-    kernel: str = typer.Option("auto", help="LoRA kernel: auto | torch | triton."),
+    seed: int = typer.Option(
+        D.TRAIN_SEED, help="Seed: class order, initialisation, shuffling, perturbation draws."
+    ),
+    device: str = typer.Option(D.TRAIN_DEVICE, help="auto | cpu | cuda (under torchrun: cuda:LOCAL_RANK)."),
+    kernel: str = typer.Option(D.TRAIN_KERNEL, help="LoRA kernel: auto | torch | triton."),
     resume: bool = typer.Option(
         False, "--resume", help="Continue the run in --out from its last finished task."
     ),
@@ -109,7 +141,7 @@ def train(
         train_head=train_head,
         rank=rank,
         lora_alpha=lora_alpha,
-        target_modules=[t.strip() for t in target_modules.split(",") if t.strip()],
+        target_modules=parse_list(target_modules, "target-modules"),
         eps=eps,
         perturb_per=perturb_per,
         epochs=epochs,
@@ -121,7 +153,7 @@ def train(
         fisher_labels=fisher_labels,
         ridge_dim=ridge_dim,
         ridge_lambda=ridge_lambda,
-        eval_heads=[h.strip() for h in eval_heads.split(",") if h.strip()],
+        eval_heads=parse_list(eval_heads, "eval-heads"),
         seed=seed,
         device=device,
         kernel=kernel,

@@ -6,16 +6,9 @@ from pathlib import Path
 
 import typer
 
-from pmserve.errors import PMError
+from pmserve import defaults as D
 
-
-def _floats(text: str, option: str) -> list[float] | None:
-    if not text.strip():
-        return None
-    try:
-        return [float(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise PMError(f"--{option}: expected comma-separated numbers, got {text!r}") from None
+from .options import parse_list
 
 
 def register(app: typer.Typer) -> None:
@@ -32,21 +25,23 @@ def register(app: typer.Typer) -> None:
             "", "--base", help="Base model folder or builtin:minilm (default: the one the adapters name)."
         ),
         method: str = typer.Option(
-            "pm", help="pm | avg | linear | task-arithmetic | ties | dare-linear | dare-ties."
+            D.MERGE_METHOD, help="pm | avg | linear | task-arithmetic | ties | dare-linear | dare-ties."
         ),
         weights: str = typer.Option(
             "", help="Comma-separated weight per adapter (linear, task-arithmetic, ties, dare-*; default 1)."
         ),
         density: float = typer.Option(
-            None, help="Fraction of each task vector kept by ties / dare-* (default 0.5)."
+            D.MERGE_DENSITY,
+            help=f"Fraction of each task vector kept by ties / dare-* (default {D.MERGE_DEFAULT_DENSITY}).",
         ),
         format: str = typer.Option(
-            "delta",
+            D.MERGE_FORMAT,
             "--format",
             help="delta (merged.safetensors: W_hat - W_0) | adapter (one PEFT LoRA) | full (HF model folder).",
         ),
         seed: int = typer.Option(
-            0, help="Seed of DARE's random pruning, of a builtin --data sequence and of its Fisher samples."
+            D.MERGE_SEED,
+            help="Seed of DARE's random pruning, of a builtin --data sequence and of its Fisher samples.",
         ),
         data: str = typer.Option(
             "",
@@ -54,9 +49,11 @@ def register(app: typer.Typer) -> None:
             help="pm: tasks (a folder or builtin:..., as `pmserve train` takes) to compute the Fisher of adapters "
             "without fisher.safetensors; task t pairs with adapter t. Without it: the identity Hessian.",
         ),
-        fisher_samples: int = typer.Option(512, help="Training examples per task for the --data Fisher."),
+        fisher_samples: int = typer.Option(
+            D.MERGE_FISHER_SAMPLES, help="Training examples per task for the --data Fisher."
+        ),
         fisher_labels: str = typer.Option(
-            "sampled",
+            D.MERGE_FISHER_LABELS,
             help="Labels of the --data Fisher: sampled (from the model) | true, as `pmserve train`.",
         ),
         calibrate: str = typer.Option(
@@ -69,9 +66,13 @@ def register(app: typer.Typer) -> None:
             "", help="prototype | ridge for --calibrate (default: the carried classifier's kind, else ridge)."
         ),
         clip: bool = typer.Option(
-            None, "--clip/--no-clip", help="Clip pm's alphas to [0, 1] (default: the run's setting, else on)."
+            D.MERGE_CLIP,
+            "--clip/--no-clip",
+            help="Clip pm's alphas to [0, 1] (default: the run's setting, else on).",
         ),
-        max_shard_size: str = typer.Option("5GB", help="Largest weight file of --format full."),
+        max_shard_size: str = typer.Option(
+            D.MERGE_MAX_SHARD_SIZE, help="Largest weight file of --format full."
+        ),
         quiet: bool = typer.Option(False, "--quiet", "-q", help="Only the summary."),
     ):
         """Merge LoRA adapters into one model: P&M's closed form or a peer method, streaming from the files."""
@@ -80,7 +81,7 @@ def register(app: typer.Typer) -> None:
         opts = MergeOptions(
             method=method,
             format=format,
-            weights=_floats(weights, "weights"),
+            weights=parse_list(weights, "weights", float) or None,
             density=density,
             seed=seed,
             clip=clip,

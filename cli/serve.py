@@ -6,6 +6,8 @@ from pathlib import Path
 
 import typer
 
+from pmserve import defaults as D
+
 
 def register(app: typer.Typer) -> None:
     from pmserve.cli.main import user_errors  # here, not at import: main.py imports this module
@@ -16,21 +18,28 @@ def register(app: typer.Typer) -> None:
         bundles: list[Path] = typer.Argument(
             ..., metavar="BUNDLE", help="One or more BUNDLE folders (`pmserve export`)."
         ),
-        host: str = typer.Option("127.0.0.1", help="Address to listen on (0.0.0.0 in a container)."),
-        port: int = typer.Option(8000, help="Port to listen on (0 picks a free one)."),
+        host: str = typer.Option(D.SERVE_HOST, help="Address to listen on (0.0.0.0 in a container)."),
+        port: int = typer.Option(D.SERVE_PORT, help="Port to listen on (0 picks a free one)."),
         name: list[str] = typer.Option(
             [], "--name", help="Model name, once per bundle in order (default: the bundle folder's name)."
         ),
-        max_batch: int = typer.Option(32, help="Most inputs in one model call."),
+        max_batch: int = typer.Option(D.SERVE_MAX_BATCH, help="Most inputs in one model call."),
         max_wait_ms: float = typer.Option(
-            5.0, help="Longest wait for a batch to fill, in milliseconds (only under concurrency)."
+            D.SERVE_MAX_WAIT_MS,
+            help="Longest wait for a batch to fill, in milliseconds (only under concurrency).",
         ),
-        provider: str = typer.Option("auto", help="auto | cpu | cuda (ONNX Runtime execution provider)."),
-        max_inputs: int = typer.Option(256, help="Most inputs in one request (413 past it)."),
-        max_text_chars: int = typer.Option(8192, help="Longest text in characters (413 past it)."),
-        threads: int = typer.Option(0, help="ONNX Runtime intra-op threads (0: its default, one per core)."),
+        provider: str = typer.Option(
+            D.SERVE_PROVIDER, help="auto | cpu | cuda (ONNX Runtime execution provider)."
+        ),
+        max_inputs: int = typer.Option(D.SERVE_MAX_INPUTS, help="Most inputs in one request (413 past it)."),
+        max_text_chars: int = typer.Option(
+            D.SERVE_MAX_TEXT_CHARS, help="Longest text in characters (413 past it)."
+        ),
+        threads: int = typer.Option(
+            D.SERVE_THREADS, help="ONNX Runtime intra-op threads (0: its default, one per core)."
+        ),
         drain_timeout: float = typer.Option(
-            30.0, help="On SIGTERM, seconds to let in-flight requests finish before closing them."
+            D.SERVE_DRAIN_S, help="On SIGTERM, seconds to let in-flight requests finish before closing them."
         ),
     ):
         """Serve bundles over the Open Inference Protocol v2 (KServe v2 / Triton REST), with dynamic batching.

@@ -1,0 +1,100 @@
+"""Every default value of pmserve's options, in one place that imports nothing.
+
+The library's option classes read their field defaults from here, and so does the command line, which must
+build its `--help` without importing torch (importing pmserve.train, merge, export, serve or bench takes about
+a second; `pmserve --help` should not). The rule: field F of
+
+    TrainConfig   (pmserve train)    reads TRAIN_F
+    MergeOptions  (pmserve merge)    reads MERGE_F
+    ExportOptions (pmserve export)   reads EXPORT_F
+    ServeConfig   (pmserve serve)    reads SERVE_F
+    BenchConfig   (pmserve bench)    reads BENCH_F
+
+with F in upper case. List-valued defaults are tuples here (immutable); a dataclass copies them in a
+`default_factory`. tests/test_cli.py checks that the classes and the command line agree with this module.
+Why the training defaults are what they are: README, "How pmserve chooses its defaults", and BENCHMARKS.md.
+"""
+
+from __future__ import annotations
+
+# Token length assumed for a model whose training length is not recorded (a plain Hugging Face folder, a
+# merge of adapters from outside pmserve, a bundle or run written before max_length was saved). It is not the
+# training default (TRAIN_MAX_LENGTH): 128 covers the longer texts such a model may meet, where 64 would
+# truncate them, and costs only time on short ones. Use it wherever a length is read with a fallback.
+UNKNOWN_MAX_LENGTH = 128
+
+# pmserve train: TrainConfig
+TRAIN_MODEL = "builtin:minilm"
+TRAIN_METHOD = "pm"
+TRAIN_HEAD = "ridge"  # measured best inference head for every method (BENCHMARKS.md)
+TRAIN_TRAIN_HEAD = ""  # "": cosine when the head is cosine, else linear (TrainConfig.__post_init__)
+TRAIN_RANK = 10
+TRAIN_LORA_ALPHA = 0.0  # 0: the same as the rank (LoRA scaling 1)
+TRAIN_TARGET_MODULES = ("all-linear",)  # or ("key-value",), or module names
+TRAIN_EPS = 0.5
+TRAIN_PERTURB_PER = "step"
+TRAIN_EPOCHS = 5
+TRAIN_BATCH_SIZE = 32
+TRAIN_LR = 1e-3
+TRAIN_HEAD_LR = 1e-2
+TRAIN_WEIGHT_DECAY = 0.01
+TRAIN_MAX_LENGTH = 64
+TRAIN_FISHER_SAMPLES = 512
+TRAIN_FISHER_LABELS = "sampled"  # the true Fisher; runs from before the option used "true"
+TRAIN_CLIP_ALPHA = True
+TRAIN_COSINE_SCALE = 16.0
+TRAIN_RIDGE_DIM = 2000
+TRAIN_RIDGE_LAMBDA = 0.0  # 0: chosen per task on held-out training data
+TRAIN_EVAL_HEADS: tuple[str, ...] = ()
+TRAIN_SEED = 0
+TRAIN_DEVICE = "auto"
+TRAIN_KERNEL = "auto"
+
+# pmserve merge: MergeOptions. None means "decided from the inputs" (see MergeOptions).
+MERGE_METHOD = "pm"
+MERGE_FORMAT = "delta"
+MERGE_WEIGHTS: tuple[float, ...] | None = None  # None: 1 per adapter
+MERGE_DENSITY: float | None = None  # None: MERGE_DEFAULT_DENSITY for ties / dare-*, unused by the others
+MERGE_DEFAULT_DENSITY = 0.5  # fraction of each task vector ties / dare-* keep when --density is not given
+MERGE_SEED = 0
+MERGE_CLIP: bool | None = None  # None: the RUN's clip_alpha when the adapters come from one, else True
+MERGE_MAX_SHARD_SIZE = "5GB"
+MERGE_DATA: str | None = None
+MERGE_FISHER_SAMPLES = TRAIN_FISHER_SAMPLES  # the --data Fisher is computed as training computes it
+MERGE_FISHER_LABELS = TRAIN_FISHER_LABELS
+MERGE_CALIBRATE: str | None = None
+MERGE_CALIBRATE_HEAD: str | None = None  # None: the carried classifier's kind, else ridge
+
+# pmserve export: ExportOptions
+EXPORT_DTYPE = "fp32"
+EXPORT_OPSET = 17
+EXPORT_OPTIMIZE = True
+EXPORT_QUANTIZE: str | None = None
+EXPORT_DATA: str | None = None  # None: the source's own task sequence
+EXPORT_MAX_LENGTH: int | None = None  # None: the source's (UNKNOWN_MAX_LENGTH when it has none)
+
+# pmserve serve: ServeConfig, and the address serve() listens on
+SERVE_HOST = "127.0.0.1"
+SERVE_PORT = 8000
+SERVE_MAX_BATCH = 32
+SERVE_MAX_WAIT_MS = 5.0
+SERVE_MAX_INPUTS = 256
+SERVE_MAX_TEXT_CHARS = 8192
+SERVE_PROVIDER = "auto"
+SERVE_THREADS = 0  # 0: ONNX Runtime's default, one per core
+SERVE_DRAIN_S = 30.0
+
+# pmserve bench: BenchConfig
+BENCH_BATCH_SIZES = (1, 8, 32)
+BENCH_SEQ_LENS = (16, 64, 128)
+BENCH_WARMUP = 5
+BENCH_RUNS = 30
+BENCH_PROVIDER = "cpu"
+BENCH_THREADS = 0  # 0: PyTorch's default
+BENCH_BACKENDS = ("onnxruntime", "torch-merged", "torch-base", "peft-unmerged")  # all of bench.BACKENDS
+BENCH_SEED = 0
+
+# pmserve predict / eval (pmserve.predict.predict and evaluate)
+PREDICT_PROVIDER = "auto"
+PREDICT_TOP_K = 1
+PREDICT_BATCH_SIZE = 64
