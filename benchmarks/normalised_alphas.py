@@ -3,7 +3,7 @@
     python benchmarks/normalised_alphas.py RUN [RUN...]
 
 For each RUN (a `pmserve train` folder of pm or merge), the closed-form alphas from its stored Fisher files, as
-`pmserve merge` computes them (merge_files.module_grams / gram_alphas), and again with each task's Fisher divided
+`pmserve merge` computes them (merging.gram.module_grams / recurrence.gram_alphas), and again with each task's Fisher divided
 by its mean over every adapted weight (so only its shape across weights counts, not its scale).
 """
 
@@ -12,8 +12,10 @@ from __future__ import annotations
 import argparse
 
 import torch
-
-from pmserve.merge_files import check_inputs, expand_inputs, gram_alphas, module_grams, read_adapter, resolve_base
+from pmserve.formats.peft import read_adapter
+from pmserve.merging.gram import module_grams
+from pmserve.merging.inputs import check_inputs, expand_inputs, resolve_base
+from pmserve.merging.recurrence import gram_alphas
 
 
 def alphas(run: str) -> tuple[list[float], list[float], list[float]]:

@@ -1,4 +1,4 @@
-"""`pmserve merge`: parses options, calls pmserve.merge_files.merge_adapters, prints. `register(app)` adds it."""
+"""`pmserve merge`: parses options, calls pmserve.merging.merge_adapters, prints. `register(app)` adds it."""
 
 from __future__ import annotations
 
@@ -76,7 +76,7 @@ def register(app: typer.Typer) -> None:
         quiet: bool = typer.Option(False, "--quiet", "-q", help="Only the summary."),
     ):
         """Merge LoRA adapters into one model: P&M's closed form or a peer method, streaming from the files."""
-        from pmserve.merge_files import MergeOptions, merge_adapters, summary
+        from pmserve.merging import MergeOptions, merge_adapters, summary
 
         opts = MergeOptions(
             method=method,

@@ -1,14 +1,15 @@
-"""LoRA adapters through PEFT: inject a fresh adapter per task, read its task vector, save it in PEFT's format.
+"""LoRA adapters through PEFT, and weights as W_0 + D: inject a fresh adapter per task, read its task vector.
 
 pmserve keeps the backbone as plain `W_0 + D` weights (D = the merged deltas); each task wraps the backbone with
-a new PEFT LoRA (B = 0 at start), trains it, saves it where `peft.PeftModel.from_pretrained` can load it, and
-unloads it again. The task vector of an adapted matrix is the product scaling * B @ A (merge.lora_delta).
+a new PEFT LoRA (B = 0 at start), trains it, saves it where `peft.PeftModel.from_pretrained` can load it
+(formats.peft.save_adapter), and unloads it again. The task vector of an adapted matrix is the product
+scaling * B @ A (lora_delta). Every place that writes a merged weight, in memory or into a file, goes through
+apply_delta, so a bf16 base gets the same bits from training, `pmserve merge` and export.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,9 +17,33 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .merge import Tensors, lora_delta
+from .errors import PMError
 
 ADAPTER = "default"
+Tensors = dict[str, torch.Tensor]
+
+
+def lora_delta(lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float) -> torch.Tensor:
+    """The task vector of one adapted matrix: the low-rank product scaling * B @ A, in fp32."""
+    return scaling * (lora_B.float() @ lora_A.float())
+
+
+def apply_delta(w0: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+    """W_0 + D in the weight's dtype: the sum in fp32, rounded once (the one arithmetic for every writer)."""
+    return (w0.float() + delta.float()).to(w0.dtype)
+
+
+def match_module(name: str, candidates, where: str) -> str:
+    """The one of `candidates` that is `name`, allowing for a wrapper prefix on either side (an adapter trained
+    on BertForSequenceClassification names `bert.encoder...`, a BertModel `encoder...`); else a PMError."""
+    candidates = list(candidates)
+    if name in candidates:
+        return name
+    hits = [c for c in candidates if c.endswith("." + name) or name.endswith("." + c)]
+    if len(hits) != 1:
+        what = "no" if not hits else f"{len(hits)} candidate"
+        raise PMError(f"{where}: {name} has {what} match in the base model")
+    return hits[0]
 
 
 @dataclass
@@ -50,8 +75,6 @@ def add_lora(model: nn.Module, spec: LoraSpec) -> nn.Module:
             warnings.simplefilter("ignore", FutureWarning)
             return get_peft_model(model, cfg)
     except ValueError as e:
-        from .errors import PMError
-
         raise PMError(f"--target-modules: {str(e).splitlines()[0]}") from None
 
 
@@ -77,16 +100,6 @@ def task_vectors(peft_model: nn.Module) -> Tensors:
     }
 
 
-def save_adapter(peft_model: nn.Module, out: Path, base_model: str, metadata: dict) -> None:
-    """PEFT's adapter_model.safetensors + adapter_config.json, with pmserve's metadata in pmserve_adapter.json."""
-    peft_model.save_pretrained(str(out))
-    cfg_path = out / "adapter_config.json"
-    cfg = json.loads(cfg_path.read_text())
-    cfg["base_model_name_or_path"] = base_model
-    cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True))
-    (out / "pmserve_adapter.json").write_text(json.dumps(metadata, indent=2, sort_keys=True))
-
-
 def adapted_weights(model: nn.Module, names) -> dict[str, nn.Parameter]:
     """The `.weight` parameters of the named linear modules of a plain (unwrapped) backbone."""
     mods = dict(model.named_modules())
@@ -97,4 +110,4 @@ def adapted_weights(model: nn.Module, names) -> dict[str, nn.Parameter]:
 def set_merged(model: nn.Module, base: Tensors, merged: Tensors) -> None:
     """Write W_0 + D into the backbone's adapted matrices (from W_0 each time, so a resumed run is bitwise equal)."""
     for name, w in adapted_weights(model, merged).items():
-        w.copy_((base[name].float() + merged[name].float()).to(w.dtype))
+        w.copy_(apply_delta(base[name], merged[name]))

@@ -25,30 +25,25 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .bundle import MODEL, is_bundle, verify_bundle
+from . import defaults as D
 from .errors import PMError
-from .merged_model import (
-    InferenceModel,
-    MergedSource,
-    inspect_merged,
-    load_base_model,
-    load_inference_model,
-    load_unmerged_model,
-)
+from .formats.bundle import MODEL, is_bundle, verify_bundle
+from .formats.merged import MergedSource, inspect_merged
+from .merged_model import InferenceModel, load_base_model, load_inference_model, load_unmerged_model
 
 BACKENDS = ("onnxruntime", "torch-merged", "torch-base", "peft-unmerged")
 
 
 @dataclass
 class BenchConfig:
-    batch_sizes: list[int] = field(default_factory=lambda: [1, 8, 32])
-    seq_lens: list[int] = field(default_factory=lambda: [16, 64, 128])
-    warmup: int = 5
-    runs: int = 30
-    provider: str = "cpu"  # cpu | cuda
-    threads: int = 0  # CPU threads for both runtimes; 0 = PyTorch's default
-    backends: list[str] = field(default_factory=lambda: list(BACKENDS))
-    seed: int = 0
+    batch_sizes: list[int] = field(default_factory=lambda: list(D.BENCH_BATCH_SIZES))
+    seq_lens: list[int] = field(default_factory=lambda: list(D.BENCH_SEQ_LENS))
+    warmup: int = D.BENCH_WARMUP
+    runs: int = D.BENCH_RUNS
+    provider: str = D.BENCH_PROVIDER  # cpu | cuda
+    threads: int = D.BENCH_THREADS  # CPU threads for both runtimes; 0 = PyTorch's default
+    backends: list[str] = field(default_factory=lambda: list(D.BENCH_BACKENDS))
+    seed: int = D.BENCH_SEED
     # more bundles of the same model to time beside the others, as `onnxruntime-NAME` (e.g. {"int8": path})
     other_bundles: dict[str, str] = field(default_factory=dict)
 

@@ -24,7 +24,6 @@ Choices, and why:
 
 from __future__ import annotations
 
-import os
 import shutil
 import warnings
 from dataclasses import dataclass
@@ -33,14 +32,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .bundle import MODEL, write_labels, write_manifest
+from . import defaults as D
 from .errors import PMError
-from .merged_model import InferenceModel, MergedSource, inspect_merged, load_inference_model
+from .formats import atomic_dir, check_new_out
+from .formats.bundle import MODEL, write_labels, write_manifest
+from .formats.merged import MergedSource, inspect_merged
+from .merged_model import InferenceModel, load_inference_model
 
 DTYPES = ("fp32", "fp16")
 QUANTIZATIONS = ("int8",)
 PARITY_TOL = {"fp32": 1e-4, "fp16": 1e-2}
-DEFAULT_OPSET = 17
 OPSETS = range(14, 21)  # what the TorchScript-based exporter writes (and the transformer optimizer reads)
 SAMPLE_TEXTS = [
     "a",
@@ -53,12 +54,12 @@ SAMPLE_TEXTS = [
 
 @dataclass
 class ExportOptions:
-    dtype: str = "fp32"
-    opset: int = DEFAULT_OPSET
-    optimize: bool = True
-    quantize: str | None = None  # None or "int8"
-    data: str | None = None  # task sequence for the int8 accuracy report; default: the source's own
-    max_length: int | None = None  # tokenizer truncation; default: the source's
+    dtype: str = D.EXPORT_DTYPE
+    opset: int = D.EXPORT_OPSET
+    optimize: bool = D.EXPORT_OPTIMIZE
+    quantize: str | None = D.EXPORT_QUANTIZE  # None or "int8"
+    data: str | None = D.EXPORT_DATA  # task sequence for the int8 accuracy report; default: the source's own
+    max_length: int | None = D.EXPORT_MAX_LENGTH  # tokenizer truncation; default: the source's
 
     def validate(self) -> None:
         if self.dtype not in DTYPES:
@@ -80,30 +81,20 @@ def export_bundle(
     opts = opts or ExportOptions()
     opts.validate()
     out = Path(out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise PMError(f"{out}: already exists; choose a new --out")
+    check_new_out(out)
     src = inspect_merged(source)
     if opts.max_length:
         src.max_length = opts.max_length
     model, prep = load_inference_model(src, attn="eager")
-    tasks = _tasks(opts.data or src.data, src.seed, required=bool(opts.data))
+    tasks, note = _tasks(opts.data or src.data, src.seed, required=bool(opts.data))
+    if note:
+        log(f"note: {note}")
     batches = parity_batches(model, prep, tasks, src.max_length)
-
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
-        manifest = _export_into(tmp, src, model, prep, batches, tasks, opts, log)
-        if out.exists():
-            out.rmdir()  # empty, checked above
-        os.rename(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return manifest
+    with atomic_dir(out) as tmp:
+        return _export_into(tmp, src, model, prep, batches, tasks, note, opts, log)
 
 
-def _export_into(tmp, src, model, prep, batches, tasks, opts: ExportOptions, log) -> dict:
+def _export_into(tmp, src, model, prep, batches, tasks, tasks_note, opts: ExportOptions, log) -> dict:
     work = tmp / ".work"
     work.mkdir()
     raw = work / "raw.onnx"
@@ -171,7 +162,7 @@ def _export_into(tmp, src, model, prep, batches, tasks, opts: ExportOptions, log
             **graph_io(tmp / MODEL),
             "optimization": optimization,
             "quantization": quantization,
-            "parity": parity,
+            "parity": {**parity, "inputs": _parity_inputs(tasks, tasks_note)},
             "versions": _versions(),
         },
     )
@@ -343,18 +334,29 @@ def check_parity(path: Path, model: InferenceModel, batches, tol: float | None) 
     return out
 
 
-def _tasks(data: str | None, seed: int, required: bool):
-    """The test sets the int8 report and parity inputs use; a source whose data is gone just has none."""
+def _tasks(data: str | None, seed: int, required: bool) -> tuple[list | None, str | None]:
+    """The test sets the int8 report and parity inputs use, and a note when the source's are not readable here
+    (then parity runs on generic inputs only, and the manifest says so); a --data that fails is an error."""
     if not data:
-        return None
+        return None, "the source names no task data: parity checked on generic inputs only"
     from .tasks import load_tasks
 
     try:
-        return load_tasks(data, seed)
-    except PMError:
+        return load_tasks(data, seed), None
+    except PMError as e:
         if required:
             raise
-        return None
+        return (
+            None,
+            f"the source's task data is not readable here ({e}): parity checked on generic inputs only",
+        )
+
+
+def _parity_inputs(tasks: list | None, note: str | None) -> dict:
+    """What the parity batches were drawn from, for the manifest."""
+    if tasks:
+        return {"tasks": [t.name for t in tasks], "generic": True}
+    return {"tasks": [], "generic": True, "note": note}
 
 
 def int8_accuracy(fp32: Path, int8: Path, prep, src: MergedSource, tasks) -> dict:

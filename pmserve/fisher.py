@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from . import distributed
-from .merge import Tensors
+from .adapters import Tensors
 
 
 class _Capture:

@@ -27,6 +27,22 @@ TRAIN_HEADS = ("linear", "cosine")
 RIDGE_LAMBDAS = tuple(10.0**k for k in range(-1, 7))
 
 
+def linear_scores(feats: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """feats @ W^T + b: the linear head."""
+    return feats @ weight.T + bias
+
+
+def cosine_scores(feats: torch.Tensor, unit_rows: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+    """scale * cos(feats, rows) with rows already normalised: the cosine head (scale 16), prototypes (scale 1)."""
+    s = F.normalize(feats, dim=-1) @ unit_rows.T
+    return s if scale == 1.0 else scale * s
+
+
+def ridge_scores(feats: torch.Tensor, projection: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """RanPAC: relu(feats @ P) @ W, the product in W's dtype."""
+    return torch.relu(feats @ projection).to(weight.dtype) @ weight
+
+
 class LabelHead(nn.Module):
     """Training head: a weight row (and bias) per label seen, in first-seen order."""
 
@@ -71,8 +87,8 @@ class LabelHead(nn.Module):
         w = self.weight if w is None else w
         b = self.bias if b is None else b
         if self.kind == "cosine":
-            return self.scale * F.normalize(feats, dim=-1) @ F.normalize(w, dim=-1).T
-        return feats @ w.T + b
+            return cosine_scores(feats, F.normalize(w, dim=-1), self.scale)
+        return linear_scores(feats, w, b)
 
     scores = logits
 
@@ -114,7 +130,7 @@ class Prototypes:
 
     def scores(self, feats: torch.Tensor) -> torch.Tensor:
         m = self.means().to(feats.device, feats.dtype)
-        return F.normalize(feats, dim=-1) @ F.normalize(m, dim=-1).T
+        return cosine_scores(feats, F.normalize(m, dim=-1))
 
     def state(self) -> dict[str, torch.Tensor]:
         return {"sums": self.sums, "counts": self.counts}
@@ -155,7 +171,7 @@ class Ridge:
         self.W: torch.Tensor | None = None
 
     def project(self, feats: torch.Tensor) -> torch.Tensor:
-        return torch.relu(feats.detach().cpu().float() @ self.P).double()
+        return torch.relu(feats.detach().cpu().float() @ self.P).double()  # the features G and Q are sums of
 
     def _targets(self, labels: list[str]) -> torch.Tensor:
         new = [y for y in dict.fromkeys(labels) if y not in self.labels]
@@ -199,7 +215,7 @@ class Ridge:
     def scores(self, feats: torch.Tensor) -> torch.Tensor:
         if self.W is None:
             self.W = self.solve(self.lam)
-        return (self.project(feats) @ self.W).to(feats.device, torch.float32)
+        return ridge_scores(feats.detach().cpu().float(), self.P, self.W).to(feats.device, torch.float32)
 
     def state(self) -> dict[str, torch.Tensor]:
         return {"G": self.G, "Q": self.Q}

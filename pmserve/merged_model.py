@@ -1,205 +1,36 @@
 """A merged model as one PyTorch module: backbone with W_hat baked in, pooling, and the classifier over all labels.
 
-Two kinds of folder hold a merged model:
-- a pmserve RUN: its last finished task folder has merged.safetensors (W_hat - W_0 of the adapted matrices, absent
-  for `--method frozen`) on top of the base model named in config.json, and classifier.json/.safetensors;
-- a `pmserve merge --format full` folder: a Hugging Face model whose weights already are W_hat, its tokenizer or
-  image processor, classifier.json/.safetensors and optionally labels.json.
-Both load into the same `InferenceModel(*inputs) -> scores [batch, classes]`, which export traces into ONNX,
-eval and bench run, and ONNX Runtime is checked against. The unmerged model (base + every task's LoRA branch,
+Two kinds of folder hold a merged model, a RUN and a `pmserve merge --format full` folder (formats.merged
+reads and checks them). Both load into the same `InferenceModel(*inputs) -> scores [batch, classes]`, which
+export traces into ONNX, eval and bench run, and ONNX Runtime is checked against. The unmerged model (base + every task's LoRA branch,
 loaded with plain PEFT) and the base model with the same classifier are loaded here too, for bench.
 """
 
 from __future__ import annotations
 
-import json
-import re
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .backbone import Encoder, Preprocessor, load_encoder, resolve_model
+from .adapters import apply_delta
+from .backbone import Encoder, Preprocessor, load_encoder
 from .errors import PMError
-from .heads import LabelHead, Prototypes, Ridge, Scorer, load_scorer, scorer_kind
+from .formats.merged import MergedSource, inspect_merged
+from .heads import (
+    LabelHead,
+    Prototypes,
+    Ridge,
+    Scorer,
+    cosine_scores,
+    linear_scores,
+    load_scorer,
+    ridge_scores,
+    scorer_kind,
+)
 
-IMAGE_MODEL_TYPES = ("vit", "deit", "dinov2")  # the types backbone.load_encoder reads as image models
 TEXT_INPUTS = ("input_ids", "attention_mask", "token_type_ids")  # the order of the exported graph's inputs
-# where a `pmserve merge --format full` folder may keep pmserve's own facts (alphas, max_length, base model, data)
-FULL_METADATA = ("pmserve_merge.json", "pmserve.json", "merge.json")
-TASK_FOLDER = re.compile(r"^\d+-.+")
-
-
-@dataclass
-class MergedSource:
-    """What a merged-model folder holds, read and checked without loading any weights."""
-
-    path: Path
-    kind: str  # "run" or "full"
-    model: str  # what load_encoder reads: the RUN's base model, or the full folder itself
-    input_kind: str  # "text" or "image"
-    max_length: int
-    labels: list[str]
-    head: str  # the classifier's kind: linear, cosine, prototype or ridge
-    classifier_dir: Path
-    merged_file: Path | None = None  # RUN: W_hat - W_0; None for a frozen run or a full folder
-    method: str | None = None
-    alphas: list = field(default_factory=list)
-    tasks: list[str] = field(default_factory=list)
-    data: str | None = None  # the task sequence whose test sets measure it, when known
-    seed: int = 0
-    base_model: str | None = None  # the pretrained W_0, when known (RUN: its model; full: from metadata)
-    adapter_dirs: list[Path] = field(default_factory=list)  # RUN: every task's PEFT adapter, in order
-
-    def describe(self) -> dict:
-        """The facts a bundle's manifest records about where it came from."""
-        return {
-            "path": str(self.path.resolve()),
-            "kind": self.kind,
-            "model": self.model if self.kind == "run" else str(Path(self.model).resolve()),
-            "base_model": self.base_model,
-            "method": self.method,
-            "head": self.head,
-            "tasks": self.tasks,
-            "data": self.data,
-            "seed": self.seed,
-            "max_length": self.max_length,
-        }
-
-
-def _read_json(path: Path) -> dict:
-    try:
-        obj = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise PMError(f"{path}: unreadable ({e})") from None
-    if not isinstance(obj, dict):
-        raise PMError(f"{path}: expected a JSON object")
-    return obj
-
-
-def _input_kind(model_dir: Path) -> str:
-    cfg = _read_json(model_dir / "config.json")
-    return "image" if cfg.get("model_type") in IMAGE_MODEL_TYPES else "text"
-
-
-def _classifier_meta(folder: Path, what: str) -> dict:
-    if not (folder / "classifier.json").is_file() or not (folder / "classifier.safetensors").is_file():
-        raise PMError(f"{folder}: {what} has no classifier.json + classifier.safetensors")
-    meta = _read_json(folder / "classifier.json")
-    if not isinstance(meta.get("labels"), list) or not meta["labels"]:
-        raise PMError(f"{folder / 'classifier.json'}: no labels")
-    return meta
-
-
-def read_labels_file(path: Path) -> list[str]:
-    """labels.json: a list (index -> label) or an object {"0": label, ...}."""
-    try:
-        obj = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise PMError(f"{path}: unreadable ({e})") from None
-    if isinstance(obj, dict):
-        try:
-            obj = [obj[str(i)] for i in range(len(obj))]
-        except KeyError:
-            raise PMError(f"{path}: keys must be the class indices 0..{len(obj) - 1}") from None
-    if not isinstance(obj, list) or not all(isinstance(x, str) for x in obj):
-        raise PMError(f"{path}: expected a list of label strings")
-    return obj
-
-
-def inspect_merged(path: Path | str) -> MergedSource:
-    """Read and check a RUN or a full merged folder; a folder that is neither is a PMError naming it."""
-    path = Path(path)
-    if not path.is_dir():
-        raise PMError(f"{path}: does not exist or is not a folder")
-    cfg_path = path / "config.json"
-    if not cfg_path.is_file():
-        raise PMError(
-            f"{path}: not a merged model (no config.json; expected a pmserve RUN or a `pmserve merge --format full` folder)"
-        )
-    cfg = _read_json(cfg_path)
-    if "data" in cfg and "method" in cfg and "model" in cfg:
-        return _inspect_run(path, cfg)
-    if "model_type" in cfg:
-        return _inspect_full(path, cfg)
-    raise PMError(f"{cfg_path}: neither a pmserve RUN's config nor a Hugging Face model config")
-
-
-def _inspect_run(path: Path, cfg: dict) -> MergedSource:
-    tasks_dir = path / "tasks"
-    finished = sorted(
-        p
-        for p in (tasks_dir.iterdir() if tasks_dir.is_dir() else [])
-        if p.is_dir() and TASK_FOLDER.match(p.name) and (p / "task.json").is_file()
-    )
-    if not finished:
-        raise PMError(f"{path}: a pmserve RUN without a finished task (no tasks/NN-name/task.json)")
-    final = finished[-1]
-    meta = _classifier_meta(final, "the RUN's last task folder")
-    infos = [_read_json(p / "task.json") for p in finished]
-    merged = final / "merged.safetensors"
-    if cfg["method"] == "frozen":
-        merged_file = None
-    elif merged.is_file():
-        merged_file = merged
-    else:
-        raise PMError(f"{final}: no merged.safetensors (the merged weights of a {cfg['method']} run)")
-    try:
-        model_dir = resolve_model(cfg["model"])
-    except PMError as e:
-        raise PMError(f"{path / 'config.json'}: the RUN's base model is not readable here ({e})") from None
-    return MergedSource(
-        path=path,
-        kind="run",
-        model=cfg["model"],
-        input_kind=_input_kind(model_dir),
-        max_length=int(cfg.get("max_length", 64)),
-        labels=list(meta["labels"]),
-        head=meta.get("kind", cfg.get("head", "linear")),
-        classifier_dir=final,
-        merged_file=merged_file,
-        method=cfg["method"],
-        alphas=[i.get("alpha") for i in infos],
-        tasks=[i.get("name", p.name.split("-", 1)[1]) for i, p in zip(infos, finished)],
-        data=cfg.get("data"),
-        seed=int(cfg.get("seed", 0)),
-        base_model=cfg["model"],
-        adapter_dirs=[p for p in finished if (p / "adapter_config.json").is_file()],
-    )
-
-
-def _inspect_full(path: Path, cfg: dict) -> MergedSource:
-    if not (path / "classifier.json").is_file():
-        raise PMError(
-            f"{path}: a Hugging Face model without classifier.json, not a merged model "
-            "(`pmserve merge --format full` writes one)"
-        )
-    meta = _classifier_meta(path, "the merged model")
-    if (path / "labels.json").is_file() and read_labels_file(path / "labels.json") != meta["labels"]:
-        raise PMError(f"{path / 'labels.json'}: labels differ from classifier.json's")
-    extra: dict = {}
-    for name in FULL_METADATA:
-        if (path / name).is_file():
-            extra = _read_json(path / name)
-            break
-    return MergedSource(
-        path=path,
-        kind="full",
-        model=str(path),
-        input_kind="image" if cfg.get("model_type") in IMAGE_MODEL_TYPES else "text",
-        max_length=int(extra.get("max_length", 128)),
-        labels=list(meta["labels"]),
-        head=meta.get("kind", "linear"),
-        classifier_dir=path,
-        method=extra.get("method"),
-        alphas=list(extra.get("alphas") or []),
-        tasks=list(extra.get("tasks") or []),
-        data=extra.get("data"),
-        seed=int(extra.get("seed", 0) or 0),
-        base_model=extra.get("base_model"),
-    )
 
 
 # ---------------------------------------------------------------- the classifier as torch ops
@@ -214,7 +45,7 @@ class LinearScores(nn.Module):
         self.register_buffer("bias", bias.float().contiguous())
 
     def forward(self, feats: torch.Tensor) -> torch.Tensor:
-        return feats @ self.weight.T + self.bias
+        return linear_scores(feats, self.weight, self.bias)
 
 
 class CosineScores(nn.Module):
@@ -226,8 +57,7 @@ class CosineScores(nn.Module):
         self.scale = float(scale)
 
     def forward(self, feats: torch.Tensor) -> torch.Tensor:
-        s = F.normalize(feats, dim=-1) @ self.rows.T
-        return s if self.scale == 1.0 else self.scale * s
+        return cosine_scores(feats, self.rows, self.scale)
 
 
 class RidgeScores(nn.Module):
@@ -239,7 +69,7 @@ class RidgeScores(nn.Module):
         self.register_buffer("weight", weight.float().contiguous())
 
     def forward(self, feats: torch.Tensor) -> torch.Tensor:
-        return torch.relu(feats @ self.projection) @ self.weight
+        return ridge_scores(feats, self.projection, self.weight)
 
 
 def scorer_module(scorer: Scorer) -> nn.Module:
@@ -310,7 +140,7 @@ def _apply_merged(encoder: Encoder, merged_file: Path) -> None:
         w = getattr(mods.get(name), "weight", None)
         if w is None or tuple(w.shape) != tuple(d.shape):
             raise PMError(f"{merged_file}: {name} does not match a weight of the base model")
-        w.add_(d.to(w.dtype))  # W_0 + (W_hat - W_0), as adapters.set_merged writes it
+        w.copy_(apply_delta(w, d))
 
 
 def load_inference_model(

@@ -17,9 +17,10 @@ import numpy as np
 import torch
 
 from .backbone import Preprocessor
-from .bundle import MODEL, is_bundle, verify_bundle
 from .errors import PMError
-from .merged_model import InferenceModel, MergedSource, inspect_merged, load_inference_model
+from .formats.bundle import MODEL, is_bundle, verify_bundle
+from .formats.merged import MergedSource, inspect_merged
+from .merged_model import InferenceModel, load_inference_model
 
 PROVIDERS = ("auto", "cpu", "cuda")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")

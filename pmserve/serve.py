@@ -29,8 +29,9 @@ import numpy as np
 from fastapi import Request  # at module level: FastAPI resolves the handlers' annotations in this namespace
 
 from . import __version__
-from .bundle import read_manifest
+from . import defaults as D
 from .errors import PMError
+from .formats.bundle import read_manifest
 from .predict import PROVIDERS, OrtModel
 
 HEADER_LENGTH = "inference-header-content-length"
@@ -42,13 +43,13 @@ VERSION = "1"  # a bundle is one immutable model: version 1
 class ServeConfig:
     """Limits and batching of a server; every field is a `pmserve serve` option."""
 
-    max_batch: int = 32
-    max_wait_ms: float = 5.0
-    max_inputs: int = 256
-    max_text_chars: int = 8192
-    provider: str = "auto"
-    threads: int = 0
-    drain_s: float = 30.0
+    max_batch: int = D.SERVE_MAX_BATCH
+    max_wait_ms: float = D.SERVE_MAX_WAIT_MS
+    max_inputs: int = D.SERVE_MAX_INPUTS
+    max_text_chars: int = D.SERVE_MAX_TEXT_CHARS
+    provider: str = D.SERVE_PROVIDER
+    threads: int = D.SERVE_THREADS
+    drain_s: float = D.SERVE_DRAIN_S
 
     def check(self) -> None:
         for opt, value, low in (

@@ -23,20 +23,27 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import distributed
+from .adapters import Tensors, apply_delta, match_module
 from .backbone import Encoder, Preprocessor, load_encoder, split_batches, split_features
+from .defaults import TRAIN_COSINE_SCALE, TRAIN_FISHER_SAMPLES, UNKNOWN_MAX_LENGTH
 from .errors import PMError
 from .fisher import diagonal_fisher
 from .heads import Prototypes
-from .merge import Tensors
+from .seeds import FISHER, stream_generator
 from .tasks import Split, Task
 
-DEFAULT_SAMPLES = 512  # TrainConfig.fisher_samples
-DEFAULT_SCALE = 16.0  # TrainConfig.cosine_scale
+FISHER_LABELS = ("sampled", "true")
+
+
+def check_fisher_labels(labels: str) -> None:
+    """--fisher-labels, for train and merge alike: sampled (the true Fisher) or true (the empirical one)."""
+    if labels not in FISHER_LABELS:
+        raise PMError(f"--fisher-labels: must be true or sampled, got {labels!r}")
 
 
 def fisher_generator(seed: int, task: int) -> torch.Generator:
-    """The generator training draws task `task`'s Fisher samples from (train._generator(seed, task, 3))."""
-    return torch.Generator().manual_seed(seed * 1_000_003 + task * 101 + 3)
+    """The generator task `task`'s Fisher samples and sampled labels are drawn from, in training and merge."""
+    return stream_generator(seed, task, FISHER)
 
 
 def fisher_order(split: Split, samples: int, generator: torch.Generator) -> torch.Tensor:
@@ -92,7 +99,7 @@ def task_fisher(
 
 
 def prototype_logits(
-    feats: torch.Tensor, labels: list[str], classes: list[str], scale: float = DEFAULT_SCALE
+    feats: torch.Tensor, labels: list[str], classes: list[str], scale: float = TRAIN_COSINE_SCALE
 ) -> Callable[[torch.Tensor], torch.Tensor]:
     """Cosine logits to the class means of `feats` (heads.Prototypes), times `scale`, one column per class."""
     protos = Prototypes(feats.shape[1])
@@ -109,16 +116,7 @@ def prototype_logits(
 def find_linears(model: nn.Module, modules: list[str]) -> dict[str, nn.Linear]:
     """The model's linear layer for each adapter module name, allowing for a wrapper prefix either side."""
     linears = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear)}
-    out = {}
-    for name in modules:
-        if name in linears:
-            out[name] = linears[name]
-            continue
-        hits = [n for n in linears if n.endswith("." + name) or name.endswith("." + n)]
-        if len(hits) != 1:
-            raise PMError(f"--data: cannot find the adapted layer {name} in the base model")
-        out[name] = linears[hits[0]]
-    return out
+    return {name: linears[match_module(name, linears, "--data: an adapted layer")] for name in modules}
 
 
 class DataFisher:
@@ -130,10 +128,10 @@ class DataFisher:
         modules: list[str],
         tasks: list[Task],
         seed: int = 0,
-        samples: int = DEFAULT_SAMPLES,
+        samples: int = TRAIN_FISHER_SAMPLES,
         batch_size: int = 32,
-        max_length: int = 128,
-        scale: float = DEFAULT_SCALE,
+        max_length: int = UNKNOWN_MAX_LENGTH,
+        scale: float = TRAIN_COSINE_SCALE,
         device: str = "cpu",
         labels: str = "sampled",
     ):
@@ -165,7 +163,7 @@ class DataFisher:
         task = self.tasks[index]
         with torch.no_grad():
             for k, m in self.layers.items():
-                m.weight.copy_(self.w0[k] + theta[k].to(m.weight))
+                m.weight.copy_(apply_delta(self.w0[k], theta[k]))
         logits = prototype_logits(
             split_features(self.encoder, self.prep, task.train, self.device),
             task.train.labels,

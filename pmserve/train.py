@@ -1,10 +1,10 @@
 """Continual training with Perturb-and-Merge: one task after another, one merged model after each.
 
 Per task t: a fresh PEFT LoRA on the merged backbone W_hat_{t-1}, trained with the perturbation; the diagonal
-Fisher at theta*_t; the adapter saved in PEFT's format; alpha_t and the merge (merge.py, the same code as
+Fisher at theta*_t; the adapter saved in PEFT's format; alpha_t and the merge (merging.recurrence, the same code as
 `pmserve merge`); the inference classifier updated with the merged model; evaluation on every test set seen.
 
-A RUN folder holds config.json, one folder per completed task (written under a temporary name and renamed, so
+A RUN folder (formats.run) holds config.json, one folder per completed task (written under a temporary name and renamed, so
 a killed run never leaves a half task) and metrics.json. Every random draw of task t comes from generators
 seeded by (seed, t), and the merged weights are always written as W_0 + D, so `--resume` replays the finished
 task folders and ends bitwise equal to a run that was never interrupted.
@@ -18,10 +18,8 @@ summed over the ranks, so alpha, the merge and the classifiers are the same on e
 
 from __future__ import annotations
 
-import json
-import os
-import shutil
 import time
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
@@ -30,23 +28,29 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from . import defaults as D
 from . import distributed, metrics
 from .adapters import (
     ADAPTER,
     LoraSpec,
+    Tensors,
     add_lora,
     base_fingerprint,
     lora_layers,
-    save_adapter,
     set_merged,
     task_vectors,
 )
 from .backbone import Encoder, Preprocessor, load_encoder, split_batches, split_features
 from .errors import PMError
+from .formats import MODEL_CARD, atomic_dir, read_json, write_json
+from .formats import run as run_files
+from .formats.peft import save_adapter
 from .heads import HEADS, TRAIN_HEADS, LabelHead, Prototypes, Ridge, Scorer, load_scorer, save_scorer
-from .merge import FisherSums, Tensors, merge_step, task_alpha
+from .merging.recurrence import FisherSums, chained_merge, chained_theta, task_alpha
+from .model_card import task_card
 from .perturb import FusedPerturbation, Perturbation, use_fused_kernel
-from .task_fisher import fisher_generator, fisher_order, task_fisher
+from .seeds import HEAD_INIT, SHUFFLE, perturb_seed, ridge_seed, stream_generator, task_seed
+from .task_fisher import check_fisher_labels, fisher_generator, fisher_order, task_fisher
 from .tasks import Split, Task, load_tasks
 
 TRAIN_METHODS = ("pm", "merge", "seq", "avg", "frozen", "joint")
@@ -58,31 +62,31 @@ class TrainConfig:
     """Everything that determines a run's results; saved as RUN/config.json."""
 
     data: str
-    model: str = "builtin:minilm"
-    method: str = "pm"
-    head: str = "ridge"  # measured best for every method (BENCHMARKS.md)
-    train_head: str = ""  # "" = cosine for --head cosine, else linear (what the benchmarks measured)
-    rank: int = 10
-    lora_alpha: float = 0.0  # 0 = same as rank (scaling 1)
-    target_modules: list[str] = field(default_factory=lambda: ["all-linear"])  # or "key-value", or names
-    eps: float = 0.5
-    perturb_per: str = "step"
-    epochs: int = 5
-    batch_size: int = 32
-    lr: float = 1e-3
-    head_lr: float = 1e-2
-    weight_decay: float = 0.01
-    max_length: int = 64
-    fisher_samples: int = 512
-    fisher_labels: str = "sampled"  # measured best (BENCHMARKS.md); runs from before the option used "true"
-    clip_alpha: bool = True
-    cosine_scale: float = 16.0
-    ridge_dim: int = 2000
-    ridge_lambda: float = 0.0  # 0 = choose per task on held-out training data
-    eval_heads: list[str] = field(default_factory=list)  # more inference classifiers to measure side by side
-    seed: int = 0
-    device: str = "auto"
-    kernel: str = "auto"
+    model: str = D.TRAIN_MODEL
+    method: str = D.TRAIN_METHOD
+    head: str = D.TRAIN_HEAD
+    train_head: str = D.TRAIN_TRAIN_HEAD  # "" = cosine for --head cosine, else linear
+    rank: int = D.TRAIN_RANK
+    lora_alpha: float = D.TRAIN_LORA_ALPHA  # 0 = same as rank (scaling 1)
+    target_modules: list[str] = field(default_factory=lambda: list(D.TRAIN_TARGET_MODULES))
+    eps: float = D.TRAIN_EPS
+    perturb_per: str = D.TRAIN_PERTURB_PER
+    epochs: int = D.TRAIN_EPOCHS
+    batch_size: int = D.TRAIN_BATCH_SIZE
+    lr: float = D.TRAIN_LR
+    head_lr: float = D.TRAIN_HEAD_LR
+    weight_decay: float = D.TRAIN_WEIGHT_DECAY
+    max_length: int = D.TRAIN_MAX_LENGTH
+    fisher_samples: int = D.TRAIN_FISHER_SAMPLES
+    fisher_labels: str = D.TRAIN_FISHER_LABELS  # runs from before the option used "true" (PREDATES)
+    clip_alpha: bool = D.TRAIN_CLIP_ALPHA
+    cosine_scale: float = D.TRAIN_COSINE_SCALE
+    ridge_dim: int = D.TRAIN_RIDGE_DIM
+    ridge_lambda: float = D.TRAIN_RIDGE_LAMBDA  # 0 = choose per task on held-out training data
+    eval_heads: list[str] = field(default_factory=lambda: list(D.TRAIN_EVAL_HEADS))  # measured side by side
+    seed: int = D.TRAIN_SEED
+    device: str = D.TRAIN_DEVICE
+    kernel: str = D.TRAIN_KERNEL
 
     def __post_init__(self) -> None:
         if not self.train_head:
@@ -124,11 +128,7 @@ class TrainConfig:
             "perturb-per",
             f"must be step or sample, got {self.perturb_per!r}",
         )
-        need(
-            self.fisher_labels in ("true", "sampled"),
-            "fisher-labels",
-            f"must be true or sampled, got {self.fisher_labels!r}",
-        )
+        check_fisher_labels(self.fisher_labels)
         need(self.epochs >= 1, "epochs", f"must be at least 1, got {self.epochs}")
         need(self.batch_size >= 1, "batch-size", f"must be at least 1, got {self.batch_size}")
         need(self.lr > 0, "lr", f"must be > 0, got {self.lr}")
@@ -166,16 +166,6 @@ def _device(spec: str) -> torch.device:
     if spec == "cuda" and distributed.world() > 1:
         spec = f"cuda:{distributed.local_rank()}"  # one device per process on each machine
     return torch.device(spec)
-
-
-def _generator(seed: int, task: int, stream: int) -> torch.Generator:
-    return torch.Generator().manual_seed(seed * 1_000_003 + task * 101 + stream)
-
-
-def _atomic_json(path: Path, obj) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2))
-    os.replace(tmp, path)
 
 
 class Learner:
@@ -225,13 +215,13 @@ class Learner:
     def train_task(self, task: Task, i: int, progress=None) -> tuple[nn.Module | None, Tensors, Tensors]:
         """Train task i; returns (the PEFT model or None, Delta_t, F_t). The head rows are committed."""
         cfg = self.cfg
-        self.head.add_labels(task.classes, _generator(cfg.seed, i, 1))
+        self.head.add_labels(task.classes, stream_generator(cfg.seed, i, HEAD_INIT))
         w, b = self.head.rows(task.classes)
         target_of = {y: k for k, y in enumerate(task.classes)}
         peft_model, pert = None, None
         params = [{"params": [w, b], "lr": cfg.head_lr}]
         if cfg.method != "frozen":
-            torch.manual_seed(cfg.seed * 1_000_003 + i)  # PEFT draws lora_A's init from the global generator
+            torch.manual_seed(task_seed(cfg.seed, i))  # PEFT draws lora_A's init from the global generator
             peft_model = add_lora(self.encoder.model, cfg.lora)
             self.encoder.model = peft_model
             layers = lora_layers(peft_model)
@@ -239,11 +229,11 @@ class Learner:
             eps = cfg.eps if cfg.method == "pm" else 0.0
             if not _sliced_samples(cfg) and use_fused_kernel(cfg.kernel, self.device, layers):
                 # One Triton kernel per LoRA layer: base matmul, LoRA branch and s in one pass.
-                pert = FusedPerturbation(layers, eps, cfg.perturb_per, seed=cfg.seed * 7919 + i)
+                pert = FusedPerturbation(layers, eps, cfg.perturb_per, seed=perturb_seed(cfg.seed, i))
             elif eps > 0:
-                pert = Perturbation(layers, eps, cfg.perturb_per, cfg.seed * 7919 + i, ADAPTER)
+                pert = Perturbation(layers, eps, cfg.perturb_per, perturb_seed(cfg.seed, i), ADAPTER)
         opt = torch.optim.AdamW(params, weight_decay=cfg.weight_decay)
-        shuffle = _generator(cfg.seed, i, 2)
+        shuffle = stream_generator(cfg.seed, i, SHUFFLE)
         n = len(task.train.labels)
         cached = self.features(task.train) if peft_model is None else None  # frozen: features never change
         steps = cfg.epochs * ((n + cfg.batch_size - 1) // cfg.batch_size)
@@ -307,9 +297,9 @@ class Learner:
         """alpha_t and W_hat_t = W_hat_{t-1} + alpha_t Delta_t (t is 1-based)."""
         method = "seq" if self.cfg.method == "joint" else self.cfg.method
         if method in ("pm", "merge"):
-            self.sums.add(fisher, {k: self.merged[k] + delta[k] for k in delta})
+            self.sums.add(fisher, chained_theta(self.merged, delta))
         alpha = task_alpha(method, t, self.merged, delta, self.sums, clip=self.cfg.clip_alpha)
-        self.merged = merge_step(self.merged, delta, alpha)
+        self.merged = chained_merge(self.merged, delta, alpha)
         set_merged(self.encoder.model, self.base, self.merged)
         return alpha
 
@@ -322,7 +312,7 @@ class Learner:
         lam = None
         for clf in stats:
             if isinstance(clf, Ridge):
-                lam = clf.fit(feats, task.train.labels, seed=self.cfg.seed * 31 + i)
+                lam = clf.fit(feats, task.train.labels, seed=ridge_seed(self.cfg.seed, i))
             else:
                 clf.update(feats, task.train.labels)
         return lam
@@ -330,17 +320,17 @@ class Learner:
     # ---- files: head.*, classifier.* (the --head) and eval-NAME.* (the --eval-heads)
 
     def save_heads(self, folder: Path) -> None:
-        save_scorer(self.head, folder, "head")
+        save_scorer(self.head, folder, run_files.HEAD)
         for k, (name, clf) in enumerate(self.classifiers.items()):
-            save_scorer(clf, folder, "classifier" if k == 0 else f"eval-{name}")
+            save_scorer(clf, folder, run_files.CLASSIFIER if k == 0 else f"eval-{name}")
 
     def load_state(self, folder: Path) -> None:
-        if (folder / "merged.safetensors").exists():
-            self.merged = load_file(str(folder / "merged.safetensors"))
+        if (folder / run_files.MERGED).exists():
+            self.merged = load_file(str(folder / run_files.MERGED))
             set_merged(self.encoder.model, self.base, self.merged)
-        self.head = load_scorer(folder, "head").to(self.device)
+        self.head = load_scorer(folder, run_files.HEAD).to(self.device)
         for k, name in enumerate(list(self.classifiers)):
-            clf = load_scorer(folder, "classifier" if k == 0 else f"eval-{name}")
+            clf = load_scorer(folder, run_files.CLASSIFIER if k == 0 else f"eval-{name}")
             self.classifiers[name] = self.head if isinstance(clf, LabelHead) else clf
 
 
@@ -442,16 +432,13 @@ def _saved_config(raw: dict) -> dict:
 
 
 def _prepare_out(out: Path, cfg: TrainConfig, resume: bool) -> None:
-    cfg_path = out / "config.json"
+    cfg_path = out / run_files.CONFIG
     if cfg_path.exists():
         if not resume:
             raise PMError(
                 f"{out}: already holds a run; pass --resume to continue it, or choose another --out"
             )
-        try:
-            old = json.loads(cfg_path.read_text())
-        except (OSError, json.JSONDecodeError) as e:
-            raise PMError(f"{cfg_path}: unreadable ({e})") from None
+        old = run_files.read_config(out)
         mine = cfg.results_key()
         # a key the older run's config lacks was added since: the run used PREDATES' value, else the default
         old = asdict(TrainConfig(**{"data": cfg.data, **_saved_config(old)}))
@@ -463,24 +450,19 @@ def _prepare_out(out: Path, cfg: TrainConfig, resume: bool) -> None:
             )
     elif out.exists() and any(out.iterdir()):
         raise PMError(f"{out}: exists and is not a pmserve run; choose an empty or new --out")
-    (out / "tasks").mkdir(parents=True, exist_ok=True)
-    _atomic_json(cfg_path, asdict(cfg))
-    for stale in (out / "tasks").glob(".tmp-*"):
-        shutil.rmtree(stale, ignore_errors=True)
-
-
-def _task_dir(out: Path, i: int, name: str) -> Path:
-    return out / "tasks" / f"{i:02d}-{name}"
+    (out / run_files.TASKS).mkdir(parents=True, exist_ok=True)
+    run_files.write_config(out, asdict(cfg))
+    run_files.remove_partial_tasks(out)
 
 
 def open_run(run: Path, device: str = "cpu") -> tuple[TrainConfig, list[Task], Learner, list[Path]]:
     """A finished RUN for measurements: its config, tasks, a Learner in the state after its last task, and its
     task folders in order. Keys a newer TrainConfig does not know are ignored."""
-    cfg = TrainConfig(**_saved_config(json.loads((run / "config.json").read_text())))
+    cfg = TrainConfig(**_saved_config(run_files.read_config(run)))
     tasks = load_tasks(cfg.data, cfg.seed)
     encoder, prep, _ = load_encoder(cfg.model, tasks[0].kind, cfg.max_length)
     learner = Learner(cfg, encoder, prep, torch.device(device))
-    folders = sorted(p for p in (run / "tasks").iterdir() if not p.name.startswith("."))
+    folders = run_files.finished_tasks(run)
     learner.load_state(folders[-1])
     return cfg, tasks, learner, folders
 
@@ -512,65 +494,72 @@ def _train(cfg: TrainConfig, out: Path, device: torch.device, resume: bool, prog
 
     done: list[dict] = []  # task.json of every finished task
     for i, task in enumerate(train_seq):  # replay finished tasks: accumulators, then the last state
-        folder = _task_dir(out, i, task.name)
-        if not (folder / "task.json").exists():
+        folder = run_files.task_dir(out, i, task.name)
+        if not (folder / run_files.TASK_INFO).exists():
             break
-        done.append(json.loads((folder / "task.json").read_text()))
+        done.append(read_json(folder / run_files.TASK_INFO))
         if cfg.method in ("pm", "merge"):
-            fisher = load_file(str(folder / "fisher.safetensors"))
-            delta = load_file(str(folder / "delta.safetensors"))
-            learner.sums.add(fisher, {k: learner.merged[k] + delta[k] for k in delta})
-            learner.merged = load_file(str(folder / "merged.safetensors"))
+            fisher = load_file(str(folder / run_files.FISHER))
+            delta = load_file(str(folder / run_files.DELTA))
+            learner.sums.add(fisher, chained_theta(learner.merged, delta))
+            learner.merged = load_file(str(folder / run_files.MERGED))
     if done:
-        learner.load_state(_task_dir(out, len(done) - 1, train_seq[len(done) - 1].name))
+        learner.load_state(run_files.task_dir(out, len(done) - 1, train_seq[len(done) - 1].name))
         log(f"resuming {out} after task {len(done)} of {len(train_seq)}")
 
     bar = _progress() if progress else None
-    with bar or _Null():
+    with bar or nullcontext():
         for i in range(len(done), len(train_seq)):
             task = train_seq[i]
             t0 = time.perf_counter()
             peft_model, delta, fisher = learner.train_task(task, i, bar)
-            tmp = out / "tasks" / f".tmp-{i:02d}-{task.name}"
-            if main:
-                shutil.rmtree(tmp, ignore_errors=True)
-                tmp.mkdir()
-            alpha = None
-            if peft_model is not None:
-                if main:
-                    meta = {
-                        "kind": "chained",
-                        "task": i,
-                        "name": task.name,
-                        "base_model": cfg.model,
-                        "base_fingerprint": fingerprint,
-                        "labels": task.classes,
-                        "method": cfg.method,
-                    }
-                    save_adapter(peft_model, tmp, str(model_dir), meta)
-                learner.encoder.model = peft_model.unload()
-                alpha = learner.merge(i + 1, delta, fisher)  # the same on every rank: the Fisher was summed
-            lam = learner.update_classifiers(task, i)
-            seen = tasks if cfg.method == "joint" else tasks[: i + 1]
-            accs = [learner.accuracy(t.test) for t in seen]
-            info = {
-                "index": i,
-                "name": task.name,
-                "method": cfg.method,
-                "labels": task.classes,
-                "alpha": alpha,
-                "ridge_lambda": lam,
-                "seconds": time.perf_counter() - t0,
-                "acc": {h: [a[h] for a in accs] for h in learner.classifiers},
-            }
-            if main:
+            folder = run_files.task_dir(out, i, task.name)
+            with atomic_dir(folder) if main else nullcontext() as tmp:  # only rank 0 writes
+                alpha = None
                 if peft_model is not None:
-                    save_file(fisher, str(tmp / "fisher.safetensors"))
-                    save_file(delta, str(tmp / "delta.safetensors"))
-                    save_file(learner.merged, str(tmp / "merged.safetensors"))
-                learner.save_heads(tmp)
-                (tmp / "task.json").write_text(json.dumps(info, indent=2))
-                os.rename(tmp, _task_dir(out, i, task.name))
+                    if main:
+                        meta = {
+                            "kind": "chained",
+                            "task": i,
+                            "name": task.name,
+                            "base_model": cfg.model,
+                            "base_fingerprint": fingerprint,
+                            "labels": task.classes,
+                            "method": cfg.method,
+                        }
+                        save_adapter(peft_model, tmp, str(model_dir), meta)
+                    learner.encoder.model = peft_model.unload()
+                    alpha = learner.merge(
+                        i + 1, delta, fisher
+                    )  # the same on every rank: the Fisher was summed
+                lam = learner.update_classifiers(task, i)
+                seen = tasks if cfg.method == "joint" else tasks[: i + 1]
+                accs = [learner.accuracy(t.test) for t in seen]
+                info = {
+                    "index": i,
+                    "name": task.name,
+                    "method": cfg.method,
+                    "labels": task.classes,
+                    "alpha": alpha,
+                    "ridge_lambda": lam,
+                    "seconds": time.perf_counter() - t0,
+                    "acc": {h: [a[h] for a in accs] for h in learner.classifiers},
+                }
+                if main:
+                    if peft_model is not None:
+                        save_file(fisher, str(tmp / run_files.FISHER))
+                        save_file(delta, str(tmp / run_files.DELTA))
+                        save_file(learner.merged, str(tmp / run_files.MERGED))
+                    learner.save_heads(tmp)
+                    write_json(tmp / run_files.TASK_INFO, info)
+                    card = task_card(
+                        info,
+                        asdict(cfg),
+                        [t.name for t in train_seq],
+                        base_path=str(model_dir),
+                        folder=str(folder),
+                    )
+                    (tmp / MODEL_CARD).write_text(card)
             done.append(info)
             if bar is None:
                 row = " ".join(f"{a:.3f}" for a in info["acc"][cfg.head])
@@ -594,7 +583,7 @@ def _train(cfg: TrainConfig, out: Path, device: torch.device, resume: bool, prog
         "config": asdict(cfg),
     }
     if main:
-        _atomic_json(out / "metrics.json", result)
+        write_json(out / run_files.METRICS, result)
     distributed.barrier()  # every rank returns once the run is on disk
     return result
 
@@ -609,11 +598,3 @@ def _progress():
         TimeElapsedColumn(),
         transient=False,
     )
-
-
-class _Null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False

@@ -7,12 +7,13 @@ import numpy as np
 import pytest
 import torch
 import typer
+from pmserve.formats.bundle import verify_bundle
 from typer.testing import CliRunner
 
 from pmserve.bench import BenchConfig, run_bench
-from pmserve.bundle import verify_bundle
 from pmserve.export import ExportOptions, export_bundle
-from pmserve.merged_model import inspect_merged, load_inference_model, load_unmerged_model, scorer_module
+from pmserve.formats.merged import inspect_merged
+from pmserve.merged_model import load_inference_model, load_unmerged_model, scorer_module
 from pmserve.predict import OrtModel, evaluate
 from pmserve.train import TrainConfig, train
 from tests.conftest import write_tasks

@@ -3,8 +3,7 @@
 import numpy as np
 import pytest
 import torch
-
-from pmserve.merge import FisherSums, alpha_terms, closed_form_alpha, merge_step, task_alpha
+from pmserve.merging.recurrence import FisherSums, alpha_terms, chained_merge, closed_form_alpha, task_alpha
 
 
 def objective(a: float, merged, delta, fishers, thetas) -> float:
@@ -29,7 +28,7 @@ def random_sequence(T: int, seed: int):
         )
         thetas.append({k: merged[k] + delta[k] for k in shapes})
         deltas.append(delta)
-        merged = merge_step(merged, delta, 0.3 + 0.4 * torch.rand(1, generator=g).item())
+        merged = chained_merge(merged, delta, 0.3 + 0.4 * torch.rand(1, generator=g).item())
     return fishers, thetas, deltas
 
 
@@ -87,5 +86,5 @@ def test_merge_step_is_convex_combination():
     prev = {"w": torch.tensor([1.0, 2.0])}
     theta = {"w": torch.tensor([3.0, -2.0])}
     delta = {"w": theta["w"] - prev["w"]}
-    out = merge_step(prev, delta, 0.25)
+    out = chained_merge(prev, delta, 0.25)
     assert torch.allclose(out["w"], 0.75 * prev["w"] + 0.25 * theta["w"])

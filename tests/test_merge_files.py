@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from pmserve.merging import MergeOptions, merge_adapters
 from safetensors.torch import load_file, save_file
 
 from pmserve.errors import PMError
-from pmserve.merge_files import MergeOptions, merge_adapters
 from pmserve.tensor_io import SafetensorsWriter, TensorSpec
 from tests.conftest import write_tasks
 
@@ -202,9 +202,8 @@ def test_independent_adapters_and_peer_methods_match_peft(foreign, tmp_path):
 
 def test_ties_in_row_blocks_equals_peft(foreign, tmp_path, monkeypatch):
     """TIES streamed over row blocks of the task vectors (a block of 1 to 3 rows here) against peft's ties."""
+    import pmserve.merging.gram as mf
     from peft.utils import merge_utils as mu
-
-    import pmserve.merge_files as mf
 
     monkeypatch.setattr(mf, "GRAM_BLOCK", 50)
     deltas = [_deltas(foreign[0], 1.0), _deltas(foreign[1], 2.0), _deltas(foreign[2], 1.0)]
@@ -322,7 +321,7 @@ def test_pm_fisher_from_data_equals_brute_force(foreign, tiny_model, tiny_tasks,
 
 def test_pm_with_fisher_files_on_independent_adapters_matches_merge_py(foreign, tmp_path):
     """The one-pass Gram-matrix closed form against merge.py's full-tensor formulas (what training runs)."""
-    from pmserve.merge import FisherSums, alpha_terms, closed_form_alpha
+    from pmserve.merging.recurrence import FisherSums, alpha_terms, closed_form_alpha
 
     deltas = [_deltas(foreign[0], 1.0), _deltas(foreign[1], 2.0), _deltas(foreign[2], 1.0)]
     g = torch.Generator().manual_seed(0)
@@ -456,7 +455,7 @@ def test_bad_inputs_one_error_no_out(case, pm_run, foreign, tiny_model, tmp_path
 
 
 def test_interrupted_write_leaves_nothing(foreign, tiny_model, tmp_path, monkeypatch):
-    import pmserve.merge_files as mf
+    import pmserve.merging.write as mf
 
     def boom(*a, **k):
         raise KeyboardInterrupt
@@ -500,8 +499,9 @@ def test_cli_merge(pm_run, tmp_path):
 
 def test_classifier_statistics_add_like_pooled_data():
     """Classifiers built on parts of the data (same backbone) combine into the classifier of the pooled data."""
+    from pmserve.merging.classifier import combine
+
     from pmserve.heads import LabelHead, Prototypes, Ridge
-    from pmserve.merge_classifier import combine
 
     g = torch.Generator().manual_seed(0)
     feats = torch.randn(60, 8, generator=g)

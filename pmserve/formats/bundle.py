@@ -8,26 +8,16 @@ missing, truncated or altered after export is found before a single input is sco
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
 from pathlib import Path
 
-from .errors import PMError
+from ..errors import PMError
+from . import LABELS, read_json, read_labels, sha256_file, write_json
 
 MANIFEST = "manifest.json"
 MODEL = "model.onnx"
-LABELS = "labels.json"
 FORMAT = "pmserve-bundle"
 VERSION = 1
-
-
-def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def file_table(folder: Path) -> dict[str, dict]:
@@ -42,9 +32,7 @@ def file_table(folder: Path) -> dict[str, dict]:
 def write_manifest(folder: Path, manifest: dict) -> dict:
     """Add the file table and format tag to `manifest` and write it as folder/manifest.json."""
     manifest = {"format": FORMAT, "version": VERSION, **manifest, "files": file_table(folder)}
-    tmp = folder / f".{MANIFEST}.tmp"
-    tmp.write_text(json.dumps(manifest, indent=2))
-    os.replace(tmp, folder / MANIFEST)
+    write_json(folder / MANIFEST, manifest)
     return manifest
 
 
@@ -62,11 +50,8 @@ def read_manifest(folder: Path) -> dict:
         raise PMError(f"{folder}: does not exist or is not a folder")
     if not path.is_file():
         raise PMError(f"{folder}: not a bundle (no {MANIFEST}; `pmserve export` writes one)")
-    try:
-        m = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise PMError(f"{path}: unreadable ({e})") from None
-    if not isinstance(m, dict) or m.get("format") != FORMAT:
+    m = read_json(path)
+    if m.get("format") != FORMAT:
         raise PMError(f"{path}: not a pmserve bundle manifest (format is not {FORMAT!r})")
     if m.get("version", 0) > VERSION:
         raise PMError(f"{path}: bundle version {m['version']} is newer than this pmserve reads ({VERSION})")
@@ -92,7 +77,7 @@ def verify_bundle(folder: Path | str, hashes: bool = True) -> dict:
             raise PMError(f"{p}: altered ({p.stat().st_size} bytes, {MANIFEST} says {info.get('bytes')})")
         if hashes and sha256_file(p) != info.get("sha256"):
             raise PMError(f"{p}: altered (sha256 differs from {MANIFEST})")
-    labels = json.loads((folder / LABELS).read_text())
+    labels = read_labels(folder / LABELS)
     if m["outputs"] and m["outputs"][0]["shape"][-1] != len(labels):
         raise PMError(
             f"{folder / LABELS}: {len(labels)} labels, but the model scores {m['outputs'][0]['shape'][-1]}"

@@ -20,12 +20,18 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from .errors import PMError
-from .heads import LabelHead, Prototypes, Ridge, Scorer, load_scorer, save_scorer, scorer_kind
+from ..errors import PMError
+from ..formats import LABELS, write_json
+from ..formats.peft import AdapterInput
+from ..formats.run import CLASSIFIER, HEAD
+from ..heads import LabelHead, Prototypes, Ridge, Scorer, load_scorer, save_scorer, scorer_kind
+from ..seeds import ridge_seed
 
 if TYPE_CHECKING:
-    from .merge_files import AdapterInput, MergePlan
-    from .tasks import Task
+    from ..tasks import Task
+    from .inputs import Inputs
+
+DeltaOf = Callable[[int, str], torch.Tensor]  # (module index, module) -> W_hat - W_0 of the merged model
 
 CALIBRATE_HEADS = ("prototype", "ridge")
 
@@ -102,7 +108,7 @@ def _mismatch(scorers: list[Scorer], where: list[Path]) -> str | None:
 def carried(ads: list[AdapterInput]) -> tuple[Scorer | None, LabelHead | None, str]:
     """The inference classifier and training head the adapters carry, combined; and a note saying what it is."""
     parts = contributors(ads)
-    missing = [a.path for a in parts if not (a.path / "classifier.json").is_file()]
+    missing = [a.path for a in parts if not (a.path / f"{CLASSIFIER}.json").is_file()]
     if missing:
         return (
             None,
@@ -110,11 +116,11 @@ def carried(ads: list[AdapterInput]) -> tuple[Scorer | None, LabelHead | None, s
             f"no classifier carried: {missing[0]} has none (give --calibrate DATA to build one)",
         )
     where = [a.path for a in parts]
-    scorers = [load_scorer(p, "classifier") for p in where]
+    scorers = [load_scorer(p, CLASSIFIER) for p in where]
     why = _mismatch(scorers, where)
     if why:
         return None, None, f"no classifier carried: {why} (give --calibrate DATA to build one)"
-    heads = [load_scorer(p, "head") for p in where if (p / "head.json").is_file()]
+    heads = [load_scorer(p, HEAD) for p in where if (p / f"{HEAD}.json").is_file()]
     head = combine(heads) if len(heads) == len(where) and not _mismatch(heads, where) else None
     source = "the RUN's last task" if len(parts) == 1 and parts[0].run_config is not None else "the adapters"
     note = (
@@ -126,7 +132,7 @@ def carried(ads: list[AdapterInput]) -> tuple[Scorer | None, LabelHead | None, s
 
 def calibration_tasks(data: str, seed: int, ads: list[AdapterInput]) -> list[Task]:
     """--calibrate's tasks, checked before anything is merged: they must cover every label the adapters know."""
-    from .tasks import load_tasks
+    from ..tasks import load_tasks
 
     tasks = load_tasks(data, seed)
     labels = {y for a in ads for y in a.labels}
@@ -139,22 +145,25 @@ def calibration_tasks(data: str, seed: int, ads: list[AdapterInput]) -> list[Tas
 
 
 def calibrate(
-    plan: MergePlan, tasks: list[Task], seed: int, kind: str, like: Scorer | None, log: Callable[[str], None]
+    inputs: Inputs,
+    delta_of: DeltaOf,
+    tasks: list[Task],
+    seed: int,
+    kind: str,
+    like: Scorer | None,
+    log: Callable[[str], None],
 ) -> Scorer:
-    """A `kind` classifier built from the tasks' training features computed with the merged model of `plan`."""
-    from .backbone import load_encoder, split_features
-    from .task_fisher import find_linears
+    """A `kind` classifier built from the tasks' training features computed with the merged model."""
+    from ..adapters import apply_delta
+    from ..backbone import load_encoder, split_features
+    from ..task_fisher import find_linears
 
-    inputs = plan.inputs
-    lengths = [
-        int(a.run_config["max_length"]) for a in inputs.adapters if "max_length" in (a.run_config or {})
-    ]
-    encoder, prep, _ = load_encoder(inputs.base.spec, tasks[0].kind, lengths[0] if lengths else 128)
+    encoder, prep, _ = load_encoder(inputs.base.spec, tasks[0].kind, inputs.max_length)
     layers = find_linears(encoder.model, inputs.modules)
     with torch.no_grad():
-        for i, m in enumerate(inputs.modules):  # W_0 + (W_hat - W_0), as every output format writes it
+        for i, m in enumerate(inputs.modules):
             w = layers[m].weight
-            w.copy_((w.float() + plan.module_delta(i, m)).to(w.dtype))
+            w.copy_(apply_delta(w, delta_of(i, m)))
     dim = encoder.hidden_size
     if kind == "ridge":
         ridge = like if isinstance(like, Ridge) else None
@@ -164,7 +173,7 @@ def calibrate(
     for i, task in enumerate(tasks):
         feats = split_features(encoder, prep, task.train, torch.device("cpu"))
         if isinstance(clf, Ridge):
-            lam = clf.fit(feats, task.train.labels, seed=seed * 31 + i)  # as Learner.update_classifiers
+            lam = clf.fit(feats, task.train.labels, seed=ridge_seed(seed, i))  # as Learner.update_classifiers
             log(f"calibrate: task {task.name}, {len(feats)} examples, ridge lambda {lam:g}")
         else:
             clf.update(feats, task.train.labels)
@@ -174,7 +183,8 @@ def calibrate(
 
 def write_classifier(
     tmp: Path,
-    plan: MergePlan,
+    inputs: Inputs,
+    delta_of: DeltaOf,
     calibrate_data: str | None,
     calibrate_tasks: list[Task] | None,
     calibrate_head: str | None,
@@ -184,15 +194,13 @@ def write_classifier(
 ) -> dict:
     """classifier.* (the inference classifier), head.* (the training head) and labels.json (the classifier's
     labels, else `labels`) into `tmp`; returns merge_report.json's "classifier" record."""
-    import json
-
-    ads = plan.inputs.adapters
+    ads = inputs.adapters
     clf, head, note = carried(ads)
     record = {"source": "carried" if clf is not None else None, "approximate": clf is not None, "note": note}
     if calibrate_tasks is not None:
         carried_kind = scorer_kind(clf) if clf is not None else None
         kind = calibrate_head or (carried_kind if carried_kind in CALIBRATE_HEADS else "ridge")
-        clf = calibrate(plan, calibrate_tasks, seed, kind, clf, log)
+        clf = calibrate(inputs, delta_of, calibrate_tasks, seed, kind, clf, log)
         record = {
             "source": "calibrated",
             "approximate": False,
@@ -202,12 +210,12 @@ def write_classifier(
     log(f"note: {record['note']}")
     labels = list(clf.labels) if clf is not None else labels
     if clf is not None:
-        save_scorer(clf, tmp, "classifier")
+        save_scorer(clf, tmp, CLASSIFIER)
         record["kind"] = scorer_kind(clf)
         if isinstance(clf, Ridge):
             record["lambda"] = clf.lam
     if head is not None:
-        save_scorer(head, tmp, "head")
+        save_scorer(head, tmp, HEAD)
     if labels:
-        (tmp / "labels.json").write_text(json.dumps(labels, indent=2))
+        write_json(tmp / LABELS, labels)
     return record

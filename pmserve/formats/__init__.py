@@ -1,0 +1,113 @@
+"""Every file pmserve writes or reads, owned here: one submodule per on-disk format.
+
+- `run`: a RUN folder (config.json marked as a RUN, tasks/NN-name/ with each task's files, metrics.json);
+- `peft`: PEFT LoRA adapter folders (adapter_config.json, adapter_model.safetensors, pmserve_adapter.json);
+- `merged`: what `pmserve merge` writes and what export reads as a merged model (a RUN or a full folder);
+- `bundle`: the deployable ONNX bundle and its manifest.
+
+This module holds what they share: reading a JSON object with a one-line error, writing a file or a folder so
+that it appears only when complete, and hashing a file. Train, merge, export and serve go through these, so a
+file name or an atomic write exists once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from ..errors import PMError
+
+MODEL_CARD = "README.md"  # the model card in every task folder and merged model
+LABELS = "labels.json"  # class index -> label, beside a merged model or a bundle
+
+
+def read_json(path: Path) -> dict:
+    """A JSON object from `path`; unreadable, malformed or not an object is a PMError naming the file."""
+    try:
+        obj = json.loads(Path(path).read_text())
+    except OSError as e:
+        raise PMError(f"{path}: unreadable ({e.strerror or e})") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise PMError(f"{path}: bad JSON ({e})") from None
+    if not isinstance(obj, dict):
+        raise PMError(f"{path}: expected a JSON object")
+    return obj
+
+
+def write_json(path: Path, obj) -> None:
+    """`obj` as indented JSON at `path`, replaced atomically (a reader never sees half a file)."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(obj, indent=2))
+    os.replace(tmp, path)
+
+
+def read_labels(path: Path) -> list[str]:
+    """labels.json: a list (index -> label) or an object {"0": label, ...}."""
+    try:
+        obj = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise PMError(f"{path}: unreadable ({e})") from None
+    if isinstance(obj, dict):
+        try:
+            obj = [obj[str(i)] for i in range(len(obj))]
+        except KeyError:
+            raise PMError(f"{path}: keys must be the class indices 0..{len(obj) - 1}") from None
+    if not isinstance(obj, list) or not all(isinstance(x, str) for x in obj):
+        raise PMError(f"{path}: expected a list of label strings")
+    return obj
+
+
+def sha256_file(path: Path, chunk: int = 1 << 24) -> str:
+    """The SHA-256 of a file, read in 16 MiB chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def check_new_out(out: Path) -> None:
+    """An output folder must be new or empty: finished work is never overwritten."""
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise PMError(f"{out}: already exists; choose a new --out")
+
+
+@contextmanager
+def atomic_dir(out: Path) -> Iterator[Path]:
+    """A hidden temporary folder beside `out`, renamed to `out` when the block succeeds, removed when it fails.
+
+    Temporary folders left by a killed process (its pid no longer alive) are removed first.
+    """
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    for stale in out.parent.glob(f".{out.name}.tmp-*"):
+        pid = stale.name.rsplit("-", 1)[-1]
+        if not pid.isdigit() or not _alive(int(pid)):
+            shutil.rmtree(stale, ignore_errors=True)
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        yield tmp
+        if out.is_dir():
+            out.rmdir()  # an empty folder (check_new_out): replaced by the finished one
+        os.rename(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

@@ -1,0 +1,84 @@
+"""The executor: a MergePlan and its inputs -> W_hat - W_0 of one module at a time, computed from the factors.
+
+Linear and sequential methods are one rank-sum(r_t) product per module; TIES runs over row blocks of the task
+vectors so the T of them are never held at once; DARE draws its pruning from a generator seeded per module.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..formats.peft import AdapterInput
+from ..seeds import task_seed
+from . import gram
+from .gram import stacked_factors
+from .methods import combine_task_vectors
+from .plan import MergePlan
+
+
+def module_delta(
+    plan: MergePlan, adapters: list[AdapterInput], index: int, module: str, norms: dict | None = None
+) -> torch.Tensor:
+    """W_hat - W_0 of one module, fp32, computed from the adapter files alone; records norms when given."""
+    ads = adapters
+    method = plan.method
+    if method.linear or method.sequential:
+        # D = sum_t c_t Delta_t = [c_1 s_1 B_1 ... c_T s_T B_T] @ [A_1; ...; A_T]: one rank-sum(r_t) product
+        # instead of T low-rank products and T weight-sized additions (the recurrence, in closed form)
+        a_cat, b_cat, blocks = stacked_factors(ads, module, torch.float32)
+        merged = (b_cat * (torch.tensor(plan.coefficients) @ blocks)) @ a_cat
+        if ads[0].fan_in_fan_out:
+            merged = merged.T.contiguous()
+        if norms is not None:  # ||Delta_t|| from the factors' Gram matrix, never forming Delta_t
+            gram = blocks @ ((b_cat.T @ b_cat) * (a_cat @ a_cat.T)) @ blocks.T
+            task_norms = gram.diagonal().clamp_min(0).sqrt().tolist()
+            norms[module] = {"merged": float(merged.norm()), "tasks": task_norms}
+        return merged
+    elif method.sparsify == "magnitude" and (plan.density) < 1.0:
+        merged, task_norms = ties_by_rows(
+            ads, module, torch.tensor(plan.weights), plan.density
+        )
+    else:
+        ds = [a.delta(module) for a in ads]
+        task_norms = [float(d.norm()) for d in ds]
+        with torch.random.fork_rng(devices=[]):  # DARE's pruning draws from the global generator
+            torch.manual_seed(task_seed(plan.seed, index))
+            merged = combine_task_vectors(
+                ds, torch.tensor(plan.weights), method, plan.density
+            )
+    if norms is not None:
+        norms[module] = {"merged": float(merged.norm()), "tasks": task_norms}
+    return merged
+
+
+def ties_by_rows(
+    adapters: list[AdapterInput], module: str, weights: torch.Tensor, density: float
+) -> tuple[torch.Tensor, list[float]]:
+    """TIES on one module (peft's ties: magnitude pruning, sign election, disjoint merge) without holding the T
+    task vectors at once; returns the merged delta and ||Delta_t||.
+
+    Magnitude pruning keeps |x| >= the k-th largest |value| of each whole task vector: that is peft's top-k mask
+    (found with kthvalue, an O(n) selection, instead of a full top-k sort) except that values tied at the
+    threshold are all kept. With each task's threshold known, the election and merge act element by element, so
+    they run over row blocks of the T task vectors, recomputed from the factors.
+    """
+    from peft.utils import merge_utils as mu
+
+    facs = [a.factors(module) for a in adapters]
+    thresholds, norms = [], []
+    for a, f in zip(adapters, facs):
+        d = a.delta_rows(module, 0, None, f).reshape(-1).abs_()
+        norms.append(float(d.norm()))
+        k = int(density * d.numel())
+        thresholds.append(float("inf") if k == 0 else float(torch.kthvalue(d, d.numel() - k + 1).values))
+        del d
+    shape = adapters[0].delta_shape(module)
+    out = torch.empty(shape, dtype=torch.float32)
+    thr = torch.tensor(thresholds).view(-1, 1, 1)
+    w = weights.float().view(-1, 1, 1)
+    rows = max(1, gram.GRAM_BLOCK // (len(adapters) * shape[1]))
+    for r in range(0, shape[0], rows):
+        x = torch.stack([a.delta_rows(module, r, r + rows, f) for a, f in zip(adapters, facs)])
+        x *= x.abs() >= thr
+        out[r : r + rows] = mu.disjoint_merge(x * w, mu.calculate_majority_sign_mask(x, method="total"))
+    return out, norms
