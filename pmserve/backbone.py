@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .defaults import UNKNOWN_MAX_LENGTH
 from .errors import PMError
 from .tasks import Split
 
@@ -78,7 +79,7 @@ class Encoder(nn.Module):
 class Preprocessor:
     """Raw inputs (strings, image paths or uint8 arrays) -> model input tensors."""
 
-    def __init__(self, path: Path, kind: str, max_length: int = 128):
+    def __init__(self, path: Path, kind: str, max_length: int = UNKNOWN_MAX_LENGTH):
         from transformers import AutoImageProcessor, AutoTokenizer
 
         self.kind, self.max_length = kind, max_length
@@ -119,7 +120,9 @@ def _to_rgb(x) -> np.ndarray:
     return a.astype(np.uint8)
 
 
-def load_encoder(spec: str, kind: str, max_length: int = 128) -> tuple[Encoder, Preprocessor, Path]:
+def load_encoder(
+    spec: str, kind: str, max_length: int = UNKNOWN_MAX_LENGTH
+) -> tuple[Encoder, Preprocessor, Path]:
     """The backbone for `spec` in eval mode with dropout off, its preprocessor, and its folder."""
     from transformers import AutoConfig, AutoModel
 

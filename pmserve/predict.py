@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from . import defaults as D
 from .backbone import Preprocessor
 from .errors import PMError
 from .formats.bundle import MODEL, is_bundle, verify_bundle
@@ -112,7 +113,7 @@ class OrtModel(Model):
     def from_bundle(cls, path: Path | str, provider: str = "auto", threads: int = 0) -> OrtModel:
         path = Path(path)
         m = verify_bundle(path)
-        prep = Preprocessor(path, m["input_kind"], int(m.get("max_length", 128)))
+        prep = Preprocessor(path, m["input_kind"], int(m.get("max_length", D.UNKNOWN_MAX_LENGTH)))
         model = cls(path / MODEL, prep, m["labels"], m["input_kind"], provider, threads)
         model.manifest = m
         return model
@@ -239,7 +240,11 @@ def score_all(model: Model, inputs: list, batch_size: int = 64) -> np.ndarray:
 
 
 def predict(
-    path: Path | str, inputs: list[str], provider: str = "auto", top_k: int = 1, batch_size: int = 64
+    path: Path | str,
+    inputs: list[str],
+    provider: str = D.PREDICT_PROVIDER,
+    top_k: int = D.PREDICT_TOP_K,
+    batch_size: int = D.PREDICT_BATCH_SIZE,
 ) -> tuple[list[dict], Model]:
     """For each input: its top label and score (and the next top_k - 1); the model is returned for its facts."""
     if top_k < 1:
@@ -274,8 +279,8 @@ def evaluate(
     path: Path | str,
     data: str | None = None,
     seed: int | None = None,
-    provider: str = "auto",
-    batch_size: int = 64,
+    provider: str = D.PREDICT_PROVIDER,
+    batch_size: int = D.PREDICT_BATCH_SIZE,
 ) -> dict:
     """Accuracy on the test split of every task of DATA (default: the task sequence the model was trained on)."""
     from .tasks import load_tasks
@@ -292,7 +297,7 @@ def evaluate(
     return evaluate_model(model, tasks, batch_size) | {"model": str(path), "data": data, "seed": seed}
 
 
-def evaluate_model(model: Model, tasks: list, batch_size: int = 64) -> dict:
+def evaluate_model(model: Model, tasks: list, batch_size: int = D.PREDICT_BATCH_SIZE) -> dict:
     known = set(model.labels)
     rows, hits, total = [], 0, 0
     for t in tasks:

@@ -552,14 +552,12 @@ def _train(cfg: TrainConfig, out: Path, device: torch.device, resume: bool, prog
                         save_file(learner.merged, str(tmp / run_files.MERGED))
                     learner.save_heads(tmp)
                     write_json(tmp / run_files.TASK_INFO, info)
-                    card = task_card(
-                        info,
-                        asdict(cfg),
-                        [t.name for t in train_seq],
-                        base_path=str(model_dir),
-                        folder=str(folder),
-                    )
-                    (tmp / MODEL_CARD).write_text(card)
+                    if peft_model is not None:  # the adapter's card (a frozen task has no adapter)
+                        names = [t.name for t in tasks]  # a joint run's one folder covers every task
+                        card = task_card(
+                            info, asdict(cfg), names, base_path=str(model_dir), folder=str(folder)
+                        )
+                        (tmp / MODEL_CARD).write_text(card)
             done.append(info)
             if bar is None:
                 row = " ".join(f"{a:.3f}" for a in info["acc"][cfg.head])

@@ -35,17 +35,13 @@ def module_delta(
             norms[module] = {"merged": float(merged.norm()), "tasks": task_norms}
         return merged
     elif method.sparsify == "magnitude" and (plan.density) < 1.0:
-        merged, task_norms = ties_by_rows(
-            ads, module, torch.tensor(plan.weights), plan.density
-        )
+        merged, task_norms = ties_by_rows(ads, module, torch.tensor(plan.weights), plan.density)
     else:
         ds = [a.delta(module) for a in ads]
         task_norms = [float(d.norm()) for d in ds]
         with torch.random.fork_rng(devices=[]):  # DARE's pruning draws from the global generator
             torch.manual_seed(task_seed(plan.seed, index))
-            merged = combine_task_vectors(
-                ds, torch.tensor(plan.weights), method, plan.density
-            )
+            merged = combine_task_vectors(ds, torch.tensor(plan.weights), method, plan.density)
     if norms is not None:
         norms[module] = {"merged": float(merged.norm()), "tasks": task_norms}
     return merged

@@ -170,5 +170,7 @@ def plan_merge(inputs: Inputs, opts: MergeOptions, log: Callable[[str], None]) -
                 f"{method.name} takes each chained adapter's Delta_t as its task vector, relative to the model it "
                 "was trained on"
             )
-    density = (opts.density if opts.density is not None else MERGE_DEFAULT_DENSITY) if method.uses_density else None
+    density = (
+        (opts.density if opts.density is not None else MERGE_DEFAULT_DENSITY) if method.uses_density else None
+    )
     return MergePlan(method, alphas, weights, coefficients, fisher, clip, density, opts.seed, notes)
