@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import random
 from pathlib import Path
 
@@ -103,3 +104,8 @@ def tiny_vit(tmp_path_factory) -> Path:
     ViTModel(cfg, add_pooling_layer=False).save_pretrained(d)
     ViTImageProcessor(size={"height": 8, "width": 8}).save_pretrained(d)
     return d
+
+
+# TRITON_INTERPRET as pytest found it, before any test module was imported: tests/test_kernels_env.py checks the
+# kernel tests (which need it set, in their child processes only) left this process's environment alone.
+TRITON_INTERPRET_AT_START = os.environ.get("TRITON_INTERPRET")
