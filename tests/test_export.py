@@ -271,3 +271,119 @@ def test_bad_input(case, run, bundle, tiny_model, tmp_path, cli):
         res, needles = cli("eval", bundle, data), ["zebra", "not one of the model's 6 classes"]
     assert_one_line_error(res, *needles)
     assert not b.exists() or case in ("missing_file", "altered_file", "no_manifest")
+
+
+# ---------------------------------------------------------------- the parity gate fed a real difference
+#
+# The ridge classifier scores relu(feats @ P) @ W. Adding c to row u of W adds c * relu(feats @ P)[:, u] to EVERY
+# class's score: the same amount for all classes (top-1 unchanged), of one sign (the sign of c), and exactly 0 for
+# inputs whose unit u is inactive. The batches are chosen so that unit u is inactive on every input of the first
+# two and active on one input of the last, so the two models differ only there. A gate that looked only at
+# batches[0], took a signed maximum of one sign, or relied on top-1 changes would pass; check_parity must not.
+
+GATE_SHIFT = 1e-2  # the largest score difference the perturbation makes: 100x the fp32 tolerance
+
+
+@pytest.fixture(scope="module")
+def gate(run, tmp_path_factory):
+    """The run's model traced to ONNX, a ridge unit u and three batches with u active only in the last one."""
+    from pathlib import Path
+    from types import SimpleNamespace
+
+    import pmserve.export as export
+
+    model, prep = load_inference_model(run, attn="eager")  # as export_bundle loads it
+    data = Path(inspect_merged(run).data)
+    lines = [x for f in sorted(data.glob("*/test.jsonl")) for x in f.read_text().splitlines()]
+    texts = [json.loads(x)["text"] for x in lines] + export.SAMPLE_TEXTS
+
+    def pre_activations(batch):  # ridge's relu(feats @ P) before the relu, [inputs, units]
+        with torch.no_grad():
+            return model.encoder(**{n: batch[n] for n in model.input_names}) @ model.classifier.projection
+
+    pre = pre_activations(prep(texts))
+    margin = 1e-3 * float(pre.abs().max())
+    best = None
+    for u in range(pre.shape[1]):
+        off = [t for t, p in zip(texts, pre[:, u].tolist()) if p < -margin]
+        top = float(pre[:, u].max())
+        if len(off) >= 6 and top > margin and (best is None or top > best[2]):
+            best = (u, off, top, texts[int(pre[:, u].argmax())])
+    assert best is not None, "no ridge unit is off for 6 texts and on for another"
+    unit, off, _, on = best
+    batches = [prep(off[:4]), prep(off[4:5]), prep([off[5], on])]
+    act = [torch.relu(pre_activations(b)[:, unit]) for b in batches]
+    assert float(act[0].max()) == 0.0 and float(act[1].max()) == 0.0 and float(act[2].max()) > 0.0
+    path = tmp_path_factory.mktemp("gate") / "model.onnx"
+    export.trace_onnx(model, batches[0], path, ExportOptions().opset)  # the default opset
+    return SimpleNamespace(model=model, path=path, batches=batches, unit=unit, act=float(act[2].max()))
+
+
+def _ort_scores(path, batches) -> list[np.ndarray]:
+    import onnxruntime as ort
+
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    names = [i.name for i in sess.get_inputs()]
+    return [sess.run(["scores"], {n: b[n].numpy() for n in names})[0] for b in batches]
+
+
+def test_parity_gate_passes_the_unperturbed_model(gate):
+    import pmserve.export as export
+
+    tol = export.PARITY_TOL["fp32"]
+    for batches in (gate.batches, *([b] for b in gate.batches)):
+        res = export.check_parity(gate.path, gate.model, batches, tol)
+        assert res["passed"] and res["max_abs_diff"] <= tol and res["top1_mismatches"] == 0, res
+    assert export.check_parity(gate.path, gate.model, gate.batches, tol)["samples"] == 4 + 1 + 2
+
+
+@pytest.mark.parametrize(
+    "side,ort_lower",
+    [("pytorch", True), ("onnx", True), ("pytorch", False)],
+    ids=["pytorch_perturbed-ort_lower", "onnx_perturbed-ort_lower", "pytorch_perturbed-ort_higher"],
+)
+def test_parity_gate_fails_on_a_difference_only_in_a_later_batch(gate, side, ort_lower, tmp_path):
+    import copy
+
+    import onnx
+    from onnx import numpy_helper
+
+    import pmserve.export as export
+
+    tol = export.PARITY_TOL["fp32"]
+    shift = GATE_SHIFT / gate.act  # to add to row `unit` of the ridge weights: the top score moves GATE_SHIFT
+    model, path = gate.model, gate.path
+    if side == "pytorch":  # PyTorch's scores go up (ORT's lower than PyTorch's) or down
+        model = copy.deepcopy(gate.model)
+        model.classifier.weight[gate.unit] += shift if ort_lower else -shift
+    else:  # the graph's ridge weights changed instead
+        proto = onnx.load(str(gate.path))
+        w = gate.model.classifier.weight.numpy()
+        hits = [i for i in proto.graph.initializer if np.array_equal(numpy_helper.to_array(i), w)]
+        assert len(hits) == 1, "the ridge weights are not one initializer of the graph"
+        arr = numpy_helper.to_array(hits[0]).copy()
+        arr[gate.unit] += -shift if ort_lower else shift
+        hits[0].CopyFrom(numpy_helper.from_array(arr, hits[0].name))
+        path = tmp_path / "perturbed.onnx"
+        onnx.save(proto, str(path))
+
+    # the premise, measured: no difference in batches 0 and 1; in batch 2 one sign, the same for every class
+    with torch.no_grad():
+        ref = [model.scores(b).numpy() for b in gate.batches]
+    got = _ort_scores(path, gate.batches)
+    diffs = [r - g for r, g in zip(ref, got)]  # PyTorch - ORT
+    assert max(float(np.abs(d).max()) for d in diffs[:2]) <= tol  # a gate reading batches[0] (or [:2]) passes
+    d = diffs[2] if ort_lower else -diffs[2]  # the shift's direction: >= 0 up to float noise
+    assert float(d.min()) > -tol and float(d.max()) == pytest.approx(GATE_SHIFT, abs=tol)
+    wrong_sign = -d  # what max(ORT - PyTorch) (ort_lower) or max(PyTorch - ORT) (ort_higher) would report
+    assert max(float(wrong_sign.max()), *(float(np.abs(x).max()) for x in diffs[:2])) <= tol
+    assert (ref[2].argmax(1) == got[2].argmax(1)).all()  # top-1 agrees: only the score tolerance can catch it
+
+    res = export.check_parity(path, model, gate.batches, tol)
+    assert res["passed"] is False and res["max_abs_diff"] > tol, res
+    assert res["max_abs_diff"] == pytest.approx(GATE_SHIFT, abs=tol)  # the absolute maximum, not a mean
+    assert res["top1_mismatches"] == 0 and res["samples"] == 7
+    # the difference is in batch index 2: the first two alone pass, the later one alone fails
+    assert export.check_parity(path, model, gate.batches[:2], tol)["passed"] is True
+    alone = export.check_parity(path, model, gate.batches[2:], tol)
+    assert alone["passed"] is False and alone["max_abs_diff"] == pytest.approx(GATE_SHIFT, abs=tol)
