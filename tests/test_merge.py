@@ -88,3 +88,75 @@ def test_merge_step_is_convex_combination():
     delta = {"w": theta["w"] - prev["w"]}
     out = chained_merge(prev, delta, 0.25)
     assert torch.allclose(out["w"], 0.75 * prev["w"] + 0.25 * theta["w"])
+
+
+def clip_edge_case(edge: str, shapes: dict[str, tuple[int, ...]], seed: int = 0):
+    """Three independent tasks (theta*_i - W_0 = Delta_i, D_1 = Delta_1, D_2 = D_1 + alpha_2 (Delta_2 - D_1)) whose
+    third step u = Delta_3 - D_2 has an unclipped closed-form alpha_3 below 0 (edge "low") or above 1 ("high").
+
+    With v = Delta_2 - Delta_1, the pull of the first two tasks at D_2 is g = sum_{i<3} F_i (theta_i - D_2) =
+    (-alpha_2 F_1 + (1 - alpha_2) F_2) v (orthogonal to v: that is what alpha_2 minimises), and for u = s g the
+    minimiser is alpha_3 = (s <F_3 g, g> + |g|^2) / (s <(F_1 + F_2 + F_3) g, g>). s = |g|^2 / (2 <(F_1 + F_2) g, g>)
+    gives 1 + <(F_1+F_2) g,g> / <S_F g,g> > 1; s = -|g|^2 / (2 <F_3 g, g>) gives -<F_3 g,g> / <S_F g,g> < 0.
+    Returns (fishers, thetas, alpha_2, D_2, u, the unclipped alpha_3), all float64.
+    """
+    g = torch.Generator().manual_seed(seed)
+    fishers = [
+        {k: torch.rand(s, generator=g, dtype=torch.float64) ** 2 + 0.05 for k, s in shapes.items()}
+        for _ in range(3)
+    ]
+    thetas = [
+        {k: torch.randn(s, generator=g, dtype=torch.float64) for k, s in shapes.items()} for _ in range(2)
+    ]
+    f1, f2, f3 = fishers
+    v = {k: thetas[1][k] - thetas[0][k] for k in shapes}
+    a2 = sum(float((f2[k] * v[k] ** 2).sum()) for k in shapes) / sum(
+        float(((f1[k] + f2[k]) * v[k] ** 2).sum()) for k in shapes
+    )
+    d2 = {k: thetas[0][k] + a2 * v[k] for k in shapes}
+    pull = {k: (-a2 * f1[k] + (1 - a2) * f2[k]) * v[k] for k in shapes}
+    gg = sum(float((pull[k] ** 2).sum()) for k in shapes)
+    q12 = sum(float(((f1[k] + f2[k]) * pull[k] ** 2).sum()) for k in shapes)
+    q3 = sum(float((f3[k] * pull[k] ** 2).sum()) for k in shapes)
+    if edge == "high":
+        s, want = gg / (2 * q12), 1 + q12 / (q12 + q3)
+    else:
+        s, want = -gg / (2 * q3), -q3 / (q12 + q3)
+    u = {k: s * pull[k] for k in shapes}
+    thetas.append({k: d2[k] + u[k] for k in shapes})
+    return fishers, thetas, a2, d2, u, want
+
+
+def brute_force_alpha(merged, delta, fishers, thetas, lo: float = -3.0, hi: float = 3.0) -> float:
+    """argmin over a of `objective` by grid search, coarse then fine (the objective is a convex quadratic)."""
+    for _ in range(3):
+        grid = np.linspace(lo, hi, 601)
+        best = grid[int(np.argmin([objective(x, merged, delta, fishers, thetas) for x in grid]))]
+        step = grid[1] - grid[0]
+        lo, hi = best - 2 * step, best + 2 * step
+    return float(best)
+
+
+@pytest.mark.parametrize("edge", ["low", "high"])
+def test_clip_reaches_both_edges(edge):
+    """Unclipped alpha_3 < 0 or > 1 (the brute-force minimiser agrees); clip=True returns exactly 0.0 or 1.0."""
+    shapes = {"a": (5, 7), "b": (3, 4)}
+    fishers, thetas, a2, d2, u, want = clip_edge_case(edge, shapes)
+    f32 = [{k: t.float() for k, t in x.items()} for x in (*fishers, *thetas)]
+    fishers32, thetas32 = f32[:3], f32[3:]
+    sums = FisherSums()
+    sums.add(fishers32[0], thetas32[0])
+    sums.add(fishers32[1], thetas32[1])
+    step2 = {k: thetas32[1][k] - thetas32[0][k] for k in shapes}  # D_1 = Delta_1: an independent second task
+    assert task_alpha("pm", 2, thetas32[0], step2, sums, clip=False) == pytest.approx(a2, abs=1e-6)
+    sums.add(fishers32[2], thetas32[2])
+    merged, delta = {k: t.float() for k, t in d2.items()}, {k: t.float() for k, t in u.items()}
+    raw = task_alpha("pm", 3, merged, delta, sums, clip=False)
+    best = brute_force_alpha(d2, u, fishers, thetas)
+    assert (raw < -0.05) if edge == "low" else (raw > 1.05)
+    assert raw == pytest.approx(want, abs=1e-5) and raw == pytest.approx(best, abs=1e-4)
+    edge_value = 0.0 if edge == "low" else 1.0
+    assert task_alpha("pm", 3, merged, delta, sums, clip=True) == edge_value  # exactly the edge
+    assert task_alpha("pm", 3, merged, delta, sums) == edge_value  # clip is the default
+    terms = [alpha_terms(merged[k], delta[k], sums.S_F[k], sums.S_Ft[k]) for k in shapes]
+    assert closed_form_alpha(terms) == edge_value and closed_form_alpha(terms, clip=False) == raw
