@@ -571,3 +571,161 @@ def test_merge_carries_the_run_classifier_and_calibrates_one(pm_run, tiny_model,
     with pytest.raises(PMError, match="--calibrate: .* no task with label 'feeling'"):
         merge_adapters([pm_run], tmp_path / "y", options=MergeOptions("pm", calibrate=str(two)), **QUIET)
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+
+
+# ---------------------------------------------------------------- pm's clip at both edges, through the files
+
+
+def _full_rank_adapter(tiny_model: Path, folder: Path, seed: int, deltas: dict[str, torch.Tensor]) -> Path:
+    """A PEFT LoRA on `value` whose Delta is exactly `deltas`: rank = width, A = I, B = Delta, scaling 1."""
+    width = next(iter(deltas.values())).shape[1]
+    _foreign(tiny_model, folder, seed, width, float(width), targets=("value",))
+    t = load_file(str(folder / "adapter_model.safetensors"))
+    new = {}
+    for k in t:
+        m = k[len("base_model.model.") :].rsplit(".lora_", 1)[0]
+        new[k] = torch.eye(width) if ".lora_A." in k else deltas[m].float().contiguous()
+    assert {k[len("base_model.model.") :].rsplit(".lora_", 1)[0] for k in t} == set(deltas)
+    save_file(new, str(folder / "adapter_model.safetensors"))
+    return folder
+
+
+@pytest.mark.parametrize("edge", ["low", "high"])
+def test_offline_pm_clip_reaches_both_edges(tiny_model, tmp_path, edge):
+    """Independent adapters with Fisher files whose unclipped alpha_3 is < 0 or > 1: --no-clip reports the
+    brute-force minimiser, the default clip exactly 0.0 or 1.0 (and the merge is then D_2 or Delta_3)."""
+    from tests.test_merge import brute_force_alpha, clip_edge_case
+
+    modules = [f"encoder.layer.{i}.attention.self.value" for i in (0, 1)]
+    fishers, deltas, a2, _, _, want = clip_edge_case(edge, {m: (32, 32) for m in modules}, seed=1)
+    folders = []
+    for i, (f, d) in enumerate(zip(fishers, deltas)):
+        folders.append(_full_rank_adapter(tiny_model, tmp_path / f"a{i}", i, d))
+        save_file({m: f[m].float().contiguous() for m in modules}, str(folders[-1] / "fisher.safetensors"))
+    # what pmserve reads: float32 tensors
+    fishers = [{m: f[m].float().double() for m in modules} for f in fishers]
+    deltas = [{m: d[m].float().double() for m in modules} for d in deltas]
+
+    raw = merge_adapters(folders, tmp_path / "raw", options=MergeOptions("pm", clip=False), **QUIET)
+    clipped = merge_adapters(folders, tmp_path / "clipped", options=MergeOptions("pm", clip=True), **QUIET)
+    assert raw["fisher"] == clipped["fisher"] == "files" and (raw["clip"], clipped["clip"]) == (False, True)
+    assert raw["alphas"][:2] == pytest.approx([1.0, a2], abs=1e-6)
+    assert clipped["alphas"][:2] == raw["alphas"][:2]
+    a2 = raw["alphas"][1]
+    d2 = {m: deltas[0][m] + a2 * (deltas[1][m] - deltas[0][m]) for m in modules}
+    step = {m: deltas[2][m] - d2[m] for m in modules}  # independent: theta*_3 - W_hat_2
+    best = brute_force_alpha(d2, step, fishers, deltas)
+    a3 = raw["alphas"][2]
+    assert (a3 < -0.05) if edge == "low" else (a3 > 1.05)
+    assert a3 == pytest.approx(best, abs=1e-4) and a3 == pytest.approx(want, abs=1e-4)
+    assert clipped["alphas"][2] == (0.0 if edge == "low" else 1.0)  # exactly the edge
+    got = {n: load_file(str(tmp_path / n / "merged.safetensors")) for n in ("raw", "clipped")}
+    for m in modules:
+        want_raw = d2[m] + a3 * step[m]
+        want_clipped = d2[m] if edge == "low" else deltas[2][m]
+        torch.testing.assert_close(got["raw"][m].double(), want_raw, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(got["clipped"][m].double(), want_clipped, rtol=1e-5, atol=1e-5)
+
+
+# ---------------------------------------------------------------- fan_in_fan_out (GPT-2's Conv1D) against PEFT
+
+FIFO_METHODS = {  # method: (MergeOptions keywords, PEFT's combination over the deltas)
+    "avg": ({}, "cat", [1 / 3, 1 / 3, 1 / 3]),
+    "linear": ({"weights": [1.0, 2.0, 1.0]}, "cat", [0.25, 0.5, 0.25]),
+    "task-arithmetic": ({"weights": [0.5, 1.0, -0.25]}, "cat", [0.5, 1.0, -0.25]),
+    "ties": ({"weights": [1.0, 0.5, 1.0], "density": 0.4}, "ties_svd", [1.0, 0.5, 1.0]),
+}
+
+
+@pytest.fixture(scope="module")
+def gpt2(tmp_path_factory):
+    """A tiny GPT-2 (Conv1D c_attn, c_proj, c_fc: weights stored [in, out]) and three PEFT LoRAs on c_attn and
+    c_proj with fan_in_fan_out=True, random nonzero A and B, different ranks and scalings."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import GPT2Config, GPT2Model
+
+    root = tmp_path_factory.mktemp("gpt2")
+    torch.manual_seed(0)
+    cfg = GPT2Config(n_layer=2, n_embd=16, n_head=2, vocab_size=50, n_positions=32)
+    GPT2Model(cfg).save_pretrained(str(root / "base"))
+    adapters = []
+    for i, (r, alpha) in enumerate([(2, 4.0), (3, 3.0), (4, 16.0)]):
+        torch.manual_seed(10 + i)
+        lora = LoraConfig(r=r, lora_alpha=alpha, target_modules=["c_attn", "c_proj"], fan_in_fan_out=True)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model = get_peft_model(GPT2Model.from_pretrained(str(root / "base")), lora)
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                torch.nn.init.normal_(p, 0.0, 0.5)
+        model.save_pretrained(str(root / f"a{i}"))
+        adapters.append(root / f"a{i}")
+    return root / "base", adapters
+
+
+def _peft_gpt2(base: Path, adapters: list[Path]):
+    """PEFT's own view: the three adapters loaded into one PeftModel as t0, t1, t2."""
+    from peft import PeftModel
+    from transformers import GPT2Model
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = PeftModel.from_pretrained(
+            GPT2Model.from_pretrained(str(base)), str(adapters[0]), adapter_name="t0"
+        )
+        for i, a in enumerate(adapters[1:], 1):
+            model.load_adapter(str(a), adapter_name=f"t{i}")
+    return model.eval()
+
+
+def test_fan_in_fan_out_adapters_merge_like_peft(gpt2, tmp_path):
+    """Conv1D LoRAs (fan_in_fan_out) merged by avg, linear, task-arithmetic and ties: the delta output equals
+    PEFT's get_delta_weight combined by peft's merge_utils, and the full output equals the model PEFT builds with
+    add_weighted_adapter (cat / ties_svd at full rank) and merge_and_unload."""
+    from peft.tuners.lora import LoraLayer
+    from peft.utils import merge_utils as mu
+    from transformers import GPT2Model
+
+    base, adapters = gpt2
+    peft_model = _peft_gpt2(base, adapters)
+    layers = {
+        n[len("base_model.model.") :]: m for n, m in peft_model.named_modules() if isinstance(m, LoraLayer)
+    }
+    assert len(layers) == 6  # c_attn, attn.c_proj and mlp.c_proj of both layers
+    assert all(m.fan_in_fan_out for m in layers.values())
+    base_w = _weights(GPT2Model.from_pretrained(str(base)))
+    with torch.no_grad():
+        deltas = {k: [m.get_delta_weight(f"t{i}") for i in range(3)] for k, m in layers.items()}
+    for k, ds in deltas.items():  # PEFT's deltas are in the Conv1D layout [in, out], and not square here
+        assert all(d.shape == base_w[k + ".weight"].shape and d.abs().max() > 0 for d in ds)
+    assert any(d[0].shape[0] != d[0].shape[1] for d in deltas.values())
+
+    for method, (kw, combination, weights) in FIFO_METHODS.items():
+        merge_adapters(adapters, tmp_path / method, options=MergeOptions(method, "delta", **kw), **QUIET)
+        got = load_file(str(tmp_path / method / "merged.safetensors"))
+        assert got.keys() == deltas.keys(), method
+        w = torch.tensor(weights)
+        for k, ds in deltas.items():
+            want = mu.ties(ds, w, 0.4) if method == "ties" else mu.task_arithmetic(ds, w)
+            what = f"{method} {k}"
+            torch.testing.assert_close(got[k], want, rtol=1e-5, atol=1e-6, msg=lambda m, w=what: f"{w}: {m}")
+
+        # the full model against PEFT's add_weighted_adapter + merge_and_unload
+        full = tmp_path / f"{method}-full"
+        merge_adapters(adapters, full, base=str(base), options=MergeOptions(method, "full", **kw), **QUIET)
+        ours = _weights(GPT2Model.from_pretrained(str(full)))
+        ref = _peft_gpt2(base, adapters)
+        extra = {"density": 0.4, "svd_rank": 16} if combination == "ties_svd" else {}
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            ref.add_weighted_adapter(
+                ["t0", "t1", "t2"], weights, "merged", combination_type=combination, **extra
+            )
+            ref.set_adapter("merged")
+            theirs = _weights(ref.merge_and_unload())
+        assert ours.keys() == theirs.keys() == base_w.keys()
+        for k, v in theirs.items():
+            what = f"{method} full {k}"
+            torch.testing.assert_close(ours[k], v, rtol=1e-5, atol=1e-5, msg=lambda m, w=what: f"{w}: {m}")
+            if k[: -len(".weight")] not in deltas:
+                assert torch.equal(ours[k], base_w[k]), k
