@@ -8,10 +8,10 @@ from tests.conftest import TRITON_INTERPRET_AT_START
 
 
 def test_triton_interpret_never_set_in_this_process():
-    if TRITON_INTERPRET_AT_START is None:
-        assert "TRITON_INTERPRET" not in os.environ
-    else:  # set by whoever started pytest: left as it was
-        assert os.environ.get("TRITON_INTERPRET") == TRITON_INTERPRET_AT_START
+    now = os.environ.get("TRITON_INTERPRET")  # None: not in os.environ
+    assert now == TRITON_INTERPRET_AT_START, (
+        f"TRITON_INTERPRET is {now!r} in the main pytest process; it was {TRITON_INTERPRET_AT_START!r} at its start"
+    )
     fused = sys.modules.get("pmserve.kernels.fused_lora")
     if fused is not None and TRITON_INTERPRET_AT_START is None:
-        assert not fused._INTERPRET  # imported here (by another test) without the interpreter
+        assert not fused._INTERPRET, "pmserve.kernels.fused_lora was imported here under the interpreter"
