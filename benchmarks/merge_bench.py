@@ -259,12 +259,12 @@ def speed(args) -> dict:
 
 def quality(args) -> dict:
     import torch
-    from pmserve.merging import MergeOptions, merge_adapters
     from safetensors.torch import load_file
 
     from pmserve.adapters import set_merged
     from pmserve.backbone import load_encoder, split_features
     from pmserve.heads import Prototypes, Ridge, load_scorer
+    from pmserve.merging import MergeOptions, merge_adapters
     from pmserve.tasks import load_tasks
 
     torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 
 import torch
+
 from pmserve.formats.peft import read_adapter
 from pmserve.merging.gram import module_grams
 from pmserve.merging.inputs import check_inputs, expand_inputs, resolve_base
@@ -34,7 +35,11 @@ def alphas(run: str) -> tuple[list[float], list[float], list[float]]:
             counts[k] += f.numel()
     means = [s / c for s, c in zip(sums, counts)]
     clip = bool((ads[0].run_config or {}).get("clip_alpha", True))
-    return gram_alphas(kinds, grams, clip), means, gram_alphas(kinds, [g / m for g, m in zip(grams, means)], clip)
+    return (
+        gram_alphas(kinds, grams, clip),
+        means,
+        gram_alphas(kinds, [g / m for g, m in zip(grams, means)], clip),
+    )
 
 
 def main() -> None:

@@ -28,9 +28,17 @@ def lora_delta(lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float) -> to
     return scaling * (lora_B.float() @ lora_A.float())
 
 
-def apply_delta(w0: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
-    """W_0 + D in the weight's dtype: the sum in fp32, rounded once (the one arithmetic for every writer)."""
-    return (w0.float() + delta.float()).to(w0.dtype)
+def apply_delta(w0: torch.Tensor, delta: torch.Tensor, check: str | None = None) -> torch.Tensor:
+    """W_0 + D in the weight's dtype: the sum in fp32, rounded once (the one arithmetic for every writer).
+
+    With `check` (what to call the weight in the message), a sum that is NaN or beyond the dtype's range is a
+    PMError; the test runs on the fp32 sum, where it is several times cheaper than on a bf16 result."""
+    total = delta.float() + w0  # w0 is promoted exactly; one fp32 temporary, not two
+    if check is not None:
+        top, (lo, hi) = torch.finfo(w0.dtype).max, torch.aminmax(total)  # no |total| temporary
+        if not -top <= float(lo) <= float(hi) <= top:  # False for NaN too
+            raise PMError(f"{check} overflows {w0.dtype} (NaN or Inf)")
+    return total.to(w0.dtype)
 
 
 def match_module(name: str, candidates, where: str) -> str:

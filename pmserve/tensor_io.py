@@ -2,7 +2,7 @@
 
 `pmserve merge` reads adapters, Fisher files and base models that may be far larger than memory, so nothing here
 ever holds a whole file: a reader gives one tensor per call, a writer takes one tensor per call. The maths
-(pmserve.merge, pmserve.merge_files) never sees a file, and this module never sees a merge method.
+(pmserve.merging) never sees a file, and this module never sees a merge method.
 
 Reading goes through safetensors' `safe_open` (memory-mapped, lazy). A mapped file's touched pages count towards
 the process's resident memory for as long as the mapping lives, so large files are reopened for every tensor
@@ -17,7 +17,6 @@ layout with a `*.safetensors.index.json`.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 import struct
@@ -43,15 +42,6 @@ DTYPES = {
 }
 DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 FLOATS = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
-
-
-def sha256_file(path: Path, chunk: int = 1 << 24) -> str:
-    """The SHA-256 of a file, read in 16 MiB chunks."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _safetensors_error():

@@ -7,11 +7,11 @@ import numpy as np
 import pytest
 import torch
 import typer
-from pmserve.formats.bundle import verify_bundle
 from typer.testing import CliRunner
 
 from pmserve.bench import BenchConfig, run_bench
 from pmserve.export import ExportOptions, export_bundle
+from pmserve.formats.bundle import verify_bundle
 from pmserve.formats.merged import inspect_merged
 from pmserve.merged_model import load_inference_model, load_unmerged_model, scorer_module
 from pmserve.predict import OrtModel, evaluate

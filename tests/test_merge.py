@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 import torch
+
 from pmserve.merging.recurrence import FisherSums, alpha_terms, chained_merge, closed_form_alpha, task_alpha
 
 

@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from pmserve.merging import MergeOptions, merge_adapters
 from safetensors.torch import load_file, save_file
 
 from pmserve.errors import PMError
+from pmserve.merging import MergeOptions, merge_adapters
 from pmserve.tensor_io import SafetensorsWriter, TensorSpec
 from tests.conftest import write_tasks
 
@@ -202,8 +202,9 @@ def test_independent_adapters_and_peer_methods_match_peft(foreign, tmp_path):
 
 def test_ties_in_row_blocks_equals_peft(foreign, tmp_path, monkeypatch):
     """TIES streamed over row blocks of the task vectors (a block of 1 to 3 rows here) against peft's ties."""
-    import pmserve.merging.gram as mf
     from peft.utils import merge_utils as mu
+
+    import pmserve.merging.gram as mf
 
     monkeypatch.setattr(mf, "GRAM_BLOCK", 50)
     deltas = [_deltas(foreign[0], 1.0), _deltas(foreign[1], 2.0), _deltas(foreign[2], 1.0)]
@@ -499,9 +500,8 @@ def test_cli_merge(pm_run, tmp_path):
 
 def test_classifier_statistics_add_like_pooled_data():
     """Classifiers built on parts of the data (same backbone) combine into the classifier of the pooled data."""
-    from pmserve.merging.classifier import combine
-
     from pmserve.heads import LabelHead, Prototypes, Ridge
+    from pmserve.merging.classifier import combine
 
     g = torch.Generator().manual_seed(0)
     feats = torch.randn(60, 8, generator=g)

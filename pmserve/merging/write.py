@@ -22,7 +22,6 @@ from pathlib import Path
 import torch
 
 from ..adapters import apply_delta
-from ..errors import PMError
 from ..formats import MODEL_CARD, atomic_dir, check_new_out, sha256_file, write_json
 from ..formats import merged as merged_files
 from ..formats import peft as peft_files
@@ -121,9 +120,8 @@ def write_full(tmp: Path, plan: MergePlan, inp: Inputs, norms: dict, max_shard_s
         t = weights.get(k)
         m = module_of.get(k)
         if m is not None:
-            t = apply_delta(t, module_delta(plan, inp.adapters, index[m], m, norms))
-            if not torch.isfinite(t).all():
-                raise PMError(f"{weights.folder}: merged {k} overflows {t.dtype} (NaN or Inf)")
+            d = module_delta(plan, inp.adapters, index[m], m, norms)
+            t = apply_delta(t, d, check=f"{weights.folder}: merged {k}")
         w.write(k, t)
         del t
     files = w.close()
