@@ -118,10 +118,8 @@ def test_train_help_names_every_builtin_sequence():
 
 
 def _merge_options():
-    try:  # the merge package, once pmserve.merge_files has moved there
-        from pmserve.merging import MergeOptions
-    except ImportError:
-        from pmserve.merge_files import MergeOptions
+    from pmserve.merging import MergeOptions
+
     return MergeOptions
 
 

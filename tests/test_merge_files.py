@@ -321,7 +321,7 @@ def test_pm_fisher_from_data_equals_brute_force(foreign, tiny_model, tiny_tasks,
 
 
 def test_pm_with_fisher_files_on_independent_adapters_matches_merge_py(foreign, tmp_path):
-    """The one-pass Gram-matrix closed form against merge.py's full-tensor formulas (what training runs)."""
+    """The one-pass Gram-matrix closed form against the recurrence's full-tensor formulas (what training runs)."""
     from pmserve.merging.recurrence import FisherSums, alpha_terms, closed_form_alpha
 
     deltas = [_deltas(foreign[0], 1.0), _deltas(foreign[1], 2.0), _deltas(foreign[2], 1.0)]

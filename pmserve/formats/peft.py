@@ -64,7 +64,7 @@ class AdapterInput:
         return self.tensors.get(m.a_key), self.tensors.get(m.b_key)
 
     def delta(self, module: str) -> torch.Tensor:
-        """Delta_t of one module in the base weight's layout, fp32 (merge.lora_delta, as training computes it)."""
+        """Delta_t of one module in the base weight's layout, fp32 (adapters.lora_delta, as training computes it)."""
         return self.delta_rows(module, 0, None).contiguous()
 
     def delta_rows(self, module: str, start: int, stop: int, factors=None) -> torch.Tensor:
