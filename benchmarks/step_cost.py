@@ -83,7 +83,7 @@ def main() -> None:
     n = len(task.train.labels)
     learner.cfg.fisher_samples = n
     t0 = time.perf_counter()
-    learner._fisher(task, 0, lora_layers(peft_model), w, b, pos)
+    learner._fisher(task, 0, lora_layers(peft_model), w, b)
     fisher_s = time.perf_counter() - t0
     epoch_s = statistics.median(plain) * (n / args.batch_size)
     out = {
