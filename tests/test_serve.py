@@ -125,13 +125,14 @@ def queued(url) -> float:
 
 
 def batch_sizes(url) -> tuple[float, float]:
-    """(batches, batches of one input) from the batch-size histogram."""
+    """(batches, batches of one input) from the batch-size histogram; (0, 0) before the first batch (a
+    labelled histogram has no samples until it is observed)."""
     from prometheus_client.parser import text_string_to_metric_families
 
     text = httpx.get(f"{url}/metrics").text
     fam = next(f for f in text_string_to_metric_families(text) if f.name == "pmserve_batch_size")
-    count = next(s.value for s in fam.samples if s.name.endswith("_count"))
-    ones = next(s.value for s in fam.samples if s.name.endswith("_bucket") and s.labels["le"] == "1.0")
+    count = next((s.value for s in fam.samples if s.name.endswith("_count")), 0.0)
+    ones = next((s.value for s in fam.samples if s.name.endswith("_bucket") and s.labels["le"] == "1.0"), 0.0)
     return count, ones
 
 
