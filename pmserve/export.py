@@ -19,7 +19,11 @@ Choices, and why:
   the source's test sets.
 - Parity: ONNX Runtime (CPU) against the PyTorch fp32 merged model on test inputs of the source's tasks (when
   known), generic sentences, and random token ids at other batch and sequence sizes; a failure leaves no bundle.
-- Everything is written into a temporary folder beside BUNDLE and renamed at the end.
+- A probe (probe.json: a few inputs and their PyTorch scores, with the tolerance above; for int8 twice the
+  difference measured at export) travels with the bundle, so a server checks the bundle it loads gives the
+  scores export saw, through the same preprocessing, before it serves it.
+- Everything is written into a temporary folder beside BUNDLE and renamed at the end. `export_version` writes
+  the bundle as the next numbered version of a model folder in a repository (formats.repository), the same way.
 """
 
 from __future__ import annotations
@@ -35,8 +39,9 @@ import torch
 from . import defaults as D
 from .errors import PMError
 from .formats import atomic_dir, check_new_out
-from .formats.bundle import MODEL, write_labels, write_manifest
+from .formats.bundle import MODEL, write_labels, write_manifest, write_probe
 from .formats.merged import MergedSource, inspect_merged
+from .formats.repository import check_model_dir, new_version
 from .merged_model import InferenceModel, load_inference_model
 
 DTYPES = ("fp32", "fp16")
@@ -82,6 +87,28 @@ def export_bundle(
     opts.validate()
     out = Path(out)
     check_new_out(out)
+    write = _prepare(source, opts, log)
+    with atomic_dir(out) as tmp:
+        return write(tmp)
+
+
+def export_version(
+    source: Path | str, model_dir: Path | str, opts: ExportOptions | None = None, log=lambda *_: None
+) -> tuple[Path, dict]:
+    """Export SOURCE as the next version of the repository model folder MODEL_DIR (made when missing):
+    MODEL_DIR/1, /2, ...; returns the version's folder and its manifest. No finished version is overwritten."""
+    opts = opts or ExportOptions()
+    opts.validate()
+    model_dir = Path(model_dir)
+    check_model_dir(model_dir)  # before the model is loaded: bad input costs nothing
+    write = _prepare(source, opts, log)
+    with new_version(model_dir) as (version, tmp):
+        manifest = write(tmp)
+    return model_dir / str(version), manifest
+
+
+def _prepare(source, opts: ExportOptions, log):
+    """Load SOURCE and its parity inputs; returns the function that writes the bundle into a folder."""
     src = inspect_merged(source)
     if opts.max_length:
         src.max_length = opts.max_length
@@ -90,8 +117,7 @@ def export_bundle(
     if note:
         log(f"note: {note}")
     batches = parity_batches(model, prep, tasks, src.max_length)
-    with atomic_dir(out) as tmp:
-        return _export_into(tmp, src, model, prep, batches, tasks, note, opts, log)
+    return lambda tmp: _export_into(tmp, src, model, prep, batches, tasks, note, opts, log)
 
 
 def _export_into(tmp, src, model, prep, batches, tasks, tasks_note, opts: ExportOptions, log) -> dict:
@@ -140,6 +166,7 @@ def _export_into(tmp, src, model, prep, batches, tasks, tasks_note, opts: Export
                 else acc["note"]
             )
         )
+    probe = _probe(current, model, prep, src, tasks, opts)
     shutil.move(str(current), str(tmp / MODEL))
     shutil.rmtree(work)
     prep.save(tmp)
@@ -163,6 +190,7 @@ def _export_into(tmp, src, model, prep, batches, tasks, tasks_note, opts: Export
             "optimization": optimization,
             "quantization": quantization,
             "parity": {**parity, "inputs": _parity_inputs(tasks, tasks_note)},
+            "probe": write_probe(tmp, src.input_kind, probe["inputs"], probe["scores"], probe["tolerance"]),
             "versions": _versions(),
         },
     )
@@ -332,6 +360,33 @@ def check_parity(path: Path, model: InferenceModel, batches, tol: float | None) 
         out["tolerance"] = tol
         out["passed"] = diff <= tol and mismatches == 0
     return out
+
+
+@torch.no_grad()
+def _probe(path: Path, model: InferenceModel, prep, src: MergedSource, tasks, opts: ExportOptions) -> dict:
+    """Probe inputs (generic texts and a few test inputs, or seeded random images), their PyTorch scores, and the
+    tolerance a server holds the bundle to on them: the parity tolerance of the dtype; for int8 (which cannot
+    meet it) twice the difference measured here, through the same preprocessing the server uses."""
+    from .predict import OrtModel
+
+    if src.input_kind == "text":
+        inputs = SAMPLE_TEXTS + [x for t in tasks or [] for x in t.test.inputs[:1]][:3]
+    else:
+        g = np.random.default_rng(0)
+        inputs = list(g.integers(0, 256, (2, 32, 32, 3), dtype=np.uint8))
+    ref = model.scores(prep(inputs)).float().numpy()
+    got = OrtModel(path, prep, src.labels, src.input_kind, "cpu").scores(inputs)
+    diff = float(np.abs(ref - got).max())
+    if opts.quantize == "int8":
+        tolerance = max(2 * diff, PARITY_TOL["fp32"])
+    else:
+        tolerance = PARITY_TOL[opts.dtype]
+        if diff > tolerance:  # the parity gate passed on the same graph: only preprocessing can differ here
+            raise PMError(
+                f"probe: max |ONNX Runtime - PyTorch| = {diff:.3g} on raw inputs (tolerance {tolerance:g}); "
+                "no bundle written"
+            )
+    return {"inputs": inputs, "scores": ref, "tolerance": tolerance}
 
 
 def _tasks(data: str | None, seed: int, required: bool) -> tuple[list | None, str | None]:

@@ -1,9 +1,15 @@
 """The deployable bundle's files: what they are, the manifest that lists them with sha256 hashes, and its check.
 
 A BUNDLE folder holds model.onnx (merged weights, pooling and classifier in one graph), the tokenizer or image
-processor files, labels.json (a list: class index -> label) and manifest.json. The manifest records where the
-model came from, the graph's inputs and outputs, and the size and sha256 of every other file, so a file that is
-missing, truncated or altered after export is found before a single input is scored.
+processor files, labels.json (a list: class index -> label), probe.json and manifest.json. The manifest records
+where the model came from, the graph's inputs and outputs, and the size and sha256 of every other file, so a file
+that is missing, truncated or altered after export is found before a single input is scored.
+
+probe.json holds a handful of raw inputs and the scores the PyTorch merged model gave them at export, with the
+tolerance export held ONNX Runtime to: a server runs the bundle on them before it serves it, so a bundle whose
+files are intact but whose model is not the one exported (another model.onnx with a rewritten manifest, a
+tokenizer that splits differently) is refused before a request sees it. Bundles exported before probes existed
+have none; their manifest has no "probe" entry.
 """
 
 from __future__ import annotations
@@ -11,11 +17,14 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
+
 from ..errors import PMError
 from . import LABELS, read_json, read_labels, sha256_file, write_json
 
 MANIFEST = "manifest.json"
 MODEL = "model.onnx"
+PROBE = "probe.json"
 FORMAT = "pmserve-bundle"
 VERSION = 1
 
@@ -84,3 +93,38 @@ def verify_bundle(folder: Path | str, hashes: bool = True) -> dict:
         )
     m["labels"] = labels
     return m
+
+
+def write_probe(folder: Path, input_kind: str, inputs: list, scores: np.ndarray, tolerance: float) -> dict:
+    """probe.json: raw inputs (texts, or images as nested lists of uint8 RGB) and their reference scores; returns
+    the manifest's "probe" entry."""
+    rows = [x if input_kind == "text" else np.asarray(x, np.uint8).tolist() for x in inputs]
+    probe = {
+        "input_kind": input_kind,
+        "inputs": rows,
+        "scores": np.asarray(scores, np.float32).tolist(),
+        "tolerance": tolerance,
+        "reference": "PyTorch fp32 scores of the merged model at export",
+    }
+    (Path(folder) / PROBE).write_text(json.dumps(probe))
+    return {"file": PROBE, "inputs": len(rows), "tolerance": tolerance, "reference": probe["reference"]}
+
+
+def read_probe(folder: Path, manifest: dict) -> dict | None:
+    """The probe as {"inputs": raw model inputs, "scores": [n, classes] float32, "tolerance"}, or None for a
+    bundle exported before probes existed."""
+    if "probe" not in manifest:
+        return None
+    path = Path(folder) / manifest["probe"].get("file", PROBE)
+    p = read_json(path)
+    try:
+        scores = np.asarray(p["scores"], np.float32)
+        inputs = p["inputs"]
+        if manifest["input_kind"] != "text":
+            inputs = [np.asarray(x, np.uint8) for x in inputs]
+        tolerance = float(p["tolerance"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise PMError(f"{path}: not a probe file ({type(e).__name__}: {e})") from None
+    if scores.ndim != 2 or len(scores) != len(inputs) or not inputs:
+        raise PMError(f"{path}: {len(inputs)} inputs but scores of shape {list(scores.shape)}")
+    return {"inputs": inputs, "scores": scores, "tolerance": tolerance}
