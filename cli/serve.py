@@ -16,7 +16,22 @@ def register(app: typer.Typer) -> None:
     @user_errors
     def serve(
         bundles: list[Path] = typer.Argument(
-            ..., metavar="BUNDLE", help="One or more BUNDLE folders (`pmserve export`)."
+            None,
+            metavar="BUNDLE",
+            help="One or more BUNDLE folders (`pmserve export`); or none, with --repository.",
+            show_default=False,
+        ),
+        repository: Path = typer.Option(
+            None,
+            "--repository",
+            help="Serve every model folder of this repository (REPO/NAME/1, /2, ...: `pmserve export --new-version`) "
+            "at its newest version that passes its checks, and swap to newer ones as they appear.",
+        ),
+        poll_s: float = typer.Option(
+            D.SERVE_POLL_S,
+            "--poll-s",
+            help="With --repository: seconds between looks for new versions (0: never; load them through "
+            "POST /v2/repository/models/NAME/load).",
         ),
         host: str = typer.Option(D.SERVE_HOST, help="Address to listen on (0.0.0.0 in a container)."),
         port: int = typer.Option(D.SERVE_PORT, help="Port to listen on (0 picks a free one)."),
@@ -45,7 +60,8 @@ def register(app: typer.Typer) -> None:
         """Serve bundles over the Open Inference Protocol v2 (KServe v2 / Triton REST), with dynamic batching.
 
         POST /v2/models/NAME/infer takes a BYTES tensor `text` [N] (encoded images for image bundles) and returns
-        `label` [N] and `scores` [N, classes]; POST /predict takes {"inputs": [...]}; /metrics is Prometheus."""
+        `label` [N] and `scores` [N, classes]; POST /predict takes {"inputs": [...]}; /metrics is Prometheus.
+        With --repository, POST /v2/repository/index, /v2/repository/models/NAME/load and .../unload too."""
         from pmserve.serve import ServeConfig
         from pmserve.serve import serve as run_server
 
@@ -57,5 +73,14 @@ def register(app: typer.Typer) -> None:
             provider=provider,
             threads=threads,
             drain_s=drain_timeout,
+            poll_s=poll_s,
         )
-        run_server(bundles, name, cfg, host, port, log=lambda m: typer.echo(f"pmserve: {m}", err=True))
+        run_server(
+            bundles or [],
+            name,
+            cfg,
+            host,
+            port,
+            log=lambda m: typer.echo(f"pmserve: {m}", err=True),
+            repository=repository,
+        )

@@ -83,6 +83,7 @@ SERVE_MAX_TEXT_CHARS = 8192
 SERVE_PROVIDER = "auto"
 SERVE_THREADS = 0  # 0: ONNX Runtime's default, one per core
 SERVE_DRAIN_S = 30.0
+SERVE_POLL_S = 2.0  # --repository: seconds between looks for new versions; 0: never look
 
 # pmserve bench: BenchConfig
 BENCH_BATCH_SIZES = (1, 8, 32)

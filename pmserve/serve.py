@@ -5,6 +5,12 @@ in a cluster. Requests are small and arrive concurrently, and one ONNX Runtime c
 less than one call per request, so a batcher per model gathers requests for at most --max-wait-ms (or until
 --max-batch inputs) and runs them as one call in a worker thread: the event loop goes on parsing and answering
 while the model runs. The binary tensor extension is spoken too, because tritonclient uses it by default.
+
+Every model is loaded the same way (`load_bundle`: hashes, ONNX Runtime session, the bundle's parity probe) and
+lives in the ModelTable, which maps a name to the version served and its batcher. A new version replaces the old
+in one step; a request holds the version it looked up until it is answered, and an old version's batcher closes
+only when its last request is done, so a swap drops nothing. Which versions to serve, from a model repository
+that changes while the server runs, is pmserve.model_repository's business.
 """
 
 from __future__ import annotations
@@ -19,9 +25,9 @@ import struct
 import time
 import zlib
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -31,12 +37,12 @@ from fastapi import Request  # at module level: FastAPI resolves the handlers' a
 from . import __version__
 from . import defaults as D
 from .errors import PMError
-from .formats.bundle import read_manifest
+from .formats.bundle import read_manifest, read_probe
 from .predict import PROVIDERS, OrtModel
 
 HEADER_LENGTH = "inference-header-content-length"
 IMAGE_BYTES = 16 << 20  # one encoded image; text bodies are bounded by --max-inputs x --max-text-chars
-VERSION = "1"  # a bundle is one immutable model: version 1
+VERSION = "1"  # a bundle served as BUNDLE is one immutable model: version 1
 
 
 @dataclass
@@ -50,6 +56,7 @@ class ServeConfig:
     provider: str = D.SERVE_PROVIDER
     threads: int = D.SERVE_THREADS
     drain_s: float = D.SERVE_DRAIN_S
+    poll_s: float = D.SERVE_POLL_S
 
     def check(self) -> None:
         for opt, value, low in (
@@ -59,6 +66,7 @@ class ServeConfig:
             ("max-wait-ms", self.max_wait_ms, 0),
             ("threads", self.threads, 0),
             ("drain-timeout", self.drain_s, 0),
+            ("poll-s", self.poll_s, 0),
         ):
             if value < low:
                 raise PMError(f"--{opt}: must be at least {low}, got {value}")
@@ -68,11 +76,12 @@ class ServeConfig:
 
 @dataclass
 class Served:
-    """One loaded bundle under its model name."""
+    """One loaded bundle under its model name and version."""
 
     name: str
     path: Path
     model: OrtModel
+    version: str = VERSION
 
     @property
     def kind(self) -> str:
@@ -86,7 +95,7 @@ class Served:
         """The v2 model metadata; `parameters.labels` names the columns of `scores`."""
         return {
             "name": self.name,
-            "versions": [VERSION],
+            "versions": [self.version],
             "platform": "onnxruntime_onnx",
             "inputs": [{"name": self.kind, "datatype": "BYTES", "shape": [-1]}],
             "outputs": [
@@ -97,9 +106,40 @@ class Served:
         }
 
 
+def load_bundle(path: Path, name: str, cfg: ServeConfig, version: str = VERSION) -> Served:
+    """A bundle verified against its manifest's hashes, opened, and run on its parity probe (or, for a bundle
+    exported before probes, run once): a bundle that cannot serve, or does not score as it did at export, is a
+    PMError here, before any request reaches it."""
+    path = Path(path)
+    read_manifest(path)  # "not a bundle" in the bundle's words before anything else
+    model = OrtModel.from_bundle(path, cfg.provider, cfg.threads)  # checks every file's sha256
+    probe = read_probe(path, model.manifest)
+    if probe is None:
+        inputs = ["warm up"] if model.input_kind == "text" else [np.zeros((16, 16, 3), np.uint8)]
+    else:
+        inputs = probe["inputs"]
+    try:
+        scores = model.scores(inputs)
+    except Exception as e:  # noqa: BLE001 -- any failure here means the bundle cannot serve
+        raise PMError(f"{path}: the model does not run ({str(e).splitlines()[0][:200]})") from None
+    if probe is not None:
+        if scores.shape != probe["scores"].shape:
+            raise PMError(
+                f"{path}: parity probe: scores of shape {list(scores.shape)}, export recorded "
+                f"{list(probe['scores'].shape)}"
+            )
+        diff = float(np.abs(scores - probe["scores"]).max())
+        if not diff <= probe["tolerance"]:  # NaN fails too
+            raise PMError(
+                f"{path}: parity probe failed: max |score - export's PyTorch score| = {diff:.3g} "
+                f"(tolerance {probe['tolerance']:g})"
+            )
+    return Served(name, path, model, version)
+
+
 def load_models(bundles: list[Path], names: list[str], cfg: ServeConfig) -> list[Served]:
-    """Every bundle verified against its manifest's hashes, opened and run once, so that a bundle that cannot
-    serve stops the server before it listens rather than failing its first request."""
+    """Every bundle loaded (`load_bundle`) before the server listens, so that a bundle that cannot serve stops
+    the server rather than failing its first request."""
     cfg.check()
     if names and len(names) != len(bundles):
         raise PMError(
@@ -111,17 +151,7 @@ def load_models(bundles: list[Path], names: list[str], cfg: ServeConfig) -> list
         if not n or "/" in n or n in seen:
             raise PMError(f"--name: {n!r} is empty, has a '/', or names two bundles (use --name per bundle)")
         seen.add(n)
-    out = []
-    for path, name in zip(bundles, names):
-        path = Path(path)
-        read_manifest(path)  # "not a bundle" in the bundle's words before anything else
-        model = OrtModel.from_bundle(path, cfg.provider, cfg.threads)  # checks every file's sha256
-        try:
-            model.scores(["warm up"] if model.input_kind == "text" else [np.zeros((16, 16, 3), np.uint8)])
-        except Exception as e:  # noqa: BLE001 -- any failure here means the bundle cannot serve
-            raise PMError(f"{path}: the model does not run ({str(e).splitlines()[0][:200]})") from None
-        out.append(Served(name, path, model))
-    return out
+    return [load_bundle(Path(path), name, cfg) for path, name in zip(bundles, names)]
 
 
 # ---------------------------------------------------------------- metrics
@@ -156,6 +186,22 @@ class Metrics:
             "pmserve_inference_seconds", "Model call time per batch", ["model"], buckets=fine, registry=r
         )
         self.queued = Gauge("pmserve_queued_inputs", "Inputs waiting for a batch", ["model"], registry=r)
+        self.version = Gauge(
+            "pmserve_model_version", "Version served (0: none, after an unload)", ["model"], registry=r
+        )
+        self.loads = Counter(
+            "pmserve_model_loads",
+            "Versions loaded while serving, by result: swapped in, or refused by a check",
+            ["model", "result"],
+            registry=r,
+        )
+        self.load_seconds = Histogram(
+            "pmserve_model_load_seconds",
+            "Time to verify, open and probe a version before it is swapped in",
+            ["model"],
+            buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 25, 60, 120),
+            registry=r,
+        )
 
     def render(self) -> tuple[bytes, str]:
         from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -210,7 +256,8 @@ class Batcher:
         for job in jobs:
             self.pending.append(job)
             self.pending_inputs += len(job.inputs)
-        self.metrics.queued.labels(self.served.name).set(self.pending_inputs)
+        # inc/dec, not set: across a swap two batchers of one model share the gauge
+        self.metrics.queued.labels(self.served.name).inc(len(inputs))
         self._wake.set()
         parts = await asyncio.gather(*(j.future for j in jobs))
         return parts[0] if len(parts) == 1 else np.concatenate(parts)
@@ -247,14 +294,15 @@ class Batcher:
 
     def _take(self) -> list[_Job]:
         """The oldest jobs that fit in one batch (the first always does: requests are split to max_batch)."""
-        jobs, n = [], 0
+        jobs, n, taken = [], 0, 0
         while self.pending and n + len(self.pending[0].inputs) <= self.max_batch:
             job = self.pending.popleft()
-            self.pending_inputs -= len(job.inputs)
+            taken += len(job.inputs)
             if not job.future.done():  # a caller that went away is not scored
                 jobs.append(job)
                 n += len(job.inputs)
-        self.metrics.queued.labels(self.served.name).set(self.pending_inputs)
+        self.pending_inputs -= taken
+        self.metrics.queued.labels(self.served.name).dec(taken)
         return jobs
 
     async def _run(self, jobs: list[_Job], loop: asyncio.AbstractEventLoop) -> None:
@@ -279,6 +327,116 @@ class Batcher:
             if not j.future.done():
                 j.future.set_result(scores[k : k + len(j.inputs)])
             k += len(j.inputs)
+
+
+# ---------------------------------------------------------------- the models being served
+
+
+@dataclass
+class _Slot:
+    """A served version with its batcher, and how many requests hold it right now."""
+
+    served: Served
+    batcher: Batcher
+    users: int = 0
+    retired: bool = False
+    closed: bool = False
+
+
+class ModelTable:
+    """Model name -> the version served and its batcher. Everything here runs on the event loop, so a swap is
+    one dict assignment: requests that looked up the old version keep it (and its batcher) until answered, and
+    the old batcher closes once the last of them is done; requests that look up afterwards get the new one."""
+
+    def __init__(self, cfg: ServeConfig, metrics: Metrics):
+        self.cfg, self.metrics = cfg, metrics
+        self.slots: dict[str, _Slot] = {}
+        self.gone: dict[str, str] = {}  # name -> why it is not served (unloaded)
+        self._closing: set[asyncio.Task] = set()
+
+    def names(self) -> list[str]:
+        return sorted(self.slots)
+
+    def served(self) -> list[Served]:
+        return [self.slots[n].served for n in self.names()]
+
+    def lookup(self, name: str, version: str | None = None) -> _Slot:
+        """The slot serving `name` (and `version`, when given); 404 otherwise."""
+        slot = self.slots.get(name)
+        if slot is None:
+            why = (
+                f"model {name!r} is not loaded ({self.gone[name]})"
+                if name in self.gone
+                else f"unknown model {name!r}"
+            )
+            raise RequestError(404, f"{why}; this server has {', '.join(self.names()) or 'no models loaded'}")
+        if version not in (None, "", slot.served.version):
+            raise RequestError(
+                404,
+                f"model {name!r} has no version {version!r} served; it serves version {slot.served.version}",
+            )
+        return slot
+
+    @contextmanager
+    def use(self, name: str, version: str | None = None) -> Iterator[_Slot]:
+        """The slot for one request, held until the request is answered."""
+        slot = self.lookup(name, version)
+        slot.users += 1
+        try:
+            yield slot
+        finally:
+            slot.users -= 1
+            if slot.retired and not slot.users:
+                self._close(slot)
+
+    def put(self, served: Served) -> Served | None:
+        """Serve `served` under its name from now on; returns the version it replaced (which finishes its own
+        requests, then closes)."""
+        batcher = Batcher(served, self.cfg.max_batch, self.cfg.max_wait_ms / 1000, self.metrics)
+        batcher.start()
+        old = self.slots.get(served.name)
+        self.slots[served.name] = _Slot(served, batcher)
+        self.gone.pop(served.name, None)
+        self.metrics.version.labels(served.name).set(_number(served.version))
+        if old is not None:
+            self._retire(old)
+        return old.served if old else None
+
+    def remove(self, name: str, why: str) -> Served | None:
+        """Stop serving `name`: later requests get 404 with `why`; requests already holding it are answered."""
+        old = self.slots.pop(name, None)
+        self.gone[name] = why
+        self.metrics.version.labels(name).set(0)
+        if old is not None:
+            self._retire(old)
+        return old.served if old else None
+
+    async def close(self) -> None:
+        """At shutdown (in-flight requests are answered or past --drain-timeout): every batcher answers its queue
+        and stops."""
+        for name in list(self.slots):
+            slot = self.slots.pop(name)
+            slot.retired = True
+            self._close(slot)
+        while self._closing:
+            await asyncio.gather(*self._closing)
+
+    def _retire(self, slot: _Slot) -> None:
+        slot.retired = True
+        if not slot.users:
+            self._close(slot)
+
+    def _close(self, slot: _Slot) -> None:
+        if slot.closed:
+            return
+        slot.closed = True
+        task = asyncio.get_running_loop().create_task(slot.batcher.close())
+        self._closing.add(task)
+        task.add_done_callback(self._closing.discard)
+
+
+def _number(version: str) -> float:
+    return float(version) if version.isdigit() else 0.0
 
 
 # ---------------------------------------------------------------- the v2 wire format
@@ -420,7 +578,7 @@ def infer_response(served: Served, req: dict, scores: np.ndarray) -> tuple[dict,
         else:
             t["data"] = data
         outputs.append(t)
-    head = {"model_name": served.name, "model_version": VERSION, "outputs": outputs}
+    head = {"model_name": served.name, "model_version": served.version, "outputs": outputs}
     if "id" in req:
         head["id"] = req["id"]
     return head, b"".join(chunks)
@@ -501,29 +659,36 @@ class _MetricsMiddleware:
                 self.metrics.errors.labels(endpoint, str(status)).inc()
 
 
-def create_app(models: list[Served], cfg: ServeConfig):
-    """The FastAPI app serving `models` (already loaded); batchers start and drain with its lifespan."""
+def create_app(models: list[Served], cfg: ServeConfig, repository=None):
+    """The FastAPI app serving `models` (already loaded); batchers start and drain with its lifespan. With a
+    `repository` (pmserve.model_repository.Repository) the models change while it serves: the repository
+    extension's endpoints are added and the repository polls for new versions."""
     from fastapi import FastAPI
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import JSONResponse, Response
     from starlette.exceptions import HTTPException
 
     metrics = Metrics()
-    by_name = {s.name: s for s in models}
-    batchers = {s.name: Batcher(s, cfg.max_batch, cfg.max_wait_ms / 1000, metrics) for s in models}
+    table = ModelTable(cfg, metrics)
     state = {"ready": False}
-    max_body = cfg.max_inputs * max(4 * cfg.max_text_chars + 16, IMAGE_BYTES if _any_images(models) else 0)
-    max_body += 1 << 16  # the JSON around the data
+
+    def body_limit() -> int:
+        """Bytes a request body may have: images need more than texts (the models served can change)."""
+        images = any(s.kind != "text" for s in table.served())
+        return cfg.max_inputs * max(4 * cfg.max_text_chars + 16, IMAGE_BYTES if images else 0) + (1 << 16)
 
     @asynccontextmanager
     async def lifespan(app):
-        for b in batchers.values():
-            b.start()
+        for s in models:
+            table.put(s)
+        if repository is not None:
+            repository.start(table, metrics)
         state["ready"] = True
         yield
         state["ready"] = False  # uvicorn has stopped accepting and waited for in-flight requests
-        for b in batchers.values():
-            await b.close()
+        if repository is not None:
+            await repository.stop()
+        await table.close()
 
     app = FastAPI(title="pmserve", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None)
     app.add_middleware(_MetricsMiddleware, metrics=metrics)
@@ -544,16 +709,9 @@ def create_app(models: list[Served], cfg: ServeConfig):
     async def _internal_error(request, e: Exception):
         return JSONResponse({"error": f"internal error: {type(e).__name__}: {e}"}, status_code=500)
 
-    def model(name: str, version: str | None = None) -> Served:
-        if name not in by_name:
-            raise RequestError(404, f"unknown model {name!r}; this server has {', '.join(sorted(by_name))}")
-        if version not in (None, "", VERSION):
-            raise RequestError(404, f"model {name!r} has no version {version!r}; it has version {VERSION}")
-        return by_name[name]
-
     async def read_body(request: Request) -> bytes:
         """The body, refused past the limits' size while it streams in, and un-gzipped when it came so."""
-        chunks, n = [], 0
+        chunks, n, max_body = [], 0, body_limit()
         async for chunk in request.stream():
             n += len(chunk)
             if n > max_body:
@@ -575,16 +733,18 @@ def create_app(models: list[Served], cfg: ServeConfig):
             raise RequestError(415, f"Content-Encoding {encoding!r} is not supported (gzip, deflate)")
         return body
 
-    async def scores_for(served: Served, elements: list) -> np.ndarray:
+    async def scores_for(slot: _Slot, elements: list) -> np.ndarray:
+        served = slot.served
         if served.kind == "text":
             inputs = model_inputs(served, elements, cfg.max_text_chars)
         else:  # decoding images takes milliseconds each: not on the event loop
             inputs = await asyncio.to_thread(model_inputs, served, elements, cfg.max_text_chars)
-        return await batchers[served.name].infer(inputs)
+        return await slot.batcher.infer(inputs)
 
     @app.get("/v2")
     async def server_metadata():
-        return {"name": "pmserve", "version": __version__, "extensions": ["binary_tensor_data"]}
+        extensions = ["binary_tensor_data"] + (["model_repository"] if repository is not None else [])
+        return {"name": "pmserve", "version": __version__, "extensions": extensions}
 
     @app.get("/v2/health/live")
     async def live():
@@ -597,12 +757,12 @@ def create_app(models: list[Served], cfg: ServeConfig):
     @app.get("/v2/models/{name}")
     @app.get("/v2/models/{name}/versions/{version}")
     async def model_metadata(name: str, version: str | None = None):
-        return model(name, version).metadata()
+        return table.lookup(name, version).served.metadata()
 
     @app.get("/v2/models/{name}/ready")
     @app.get("/v2/models/{name}/versions/{version}/ready")
     async def model_ready(name: str, version: str | None = None):
-        model(name, version)
+        table.lookup(name, version)
         return JSONResponse(
             {"name": name, "ready": state["ready"]}, status_code=200 if state["ready"] else 503
         )
@@ -610,11 +770,11 @@ def create_app(models: list[Served], cfg: ServeConfig):
     @app.post("/v2/models/{name}/infer")
     @app.post("/v2/models/{name}/versions/{version}/infer")
     async def infer(name: str, request: Request, version: str | None = None):
-        served = model(name, version)
-        req, binary = parse_infer_request(await read_body(request), request.headers.get(HEADER_LENGTH))
-        elements = infer_elements(req, binary, served.kind, cfg.max_inputs)
-        requested_outputs(req)  # a bad 'outputs' is a 400 before the model runs, not after
-        head, tail = infer_response(served, req, await scores_for(served, elements))
+        with table.use(name, version) as slot:  # this request is answered by the version it looked up
+            req, binary = parse_infer_request(await read_body(request), request.headers.get(HEADER_LENGTH))
+            elements = infer_elements(req, binary, slot.served.kind, cfg.max_inputs)
+            requested_outputs(req)  # a bad 'outputs' is a 400 before the model runs, not after
+            head, tail = infer_response(slot.served, req, await scores_for(slot, elements))
         if not tail:
             return JSONResponse(head)
         raw = json.dumps(head).encode()
@@ -628,10 +788,12 @@ def create_app(models: list[Served], cfg: ServeConfig):
         req = parse_json(await read_body(request))
         if not isinstance(req, dict) or not isinstance(req.get("inputs"), list) or not req["inputs"]:
             raise RequestError(400, 'expected {"inputs": [text, ...]} with at least one input')
-        served = model(str(req.get("model", models[0].name)))
         if len(req["inputs"]) > cfg.max_inputs:
             raise RequestError(413, f"{len(req['inputs'])} inputs, more than --max-inputs {cfg.max_inputs}")
-        scores = await scores_for(served, req["inputs"])
+        default = (table.names() or [""])[0]
+        with table.use(str(req.get("model", default))) as slot:
+            served = slot.served
+            scores = await scores_for(slot, req["inputs"])
         top = scores.argmax(1).tolist()
         return {
             "model": served.name,
@@ -645,12 +807,10 @@ def create_app(models: list[Served], cfg: ServeConfig):
         body, content_type = metrics.render()
         return Response(body, media_type=content_type)
 
-    app.state.metrics, app.state.batchers = metrics, batchers
+    if repository is not None:
+        repository.add_routes(app)
+    app.state.metrics, app.state.table = metrics, table
     return app
-
-
-def _any_images(models: list[Served]) -> bool:
-    return any(s.kind != "text" for s in models)
 
 
 # ---------------------------------------------------------------- running it
@@ -681,18 +841,37 @@ def serve(
     host: str = "127.0.0.1",
     port: int = 8000,
     log: Callable[[str], None] = print,
+    repository: Path | None = None,
 ) -> None:
-    """Load and verify every bundle, then serve until SIGTERM or SIGINT: stop accepting, let in-flight requests
-    finish (at most cfg.drain_s seconds), drain the batchers, return."""
+    """Load and verify every bundle (or the latest good version of every model in `repository`), then serve
+    until SIGTERM or SIGINT: stop accepting, let in-flight requests finish (at most cfg.drain_s seconds), drain
+    the batchers, return."""
     import uvicorn
 
-    models = load_models(bundles, names, cfg)
+    cfg.check()
+    repo = None
+    if repository is not None:
+        if bundles or names:
+            raise PMError(
+                "--repository: serves the models in REPO; give it without BUNDLE arguments and --name"
+            )
+        from .model_repository import Repository
+
+        repo = Repository(Path(repository), cfg, log)
+        models = repo.load_all()
+    elif not bundles:
+        raise PMError("BUNDLE: give one or more bundles, or --repository REPO")
+    else:
+        models = load_models(bundles, names, cfg)
     sock = listen(host, port)
-    app = create_app(models, cfg)
+    app = create_app(models, cfg, repo)
     for s in models:
         log(f"model {s.name}: {s.path} ({s.kind}, {len(s.labels)} classes, {', '.join(s.model.providers)})")
     bound = sock.getsockname()[1]
     log(f"listening on http://{host}:{bound} (Open Inference Protocol v2 at /v2, metrics at /metrics)")
+    if repo is not None:
+        every = f"every {cfg.poll_s:g} s" if cfg.poll_s else "never (--poll-s 0): load through /v2/repository"
+        log(f"repository {repository}: looking for new versions {every}")
     config = uvicorn.Config(
         app,
         log_level="warning",

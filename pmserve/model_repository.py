@@ -1,0 +1,299 @@
+"""`pmserve serve --repository REPO`: which version of each model serves, while the repository changes under it.
+
+Triton and KServe keep models in a repository of numbered versions (layout: pmserve.formats.repository) and
+load, unload and list them through the model repository extension; this module does that for pmserve bundles.
+
+- At start every model folder serves its newest version that passes the checks every bundle passes
+  (serve.load_bundle: hashes, ONNX Runtime, the parity probe); a version that fails is recorded with its reason
+  and the next older one is tried.
+- Every --poll-s seconds it looks for versions newer than the one it chose, and loads the newest that passes,
+  in a worker thread while the old version goes on serving, then swaps (serve.ModelTable.put: requests already
+  holding the old version finish on it). A version that failed stays refused, the old one serves, and it is
+  tried again only once its files change (a copy that was still in progress has completed).
+- POST /v2/repository/models/NAME/load loads the newest version, or {"parameters": {"version": "V"}}: rolling
+  back is loading an older version. The poller then leaves NAME alone until a version newer than every version
+  present at that moment appears; so does unload, which stops serving NAME (later requests get 404).
+- POST /v2/repository/index lists every version of every model: READY (served) or UNAVAILABLE with the reason.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from fastapi import Request  # at module level: FastAPI resolves the handlers' annotations in this namespace
+
+from .errors import PMError
+from .formats.bundle import is_bundle
+from .formats.repository import (
+    check_repository,
+    fingerprint,
+    model_dirs,
+    version_dir,
+    version_name,
+    versions,
+)
+from .serve import Metrics, ModelTable, RequestError, ServeConfig, Served, load_bundle, parse_json
+
+READY, UNAVAILABLE = "READY", "UNAVAILABLE"
+SMALL_BODY = 1 << 16  # the repository endpoints take a few parameters, never data
+
+
+@dataclass
+class _Model:
+    """What the repository knows of one model folder."""
+
+    name: str
+    served: int | None = None  # the version serving now
+    floor: int = 0  # the poller loads only versions above this one
+    failed: dict[int, tuple[str, tuple]] = field(default_factory=dict)  # version -> (reason, files then)
+    history: set[int] = field(default_factory=set)  # versions that served at some point
+
+
+class Repository:
+    """The models of REPO and the versions they serve; `load_all` before the server starts, then `start` with
+    the server's ModelTable, and the repository endpoints (`add_routes`)."""
+
+    def __init__(self, root: Path, cfg: ServeConfig, log: Callable[[str], None] = print):
+        self.root, self.cfg, self.log = Path(root), cfg, log
+        self.models: dict[str, _Model] = {}
+        self.table: ModelTable | None = None
+        self.metrics: Metrics | None = None
+        self._locks: dict[str, asyncio.Lock] = {}
+        self._poller: asyncio.Task | None = None
+
+    # ------------------------------------------------------------ before the server starts
+
+    def load_all(self) -> list[Served]:
+        """The newest good version of every model; a repository where none can serve is a PMError."""
+        check_repository(self.root)
+        out = []
+        for folder in model_dirs(self.root):
+            m = self._model(folder.name)
+            for v in self._candidates(m):
+                served = self._settle(m, v, *self._load(m.name, v))
+                if served is not None:
+                    m.served, m.floor = v, v
+                    m.history.add(v)
+                    out.append(served)
+                    break
+        failures = [(m, v, r) for m in self.models.values() for v, (r, _) in sorted(m.failed.items())]
+        if not out:
+            first = failures[0][2] if failures else "no versions"
+            raise PMError(f"--repository {self.root}: no version of any model passes its checks ({first})")
+        for m, v, reason in failures:  # logged once the server is sure to start: an error stays one line
+            self._log_refused(m, v, reason)
+        return out
+
+    # ------------------------------------------------------------ while it serves
+
+    def start(self, table: ModelTable, metrics: Metrics) -> None:
+        self.table, self.metrics = table, metrics
+        if self.cfg.poll_s:
+            self._poller = asyncio.get_running_loop().create_task(self._poll(), name="repository-poll")
+
+    async def stop(self) -> None:
+        if self._poller is not None:
+            self._poller.cancel()
+            try:
+                await self._poller
+            except asyncio.CancelledError:
+                pass
+
+    async def refresh(self) -> None:
+        """One look at the repository: every model with a version newer than its chosen one loads the newest of
+        them that passes, and swaps to it."""
+        for folder in model_dirs(self.root):
+            m = self._model(folder.name)
+            async with self._lock(m.name):
+                for v in self._candidates(m):
+                    if await self._load_and_swap(m, v):
+                        m.floor = v
+                        break
+
+    async def load(self, name: str, version: int | None = None) -> Served:
+        """Serve version `version` of `name` (the newest when None), after the same checks; 404 for a model or
+        version that is not in the repository, 400 when the version fails a check (the old one goes on)."""
+        folder = self.root / name
+        if not folder.is_dir() or name.startswith("."):
+            raise RequestError(404, f"no model folder {name!r} in the repository {self.root}")
+        m = self._model(name)
+        async with self._lock(name):
+            present = versions(folder)
+            if not present:
+                raise RequestError(400, f"model {name!r}: {self._empty_reason(folder)}")
+            v = present[-1] if version is None else version
+            if v not in present:
+                have = ", ".join(map(str, present))
+                raise RequestError(404, f"model {name!r} has no version {v} in {folder} (it has {have})")
+            m.floor = max(m.floor, present[-1])  # the poller respects this choice until a newer version comes
+            if not await self._load_and_swap(m, v):
+                raise RequestError(400, f"failed to load {name!r} version {v}: {m.failed[v][0]}")
+            return self.table.lookup(name).served
+
+    async def unload(self, name: str) -> None:
+        """Stop serving `name`; requests already holding it are answered, later ones get 404."""
+        folder = self.root / name
+        if name not in self.models and (not folder.is_dir() or name.startswith(".")):
+            raise RequestError(404, f"no model folder {name!r} in the repository {self.root}")
+        m = self._model(name)
+        async with self._lock(name):
+            m.floor = max(m.floor, *versions(folder), 0)
+            old = self.table.remove(name, "unloaded")
+            m.served = None
+            if old is not None:
+                self.log(f"model {name}: version {old.version} unloaded")
+
+    def index(self, ready_only: bool = False) -> list[dict]:
+        """The repository extension's index: one entry per version of every model."""
+        try:
+            names = {p.name for p in model_dirs(self.root)}
+        except OSError:  # the repository folder is gone: what is served still serves
+            names = set()
+        out = []
+        for name in sorted(names | set(self.models)):
+            m = self.models.get(name) or _Model(name)
+            folder = self.root / name
+            present = set(versions(folder)) | ({m.served} if m.served else set())
+            if not present:
+                out.append({"name": name, "state": UNAVAILABLE, "reason": self._empty_reason(folder)})
+            for v in sorted(present):
+                entry = {"name": name, "version": str(v), "state": READY if v == m.served else UNAVAILABLE}
+                if v != m.served:
+                    entry["reason"] = (
+                        m.failed[v][0] if v in m.failed else "unloaded" if v in m.history else "not loaded"
+                    )
+                out.append(entry)
+        return [e for e in out if e["state"] == READY] if ready_only else out
+
+    def add_routes(self, app) -> None:
+        """The KServe/Triton model repository extension."""
+
+        @app.post("/v2/repository/index")
+        async def repository_index(request: Request):
+            params = await _small_json(request)
+            return self.index(bool(params.get("ready", False)))
+
+        @app.post("/v2/repository/models/{name}/load")
+        async def repository_load(name: str, request: Request):
+            served = await self.load(name, _version_param(await _small_json(request)))
+            return {"name": name, "version": served.version, "state": READY}
+
+        @app.post("/v2/repository/models/{name}/unload")
+        async def repository_unload(name: str, request: Request):
+            await _small_json(request)
+            await self.unload(name)
+            return {"name": name, "state": UNAVAILABLE, "reason": "unloaded"}
+
+    # ------------------------------------------------------------ inside
+
+    def _model(self, name: str) -> _Model:
+        return self.models.setdefault(name, _Model(name))
+
+    def _lock(self, name: str) -> asyncio.Lock:
+        return self._locks.setdefault(name, asyncio.Lock())
+
+    def _candidates(self, m: _Model):
+        """Versions above the floor, newest first, less those that failed and have not changed since."""
+        for v in reversed(versions(self.root / m.name)):
+            if v <= m.floor:
+                return
+            if v in m.failed and m.failed[v][1] == fingerprint(version_dir(self.root / m.name, v)):
+                continue
+            yield v
+
+    def _load(self, name: str, v: int) -> tuple[Served | str, float, tuple]:
+        """(the version loaded, or why it cannot serve; seconds; its files before loading). Runs in a worker
+        thread while the server serves, so the old version answers requests meanwhile."""
+        path = version_dir(self.root / name, v)
+        files = fingerprint(path)  # before: files that change during the load mean another try later
+        start = time.perf_counter()
+        try:
+            result: Served | str = load_bundle(path, name, self.cfg, str(v))
+        except PMError as e:
+            result = str(e)
+        except Exception as e:  # noqa: BLE001 -- one bad version must not stop a server that serves others
+            result = f"{path}: cannot load ({type(e).__name__}: {str(e).splitlines()[0][:200]})"
+        return result, time.perf_counter() - start, files
+
+    def _settle(self, m: _Model, v: int, result: Served | str, seconds: float, files: tuple) -> Served | None:
+        """Record a load's outcome: the version on success, None (and the reason, logged) on failure."""
+        ok = not isinstance(result, str)
+        if self.metrics is not None:
+            self.metrics.loads.labels(m.name, "swapped" if ok else "refused").inc()
+            self.metrics.load_seconds.labels(m.name).observe(seconds)
+        if ok:
+            m.failed.pop(v, None)
+            return result
+        m.failed[v] = (result, files)
+        if self.table is not None:
+            self._log_refused(m, v, result)
+        return None
+
+    def _log_refused(self, m: _Model, v: int, reason: str) -> None:
+        keeps = f"; version {m.served} goes on serving" if m.served else ""
+        self.log(f"model {m.name}: version {v} not served: {reason}{keeps}")
+
+    async def _load_and_swap(self, m: _Model, v: int) -> bool:
+        served = self._settle(m, v, *await asyncio.to_thread(self._load, m.name, v))
+        if served is None:
+            return False
+        old = self.table.put(served)
+        m.served = v
+        m.history.add(v)
+        was = f" (was version {old.version})" if old is not None else ""
+        self.log(f"model {m.name}: version {v} serves{was}")
+        return True
+
+    async def _poll(self) -> None:
+        while True:
+            await asyncio.sleep(self.cfg.poll_s)
+            try:
+                await self.refresh()
+            except Exception as e:  # noqa: BLE001 -- a failed look (REPO gone, unreadable) must not stop serving
+                self.log(
+                    f"repository {self.root}: not read ({type(e).__name__}: {e}); serving what is loaded"
+                )
+
+    @staticmethod
+    def _empty_reason(folder: Path) -> str:
+        if is_bundle(folder):
+            return f"{folder} is a bundle itself, not a model folder of numbered versions (move it to {folder}/1)"
+        return f"no version folders in {folder} (expected {folder}/1, {folder}/2, ...)"
+
+
+async def _small_json(request: Request) -> dict:
+    """The JSON object of a repository request; an empty body is {}."""
+    chunks, n = [], 0
+    async for chunk in request.stream():
+        n += len(chunk)
+        if n > SMALL_BODY:
+            raise RequestError(413, f"request body over {SMALL_BODY} bytes")
+        chunks.append(chunk)
+    body = b"".join(chunks)
+    if not body.strip():
+        return {}
+    req = parse_json(body)
+    if not isinstance(req, dict):
+        raise RequestError(400, "the request body must be a JSON object")
+    return req
+
+
+def _version_param(req: dict) -> int | None:
+    """The version asked for by {"parameters": {"version": "2"}} (a string or an integer), or None."""
+    params = req.get("parameters") or {}
+    if not isinstance(params, dict):
+        raise RequestError(400, "'parameters' must be an object")
+    unknown = sorted(set(params) - {"version"})
+    if unknown:
+        raise RequestError(400, f"parameters {unknown}: not supported (this server takes 'version')")
+    if "version" not in params:
+        return None
+    v = params["version"]
+    n = version_name(str(v)) if isinstance(v, (str, int)) and not isinstance(v, bool) else None
+    if n is None:
+        raise RequestError(400, f'parameters.version: expected a version number such as "2", got {v!r}')
+    return n
