@@ -24,7 +24,18 @@ def register(app: typer.Typer) -> None:
     @user_errors
     def export(
         merged: Path = typer.Argument(..., help="A RUN folder or a `pmserve merge --format full` folder."),
-        out: Path = typer.Option(..., "--out", "-o", help="BUNDLE folder to write (must not exist)."),
+        out: Path = typer.Option(
+            ...,
+            "--out",
+            "-o",
+            help="BUNDLE folder to write (must not exist); with --new-version, a model folder REPO/NAME.",
+        ),
+        new_version: bool = typer.Option(
+            False,
+            "--new-version",
+            help="Write the bundle as the next numbered version OUT/1, OUT/2, ... of the model folder OUT "
+            "(made when missing; no version is ever overwritten), for `pmserve serve --repository`.",
+        ),
         dtype: str = typer.Option(
             D.EXPORT_DTYPE, help="fp32 | fp16 (fp16 for GPUs; the classifier stays fp32)."
         ),
@@ -46,7 +57,7 @@ def register(app: typer.Typer) -> None:
         quiet: bool = typer.Option(False, "--quiet", "-q", help="Only the final line."),
     ):
         """Export a merged model to an ONNX bundle: model.onnx (scores over every class), tokenizer, labels, manifest."""
-        from pmserve.export import ExportOptions, export_bundle
+        from pmserve.export import ExportOptions, export_bundle, export_version
 
         opts = ExportOptions(
             dtype=dtype,
@@ -56,7 +67,11 @@ def register(app: typer.Typer) -> None:
             data=data or None,
             max_length=max_length or None,
         )
-        m = export_bundle(merged, out, opts, log=(lambda *_: None) if quiet else typer.echo)
+        log = (lambda *_: None) if quiet else typer.echo
+        if new_version:
+            out, m = export_version(merged, out, opts, log=log)
+        else:
+            m = export_bundle(merged, out, opts, log=log)
         size = m["files"]["model.onnx"]["bytes"] / 2**20
         ins = ", ".join(f"{i['name']}{i['shape']}" for i in m["inputs"])
         typer.echo(
