@@ -31,10 +31,12 @@ def free_port() -> int:
 
 
 def start(bundle_dir, *opts):
-    """A server process, once it answers ready; its stderr goes to a file (a pipe nobody reads could fill)."""
+    """A server process, once it answers ready; its stderr goes to a file (a pipe nobody reads could fill).
+    `bundle_dir` None: no BUNDLE argument (opts give --repository)."""
     port = free_port()
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
-    cmd = [sys.executable, "-m", "pmserve", "serve", str(bundle_dir), "--port", str(port), "--threads", "1"]
+    bundles = [] if bundle_dir is None else [str(bundle_dir)]
+    cmd = [sys.executable, "-m", "pmserve", "serve", *bundles, "--port", str(port), "--threads", "1"]
     log = tempfile.TemporaryFile("w+")
     proc = subprocess.Popen(
         [*cmd, *map(str, opts)], stdout=subprocess.DEVNULL, stderr=log, text=True, env=env
