@@ -3,7 +3,8 @@
 - `run`: a RUN folder (config.json marked as a RUN, tasks/NN-name/ with each task's files, metrics.json);
 - `peft`: PEFT LoRA adapter folders (adapter_config.json, adapter_model.safetensors, pmserve_adapter.json);
 - `merged`: what `pmserve merge` writes and what export reads as a merged model (a RUN or a full folder);
-- `bundle`: the deployable ONNX bundle and its manifest.
+- `bundle`: the deployable ONNX bundle, its manifest and its parity probe;
+- `repository`: bundles as numbered versions of named models (REPO/NAME/1, /2, ...), as Triton and KServe keep them.
 
 This module holds what they share: reading a JSON object with a one-line error, writing a file or a folder so
 that it appears only when complete, and hashing a file. Train, merge, export and serve go through these, so a
