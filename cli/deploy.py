@@ -133,9 +133,15 @@ def register(app: typer.Typer) -> None:
 
         res = evaluate(model, data, seed, provider, batch_size)
         for r in res["tasks"]:
-            typer.echo(f"{r['task']:<24} {r['acc']:.4f}  (n={r['n']})")
-        typer.echo(f"{'mean over tasks':<24} {res['mean']:.4f}")
-        typer.echo(f"{'all test examples':<24} {res['overall']:.4f}  ({res['backend']})")
+            if r["acc"] is None:
+                typer.echo(f"{r['task']:<24} not evaluated (its test set is not reachable here)")
+            else:
+                typer.echo(f"{r['task']:<24} {r['acc']:.4f}  (n={r['n']})")
+        if res["mean"] is None:
+            typer.echo("no test set of this model is reachable here; give DATA")
+        else:
+            typer.echo(f"{'mean over tasks':<24} {res['mean']:.4f}")
+            typer.echo(f"{'all test examples':<24} {res['overall']:.4f}  ({res['backend']})")
         if json_file:
             json_file.write_text(json.dumps(res, indent=2))
 

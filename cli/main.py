@@ -63,10 +63,10 @@ def user_errors(fn):
 def train(
     ctx: typer.Context,
     data: str = typer.Argument(
-        ...,
+        None,
         help="Folder of task folders (sorted), or a built-in sequence: builtin:wordnet-nouns | "
         "builtin:wordnet-verbs | builtin:digits, with options as builtin:wordnet-nouns:tasks=10,classes=2 "
-        "(also train=, test= examples per class).",
+        "(also train=, test= examples per class). Not with --add; optional with --resume.",
     ),
     out: Path = typer.Option(Path("runs/run"), "--out", "-o", help="RUN folder to write."),
     model: str = typer.Option(D.TRAIN_MODEL, help="Local Hugging Face model folder, or builtin:minilm."),
@@ -113,7 +113,26 @@ def train(
     device: str = typer.Option(D.TRAIN_DEVICE, help="auto | cpu | cuda (under torchrun: cuda:LOCAL_RANK)."),
     kernel: str = typer.Option(D.TRAIN_KERNEL, help="LoRA kernel: auto | torch | triton."),
     resume: bool = typer.Option(
-        False, "--resume", help="Continue the run in --out from its last finished task."
+        False,
+        "--resume",
+        help="Continue the interrupted run in --out after its last finished task, with its own options.",
+    ),
+    add: list[Path] = typer.Option(
+        None,
+        "--add",
+        help="Task folder (or folder of task folders) to append to the finished RUN in --out and train, with the "
+        "RUN's options; repeat for several. Only the new tasks' data is read.",
+    ),
+    keep_test: bool = typer.Option(
+        D.TRAIN_KEEP_TEST,
+        "--keep-test/--no-keep-test",
+        help="Copy each task's test split into the RUN, so later tasks and `pmserve eval` need no data folder.",
+    ),
+    keep_fisher: bool = typer.Option(
+        D.TRAIN_KEEP_FISHER,
+        "--keep-fisher/--no-keep-fisher",
+        help="Keep each task's Fisher (one weight-sized file per task), for `pmserve merge --method pm` of "
+        "other subsets of the tasks.",
     ),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
     nproc: int = typer.Option(
@@ -127,53 +146,61 @@ def train(
         if nproc < 1 or distributed.world() > 1:
             raise PMError(f"--nproc: must be at least 1 and not given under torchrun, got {nproc}")
         distributed.check_batch(batch_size, nproc)  # before starting any process
-        distributed.launch(nproc, _train_argv(ctx.params))
+        typed = {**_typed(ctx, ctx.params), "data": data, "out": out}  # the workers see what was typed
+        distributed.launch(nproc, _train_argv(typed))
         return
     from pmserve.report import print_run, write_heatmap
-    from pmserve.train import TrainConfig
+    from pmserve.train import TrainConfig, add_tasks, continued_config
     from pmserve.train import train as run_train
 
-    cfg = TrainConfig(
-        data=data,
-        model=model,
-        method=method,
-        head=head,
-        train_head=train_head,
-        rank=rank,
-        lora_alpha=lora_alpha,
-        target_modules=parse_list(target_modules, "target-modules"),
-        eps=eps,
-        perturb_per=perturb_per,
-        epochs=epochs,
-        batch_size=batch_size,
-        lr=lr,
-        head_lr=head_lr,
-        max_length=max_length,
-        fisher_samples=fisher_samples,
-        fisher_labels=fisher_labels,
-        ridge_dim=ridge_dim,
-        ridge_lambda=ridge_lambda,
-        eval_heads=parse_list(eval_heads, "eval-heads"),
-        seed=seed,
-        device=device,
-        kernel=kernel,
-    )
-    result = run_train(cfg, out, resume=resume, progress=not quiet)
+    lists = {"target_modules": "target-modules", "eval_heads": "eval-heads"}
+    options = {
+        k: parse_list(v, lists[k]) if k in lists else v
+        for k, v in ctx.params.items()
+        if k not in ("out", "resume", "add", "quiet", "nproc")
+    }
+    if add:
+        if data is not None:
+            raise PMError(
+                "DATA: not with --add (the new tasks are the --add folders; the RUN keeps its data)"
+            )
+        if resume:
+            raise PMError("--resume: not with --add (--add continues a finished RUN)")
+        result = add_tasks(out, add, _typed(ctx, options), progress=not quiet)
+    elif resume:
+        cfg, _ = continued_config(out, _typed(ctx, options))
+        result = run_train(cfg, out, resume=True, progress=not quiet)
+    else:
+        if data is None:
+            raise PMError("DATA: missing (a folder of task folders or builtin:...)")
+        result = run_train(TrainConfig(**options), out, progress=not quiet)
     if distributed.is_main():
         write_heatmap(result, out / "acc_matrix.png")
         print_run(result)
         typer.echo(f"wrote {out}")
 
 
+def _typed(ctx: typer.Context, options: dict) -> dict:
+    """The options typed on the command line (not left at their defaults): what --add and --resume check."""
+    def typed(k: str) -> bool:  # by name: typer may carry its own copy of click's enum
+        return getattr(ctx.get_parameter_source(k), "name", "") in ("COMMANDLINE", "ENVIRONMENT")
+
+    return {k: v for k, v in options.items() if v is not None and typed(k)}
+
+
 def _train_argv(params: dict) -> list[str]:
     """`train` with the same options, less --nproc: what each torchrun worker runs."""
-    argv = ["train", params["data"]]
+    argv = ["train"] + ([params["data"]] if params.get("data") is not None else [])
     for name, value in params.items():
         option = "--" + name.replace("_", "-")
-        if name in ("data", "nproc"):
+        if name in ("data", "nproc") or value is None:
             continue
-        if isinstance(value, bool):
+        if name in ("keep_test", "keep_fisher"):  # --x/--no-x flags
+            argv.append(option if value else f"--no-{name.replace('_', '-')}")
+        elif isinstance(value, bool):
             argv += [option] if value else []
+        elif isinstance(value, list):
+            argv += [x for v in value for x in (option, str(v))]
         else:
             argv += [option, str(value)]
     return argv

@@ -48,6 +48,8 @@ TRAIN_RIDGE_LAMBDA = 0.0  # 0: chosen per task on held-out training data
 TRAIN_EVAL_HEADS: tuple[str, ...] = ()
 TRAIN_SEED = 0
 TRAIN_DEVICE = "auto"
+TRAIN_KEEP_TEST = True
+TRAIN_KEEP_FISHER = False
 TRAIN_KERNEL = "auto"
 
 # pmserve merge: MergeOptions. None means "decided from the inputs" (see MergeOptions).

@@ -108,10 +108,11 @@ def task_card(
     n = len(tasks)
     joint = method == "joint"
     here = folder or f"RUN/tasks/{i:02d}-{name}"
+    task_folders = posixpath.dirname(here.rstrip("/"))
     prev = f"{i - 1:02d}-{tasks[i - 1]}" if 0 < i <= len(tasks) and not joint else None
-    prev_merged = (
-        posixpath.join(posixpath.dirname(here.rstrip("/")), prev, "merged.safetensors") if prev else ""
-    )
+    prev_out = f"after-task{i - 1}"  # where the card's merge command rebuilds W_hat_{i-1} - W_0
+    prev_merged = posixpath.join(prev_out, "merged.safetensors")
+    prefix = " ".join(posixpath.join(task_folders, f"{k:02d}-{tasks[k]}") for k in range(i)) if prev else ""
     base = _loadable(model, base_path)
     lora_alpha = config.get("lora_alpha") or config.get("rank")
     modules = config.get("target_modules") or []
@@ -183,16 +184,13 @@ def task_card(
     out.append("")
     out.append("- `adapter_model.safetensors`, `adapter_config.json`: the LoRA in PEFT's format")
     out.append("- `pmserve_adapter.json`: kind `chained`, base model and its fingerprint, labels")
+    out.append("- `task.json`: alpha, accuracies, labels, the data's sha256, seconds")
+    out.append("- `test.jsonl`: the task's test split, which later tasks evaluate on (unless --no-keep-test)")
+    out.append("- `fisher.safetensors`: the diagonal Fisher of this task (only with --keep-fisher)")
     out.append(
-        "- `merged.safetensors`: W_hat - W_0, the merged model after this task (adapted matrices only)"
+        "- the RUN's `state/` holds the merged model after its last task (`merged.safetensors`, W_hat - W_0) "
+        "and its classifiers, once"
     )
-    out.append(
-        "- `fisher.safetensors`, `delta.safetensors`: the diagonal Fisher and the task vector of this task"
-    )
-    out.append(
-        "- `head.safetensors`: the training head; `classifier.safetensors`: a prototype or ridge classifier"
-    )
-    out.append("- `task.json`: alpha, accuracies, labels, seconds")
     out.append("")
     out.append("## How to load it")
     out.append("")
@@ -214,9 +212,13 @@ def task_card(
         out.append(
             f"This adapter is **chained**: it was trained on the merged model after task {i - 1}, not on the base "
             "model, so `PeftModel.from_pretrained(AutoModel.from_pretrained(BASE), FOLDER)` alone gives a model "
-            f"that never existed. Load the previous task's merged weights first (`{prev_merged}`, "
-            "W_hat - W_0 by module name), then the adapter:"
+            "that never existed. Rebuild the merged weights after the previous task first (W_hat - W_0 by module "
+            "name, from the RUN's adapters and recorded alphas):"
         )
+        out.append("")
+        out.append(f"    pmserve merge {prefix} --format delta --out {prev_out}")
+        out.append("")
+        out.append("then load them, and the adapter:")
         out.append("")
         out.append("```python")
         out.append("import torch")
@@ -235,8 +237,9 @@ def task_card(
         out.append("```")
     out.append("")
     out.append(
-        "To use the model merged from every task so far, add this folder's `merged.safetensors` to the base "
-        "model the same way (no adapter), or let pmserve build it: `pmserve merge RUN --out merged --format full` "
+        "To use the model merged from every task up to this one, merge this folder with the ones before it "
+        "(`--format delta`, added to the base model the same way, no adapter; for the RUN's last task that is "
+        "its `state/merged.safetensors`), or let pmserve build it: `pmserve merge RUN --out merged --format full` "
         "(a plain Hugging Face model folder), `pmserve export RUN --out bundle` (ONNX with the classifier), "
         "`pmserve predict bundle TEXT`."
     )

@@ -19,6 +19,7 @@ import torch
 from . import defaults as D
 from .backbone import Preprocessor
 from .errors import PMError
+from .formats import run as run_files
 from .formats.bundle import MODEL, is_bundle, verify_bundle
 from .formats.merged import MergedSource, inspect_merged
 from .merged_model import InferenceModel, load_inference_model
@@ -289,10 +290,22 @@ def evaluate(
         raise PMError(f"--batch-size: must be at least 1, got {batch_size}")
     model = open_model(path, provider)
     src = source_of(model)
+    seed = src.get("seed", 0) if seed is None else seed
+    run = Path(src["path"]) if src.get("kind") == "run" and src.get("path") else None
+    if not data and run is not None and run_files.is_run(run) and run_files.read_plan(run):
+        from .train import run_tests
+
+        tests = run_tests(run)  # the RUN's own record of its test sets: kept copies, else their sources
+        tasks = [t for t in tests if t.test is not None]
+        res = evaluate_model(model, tasks, batch_size) if tasks else {"backend": model.backend, "tasks": []}
+        rows = {r["task"]: r for r in res["tasks"]}
+        res["tasks"] = [rows.get(t.name, {"task": t.name, "n": 0, "acc": None}) for t in tests]
+        if not tasks:
+            res.update(mean=None, overall=None)
+        return res | {"model": str(path), "data": str(run), "seed": seed}
     data = data or src.get("data")
     if not data:
         raise PMError(f"DATA: not given, and {path} does not record the task sequence it was trained on")
-    seed = src.get("seed", 0) if seed is None else seed
     tasks = load_tasks(data, seed)
     return evaluate_model(model, tasks, batch_size) | {"model": str(path), "data": data, "seed": seed}
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -11,6 +12,8 @@ from rich.console import Console
 from rich.table import Table
 
 from .errors import PMError
+
+GENERIC = re.compile(r"^(task|t)[-_]?\d+$", re.I)  # task names that need their labels to mean anything
 
 
 def _fmt(v, digits=3) -> str:
@@ -32,6 +35,9 @@ def print_run(result: dict, console: Console | None = None) -> None:
             label, *[_fmt(a) for a in row], *[""] * (len(names) - len(row)), _fmt(result["alphas"][i], 4)
         )
     console.print(t)
+    for name, labels in zip(names, result.get("task_labels") or []):
+        if GENERIC.match(name):  # a folder name that says nothing: say what the task's classes are
+            console.print(f"  {name}: {', '.join(labels)}")
     console.print(
         f"ACC {_fmt(result['ACC'])}   AAA {_fmt(result['AAA'])}   forgetting {_fmt(result['forgetting'])}   "
         f"{result['seconds']:.0f} s"
@@ -55,7 +61,7 @@ def write_heatmap(result: dict, path: Path) -> None:
     n = len(result["tasks"])
     m = np.full((len(acc), n), np.nan)
     for i, row in enumerate(acc):
-        m[i, : len(row)] = row
+        m[i, : len(row)] = [np.nan if a is None else a for a in row]  # None: not evaluated
     fig, ax = plt.subplots(figsize=(1.2 + 0.8 * n, 1.0 + 0.6 * len(acc)))
     im = ax.imshow(m, vmin=0, vmax=1, cmap="viridis")
     for i in range(m.shape[0]):

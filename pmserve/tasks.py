@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import csv
 import gzip
+import hashlib
 import json
 import random
+import shutil
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -112,6 +114,56 @@ def load_task_folder(folder: Path) -> Task:
     return Task(folder.name, kind, train, test, _first_seen(train.labels))
 
 
+def is_task_folder(folder: Path) -> bool:
+    return any((Path(folder) / f"train{s}").is_file() for s in SUFFIXES)
+
+
+def task_folders(root: Path) -> list[Path]:
+    """A DATA folder's task folders, sorted by name (hidden ones skipped)."""
+    return sorted(p for p in Path(root).iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
+def task_hash(task: Task) -> str:
+    """The sha256 of a task's examples (train, then test; image files by their bytes): what identifies a task
+    in a RUN, whatever its folder is called or wherever it lies."""
+    h = hashlib.sha256()
+    for split in (task.train, task.test):
+        h.update(b"\x00split")
+        for x, y in zip(split.inputs, split.labels):
+            if isinstance(x, np.ndarray):
+                h.update(f"array{x.shape}{x.dtype}".encode() + x.tobytes())
+            elif task.kind == "image":
+                h.update(b"file" + Path(x).read_bytes())
+            else:
+                h.update(b"text" + json.dumps(x).encode())
+            h.update(b"label" + json.dumps(y).encode())
+    return h.hexdigest()
+
+
+def save_split(split: Split, kind: str, folder: Path, name: str = "test") -> None:
+    """`folder/{name}.jsonl` in the format load_task_folder reads; images are copied beside it (name/NNNN.png)."""
+    folder = Path(folder)
+    rows = []
+    for k, (x, y) in enumerate(zip(split.inputs, split.labels)):
+        if kind == "image":
+            (folder / name).mkdir(exist_ok=True)
+            if isinstance(x, np.ndarray):
+                from PIL import Image
+
+                rel = f"{name}/{k:05d}.png"
+                Image.fromarray(x).save(folder / rel)
+            else:
+                rel = f"{name}/{k:05d}{Path(x).suffix}"
+                shutil.copyfile(x, folder / rel)
+            x = rel
+        rows.append(json.dumps({kind: x, "label": y}))
+    (folder / f"{name}.jsonl").write_text("\n".join(rows) + "\n")
+
+
+def load_split(folder: Path, name: str = "test") -> Split:
+    return _read_split(Path(folder), name)[0]
+
+
 def load_tasks(spec: str, seed: int = 0) -> list[Task]:
     """Tasks in order from a folder of task folders (sorted by name) or from `builtin:NAME[:k=v,...]`."""
     if spec.startswith("builtin:"):
@@ -120,7 +172,7 @@ def load_tasks(spec: str, seed: int = 0) -> list[Task]:
         root = Path(spec)
         if not root.is_dir():
             raise PMError(f"{spec}: data folder does not exist")
-        subs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+        subs = task_folders(root)
         if not subs:
             raise PMError(f"{spec}: no task folders inside (expected one subfolder per task)")
         tasks = [load_task_folder(p) for p in subs]
@@ -128,11 +180,15 @@ def load_tasks(spec: str, seed: int = 0) -> list[Task]:
     return tasks
 
 
-def check_tasks(tasks: list[Task]) -> None:
+def check_tasks(tasks: list[Task], kind: str | None = None, seen: list[str] = ()) -> None:
+    """One input kind (`kind`: that of the tasks they follow), and no test label that no training saw."""
     kinds = {t.kind for t in tasks}
     if len(kinds) > 1:
         raise PMError(f"tasks mix text and images ({', '.join(sorted(kinds))})")
-    seen: set[str] = set()
+    if kind is not None and kinds != {kind}:
+        t = next(t for t in tasks if t.kind != kind)
+        raise PMError(f"task {t.name}: holds {t.kind} examples, but the RUN's tasks are {kind}")
+    seen = set(seen)
     for t in tasks:
         seen.update(t.train.labels)
         unseen = sorted(set(t.test.labels) - seen)

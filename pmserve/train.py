@@ -49,12 +49,26 @@ from .heads import HEADS, TRAIN_HEADS, LabelHead, Prototypes, Ridge, Scorer, loa
 from .merging.recurrence import FisherSums, chained_merge, chained_theta, task_alpha
 from .model_card import task_card
 from .perturb import FusedPerturbation, Perturbation, use_fused_kernel
+from .progress import TrainProgress
 from .seeds import HEAD_INIT, SHUFFLE, perturb_seed, ridge_seed, stream_generator, task_seed
 from .task_fisher import check_fisher_labels, fisher_generator, fisher_order, task_fisher
-from .tasks import Split, Task, load_tasks
+from .tasks import (
+    Split,
+    Task,
+    builtin_tasks,
+    check_tasks,
+    is_task_folder,
+    load_split,
+    load_task_folder,
+    load_tasks,
+    save_split,
+    task_folders,
+    task_hash,
+)
 
 TRAIN_METHODS = ("pm", "merge", "seq", "avg", "frozen", "joint")
-EXECUTION_ONLY = ("device", "kernel")  # may differ between a run and its resumption
+# may differ between a run and its resumption: they change where and how it runs, or what it keeps, not results
+EXECUTION_ONLY = ("device", "kernel", "keep_test", "keep_fisher")
 
 
 @dataclass
@@ -87,6 +101,8 @@ class TrainConfig:
     seed: int = D.TRAIN_SEED
     device: str = D.TRAIN_DEVICE
     kernel: str = D.TRAIN_KERNEL
+    keep_test: bool = D.TRAIN_KEEP_TEST  # copy each task's test split into its folder, for later evaluations
+    keep_fisher: bool = D.TRAIN_KEEP_FISHER  # each task's Fisher, for offline `pmserve merge --method pm`
 
     def __post_init__(self) -> None:
         if not self.train_head:
@@ -212,7 +228,9 @@ class Learner:
 
     # ---- one task
 
-    def train_task(self, task: Task, i: int, progress=None) -> tuple[nn.Module | None, Tensors, Tensors]:
+    def train_task(
+        self, task: Task, i: int, epochs: int, progress: TrainProgress
+    ) -> tuple[nn.Module | None, Tensors, Tensors]:
         """Train task i; returns (the PEFT model or None, Delta_t, F_t). The head rows are committed."""
         cfg = self.cfg
         self.head.add_labels(task.classes, stream_generator(cfg.seed, i, HEAD_INIT))
@@ -234,14 +252,11 @@ class Learner:
                 pert = Perturbation(layers, eps, cfg.perturb_per, perturb_seed(cfg.seed, i), ADAPTER)
         opt = torch.optim.AdamW(params, weight_decay=cfg.weight_decay)
         shuffle = stream_generator(cfg.seed, i, SHUFFLE)
-        n = len(task.train.labels)
         cached = self.features(task.train) if peft_model is None else None  # frozen: features never change
-        steps = cfg.epochs * ((n + cfg.batch_size - 1) // cfg.batch_size)
-        bar = progress.add_task(f"{task.name}", total=steps) if progress else None
         lengths = [len(x) if isinstance(x, str) else 0 for x in task.train.inputs]
         net = distributed.wrap(_Net(self.encoder if cached is None else None, self.head, w, b), self.device)
         world = distributed.world()
-        for _epoch in range(cfg.epochs):
+        for epoch in range(epochs):
             # the same global batches on every rank, each computing its slice
             for idx in bucketed_batches(lengths, cfg.batch_size, shuffle):
                 rows, weight = distributed.shard(len(idx)), world
@@ -261,8 +276,8 @@ class Learner:
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
-                if bar is not None:
-                    progress.update(bar, advance=1, description=f"{task.name} loss {loss.item():.3f}")
+                progress.step(loss)
+            progress.epoch_done(epoch + 1, epochs)
         del net  # DDP's gradient hooks go with it, before the Fisher's backward passes
         if pert is not None:
             pert.remove()
@@ -317,17 +332,32 @@ class Learner:
                 clf.update(feats, task.train.labels)
         return lam
 
-    # ---- files: head.*, classifier.* (the --head) and eval-NAME.* (the --eval-heads)
+    # ---- the state (formats.run): merged weights, P&M accumulators, head.*, classifier.* (the --head) and
+    # eval-NAME.* (the --eval-heads)
 
-    def save_heads(self, folder: Path) -> None:
+    def save_state(self, folder: Path, tasks: int, labels: list[str], kind: str) -> None:
+        if self.names:
+            save_file(self.merged, str(folder / run_files.MERGED))
+        if self.sums.S_F:
+            sums = {f"S_F.{k}": v for k, v in self.sums.S_F.items()}
+            sums |= {f"S_Ft.{k}": v for k, v in self.sums.S_Ft.items()}
+            save_file(sums, str(folder / run_files.FISHER_SUMS))
         save_scorer(self.head, folder, run_files.HEAD)
         for k, (name, clf) in enumerate(self.classifiers.items()):
             save_scorer(clf, folder, run_files.CLASSIFIER if k == 0 else f"eval-{name}")
+        write_json(folder / run_files.STATE_INFO, {"tasks": tasks, "labels": labels, "kind": kind})
 
     def load_state(self, folder: Path) -> None:
+        """The state save_state wrote (or a format-1 task folder's, which has no accumulators)."""
         if (folder / run_files.MERGED).exists():
             self.merged = load_file(str(folder / run_files.MERGED))
             set_merged(self.encoder.model, self.base, self.merged)
+        if (folder / run_files.FISHER_SUMS).exists():
+            sums = load_file(str(folder / run_files.FISHER_SUMS))
+            self.sums = FisherSums(
+                {k.removeprefix("S_F."): v for k, v in sums.items() if k.startswith("S_F.")},
+                {k.removeprefix("S_Ft."): v for k, v in sums.items() if k.startswith("S_Ft.")},
+            )
         self.head = load_scorer(folder, run_files.HEAD).to(self.device)
         for k, name in enumerate(list(self.classifiers)):
             clf = load_scorer(folder, run_files.CLASSIFIER if k == 0 else f"eval-{name}")
@@ -423,6 +453,7 @@ def _joint_task(tasks: list[Task]) -> Task:
 
 # What a run whose config.json predates an option used for it, where that is not the option's default today.
 PREDATES = {"fisher_labels": "true"}
+PER_TASK = ("epochs",)  # may differ for tasks added later: recorded in plan.json and each task.json
 
 
 def _saved_config(raw: dict) -> dict:
@@ -431,13 +462,111 @@ def _saved_config(raw: dict) -> dict:
     return {**PREDATES, **{k: v for k, v in raw.items() if k in names}}
 
 
+def run_config(run: Path) -> TrainConfig:
+    return TrainConfig(**_saved_config(run_files.read_config(run)))
+
+
+def continued_config(run: Path, given: dict, adding: bool = False) -> tuple[TrainConfig, dict]:
+    """The RUN's own configuration, and the per-task options for tasks added now.
+
+    `given`: the options typed on the command line. --device, --kernel, --keep-test and --keep-fisher change
+    nothing a run computes and replace the RUN's; --epochs applies to the tasks added now (--add); any other
+    option that differs from the RUN's is refused, naming it: a RUN keeps one configuration.
+    """
+    run = Path(run)
+    if not run_files.is_run(run):
+        raise PMError(f"{run}: not a pmserve RUN (no {run_files.CONFIG} marked as one)")
+    cfg = run_config(run)
+    per_task = {}
+    for k, v in given.items():
+        if k in EXECUTION_ONLY:
+            setattr(cfg, k, v)
+        elif k in PER_TASK and adding:
+            per_task[k] = v
+        elif k == "data" and not adding:
+            if _absolute_data(v) != cfg.data:
+                raise PMError(
+                    f"DATA: {v} is not the RUN's data, {cfg.data} ({run / run_files.CONFIG}); omit DATA with --resume"
+                )
+        elif v != getattr(cfg, k):
+            raise PMError(
+                f"--{k.replace('_', '-')}: {v!r} differs from the RUN's {getattr(cfg, k)!r} ({run / run_files.CONFIG}); "
+                "a RUN keeps its configuration (omit the option; only --device, --kernel, --keep-test, "
+                "--keep-fisher and, with --add, --epochs may change)"
+            )
+    return cfg, per_task
+
+
+def _absolute_data(data: str) -> str:
+    """DATA as config.json records it: a folder's absolute path (commands work from any directory)."""
+    return data if data.startswith("builtin:") else str(Path(data).resolve())
+
+
+def _plan_entry(task: Task, source: dict, epochs: int) -> dict:
+    return {
+        "name": task.name,
+        "kind": task.kind,
+        "source": source,
+        "sha256": task_hash(task),
+        "epochs": epochs,
+        "labels": task.classes,
+        "examples": {"train": len(task.train.labels), "test": len(task.test.labels)},
+    }
+
+
+def _data_plan(cfg: TrainConfig, tasks: list[Task]) -> list[dict]:
+    if cfg.data.startswith("builtin:"):
+        sources = [{"builtin": cfg.data, "index": k} for k in range(len(tasks))]
+    else:
+        sources = [{"path": str(p)} for p in task_folders(Path(cfg.data))]
+    return [_plan_entry(t, src, cfg.epochs) for t, src in zip(tasks, sources)]
+
+
+def _load_planned(entry: dict, seed: int, index: int) -> Task:
+    """A planned task from its recorded source, checked against its recorded hash."""
+    src = entry["source"]
+    if "builtin" in src:
+        task = builtin_tasks(src["builtin"], seed)[src["index"]]
+        where = f"{src['builtin']} task {src['index']}"
+    else:
+        task = load_task_folder(Path(src["path"]))
+        where = src["path"]
+    if task_hash(task) != entry["sha256"]:
+        raise PMError(f"{where}: its data changed since it became task {index} of this RUN (sha256 differs)")
+    return task
+
+
+def _test_of(run: Path, index: int, entry: dict, seed: int) -> Split | None:
+    """Task `index`'s test split: the RUN's copy, else its source while that still holds the same data, else
+    None (not evaluated, never 0 accuracy)."""
+    folder = run_files.task_dir(run, index, entry["name"])
+    if (folder / run_files.TEST).is_file():
+        return load_split(folder)
+    try:
+        return _load_planned(entry, seed, index).test
+    except PMError:
+        return None
+
+
+def run_tests(run: Path) -> list[Task]:
+    """Every finished task of a RUN with its test split (test None where it is no longer reachable)."""
+    cfg, plan = run_config(run), run_files.read_plan(run)
+    done = len(run_files.finished_tasks(run)) if cfg.method != "joint" else len(plan)
+    out = []
+    for j, e in enumerate(plan[:done]):
+        out.append(Task(e["name"], e["kind"], Split([], []), _test_of(run, j, e, cfg.seed), e["labels"]))
+    return out
+
+
 def _prepare_out(out: Path, cfg: TrainConfig, resume: bool) -> None:
     cfg_path = out / run_files.CONFIG
     if cfg_path.exists():
         if not resume:
             raise PMError(
-                f"{out}: already holds a run; pass --resume to continue it, or choose another --out"
+                f"{out}: already holds a run; pass --resume to continue it, --add to add tasks, or choose "
+                "another --out"
             )
+        run_files.check_growable(out)
         old = run_files.read_config(out)
         mine = cfg.results_key()
         # a key the older run's config lacks was added since: the run used PREDATES' value, else the default
@@ -448,72 +577,156 @@ def _prepare_out(out: Path, cfg: TrainConfig, resume: bool) -> None:
             raise PMError(
                 f"{cfg_path}: holds another run's config ({k} is {old.get(k)!r}, this run's is {mine[k]!r})"
             )
-    elif out.exists() and any(out.iterdir()):
+        run_files.recover(out)
+        return
+    if out.exists() and any(out.iterdir()):
         raise PMError(f"{out}: exists and is not a pmserve run; choose an empty or new --out")
     (out / run_files.TASKS).mkdir(parents=True, exist_ok=True)
     run_files.write_config(out, asdict(cfg))
-    run_files.remove_partial_tasks(out)
 
 
 def open_run(run: Path, device: str = "cpu") -> tuple[TrainConfig, list[Task], Learner, list[Path]]:
     """A finished RUN for measurements: its config, tasks, a Learner in the state after its last task, and its
     task folders in order. Keys a newer TrainConfig does not know are ignored."""
-    cfg = TrainConfig(**_saved_config(run_files.read_config(run)))
-    tasks = load_tasks(cfg.data, cfg.seed)
+    cfg = run_config(run)
+    plan = run_files.read_plan(run)
+    tasks = (
+        [_load_planned(e, cfg.seed, i) for i, e in enumerate(plan)]
+        if plan
+        else load_tasks(cfg.data, cfg.seed)
+    )
     encoder, prep, _ = load_encoder(cfg.model, tasks[0].kind, cfg.max_length)
     learner = Learner(cfg, encoder, prep, torch.device(device))
-    folders = run_files.finished_tasks(run)
-    learner.load_state(folders[-1])
-    return cfg, tasks, learner, folders
+    learner.load_state(run_files.state_dir(run))
+    return cfg, tasks, learner, run_files.finished_tasks(run)
 
 
-def train(cfg: TrainConfig, out: Path | str, resume: bool = False, progress: bool = True, log=print) -> dict:
+def train(cfg: TrainConfig, out: Path | str, resume: bool = False, progress=True, log=print) -> dict:
     """Run (or resume) continual training into `out`; returns the metrics dict also written to metrics.json.
 
+    progress: True (bars on a terminal, else a line per epoch), False, or a TrainProgress mode.
     Under torchrun every rank calls this: rank 0 writes and logs, and a restart by torchrun resumes.
     """
+    cfg.data = _absolute_data(cfg.data)
     cfg.validate()
+    device = _start(cfg)
+    out = Path(out)
+    resume = resume or distributed.restarted()
+    with distributed.session(device):
+        plan = run_files.read_plan(out) if resume else []
+        loaded: dict[int, Task] = {}
+        if not plan:  # a new run (or one killed before its plan was written): bad data fails before any write
+            tasks = load_tasks(cfg.data, cfg.seed)
+            loaded = dict(enumerate(tasks))
+        # a model that does not load fails before any write too
+        backbone = load_encoder(cfg.model, plan[0]["kind"] if plan else tasks[0].kind, cfg.max_length)
+        distributed.on_main(lambda: _prepare_out(out, cfg, resume))
+        if not plan:
+            plan = _data_plan(cfg, tasks)
+            distributed.on_main(lambda: run_files.write_plan(out, plan))
+        return _continue(cfg, out, plan, loaded, backbone, device, progress, log)
+
+
+def add_tasks(
+    out: Path | str, paths: list[Path | str], given: dict | None = None, progress=True, log=print
+) -> dict:
+    """Append the tasks in `paths` (task folders, or DATA folders of task folders, in the order given) to the
+    finished RUN `out` and train them: only their data is read; nothing finished is retrained or rewritten.
+    `given`: options typed with --add (continued_config says which may differ)."""
+    out = Path(out)
+    cfg, per_task = continued_config(out, given or {}, adding=True)
+    cfg.validate()
+    run_files.check_growable(out)
+    run_files.recover(out)
+    if cfg.method == "joint":
+        raise PMError(f"{out}: a joint run trains every task at once; it cannot grow (train a new joint run)")
+    plan = run_files.read_plan(out)
+    finished = run_files.finished_tasks(out)
+    if len(finished) < len(plan):
+        raise PMError(
+            f"{out}: task {len(finished)} of {len(plan)} is not finished; `pmserve train --resume --out {out}` "
+            "first, then --add"
+        )
+    folders = []
+    for p in map(Path, paths):
+        if not p.is_dir():
+            raise PMError(f"--add: {p}: task folder does not exist")
+        folders += [p] if is_task_folder(p) else task_folders(p)
+    if not folders:
+        raise PMError("--add: no task folders given")
+    new = [load_task_folder(p) for p in folders]
+    known = {e["sha256"]: i for i, e in enumerate(plan)}
+    labels = [y for e in plan for y in e["labels"]]
+    check_tasks(new, kind=plan[0]["kind"] if plan else None, seen=labels)
+    epochs = per_task.get("epochs", cfg.epochs)
+    entries = [_plan_entry(t, {"path": str(p.resolve())}, epochs) for t, p in zip(new, folders)]
+    for e, p in zip(entries, folders):
+        if e["sha256"] in known:
+            raise PMError(f"--add: {p}: already in this RUN as task {known[e['sha256']]} (the same data)")
+        known[e["sha256"]] = len(known)
+    if epochs < 1:
+        raise PMError(f"--epochs: must be at least 1, got {epochs}")
+    device = _start(cfg)
+    with distributed.session(device):
+        backbone = load_encoder(cfg.model, plan[0]["kind"], cfg.max_length)
+        loaded = {len(plan) + k: t for k, t in enumerate(new)}
+        plan = plan + entries
+        distributed.on_main(lambda: run_files.write_plan(out, plan))
+        return _continue(cfg, out, plan, loaded, backbone, device, progress, log)
+
+
+def _start(cfg: TrainConfig) -> torch.device:
     distributed.check_batch(cfg.batch_size)
     if cfg.kernel == "triton" and _sliced_samples(cfg):
         raise PMError("--kernel: triton cannot draw per-sample s across ranks; use --perturb-per step")
-    device = _device(cfg.device)
-    if not distributed.is_main():
-        progress, log = False, lambda *_: None
-    with distributed.session(device):
-        return _train(cfg, Path(out), device, resume or distributed.restarted(), progress, log)
+    return _device(cfg.device)
 
 
-def _train(cfg: TrainConfig, out: Path, device: torch.device, resume: bool, progress: bool, log) -> dict:
-    tasks = load_tasks(cfg.data, cfg.seed)
-    encoder, prep, model_dir = load_encoder(cfg.model, tasks[0].kind, cfg.max_length)
-    learner = Learner(cfg, encoder, prep, device)
-    distributed.on_main(lambda: _prepare_out(out, cfg, resume))
+def _continue(
+    cfg: TrainConfig,
+    out: Path,
+    plan: list[dict],
+    loaded: dict[int, Task],
+    backbone: tuple[Encoder, Preprocessor, Path],
+    device: torch.device,
+    progress,
+    log,
+) -> dict:
+    """Train the RUN's planned tasks that are not finished, after restoring the state of the finished ones."""
     main = distributed.is_main()
+    if not main:
+        progress, log = False, lambda *_: None
+    kind = plan[0]["kind"]
+    encoder, prep, model_dir = backbone
+    learner = Learner(cfg, encoder, prep, device)
     fingerprint = base_fingerprint(model_dir)
-    train_seq = [_joint_task(tasks)] if cfg.method == "joint" else tasks
+    joint = cfg.method == "joint"
 
-    done: list[dict] = []  # task.json of every finished task
-    for i, task in enumerate(train_seq):  # replay finished tasks: accumulators, then the last state
-        folder = run_files.task_dir(out, i, task.name)
-        if not (folder / run_files.TASK_INFO).exists():
-            break
-        done.append(read_json(folder / run_files.TASK_INFO))
-        if cfg.method in ("pm", "merge"):
-            fisher = load_file(str(folder / run_files.FISHER))
-            delta = load_file(str(folder / run_files.DELTA))
-            learner.sums.add(fisher, chained_theta(learner.merged, delta))
-            learner.merged = load_file(str(folder / run_files.MERGED))
+    done = [read_json(f / run_files.TASK_INFO) for f in run_files.finished_tasks(out)]
     if done:
-        learner.load_state(run_files.task_dir(out, len(done) - 1, train_seq[len(done) - 1].name))
-        log(f"resuming {out} after task {len(done)} of {len(train_seq)}")
+        learner.load_state(out / run_files.STATE)
+        log(f"continuing {out} after task {len(done)} of {1 if joint else len(plan)}")
 
-    bar = _progress() if progress else None
-    with bar or nullcontext():
-        for i in range(len(done), len(train_seq)):
-            task = train_seq[i]
+    def task(i: int) -> Task:
+        if i not in loaded:
+            loaded[i] = _load_planned(plan[i], cfg.seed, i)
+        return loaded[i]
+
+    if joint:
+        todo = [] if done else [(0, _joint_task([task(i) for i in range(len(plan))]), cfg.epochs)]
+    else:
+        todo = [(i, task(i), plan[i]["epochs"]) for i in range(len(done), len(plan))]
+    labels = [y for e in plan[: len(done)] for y in e["labels"]]
+    steps = sum(ep * -(-len(t.train.labels) // cfg.batch_size) for _, t, ep in todo)  # for the time left
+
+    mode = progress if isinstance(progress, str) else "auto" if progress else "off"
+    with TrainProgress(steps, mode, log) as bar:
+        for i, current, epochs in todo:
             t0 = time.perf_counter()
-            peft_model, delta, fisher = learner.train_task(task, i, bar)
-            folder = run_files.task_dir(out, i, task.name)
+            bar.task_started(current.name, epochs * -(-len(current.train.labels) // cfg.batch_size))
+            peft_model, delta, fisher = learner.train_task(current, i, epochs, bar)
+            labels += [y for y in current.classes if y not in labels]
+            folder = run_files.task_dir(out, i, current.name)
             with atomic_dir(folder) if main else nullcontext() as tmp:  # only rank 0 writes
                 alpha = None
                 if peft_model is not None:
@@ -521,10 +734,10 @@ def _train(cfg: TrainConfig, out: Path, device: torch.device, resume: bool, prog
                         meta = {
                             "kind": "chained",
                             "task": i,
-                            "name": task.name,
+                            "name": current.name,
                             "base_model": cfg.model,
                             "base_fingerprint": fingerprint,
-                            "labels": task.classes,
+                            "labels": current.classes,
                             "method": cfg.method,
                         }
                         save_adapter(peft_model, tmp, str(model_dir), meta)
@@ -532,47 +745,62 @@ def _train(cfg: TrainConfig, out: Path, device: torch.device, resume: bool, prog
                     alpha = learner.merge(
                         i + 1, delta, fisher
                     )  # the same on every rank: the Fisher was summed
-                lam = learner.update_classifiers(task, i)
-                seen = tasks if cfg.method == "joint" else tasks[: i + 1]
-                accs = [learner.accuracy(t.test) for t in seen]
+                lam = learner.update_classifiers(current, i)
+                seen = range(len(plan)) if joint else range(i + 1)
+                tests = [loaded[j].test if j in loaded else _test_of(out, j, plan[j], cfg.seed) for j in seen]
+                accs = [None if t is None else learner.accuracy(t) for t in tests]
                 info = {
                     "index": i,
-                    "name": task.name,
+                    "name": current.name,
                     "method": cfg.method,
-                    "labels": task.classes,
+                    "labels": current.classes,
                     "alpha": alpha,
                     "ridge_lambda": lam,
+                    "epochs": epochs,
+                    "device": str(device),
                     "seconds": time.perf_counter() - t0,
-                    "acc": {h: [a[h] for a in accs] for h in learner.classifiers},
+                    "data": {k: plan[i][k] for k in ("source", "sha256", "examples")} if not joint else None,
+                    "acc": {h: [None if a is None else a[h] for a in accs] for h in learner.classifiers},
                 }
                 if main:
-                    if peft_model is not None:
+                    if peft_model is not None and cfg.keep_fisher:
                         save_file(fisher, str(tmp / run_files.FISHER))
-                        save_file(delta, str(tmp / run_files.DELTA))
-                        save_file(learner.merged, str(tmp / run_files.MERGED))
-                    learner.save_heads(tmp)
+                    if cfg.keep_test and not joint:
+                        save_split(current.test, kind, tmp)
                     write_json(tmp / run_files.TASK_INFO, info)
                     if peft_model is not None:  # the adapter's card (a frozen task has no adapter)
-                        names = [t.name for t in tasks]  # a joint run's one folder covers every task
+                        names = [e["name"] for e in plan]  # a joint run's one folder covers every task
                         card = task_card(
                             info, asdict(cfg), names, base_path=str(model_dir), folder=str(folder)
                         )
                         (tmp / MODEL_CARD).write_text(card)
+                    with run_files.next_state(out) as state:
+                        learner.save_state(state, len(done) + 1, labels, kind)
+            if main:
+                run_files.promote_state(out)
             done.append(info)
-            if bar is None:
-                row = " ".join(f"{a:.3f}" for a in info["acc"][cfg.head])
-                log(f"{task.name}: alpha {alpha if alpha is None else round(alpha, 4)}  acc {row}")
+            row = " ".join("-" if a is None else f"{a:.3f}" for a in info["acc"][cfg.head])
+            bar.task_done(f"{current.name}: alpha {alpha if alpha is None else round(alpha, 4)}  acc {row}")
 
+    result = _result(cfg, plan, done, list(learner.classifiers))
+    if main:
+        write_json(out / run_files.METRICS, result)
+    distributed.barrier()  # every rank returns once the run is on disk
+    return result
+
+
+def _result(cfg: TrainConfig, plan: list[dict], done: list[dict], heads: list[str]) -> dict:
     by_head = {}
-    for h in learner.classifiers:
+    for h in heads:
         acc = [d["acc"][h] for d in done]
         by_head[h] = {"acc_matrix": acc, **metrics.summary(acc)}
         if cfg.method == "joint":  # one model on everything: an upper bound, not a sequence
             by_head[h].update(AAA=None, forgetting=None)
-    result = {
+    return {
         "method": cfg.method,
         "head": cfg.head,
-        "tasks": [t.name for t in tasks],
+        "tasks": [e["name"] for e in plan],
+        "task_labels": [e["labels"] for e in plan],
         **by_head[cfg.head],
         "alphas": [d["alpha"] for d in done],
         "ridge_lambdas": [d["ridge_lambda"] for d in done],
@@ -580,19 +808,3 @@ def _train(cfg: TrainConfig, out: Path, device: torch.device, resume: bool, prog
         "by_head": by_head,
         "config": asdict(cfg),
     }
-    if main:
-        write_json(out / run_files.METRICS, result)
-    distributed.barrier()  # every rank returns once the run is on disk
-    return result
-
-
-def _progress():
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-    return Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        transient=False,
-    )

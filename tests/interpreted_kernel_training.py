@@ -312,9 +312,9 @@ def test_train_with_kernel_matches_torch_path(tiny_model, tiny_tasks, tmp_path):
         run("triton", method="merge", kernel="triton"),
     )
     for t in sorted((torch_run / "tasks").iterdir()):
-        ref, got = (
-            load_file(str(t / "delta.safetensors")),
-            load_file(str(triton_run / "tasks" / t.name / "delta.safetensors")),
+        ref, got = (  # the LoRA factors, and so the task vectors
+            load_file(str(t / "adapter_model.safetensors")),
+            load_file(str(triton_run / "tasks" / t.name / "adapter_model.safetensors")),
         )
         assert ref.keys() == got.keys() and ref
         for k in ref:

@@ -53,12 +53,23 @@ def files(run):
 
 
 def test_two_ranks_give_one_process_results_and_resume(tiny_model, tmp_path):
-    data = write_tasks(tmp_path / "data", [["animal", "food", "tool"], ["place", "time", "feeling"]], 15, 6)
+    both = write_tasks(tmp_path / "both", [["animal", "food", "tool"], ["place", "time", "feeling"]], 15, 6)
+    data = tmp_path / "data"
+    data.mkdir()
+    shutil.move(both / "t0", data / "t0")
+    # the state a two-rank run killed during task 2 leaves: that of the same run after task 1
+    cut = tmp_path / "cut"
+    proc = cli(data, tiny_model, cut, "--nproc", "2", "--keep-fisher")
+    assert proc.returncode == 0, proc.stderr
+    shutil.move(both / "t1", data / "t1")
+
     one = train(
-        TrainConfig(data=str(data), model=str(tiny_model), **OPTIONS), tmp_path / "one", progress=False
+        TrainConfig(data=str(data), model=str(tiny_model), keep_fisher=True, **OPTIONS),
+        tmp_path / "one",
+        progress=False,
     )
     run = tmp_path / "two"
-    proc = cli(data, tiny_model, run, "--nproc", "2")
+    proc = cli(data, tiny_model, run, "--nproc", "2", "--keep-fisher")
     assert proc.returncode == 0, proc.stderr
     two = json.loads((run / "metrics.json").read_text())
 
@@ -75,16 +86,30 @@ def test_two_ranks_give_one_process_results_and_resume(tiny_model, tmp_path):
     # rank 0 wrote every file, once: the same files as one process (and the plot), nothing temporary
     assert files(run) == sorted([*files(tmp_path / "one"), "acc_matrix.png"])
 
-    # killed during task 2: torchrun with --resume replays task 1 and ends where the full run ended
-    shutil.rmtree(run / "tasks" / "01-t1")
-    shutil.copytree(run / "tasks" / "00-t0", run / "tasks" / ".tmp-01-t1")
-    (run / "metrics.json").unlink()
-    proc = cli(data, tiny_model, run, "--nproc", "2", "--resume")
+    # killed during task 2 (the cut run, planned for both tasks, with half a task folder): torchrun with
+    # --resume (no DATA, no options: the RUN's own) ends where the full run ended
+    shutil.copy(run / "plan.json", cut / "plan.json")
+    shutil.copytree(cut / "tasks" / "00-t0", cut / "tasks" / ".01-t1.tmp-999999")
+    (cut / "metrics.json").unlink()
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    argv = [
+        sys.executable,
+        "-m",
+        "pmserve",
+        "train",
+        "--out",
+        str(cut),
+        "--nproc",
+        "2",
+        "--resume",
+        "--quiet",
+    ]
+    proc = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr
-    resumed = json.loads((run / "metrics.json").read_text())
+    resumed = json.loads((cut / "metrics.json").read_text())
     assert resumed["by_head"] == two["by_head"]
     assert resumed["alphas"] == pytest.approx(two["alphas"], abs=1e-6)
-    assert not list((run / "tasks").glob(".tmp-*"))
+    assert not [p for p in (cut / "tasks").iterdir() if p.name.startswith(".")]
 
 
 def test_a_failing_rank_ends_the_job_with_one_line_naming_it(tiny_tasks, tmp_path):

@@ -48,6 +48,7 @@ def pm_run(tiny_model, tmp_path_factory) -> Path:
         seed=1,
         lr=3e-2,
         head="prototype",
+        keep_fisher=True,  # the offline pm merge computes alphas again from these
     )
     train(cfg, root / "run", progress=False, log=lambda *_: None)
     return root / "run"
@@ -92,12 +93,11 @@ def _deltas(folder: Path, scaling: float) -> dict[str, torch.Tensor]:
 
 def test_offline_pm_replays_the_run_exactly(pm_run, tmp_path):
     metrics = json.loads((pm_run / "metrics.json").read_text())
-    last = sorted((pm_run / "tasks").iterdir())[-1]
     rep = merge_adapters([pm_run], tmp_path / "d", options=MergeOptions("pm", "delta"), **QUIET)
     assert rep["fisher"] == "files" and rep["alphas"] == pytest.approx(metrics["alphas"], abs=1e-6)
     ours, theirs = (
         load_file(str(tmp_path / "d" / "merged.safetensors")),
-        load_file(str(last / "merged.safetensors")),
+        load_file(str(pm_run / "state" / "merged.safetensors")),
     )
     assert ours.keys() == theirs.keys()
     for k in theirs:
@@ -119,7 +119,7 @@ def test_adapter_output_is_plain_peft_and_reproduces_the_merge(pm_run, tiny_mode
     from pmserve.heads import load_scorer
 
     merge_adapters([pm_run], tmp_path / "a", options=MergeOptions("pm", "adapter"), **QUIET)
-    merged = load_file(str(sorted((pm_run / "tasks").iterdir())[-1] / "merged.safetensors"))
+    merged = load_file(str(pm_run / "state" / "merged.safetensors"))
     cfg = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
     assert cfg["r"] == 6 and cfg["lora_alpha"] == 6.0  # three rank-2 LoRAs, scaling folded into B
     with warnings.catch_warnings():
@@ -152,7 +152,7 @@ def test_full_output_sharded_loads_with_from_pretrained(pm_run, tiny_model, tmp_
         **QUIET,
     )
     assert (out / "model.safetensors.index.json").is_file() and len(list(out.glob("model-*.safetensors"))) > 1
-    merged = load_file(str(sorted((pm_run / "tasks").iterdir())[-1] / "merged.safetensors"))
+    merged = load_file(str(pm_run / "state" / "merged.safetensors"))
     base, full = _weights(_auto_model(tiny_model)), _weights(_auto_model(out))
     assert base.keys() == full.keys()
     for k, w in base.items():
@@ -534,10 +534,9 @@ def test_merge_carries_the_run_classifier_and_calibrates_one(pm_run, tiny_model,
     from pmserve.heads import load_scorer
 
     data = pm_run.parent / "data"
-    last = sorted(p for p in (pm_run / "tasks").iterdir() if p.is_dir())[-1]
     rep = merge_adapters([pm_run], tmp_path / "carried", options=MergeOptions("pm", "full"), **QUIET)
     assert rep["classifier"]["source"] == "carried" and rep["classifier"]["approximate"]
-    carried, run_clf = load_scorer(tmp_path / "carried"), load_scorer(last)
+    carried, run_clf = load_scorer(tmp_path / "carried"), load_scorer(pm_run / "state")
     assert carried.labels == run_clf.labels
     torch.testing.assert_close(carried.sums, run_clf.sums)
 

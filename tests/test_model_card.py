@@ -87,7 +87,8 @@ def test_task_card_fields():
         "builtin:wordnet-nouns",
         "rank 10",
         "chained",
-        "runs/pm/tasks/01-task1/merged.safetensors",
+        "pmserve merge runs/pm/tasks/00-task0 runs/pm/tasks/01-task1 --format delta --out after-task1",
+        "after-task1/merged.safetensors",
         "PeftModel.from_pretrained(AutoModel.from_pretrained(BASE), FOLDER)",
         "pmserve merge",
     ):
@@ -144,7 +145,7 @@ def _code(card: str) -> str:
     return blocks[0]
 
 
-def test_loading_code_runs(tiny_model, tmp_path):
+def test_loading_code_runs(tiny_model, tmp_path, monkeypatch):
     """The cards' Python loads what the card describes: W_0 + previous merged delta + this adapter, W_0 + delta,
     the merged adapter and the full folder."""
     import torch
@@ -156,9 +157,10 @@ def test_loading_code_runs(tiny_model, tmp_path):
     w0 = AutoModel.from_pretrained(tiny_model).get_submodule(module).weight.detach().clone()
     delta = torch.randn_like(w0)
     run = tmp_path / "run"
-    prev, here = run / "tasks" / "00-task0", run / "tasks" / "01-task1"
+    prev, here = tmp_path / "after-task0", run / "tasks" / "01-task1"  # what the card's merge command writes
     prev.mkdir(parents=True)
     save_file({module: delta}, str(prev / "merged.safetensors"))
+    monkeypatch.chdir(tmp_path)
     torch.manual_seed(0)
     peft = get_peft_model(AutoModel.from_pretrained(tiny_model), LoraConfig(r=2, target_modules=["query"]))
     for name, p in peft.named_parameters():

@@ -67,31 +67,47 @@ def test_pm_run_files_and_metrics(tiny_model, tiny_tasks, tmp_path):
 
 
 def test_adapter_loads_with_plain_peft_and_merged_state_reproduces_accuracy(tiny_model, tiny_tasks, tmp_path):
+    """The RUN keeps adapters, alphas and one state: W_hat_1, rebuilt by `pmserve merge` of tasks 0 and 1 with
+    the RUN's recorded alphas (what task 2's card says to run), under plain PEFT with task 2's adapter equals
+    W_hat_1 + Delta_2 by hand; the state's merged weights and head give the run's reported accuracy."""
     from peft import PeftModel
     from transformers import AutoTokenizer
+
+    from pmserve.adapters import lora_delta
+    from pmserve.merging import MergeOptions, merge_adapters
 
     out = tmp_path / "run"
     m = train(config(tiny_tasks, tiny_model, method="merge"), out, progress=False, log=lambda *_: None)
     tok = AutoTokenizer.from_pretrained(str(tiny_model))
     texts = ["dog the cat", "hammer a saw", "joy of love"]
-    t1, t2 = out / "tasks" / "01-t1", out / "tasks" / "02-t2"
+    t0, t1, t2 = out / "tasks" / "00-t0", out / "tasks" / "01-t1", out / "tasks" / "02-t2"
+    report = merge_adapters(
+        [t0, t1], tmp_path / "after-task1", options=MergeOptions(format="delta"), log=print
+    )
+    assert report["alphas"] == m["alphas"][:2]
+    w1 = load_file(str(tmp_path / "after-task1" / "merged.safetensors"))
     # task 2's adapter was trained on the merged model after task 1: plain PEFT on that model ...
-    peft = PeftModel.from_pretrained(
-        load_backbone(tiny_model, load_file(str(t1 / "merged.safetensors"))), str(t2)
-    )
+    peft = PeftModel.from_pretrained(load_backbone(tiny_model, w1), str(t2))
     # ... equals W_hat_1 + Delta_2 written by hand
-    by_hand = load_backbone(
-        tiny_model,
-        {
-            k: load_file(str(t1 / "merged.safetensors"))[k] + v
-            for k, v in load_file(str(t2 / "delta.safetensors")).items()
-        },
-    )
+    lora = load_file(str(t2 / "adapter_model.safetensors"))
+    scaling = json.loads((t2 / "adapter_config.json").read_text())["lora_alpha"] / 2
+    delta2 = {
+        k: lora_delta(
+            lora[f"base_model.model.{k}.lora_A.weight"], lora[f"base_model.model.{k}.lora_B.weight"], scaling
+        )
+        for k in w1
+    }
+    by_hand = load_backbone(tiny_model, {k: w1[k] + delta2[k] for k in w1})
     torch.testing.assert_close(pooled(peft, tok, texts), pooled(by_hand, tok, texts), rtol=1e-4, atol=1e-5)
+    # the state's merged weights equal W_hat_1 + alpha_2 Delta_2 (the recurrence, chained)
+    state = out / "state"
+    final_delta = load_file(str(state / "merged.safetensors"))
+    for k in w1:
+        torch.testing.assert_close(final_delta[k], w1[k] + m["alphas"][2] * delta2[k], rtol=1e-4, atol=1e-6)
     # the final merged model + the concatenated heads give the run's reported accuracy
-    final = load_backbone(tiny_model, load_file(str(t2 / "merged.safetensors")))
-    head = load_file(str(t2 / "head.safetensors"))
-    labels = json.loads((t2 / "classifier.json").read_text())["labels"]
+    final = load_backbone(tiny_model, final_delta)
+    head = load_file(str(state / "head.safetensors"))
+    labels = json.loads((state / "classifier.json").read_text())["labels"]
     for j, name in enumerate(["t0", "t1", "t2"]):
         rows = [json.loads(x) for x in (tiny_tasks / name / "test.jsonl").read_text().splitlines()]
         logits = pooled(final, tok, [r["text"] for r in rows]) @ head["weight"].T + head["bias"]
@@ -99,15 +115,32 @@ def test_adapter_loads_with_plain_peft_and_merged_state_reproduces_accuracy(tiny
         assert acc == pytest.approx(m["acc_matrix"][-1][j])
 
 
+def killed_during(task_index: int, monkeypatch):
+    """Make training die (as a kill would) when it starts task `task_index`."""
+    from pmserve import train as train_module
+
+    real = train_module.Learner.train_task
+
+    def dying(self, task, i, *a, **kw):
+        if i == task_index:
+            raise KeyboardInterrupt
+        return real(self, task, i, *a, **kw)
+
+    monkeypatch.setattr(train_module.Learner, "train_task", dying)
+    return lambda: monkeypatch.setattr(train_module.Learner, "train_task", real)
+
+
 @pytest.mark.parametrize("head,extra", [("linear", ["prototype", "ridge"]), ("ridge", [])])
-def test_resume_equals_uninterrupted(tiny_model, tiny_tasks, tmp_path, head, extra):
+def test_resume_equals_uninterrupted(tiny_model, tiny_tasks, tmp_path, monkeypatch, head, extra):
     cfg = config(tiny_tasks, tiny_model, head=head, ridge_dim=64, eval_heads=extra)
     full = train(cfg, tmp_path / "full", progress=False, log=lambda *_: None)
     part = tmp_path / "part"
-    shutil.copytree(tmp_path / "full", part)
-    shutil.rmtree(part / "tasks" / "02-t2")  # killed during task 3 ...
-    shutil.copytree(part / "tasks" / "01-t1", part / "tasks" / ".tmp-02-t2")  # ... with half a folder written
-    (part / "metrics.json").unlink()
+    undo = killed_during(2, monkeypatch)
+    with pytest.raises(KeyboardInterrupt):
+        train(config(tiny_tasks, tiny_model, head=head, ridge_dim=64, eval_heads=extra), part, progress=False)
+    undo()
+    (part / "tasks" / ".02-t2.tmp-999999").mkdir()  # a half-written task folder a killed process left
+    assert [p.name for p in (part / "tasks").iterdir() if not p.name.startswith(".")] == ["00-t0", "01-t1"]
     with pytest.raises(PMError, match="rank is 2, this run.s is 5"):  # ranks differ: another run
         train(config(tiny_tasks, tiny_model, head=head, ridge_dim=64, eval_heads=extra, rank=5), part, True)
     old_cfg = json.loads((part / "config.json").read_text())
@@ -131,10 +164,11 @@ def test_resume_equals_uninterrupted(tiny_model, tiny_tasks, tmp_path, head, ext
     )
     for k in ("acc_matrix", "alphas", "ACC", "AAA", "forgetting", "ridge_lambdas", "by_head"):
         assert resumed[k] == full[k], k
-    a = load_file(str(tmp_path / "full" / "tasks" / "02-t2" / "merged.safetensors"))
-    b = load_file(str(part / "tasks" / "02-t2" / "merged.safetensors"))
-    assert all(torch.equal(a[k], b[k]) for k in a)
-    assert not list((part / "tasks").glob(".tmp-*"))
+    for name in ("merged", "fisher_sums"):
+        a = load_file(str(tmp_path / "full" / "state" / f"{name}.safetensors"))
+        b = load_file(str(part / "state" / f"{name}.safetensors"))
+        assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not [p for p in (part / "tasks").iterdir() if p.name.startswith(".")]
 
 
 @pytest.mark.parametrize("method", ["seq", "avg", "frozen", "joint"])

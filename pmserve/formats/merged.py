@@ -115,16 +115,16 @@ def _inspect_run(path: Path, cfg: dict) -> MergedSource:
     finished = run_files.finished_tasks(path)
     if not finished:
         raise PMError(f"{path}: a pmserve RUN without a finished task (no tasks/NN-name/task.json)")
-    final = finished[-1]
-    meta = _classifier_meta(final, "the RUN's last task folder")
+    state = run_files.state_dir(path)
+    meta = _classifier_meta(state, "the RUN's state")
     infos = [read_json(p / run_files.TASK_INFO) for p in finished]
-    merged = final / run_files.MERGED
+    merged = state / run_files.MERGED
     if cfg["method"] == "frozen":
         merged_file = None
     elif merged.is_file():
         merged_file = merged
     else:
-        raise PMError(f"{final}: no merged.safetensors (the merged weights of a {cfg['method']} run)")
+        raise PMError(f"{state}: no merged.safetensors (the merged weights of a {cfg['method']} run)")
     try:
         model_dir = resolve_model(cfg["model"])
     except PMError as e:
@@ -137,7 +137,7 @@ def _inspect_run(path: Path, cfg: dict) -> MergedSource:
         max_length=int(cfg["max_length"]),
         labels=list(meta["labels"]),
         head=meta.get("kind", cfg.get("head", "linear")),
-        classifier_dir=final,
+        classifier_dir=state,
         merged_file=merged_file,
         method=cfg["method"],
         alphas=[i.get("alpha") for i in infos],

@@ -57,7 +57,9 @@ class AdapterInput:
     fisher: LazyTensors | None
     run_config: dict | None
     ignored: list[str] = field(default_factory=list)
-    fisher_source: str | None = None  # "files", "data" (computed from --data) or "identity"
+    fisher_source: str | None = (
+        None  # "files", "data" (from --data), "identity" or "run" (its recorded alpha)
+    )
 
     def factors(self, module: str) -> tuple[torch.Tensor, torch.Tensor]:
         m = self.modules[module]

@@ -22,6 +22,7 @@ import torch
 
 from ..errors import PMError
 from ..formats import LABELS, write_json
+from ..formats import run as run_files
 from ..formats.peft import AdapterInput
 from ..formats.run import CLASSIFIER, HEAD
 from ..heads import LabelHead, Prototypes, Ridge, Scorer, load_scorer, save_scorer, scorer_kind
@@ -42,6 +43,16 @@ def contributors(ads: list[AdapterInput]) -> list[AdapterInput]:
     for a in ads:
         last[a.path.parent.parent if a.run_config is not None else a.path] = a
     return list(last.values())
+
+
+def classifier_home(a: AdapterInput) -> Path:
+    """Where an adapter's classifier files are: its folder; for the last finished task of a RUN, the RUN's
+    state (a format-2 RUN keeps its classifier once, not per task: an earlier task of it carries none)."""
+    run = run_files.run_of_task(a.path)
+    if run is None or run_files.format_version(run) < 2:
+        return a.path
+    last = run_files.finished_tasks(run)[-1]
+    return run_files.state_dir(run) if a.path.resolve() == last.resolve() else a.path
 
 
 def combine(scorers: list[Scorer]) -> Scorer:
@@ -108,14 +119,15 @@ def _mismatch(scorers: list[Scorer], where: list[Path]) -> str | None:
 def carried(ads: list[AdapterInput]) -> tuple[Scorer | None, LabelHead | None, str]:
     """The inference classifier and training head the adapters carry, combined; and a note saying what it is."""
     parts = contributors(ads)
-    missing = [a.path for a in parts if not (a.path / f"{CLASSIFIER}.json").is_file()]
+    homes = [classifier_home(a) for a in parts]
+    missing = [h for h in homes if not (h / f"{CLASSIFIER}.json").is_file()]
     if missing:
         return (
             None,
             None,
             f"no classifier carried: {missing[0]} has none (give --calibrate DATA to build one)",
         )
-    where = [a.path for a in parts]
+    where = homes
     scorers = [load_scorer(p, CLASSIFIER) for p in where]
     why = _mismatch(scorers, where)
     if why:

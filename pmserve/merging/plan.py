@@ -21,6 +21,9 @@ from ..defaults import (
     MERGE_SEED,
 )
 from ..errors import PMError
+from ..formats import read_json
+from ..formats import run as run_files
+from ..formats.peft import AdapterInput
 from ..task_fisher import check_fisher_labels
 from ..tensor_io import parse_size
 from .classifier import CALIBRATE_HEADS
@@ -106,11 +109,24 @@ class MergePlan:
     alphas: list[float] | None  # sequential methods: alpha_t
     weights: list[float] | None  # weighted methods: w_t (normalised for linear)
     coefficients: list[float] | None  # linear methods: D = sum_t c_t Delta_t
-    fisher: str | None  # pm: "files", "data", "files+data" or "identity"
+    fisher: str | None  # pm: "files", "data", "files+data", "identity" or "run" (the alphas a RUN recorded)
     clip: bool
     density: float | None
     seed: int  # DARE's random pruning
     notes: list[str]
+
+
+def recorded_alphas(ads: list[AdapterInput]) -> list[float] | None:
+    """The alphas a RUN recorded, when the adapters are its tasks 0, 1, ... in order (what it merged);
+    else None. With them a RUN that keeps no Fisher files still merges exactly as it trained."""
+    runs = {run_files.run_of_task(a.path) for a in ads}
+    if len(runs) != 1 or None in runs:
+        return None
+    infos = [read_json(a.path / run_files.TASK_INFO) for a in ads]
+    if [i.get("index") for i in infos] != list(range(len(ads))):
+        return None
+    alphas = [i.get("alpha") for i in infos]
+    return alphas if all(isinstance(x, (int, float)) for x in alphas) else None
 
 
 def plan_merge(inputs: Inputs, opts: MergeOptions, log: Callable[[str], None]) -> MergePlan:
@@ -136,6 +152,16 @@ def plan_merge(inputs: Inputs, opts: MergeOptions, log: Callable[[str], None]) -
                 fisher = "files"
                 if opts.data:
                     notes.append("--data not used: every adapter has its fisher.safetensors")
+            elif not opts.data and (recorded := recorded_alphas(ads)) is not None:
+                fisher = "run"
+                alphas = recorded
+                for a in ads:
+                    a.fisher_source = "run"
+                notes.append(
+                    "the RUN's own alphas (its task.json files): the adapters are tasks 0.. of one RUN, which keeps "
+                    "no Fisher files (train with --keep-fisher, or give --data, to compute them again)"
+                )
+                log(f"note: {notes[-1]}")
             elif opts.data:
                 fisher = "data" if len(missing) == len(ads) else "files+data"
                 fisher_for = data_fisher(
@@ -156,7 +182,8 @@ def plan_merge(inputs: Inputs, opts: MergeOptions, log: Callable[[str], None]) -
                     "give --data to compute the Fisher"
                 )
                 log(f"note: {notes[-1]}")
-            alphas = pm_alphas(inputs, fisher == "identity", clip, log, fisher_for)
+            if fisher != "run":
+                alphas = pm_alphas(inputs, fisher == "identity", clip, log, fisher_for)
         else:
             alphas = [task_alpha(method.name, t, {}, {}) for t in range(1, len(ads) + 1)]
         coefficients = effective_coefficients([a.kind for a in ads], alphas)
