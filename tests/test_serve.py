@@ -362,3 +362,15 @@ def test_requests_that_arrive_while_the_model_runs_share_one_batch():
     out = asyncio.run(main())
     assert sizes == [1, 11]
     assert [o.tolist() for o in out] == [[[float(k), -float(k)]] for k in range(12)]
+
+
+def test_predict_defaults_to_the_first_bundle_given(bundle):  # noqa: F811
+    """In process: with several bundles, /predict without "model" uses the first one on the command line."""
+    from fastapi.testclient import TestClient
+
+    from pmserve.serve import ServeConfig, create_app, load_models
+
+    cfg = ServeConfig(provider="cpu", threads=1)
+    with TestClient(create_app(load_models([bundle, bundle], ["zeta", "alpha"], cfg), cfg)) as c:
+        assert c.post("/predict", json={"inputs": ["dog"]}).json()["model"] == "zeta"
+        assert c.get("/v2/models/alpha").json()["versions"] == ["1"]
