@@ -175,7 +175,8 @@ def task_card(
         head = config.get("head")
         for h in sorted(acc, key=lambda h: (h != head, h)):
             vals = acc[h]
-            mean = sum(vals) / len(vals) if vals else None
+            measured = [a for a in vals if a is not None]  # None: that test set was not reachable
+            mean = sum(measured) / len(measured) if measured else None
             label = f"{h} (the run's head)" if h == head else h
             out.append(f"| {label} | " + " | ".join(_num(a, 3) for a in vals) + f" | {_num(mean, 3)} |")
         out.append("")
