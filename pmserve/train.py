@@ -476,6 +476,7 @@ def continued_config(run: Path, given: dict, adding: bool = False) -> tuple[Trai
     run = Path(run)
     if not run_files.is_run(run):
         raise PMError(f"{run}: not a pmserve RUN (no {run_files.CONFIG} marked as one)")
+    run_files.check_growable(run)
     cfg = run_config(run)
     per_task = {}
     for k, v in given.items():
@@ -488,7 +489,9 @@ def continued_config(run: Path, given: dict, adding: bool = False) -> tuple[Trai
                 raise PMError(
                     f"DATA: {v} is not the RUN's data, {cfg.data} ({run / run_files.CONFIG}); omit DATA with --resume"
                 )
-        elif v != getattr(cfg, k):
+        elif getattr(TrainConfig(**{**asdict(cfg), k: v}), k) != getattr(
+            cfg, k
+        ):  # as normalised (0 = rank...)
             raise PMError(
                 f"--{k.replace('_', '-')}: {v!r} differs from the RUN's {getattr(cfg, k)!r} ({run / run_files.CONFIG}); "
                 "a RUN keeps its configuration (omit the option; only --device, --kernel, --keep-test, "
@@ -632,21 +635,16 @@ def add_tasks(
 ) -> dict:
     """Append the tasks in `paths` (task folders, or DATA folders of task folders, in the order given) to the
     finished RUN `out` and train them: only their data is read; nothing finished is retrained or rewritten.
-    `given`: options typed with --add (continued_config says which may differ)."""
+    `given`: options typed with --add (continued_config says which may differ). The same --add run again after
+    it was interrupted (or restarted by torchrun) finishes it."""
     out = Path(out)
     cfg, per_task = continued_config(out, given or {}, adding=True)
     cfg.validate()
-    run_files.check_growable(out)
-    run_files.recover(out)
     if cfg.method == "joint":
         raise PMError(f"{out}: a joint run trains every task at once; it cannot grow (train a new joint run)")
-    plan = run_files.read_plan(out)
-    finished = run_files.finished_tasks(out)
-    if len(finished) < len(plan):
-        raise PMError(
-            f"{out}: task {len(finished)} of {len(plan)} is not finished; `pmserve train --resume --out {out}` "
-            "first, then --add"
-        )
+    epochs = per_task.get("epochs", cfg.epochs)
+    if epochs < 1:
+        raise PMError(f"--epochs: must be at least 1, got {epochs}")
     folders = []
     for p in map(Path, paths):
         if not p.is_dir():
@@ -655,21 +653,30 @@ def add_tasks(
     if not folders:
         raise PMError("--add: no task folders given")
     new = [load_task_folder(p) for p in folders]
-    known = {e["sha256"]: i for i, e in enumerate(plan)}
-    labels = [y for e in plan for y in e["labels"]]
-    check_tasks(new, kind=plan[0]["kind"] if plan else None, seen=labels)
-    epochs = per_task.get("epochs", cfg.epochs)
     entries = [_plan_entry(t, {"path": str(p.resolve())}, epochs) for t, p in zip(new, folders)]
+
+    plan = run_files.read_plan(out)
+    done = len(run_files.finished_tasks(out))
+    if done < len(plan):  # an interrupted --add: the same one finishes it, anything else resumes first
+        if [e["sha256"] for e in plan[done:]] != [e["sha256"] for e in entries[-(len(plan) - done) :]]:
+            raise PMError(
+                f"{out}: task {done} of {len(plan)} is not finished; `pmserve train --resume --out {out}` "
+                "first, then --add"
+            )
+        skip = len(entries) - (len(plan) - done)  # the tasks of this --add that are already finished
+        new, entries, plan = new[skip:], [], plan
+    known = {e["sha256"]: i for i, e in enumerate(plan)}
+    check_tasks(new, kind=plan[0]["kind"], seen=[y for e in plan for y in e["labels"]])
     for e, p in zip(entries, folders):
         if e["sha256"] in known:
             raise PMError(f"--add: {p}: already in this RUN as task {known[e['sha256']]} (the same data)")
         known[e["sha256"]] = len(known)
-    if epochs < 1:
-        raise PMError(f"--epochs: must be at least 1, got {epochs}")
     device = _start(cfg)
     with distributed.session(device):
         backbone = load_encoder(cfg.model, plan[0]["kind"], cfg.max_length)
-        loaded = {len(plan) + k: t for k, t in enumerate(new)}
+        distributed.on_main(lambda: run_files.recover(out))
+        first = len(plan) if entries else done
+        loaded = {first + k: t for k, t in enumerate(new)}
         plan = plan + entries
         distributed.on_main(lambda: run_files.write_plan(out, plan))
         return _continue(cfg, out, plan, loaded, backbone, device, progress, log)
@@ -716,7 +723,7 @@ def _continue(
         todo = [] if done else [(0, _joint_task([task(i) for i in range(len(plan))]), cfg.epochs)]
     else:
         todo = [(i, task(i), plan[i]["epochs"]) for i in range(len(done), len(plan))]
-    labels = [y for e in plan[: len(done)] for y in e["labels"]]
+    labels = list(dict.fromkeys(y for e in plan[: len(done)] for y in e["labels"]))
     steps = sum(ep * -(-len(t.train.labels) // cfg.batch_size) for _, t, ep in todo)  # for the time left
 
     mode = progress if isinstance(progress, str) else "auto" if progress else "off"

@@ -112,7 +112,8 @@ def test_eval_from_another_directory_uses_the_kept_test_sets(grown, tmp_path, mo
 
     _, run, result, _, later = grown
     bundle = tmp_path / "bundle"
-    export_bundle(run, bundle)
+    manifest = export_bundle(run, bundle)  # parity on the RUN's kept test sets: its first data folder is gone
+    assert manifest["parity"]["inputs"]["tasks"] == ["t0", "t1", "t2", "a0-tools", "a1-food"]
     shutil.rmtree(later, ignore_errors=True)  # no data folder is left anywhere
     monkeypatch.chdir(tmp_path)
     res = evaluate(bundle, provider="cpu")
@@ -162,6 +163,18 @@ def test_add_on_an_unfinished_run_says_resume(tiny_model, tmp_path, monkeypatch)
     more = write_tasks(tmp_path / "more", GROUPS[2:3], 8, 4, seed=5)
     with pytest.raises(PMError, match=r"task 1 of 2 is not finished; `pmserve train --resume"):
         add_tasks(tmp_path / "run", [more / "t0"], **QUIET)
+    train(config(data, tiny_model), tmp_path / "run", resume=True, **QUIET)
+    # an --add killed during its task: the same --add again finishes it (another one would be refused)
+    undo = killed_during(2, monkeypatch)
+    with pytest.raises(KeyboardInterrupt):
+        add_tasks(tmp_path / "run", [more / "t0"], **QUIET)
+    undo()
+    other = write_tasks(tmp_path / "other", GROUPS[3:4], 8, 4, seed=6)
+    with pytest.raises(PMError, match=r"task 2 of 3 is not finished"):
+        add_tasks(tmp_path / "run", [other / "t0"], **QUIET)
+    res = add_tasks(tmp_path / "run", [more / "t0"], **QUIET)
+    assert len(res["alphas"]) == 3 and len(json.loads((tmp_path / "run" / "plan.json").read_text())["tasks"]) == 3
+    assert sorted(p.name for p in (tmp_path / "run" / "tasks").iterdir()) == ["00-t0", "01-t1", "02-t0"]
 
 
 def test_without_kept_tests_a_missing_test_set_is_not_evaluated(tiny_model, tmp_path):

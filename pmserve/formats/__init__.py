@@ -1,6 +1,7 @@
 """Every file pmserve writes or reads, owned here: one submodule per on-disk format.
 
-- `run`: a RUN folder (config.json marked as a RUN, tasks/NN-name/ with each task's files, metrics.json);
+- `run`: a RUN folder (config.json marked as a RUN, plan.json, the state after its last task stored once,
+  tasks/NN-name/ with what is each task's own, metrics.json);
 - `peft`: PEFT LoRA adapter folders (adapter_config.json, adapter_model.safetensors, pmserve_adapter.json);
 - `merged`: what `pmserve merge` writes and what export reads as a merged model (a RUN or a full folder);
 - `bundle`: the deployable ONNX bundle, its manifest and its parity probe;
