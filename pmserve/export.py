@@ -39,6 +39,7 @@ import torch
 from . import defaults as D
 from .errors import PMError
 from .formats import atomic_dir, check_new_out
+from .formats import run as run_files
 from .formats.bundle import MODEL, write_labels, write_manifest, write_probe
 from .formats.merged import MergedSource, inspect_merged
 from .formats.repository import check_model_dir, new_version
@@ -113,7 +114,9 @@ def _prepare(source, opts: ExportOptions, log):
     if opts.max_length:
         src.max_length = opts.max_length
     model, prep = load_inference_model(src, attn="eager")
-    tasks, note = _tasks(opts.data or src.data, src.seed, required=bool(opts.data))
+    tasks, note = _tasks(
+        opts.data or src.data, src.seed, required=bool(opts.data), run=None if opts.data else src
+    )
     if note:
         log(f"note: {note}")
     batches = parity_batches(model, prep, tasks, src.max_length)
@@ -389,9 +392,18 @@ def _probe(path: Path, model: InferenceModel, prep, src: MergedSource, tasks, op
     return {"inputs": inputs, "scores": ref, "tolerance": tolerance}
 
 
-def _tasks(data: str | None, seed: int, required: bool) -> tuple[list | None, str | None]:
+def _tasks(
+    data: str | None, seed: int, required: bool, run: MergedSource | None = None
+) -> tuple[list | None, str | None]:
     """The test sets the int8 report and parity inputs use, and a note when the source's are not readable here
-    (then parity runs on generic inputs only, and the manifest says so); a --data that fails is an error."""
+    (then parity runs on generic inputs only, and the manifest says so); a --data that fails is an error.
+    A RUN's own record comes first: the test sets it kept (its data folders may be long gone)."""
+    if run is not None and run.kind == "run" and run_files.read_plan(run.path):
+        from .train import run_tests
+
+        kept = [t for t in run_tests(run.path) if t.test is not None]
+        if kept:
+            return kept, None
     if not data:
         return None, "the source names no task data: parity checked on generic inputs only"
     from .tasks import load_tasks
