@@ -5,6 +5,7 @@
 - `peft`: PEFT LoRA adapter folders (adapter_config.json, adapter_model.safetensors, pmserve_adapter.json);
 - `merged`: what `pmserve merge` writes and what export reads as a merged model (a RUN or a full folder);
 - `bundle`: the deployable ONNX bundle, its manifest and its parity probe;
+- `pooling`: a sentence encoder's pooling and normalisation, as sentence-transformers' modules.json declares them;
 - `repository`: bundles as numbered versions of named models (REPO/NAME/1, /2, ...), as Triton and KServe keep them.
 
 This module holds what they share: reading a JSON object with a one-line error, writing a file or a folder so

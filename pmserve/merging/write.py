@@ -25,6 +25,7 @@ from ..adapters import apply_delta
 from ..formats import MODEL_CARD, atomic_dir, check_new_out, sha256_file, write_json
 from ..formats import merged as merged_files
 from ..formats import peft as peft_files
+from ..formats import pooling as pooling_files
 from ..formats.peft import PEFT_PREFIX, AdapterInput, read_adapter
 from ..formats.run import MERGED
 from ..model_card import merged_card
@@ -131,6 +132,9 @@ def write_full(tmp: Path, plan: MergePlan, inp: Inputs, norms: dict, max_shard_s
         if p.is_file() and merged_files.is_companion(p.name):
             shutil.copy2(p, tmp / p.name)
             files.append(tmp / p.name)
+    for sub in pooling_files.module_folders(inp.base.folder):  # a sentence encoder's pooling, for export
+        shutil.copytree(inp.base.folder / sub, tmp / sub)
+        files += sorted(p for p in (tmp / sub).rglob("*") if p.is_file())
     last = inp.adapters[-1]
     rc = last.run_config or {}
     meta = {
@@ -224,7 +228,7 @@ def merge_adapters(
             "labels": _labels(ads),
             "classifier": classifier,
             "notes": inputs.warnings + plan.notes,
-            "outputs": sorted(p.name for p in files),
+            "outputs": sorted(p.relative_to(tmp).as_posix() for p in files),
             "modules": norms,
             "seconds": round(time.perf_counter() - t0, 3),
         }
