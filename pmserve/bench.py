@@ -80,6 +80,7 @@ def _ort_runner(onnx_path: Path, provider: str, threads: int, name: str = "onnxr
 
     sess = ort_session(onnx_path, provider, threads)
     names = [i.name for i in sess.get_inputs()]
+    output = sess.get_outputs()[0].name  # scores, or embedding
     state: dict = {}
 
     if provider == "cuda":
@@ -89,7 +90,7 @@ def _ort_runner(onnx_path: Path, provider: str, threads: int, name: str = "onnxr
             vals = {n: ort.OrtValue.ortvalue_from_numpy(feed[n], "cuda", 0) for n in names}
             for n, v in vals.items():
                 io.bind_ortvalue_input(n, v)
-            io.bind_output("scores", "cuda")
+            io.bind_output(output, "cuda")
             state.update(io=io, vals=vals)
 
         def call():
@@ -101,7 +102,7 @@ def _ort_runner(onnx_path: Path, provider: str, threads: int, name: str = "onnxr
             state["feed"] = {n: feed[n] for n in names}
 
         def call():
-            sess.run(["scores"], state["feed"])
+            sess.run([output], state["feed"])
 
     return _Runner(
         name, prepare, call, f"ONNX Runtime {ort.__version__}, {sess.get_providers()[0]}, {onnx_path}"
@@ -161,9 +162,15 @@ def run_bench(path: Path | str, cfg: BenchConfig | None = None, log=lambda *_: N
     if is_bundle(path):
         manifest = verify_bundle(path)
         onnx_path = path / MODEL
-        source_path = Path(manifest.get("source", {}).get("path", ""))
+        recorded = manifest.get("source", {})
+        source_path = Path(recorded.get("path", ""))
+        base = recorded.get("model") if recorded.get("kind") in ("delta", "adapter") else None
         try:
-            src = inspect_merged(source_path) if str(source_path) else None
+            src = inspect_merged(source_path, base=base) if str(source_path) else None
+            if src is not None:  # the bundle's own choices, where export's options changed the source's
+                src.scores = manifest.get("scores", src.scores)
+                src.pooling = manifest.get("pooling", src.pooling)
+                src.normalize = bool(manifest.get("normalize", src.normalize))
         except PMError as e:
             notes.append(f"PyTorch rows skipped: the bundle's source is not readable here ({e})")
         if src is None and not notes:

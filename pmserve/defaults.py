@@ -74,6 +74,12 @@ EXPORT_OPTIMIZE = True
 EXPORT_QUANTIZE: str | None = None
 EXPORT_DATA: str | None = None  # None: the source's own task sequence
 EXPORT_MAX_LENGTH: int | None = None  # None: the source's (UNKNOWN_MAX_LENGTH when it has none)
+EXPORT_BASE: str | None = None  # None: the base a delta or adapter's merge recorded
+EXPORT_SCORES: str | None = None  # None: softmax for a single-label head of the model's own, else logits
+EXPORT_POOLING: str | None = (
+    None  # None: an encoder's sentence-transformers files, else mean (text) / cls (images)
+)
+EXPORT_NORMALIZE: bool | None = None  # None: the sentence-transformers files (a Normalize module), else no
 
 # pmserve serve: ServeConfig, and the address serve() listens on
 SERVE_HOST = "127.0.0.1"

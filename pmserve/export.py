@@ -1,9 +1,14 @@
-"""`pmserve export`: a merged model (RUN or full folder) -> a deployable ONNX bundle, checked against PyTorch.
+"""`pmserve export`: a model (RUN, merge output, Hugging Face folder) -> a deployable ONNX bundle, parity-checked.
 
 The graph is the whole InferenceModel: the backbone with W_hat baked into its weights (no LoRA ops), the pooling
 (mean over real tokens for text, [CLS] for images) and the inference classifier (linear / cosine rows, prototypes,
 or ridge's random ReLU projection and weights), so it maps input_ids/attention_mask[/token_type_ids] (or
 pixel_values) to `scores` [batch, classes] over every label seen, with dynamic batch and sequence axes.
+Models made elsewhere go through the same path (formats.merged reads them): a *ForSequenceClassification /
+*ForImageClassification keeps its own head in the graph (`scores`: its logits, or their softmax, the default for
+single-label heads because a user reads a score as a probability, as transformers' pipelines give it); a bare or
+sentence-transformers encoder ends in its pooling and normalisation (`embedding` [batch, dim]); a merge's delta
+or adapter is applied to its base (adapters.apply_delta) before tracing.
 
 Choices, and why:
 - The TorchScript-based exporter (torch.onnx.export(dynamo=False)) with eager attention: ONNX Runtime's
@@ -19,6 +24,7 @@ Choices, and why:
   the source's test sets.
 - Parity: ONNX Runtime (CPU) against the PyTorch fp32 merged model on test inputs of the source's tasks (when
   known), generic sentences, and random token ids at other batch and sequence sizes; a failure leaves no bundle.
+  Classifiers must also agree on every top-1; embeddings on direction too (cosine >= 0.9999 for every input).
 - A probe (probe.json: a few inputs and their PyTorch scores, with the tolerance above; for int8 twice the
   difference measured at export) travels with the bundle, so a server checks the bundle it loads gives the
   scores export saw, through the same preprocessing, before it serves it.
@@ -41,13 +47,14 @@ from .errors import PMError
 from .formats import atomic_dir, check_new_out
 from .formats import run as run_files
 from .formats.bundle import MODEL, write_labels, write_manifest, write_probe
-from .formats.merged import MergedSource, inspect_merged
+from .formats.merged import MergedSource, inspect_merged, source_hashes
 from .formats.repository import check_model_dir, new_version
 from .merged_model import InferenceModel, load_inference_model
 
 DTYPES = ("fp32", "fp16")
 QUANTIZATIONS = ("int8",)
 PARITY_TOL = {"fp32": 1e-4, "fp16": 1e-2}
+MIN_COSINE = 0.9999  # embeddings: every ONNX Runtime row points where PyTorch's does
 OPSETS = range(14, 21)  # what the TorchScript-based exporter writes (and the transformer optimizer reads)
 SAMPLE_TEXTS = [
     "a",
@@ -66,6 +73,10 @@ class ExportOptions:
     quantize: str | None = D.EXPORT_QUANTIZE  # None or "int8"
     data: str | None = D.EXPORT_DATA  # task sequence for the int8 accuracy report; default: the source's own
     max_length: int | None = D.EXPORT_MAX_LENGTH  # tokenizer truncation; default: the source's
+    base: str | None = D.EXPORT_BASE  # the base model of a merge's delta or adapter
+    scores: str | None = D.EXPORT_SCORES  # a model's own head: logits | softmax
+    pooling: str | None = D.EXPORT_POOLING  # an embedding model: mean | cls | max
+    normalize: bool | None = D.EXPORT_NORMALIZE  # an embedding model: L2-normalise
 
     def validate(self) -> None:
         if self.dtype not in DTYPES:
@@ -83,7 +94,8 @@ class ExportOptions:
 def export_bundle(
     source: Path | str, out: Path | str, opts: ExportOptions | None = None, log=lambda *_: None
 ) -> dict:
-    """Export SOURCE (a RUN or a full merged folder) to the bundle folder OUT; returns its manifest."""
+    """Export SOURCE (a RUN, a Hugging Face model folder, a merge's delta or adapter) to the bundle folder OUT;
+    returns its manifest."""
     opts = opts or ExportOptions()
     opts.validate()
     out = Path(out)
@@ -110,7 +122,9 @@ def export_version(
 
 def _prepare(source, opts: ExportOptions, log):
     """Load SOURCE and its parity inputs; returns the function that writes the bundle into a folder."""
-    src = inspect_merged(source)
+    src = inspect_merged(source, base=opts.base)
+    for note in src.configure(opts.scores, opts.pooling, opts.normalize):
+        log(f"note: {note}")
     if opts.max_length:
         src.max_length = opts.max_length
     model, prep = load_inference_model(src, attn="eager")
@@ -127,7 +141,7 @@ def _export_into(tmp, src, model, prep, batches, tasks, tasks_note, opts: Export
     work = tmp / ".work"
     work.mkdir()
     raw = work / "raw.onnx"
-    log(f"exporting {src.path} ({src.kind}, {len(src.labels)} classes, {src.head} classifier) to ONNX")
+    log(f"exporting {src.path} ({src.summary()}) to ONNX")
     trace_onnx(model, batches[0], raw, opts.opset)
     current, optimization = raw, {"method": None}
     if opts.optimize:
@@ -139,16 +153,9 @@ def _export_into(tmp, src, model, prep, batches, tasks, tasks_note, opts: Export
     if opts.dtype == "fp16":
         current = to_fp16(current, work / "fp16.onnx")
     parity = check_parity(current, model, batches, PARITY_TOL[opts.dtype])
-    log(
-        f"parity ({opts.dtype}): max |ORT - PyTorch| {parity['max_abs_diff']:.2e} "
-        f"(tolerance {parity['tolerance']:g}), top-1 differs on {parity['top1_mismatches']} of {parity['samples']}"
-    )
+    log(f"parity ({opts.dtype}): {_agreement(parity)}")
     if not parity["passed"]:
-        raise PMError(
-            f"parity check failed: max |ONNX Runtime - PyTorch| = {parity['max_abs_diff']:.3g} "
-            f"(tolerance {parity['tolerance']:g}), top-1 differs on {parity['top1_mismatches']} of "
-            f"{parity['samples']} inputs; no bundle written"
-        )
+        raise PMError(f"parity check failed: {_agreement(parity)}; no bundle written")
     quantization = None
     if opts.quantize == "int8":
         q = work / "int8.onnx"
@@ -162,7 +169,7 @@ def _export_into(tmp, src, model, prep, batches, tasks, tasks_note, opts: Export
         current = q
         acc = quantization["accuracy"]
         log(
-            "int8: "
+            f"int8: {_agreement(quantization['parity_vs_pytorch'])}; "
             + (
                 f"accuracy {acc['fp32']['mean']:.4f} -> {acc['int8']['mean']:.4f} (drop {acc['drop']:.4f})"
                 if "drop" in acc
@@ -173,19 +180,26 @@ def _export_into(tmp, src, model, prep, batches, tasks, tasks_note, opts: Export
     shutil.move(str(current), str(tmp / MODEL))
     shutil.rmtree(work)
     prep.save(tmp)
-    write_labels(tmp, src.labels)
+    if src.output == "classifier":
+        write_labels(tmp, src.labels)
     cfg = model.encoder.model.config
     return write_manifest(
         tmp,
         {
-            "source": src.describe(),
+            "source": {**src.describe(), "sha256": source_hashes(src)},
+            "kind": src.output,
             "alphas": src.alphas,
             "input_kind": src.input_kind,
             "max_length": src.max_length,
             "max_positions": getattr(cfg, "max_position_embeddings", None),
             "model_type": cfg.model_type,
             "classes": len(src.labels),
+            "labels": src.labels,
             "head": src.head,
+            "scores": src.scores,
+            "pooling": src.pooling,
+            "normalize": src.normalize,
+            "pooling_from": src.pooling_from,
             "dtype": opts.dtype,
             "opset": opts.opset,
             "exporter": f"torch.onnx TorchScript exporter, torch {torch.__version__}",
@@ -193,7 +207,9 @@ def _export_into(tmp, src, model, prep, batches, tasks, tasks_note, opts: Export
             "optimization": optimization,
             "quantization": quantization,
             "parity": {**parity, "inputs": _parity_inputs(tasks, tasks_note)},
-            "probe": write_probe(tmp, src.input_kind, probe["inputs"], probe["scores"], probe["tolerance"]),
+            "probe": write_probe(
+                tmp, src.input_kind, probe["inputs"], probe["scores"], probe["tolerance"], model.output
+            ),
             "versions": _versions(),
         },
     )
@@ -203,10 +219,11 @@ def _export_into(tmp, src, model, prep, batches, tasks, tasks_note, opts: Export
 
 
 def trace_onnx(model: InferenceModel, batch: dict[str, torch.Tensor], path: Path, opset: int) -> None:
-    """The InferenceModel as ONNX with batch (and sequence) axes dynamic and one output, `scores`."""
+    """The InferenceModel as ONNX with batch (and sequence) axes dynamic and one output, `scores` or
+    `embedding` (model.output)."""
     names = model.input_names
     axes = {n: ({0: "batch", 1: "sequence"} if n != "pixel_values" else {0: "batch"}) for n in names}
-    axes["scores"] = {0: "batch"}
+    axes[model.output] = {0: "batch"}
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
         try:
@@ -216,13 +233,31 @@ def trace_onnx(model: InferenceModel, batch: dict[str, torch.Tensor], path: Path
                 str(path),
                 dynamo=False,
                 input_names=names,
-                output_names=["scores"],
+                output_names=[model.output],
                 dynamic_axes=axes,
                 opset_version=opset,
                 do_constant_folding=True,
             )
         except Exception as e:  # noqa: BLE001 -- the exporter raises many types; the user needs the first line
-            raise PMError(f"ONNX export failed at opset {opset} ({str(e).splitlines()[0][:200]})") from None
+            raise PMError(
+                f"ONNX export of {model.encoder.model.config.model_type} failed at opset {opset} "
+                f"({str(e).splitlines()[0][:200]})"
+            ) from None
+        width = int(model.scores(batch).shape[1])
+    _static_width(path, model.output, width)
+
+
+def _static_width(path: Path, output: str, width: int) -> None:
+    """The output's second axis as the number it is (classes or dimension): the exporter can leave it symbolic
+    (a pooling's masked sum), and clients and the manifest read the width from the graph."""
+    import onnx
+
+    m = onnx.load(str(path))
+    (out,) = [o for o in m.graph.output if o.name == output]
+    dim = out.type.tensor_type.shape.dim[1]
+    if dim.dim_value != width:
+        dim.dim_value = width  # clears dim_param
+        onnx.save(m, str(path))
 
 
 def optimize_graph(raw: Path, work: Path, model: InferenceModel, input_kind: str, use_gpu: bool):
@@ -269,7 +304,9 @@ def optimize_graph(raw: Path, work: Path, model: InferenceModel, input_kind: str
 
 
 def to_fp16(path: Path, dst: Path) -> Path:
-    """The backbone in fp16; the classifier nodes (and inputs / outputs) stay fp32.
+    """The backbone in fp16; the classifier nodes (and inputs / outputs) stay fp32. The pooling runs in fp16:
+    blocking its nodes too makes the converter write two Cast nodes of one name where a tensor feeds two of
+    them; an embedding that overflowed fp16 would fail the parity gate, never reach a bundle.
 
     Through OnnxModel, whose symbolic shape inference types the fused contrib ops the converter must see."""
     import onnx
@@ -340,36 +377,61 @@ def parity_batches(
 
 @torch.no_grad()
 def check_parity(path: Path, model: InferenceModel, batches, tol: float | None) -> dict:
-    """ONNX Runtime (CPU) against PyTorch: max |score difference| and top-1 mismatches; passed iff within tol."""
+    """ONNX Runtime (CPU) against PyTorch over every batch: the max |output difference|, and top-1 mismatches
+    (classifiers) or the smallest cosine between the rows (embeddings); passed iff within tol and agreeing."""
     from .predict import ort_session
 
     sess = ort_session(path, "cpu")
     names = [i.name for i in sess.get_inputs()]
-    diff, mismatches, samples = 0.0, 0, 0
+    embedding = model.output == "embedding"
+    diff, mismatches, samples, cosine = 0.0, 0, 0, 1.0
     for b in batches:
         ref = model.scores(b).float().numpy()
-        got = sess.run(["scores"], {n: b[n].numpy() for n in names})[0].astype(np.float32)
+        got = sess.run([model.output], {n: b[n].numpy() for n in names})[0].astype(np.float32)
         diff = max(diff, float(np.abs(ref - got).max()))
-        mismatches += int((ref.argmax(1) != got.argmax(1)).sum())
+        if embedding:
+            cosine = min(cosine, float(_cosines(ref, got).min()))
+        else:
+            mismatches += int((ref.argmax(1) != got.argmax(1)).sum())
         samples += len(ref)
-    out = {
-        "max_abs_diff": diff,
-        "top1_mismatches": mismatches,
-        "top1_agreement": 1 - mismatches / samples,
-        "samples": samples,
-        "provider": "CPUExecutionProvider",
-    }
+    out = {"max_abs_diff": diff, "samples": samples, "provider": "CPUExecutionProvider"}
+    if embedding:
+        out["min_cosine"] = cosine
+    else:
+        out.update(top1_mismatches=mismatches, top1_agreement=1 - mismatches / samples)
     if tol is not None:
         out["tolerance"] = tol
-        out["passed"] = diff <= tol and mismatches == 0
+        agree = cosine >= MIN_COSINE if embedding else mismatches == 0
+        out["passed"] = diff <= tol and agree
     return out
+
+
+def _cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Row-wise cosine similarity, in float64 (two zero rows agree)."""
+    a, b = a.astype(np.float64), b.astype(np.float64)
+    na, nb = np.linalg.norm(a, axis=1), np.linalg.norm(b, axis=1)
+    dot = (a * b).sum(1)
+    return np.where((na == 0) & (nb == 0), 1.0, dot / np.maximum(na * nb, 1e-300))
+
+
+def _agreement(parity: dict) -> str:
+    """One line on how ONNX Runtime agreed with PyTorch."""
+    tol = f" (tolerance {parity['tolerance']:g})" if "tolerance" in parity else ""
+    line = f"max |ONNX Runtime - PyTorch| = {parity['max_abs_diff']:.3g}{tol}"
+    if "min_cosine" in parity:
+        return (
+            line
+            + f", min cosine {parity['min_cosine']:.6f} (>= {MIN_COSINE}) over {parity['samples']} inputs"
+        )
+    return line + f", top-1 differs on {parity['top1_mismatches']} of {parity['samples']} inputs"
 
 
 @torch.no_grad()
 def _probe(path: Path, model: InferenceModel, prep, src: MergedSource, tasks, opts: ExportOptions) -> dict:
-    """Probe inputs (generic texts and a few test inputs, or seeded random images), their PyTorch scores, and the
-    tolerance a server holds the bundle to on them: the parity tolerance of the dtype; for int8 (which cannot
-    meet it) twice the difference measured here, through the same preprocessing the server uses."""
+    """Probe inputs (generic texts and a few test inputs, or seeded random images), their PyTorch outputs (scores
+    or embeddings), and the tolerance a server holds the bundle to on them: the parity tolerance of the dtype; for
+    int8 (which cannot meet it) twice the difference measured here, through the same preprocessing the server
+    uses."""
     from .predict import OrtModel
 
     if src.input_kind == "text":
@@ -378,7 +440,7 @@ def _probe(path: Path, model: InferenceModel, prep, src: MergedSource, tasks, op
         g = np.random.default_rng(0)
         inputs = list(g.integers(0, 256, (2, 32, 32, 3), dtype=np.uint8))
     ref = model.scores(prep(inputs)).float().numpy()
-    got = OrtModel(path, prep, src.labels, src.input_kind, "cpu").scores(inputs)
+    got = OrtModel(path, prep, model.labels, src.input_kind, "cpu").scores(inputs)
     diff = float(np.abs(ref - got).max())
     if opts.quantize == "int8":
         tolerance = max(2 * diff, PARITY_TOL["fp32"])
@@ -427,6 +489,11 @@ def _parity_inputs(tasks: list | None, note: str | None) -> dict:
 
 
 def int8_accuracy(fp32: Path, int8: Path, prep, src: MergedSource, tasks) -> dict:
+    """Accuracy of the fp32 and int8 graphs on the source's test sets (classifiers with known test sets)."""
+    if src.output == "embedding":
+        return {
+            "note": "an embedding model has no accuracy: its parity above (difference, cosine) is the report"
+        }
     if not tasks:
         return {
             "note": "accuracy not measured: the source records no test sets that exist here (pass --data)"

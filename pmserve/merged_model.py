@@ -1,9 +1,12 @@
-"""A merged model as one PyTorch module: backbone with W_hat baked in, pooling, and the classifier over all labels.
+"""A model to deploy as one PyTorch module: backbone with W_hat baked in, pooling, and what scores it.
 
-Two kinds of folder hold a merged model, a RUN and a `pmserve merge --format full` folder (formats.merged
-reads and checks them). Both load into the same `InferenceModel(*inputs) -> scores [batch, classes]`, which
-export traces into ONNX, eval and bench run, and ONNX Runtime is checked against. The unmerged model (base + every task's LoRA branch,
-loaded with plain PEFT) and the base model with the same classifier are loaded here too, for bench.
+Every source export reads (formats.merged: a RUN, a Hugging Face folder, a merge's delta or adapter on its base)
+loads into the same `InferenceModel(*inputs) -> output`, which export traces into ONNX, eval and bench run, and
+ONNX Runtime is checked against. The output is `scores` [batch, classes] (pmserve's classifier over the pooled
+features, or the model's own head's logits or softmax) or `embedding` [batch, dim] (the pooled, optionally
+normalised features). W_hat = W_0 + D is written by adapters.apply_delta, whatever D came from. The unmerged model
+(base + every task's LoRA branch, loaded with plain PEFT) and the base model with the same head are loaded here
+too, for bench.
 """
 
 from __future__ import annotations
@@ -14,10 +17,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .adapters import apply_delta
-from .backbone import Encoder, Preprocessor, load_encoder
+from .adapters import apply_delta, match_module
+from .backbone import HEAD, Encoder, Preprocessor, load_encoder
 from .errors import PMError
-from .formats.merged import MergedSource, inspect_merged
+from .formats.merged import MODEL_HEAD, MergedSource, inspect_merged
 from .heads import (
     LabelHead,
     Prototypes,
@@ -86,18 +89,35 @@ def scorer_module(scorer: Scorer) -> nn.Module:
     raise TypeError(f"no module for classifier {type(scorer).__name__}")
 
 
-class InferenceModel(nn.Module):
-    """Inputs (in `input_names` order) -> pooled features -> scores over every class seen, in `labels` order."""
+class Softmax(nn.Module):
+    """Probabilities from a classification head's logits (export --scores softmax)."""
 
-    def __init__(self, encoder: Encoder, classifier: nn.Module, input_names: list[str], labels: list[str]):
+    def forward(self, logits: torch.Tensor) -> torch.Tensor:
+        return torch.softmax(logits, dim=-1)
+
+
+class InferenceModel(nn.Module):
+    """Inputs (in `input_names` order) -> the encoder's features (pooled, or a head's logits) -> `classifier` ->
+    the one output: `scores` over every class in `labels` order, or, for an embedding model (no labels, no
+    classifier), `embedding`."""
+
+    def __init__(
+        self,
+        encoder: Encoder,
+        classifier: nn.Module | None,
+        input_names: list[str],
+        labels: list[str],
+        output: str = "scores",
+    ):
         super().__init__()
-        self.encoder, self.classifier = encoder, classifier
-        self.input_names, self.labels = list(input_names), list(labels)
+        self.encoder, self.classifier = encoder, classifier if classifier is not None else nn.Identity()
+        self.input_names, self.labels, self.output = list(input_names), list(labels), output
 
     def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
         return self.classifier(self.encoder(**dict(zip(self.input_names, inputs))))
 
     def scores(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The output (class scores, or embeddings) of one batch of model inputs."""
         return self(*[batch[n] for n in self.input_names])
 
 
@@ -121,50 +141,83 @@ def _classifier(src: MergedSource, dim: int) -> nn.Module:
     return scorer_module(scorer)
 
 
+def _after_encoder(src: MergedSource, encoder: Encoder) -> nn.Module | None:
+    """What turns the encoder's output into the model's: pmserve's classifier, a softmax over the model's own
+    logits, or nothing (logits as they are; embeddings)."""
+    if src.classifier_dir is not None:
+        return _classifier(src, encoder.hidden_size)
+    if src.head == MODEL_HEAD and src.scores == "softmax":
+        return Softmax()
+    return None
+
+
 def _set_attention(encoder: Encoder, attn: str | None) -> None:
     if attn and hasattr(encoder.model, "set_attn_implementation"):
         encoder.model.set_attn_implementation(attn)
 
 
 @torch.no_grad()
-def _apply_merged(encoder: Encoder, merged_file: Path) -> None:
+def _apply_deltas(model: nn.Module, deltas, where: Path) -> None:
+    """W_0 + D for every (module name, D) of `deltas`; a name is matched allowing a wrapper prefix on either side
+    (a delta made on BertForSequenceClassification names `bert.encoder...`, a BertModel `encoder...`)."""
+    mods = dict(model.named_modules())
+    for name, d in deltas:
+        try:
+            w = getattr(mods[match_module(name, mods, str(where))], "weight", None)
+        except PMError:
+            w = None
+        if w is None or tuple(w.shape) != tuple(d.shape):
+            raise PMError(f"{where}: {name} does not match a weight of the base model")
+        w.copy_(apply_delta(w, d))
+
+
+def _merged_deltas(merged_file: Path):
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     try:
-        merged = load_file(str(merged_file))
+        return load_file(str(merged_file)).items()
     except (OSError, SafetensorError) as e:
         raise PMError(f"{merged_file}: unreadable ({e})") from None
-    mods = dict(encoder.model.named_modules())
-    for name, d in merged.items():
-        w = getattr(mods.get(name), "weight", None)
-        if w is None or tuple(w.shape) != tuple(d.shape):
-            raise PMError(f"{merged_file}: {name} does not match a weight of the base model")
-        w.copy_(apply_delta(w, d))
+
+
+def _adapter_deltas(folder: Path):
+    """Each adapted module's scaling * B @ A, read and computed as `pmserve merge` computes it (formats.peft)."""
+    from .formats.peft import read_adapter
+
+    a = read_adapter(folder)
+    return ((m, a.delta(m)) for m in a.modules)
+
+
+def _load(
+    src: MergedSource, spec: str, attn: str | None, deltas: bool
+) -> tuple[InferenceModel, Preprocessor]:
+    pooling = HEAD if src.head == MODEL_HEAD else src.pooling
+    encoder, prep, _ = load_encoder(spec, src.input_kind, src.max_length, pooling, src.normalize)
+    _set_attention(encoder, attn)
+    if deltas and src.merged_file is not None:
+        _apply_deltas(encoder.model, _merged_deltas(src.merged_file), src.merged_file)
+    if deltas and src.merged_adapter is not None:
+        _apply_deltas(encoder.model, _adapter_deltas(src.merged_adapter), src.merged_adapter)
+    output = "embedding" if src.output == "embedding" else "scores"
+    model = InferenceModel(encoder, _after_encoder(src, encoder), input_names(prep), src.labels, output)
+    return model.eval(), prep
 
 
 def load_inference_model(
     src: MergedSource | Path | str, attn: str | None = None
 ) -> tuple[InferenceModel, Preprocessor]:
-    """The merged model of a RUN or full folder, in eval mode; `attn` picks the attention implementation."""
+    """The model of any source export reads, W_hat applied, in eval mode; `attn` picks the attention
+    implementation."""
     src = src if isinstance(src, MergedSource) else inspect_merged(src)
-    encoder, prep, _ = load_encoder(src.model, src.input_kind, src.max_length)
-    _set_attention(encoder, attn)
-    if src.merged_file is not None:
-        _apply_merged(encoder, src.merged_file)
-    model = InferenceModel(encoder, _classifier(src, encoder.hidden_size), input_names(prep), src.labels)
-    return model.eval(), prep
+    return _load(src, src.model, attn, deltas=True)
 
 
 def load_base_model(src: MergedSource, attn: str | None = None) -> InferenceModel | None:
-    """The pretrained W_0 with the same classifier (a latency reference), or None when W_0 is not known."""
+    """The pretrained W_0 with the same head and pooling (a latency reference), or None when W_0 is not known."""
     if not src.base_model:
         return None
-    encoder, prep, _ = load_encoder(src.base_model, src.input_kind, src.max_length)
-    _set_attention(encoder, attn)
-    return InferenceModel(
-        encoder, _classifier(src, encoder.hidden_size), input_names(prep), src.labels
-    ).eval()
+    return _load(src, src.base_model, attn, deltas=False)[0]
 
 
 def load_unmerged_model(src: MergedSource, attn: str | None = None) -> InferenceModel | None:

@@ -1,9 +1,10 @@
 """Serving a merged model: one interface over an ONNX Runtime bundle and the PyTorch merged model; predict, eval.
 
 `open_model(PATH)` reads a BUNDLE (verified against its manifest, run by ONNX Runtime with the CUDA execution
-provider when a GPU is present, else the CPU one) or a merged model folder (a RUN or a `pmserve merge --format
-full` folder, run by PyTorch). Both turn raw inputs into scores over every class with the same preprocessing, so
-`evaluate` measures them alike and a bundle's accuracy can be compared with its source's.
+provider when a GPU is present, else the CPU one) or a model folder export reads (a RUN, a Hugging Face folder,
+a merge output; run by PyTorch). Both turn raw inputs into the model's output with the same preprocessing:
+scores over every class (a classifier), or embeddings; so `evaluate` measures classifiers alike and a bundle's
+accuracy can be compared with its source's. An embedding model has no labels to evaluate.
 """
 
 from __future__ import annotations
@@ -80,13 +81,26 @@ def ort_session(path: Path | str, provider: str = "auto", threads: int = 0):
 
 
 class Model:
-    """Raw inputs -> scores [n, classes] (numpy, float32), with the labels of the columns."""
+    """Raw inputs -> the model's one output (numpy, float32): `scores` [n, classes] with the labels of the
+    columns, or `embedding` [n, dim] (no labels)."""
 
     backend = ""
 
-    def __init__(self, prep: Preprocessor, labels: list[str], input_names: list[str], input_kind: str):
+    def __init__(
+        self,
+        prep: Preprocessor,
+        labels: list[str],
+        input_names: list[str],
+        input_kind: str,
+        output: str = "scores",
+    ):
         self.prep, self.labels = prep, list(labels)
-        self.input_names, self.input_kind = input_names, input_kind
+        self.input_names, self.input_kind, self.output = input_names, input_kind, output
+
+    @property
+    def kind(self) -> str:
+        """classifier or embedding."""
+        return "embedding" if self.output == "embedding" else "classifier"
 
     def run(self, batch: dict[str, torch.Tensor]) -> np.ndarray:
         raise NotImplementedError
@@ -107,7 +121,7 @@ class OrtModel(Model):
     ):
         self.session = ort_session(onnx_path, provider, threads)
         names = [i.name for i in self.session.get_inputs()]
-        super().__init__(prep, labels, names, input_kind)
+        super().__init__(prep, labels, names, input_kind, self.session.get_outputs()[0].name)
         self.providers = self.session.get_providers()
 
     @classmethod
@@ -121,14 +135,14 @@ class OrtModel(Model):
 
     def run(self, batch: dict[str, torch.Tensor]) -> np.ndarray:
         feed = {n: batch[n].numpy() for n in self.input_names}
-        return self.session.run(["scores"], feed)[0].astype(np.float32, copy=False)
+        return self.session.run([self.output], feed)[0].astype(np.float32, copy=False)
 
 
 class TorchModel(Model):
     backend = "pytorch"
 
     def __init__(self, model: InferenceModel, prep: Preprocessor, input_kind: str, device: str = "cpu"):
-        super().__init__(prep, model.labels, model.input_names, input_kind)
+        super().__init__(prep, model.labels, model.input_names, input_kind, model.output)
         self.device = torch.device(device)
         self.model = model.to(self.device)
 
@@ -234,9 +248,13 @@ def _batches(inputs: list, batch_size: int):
 
 
 def score_all(model: Model, inputs: list, batch_size: int = 64) -> np.ndarray:
-    out = np.zeros((len(inputs), len(model.labels)), dtype=np.float32)
+    """The model's output for every input, in input order: [n, classes] scores or [n, dim] embeddings."""
+    out = None
     for idx in _batches(inputs, batch_size):
-        out[idx] = model.scores([inputs[i] for i in idx])
+        rows = model.scores([inputs[i] for i in idx])
+        if out is None:
+            out = np.zeros((len(inputs), rows.shape[1]), dtype=np.float32)
+        out[idx] = rows
     return out
 
 
@@ -247,7 +265,8 @@ def predict(
     top_k: int = D.PREDICT_TOP_K,
     batch_size: int = D.PREDICT_BATCH_SIZE,
 ) -> tuple[list[dict], Model]:
-    """For each input: its top label and score (and the next top_k - 1); the model is returned for its facts."""
+    """For each input: its top label and score (and the next top_k - 1), or its embedding (an embedding model);
+    the model is returned for its facts."""
     if top_k < 1:
         raise PMError(f"--top-k: must be at least 1, got {top_k}")
     if batch_size < 1:
@@ -255,6 +274,8 @@ def predict(
     model = open_model(path, provider)
     xs = read_inputs(inputs, model.input_kind)
     scores = score_all(model, xs, batch_size)
+    if model.kind == "embedding":
+        return [{"input": x, "embedding": e.tolist()} for x, e in zip(xs, scores)], model
     rows = []
     for x, s in zip(xs, scores):
         top = np.argsort(-s, kind="stable")[:top_k]
@@ -289,6 +310,8 @@ def evaluate(
     if batch_size < 1:
         raise PMError(f"--batch-size: must be at least 1, got {batch_size}")
     model = open_model(path, provider)
+    if model.kind == "embedding":
+        raise PMError(f"{path}: an embedding model (no labels): nothing to evaluate")
     src = source_of(model)
     seed = src.get("seed", 0) if seed is None else seed
     run = Path(src["path"]) if src.get("kind") == "run" and src.get("path") else None

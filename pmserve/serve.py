@@ -11,6 +11,9 @@ lives in the ModelTable, which maps a name to the version served and its batcher
 in one step; a request holds the version it looked up until it is answered, and an old version's batcher closes
 only when its last request is done, so a swap drops nothing. Which versions to serve, from a model repository
 that changes while the server runs, is pmserve.model_repository's business.
+
+A classifier bundle answers with outputs `label` and `scores`; an embedding bundle with `embedding` FP32
+[N, dim] (its metadata says which), and curl users get `POST /predict` and `POST /embed` respectively.
 """
 
 from __future__ import annotations
@@ -94,18 +97,37 @@ class Served:
     def labels(self) -> list[str]:
         return self.model.labels
 
+    @property
+    def embedding(self) -> bool:
+        return self.model.kind == "embedding"
+
+    @property
+    def outputs(self) -> tuple[str, ...]:
+        """The v2 outputs a request may ask for."""
+        return ("embedding",) if self.embedding else ("label", "scores")
+
     def metadata(self) -> dict:
-        """The v2 model metadata; `parameters.labels` names the columns of `scores`."""
+        """The v2 model metadata; `parameters.labels` names the columns of `scores` (a classifier), and
+        `parameters.kind` says whether the model classifies or embeds."""
+        m = self.model.manifest
+        if self.embedding:
+            dim = m["outputs"][0]["shape"][-1]
+            outputs = [{"name": "embedding", "datatype": "FP32", "shape": [-1, dim]}]
+            params = {"kind": "embedding", "dim": dim, "pooling": m.get("pooling")}
+            params["normalize"] = bool(m.get("normalize"))
+        else:
+            outputs = [
+                {"name": "label", "datatype": "BYTES", "shape": [-1]},
+                {"name": "scores", "datatype": "FP32", "shape": [-1, len(self.labels)]},
+            ]
+            params = {"kind": "classifier", "labels": self.labels}
         return {
             "name": self.name,
             "versions": [self.version],
             "platform": "onnxruntime_onnx",
             "inputs": [{"name": self.kind, "datatype": "BYTES", "shape": [-1]}],
-            "outputs": [
-                {"name": "label", "datatype": "BYTES", "shape": [-1]},
-                {"name": "scores", "datatype": "FP32", "shape": [-1, len(self.labels)]},
-            ],
-            "parameters": {"labels": self.labels, "providers": self.model.providers},
+            "outputs": outputs,
+            "parameters": {**params, "providers": self.model.providers},
         }
 
 
@@ -546,19 +568,22 @@ def infer_elements(req: dict, binary: bytes, input_name: str, max_inputs: int) -
     return elements
 
 
-def requested_outputs(req: dict) -> list[tuple[str, bool]]:
-    """(name, as binary) of each output asked for; all of them when the request names none."""
+def requested_outputs(req: dict, names: tuple[str, ...] = ("label", "scores")) -> list[tuple[str, bool]]:
+    """(name, as binary) of each output asked for; all of the model's `names` when the request names none."""
     params = req.get("parameters") or {}
     default = bool(params.get("binary_data_output", False)) if isinstance(params, dict) else False
     outs = req.get("outputs")
     if outs is None:
-        return [("label", default), ("scores", default)]
+        return [(n, default) for n in names]
     if not isinstance(outs, list) or not all(isinstance(o, dict) for o in outs):
         raise RequestError(400, "'outputs': expected a list of objects")
     out = []
     for o in outs:
-        if o.get("name") not in ("label", "scores"):
-            raise RequestError(400, f"output {o.get('name')!r}: the model has outputs 'label' and 'scores'")
+        if o.get("name") not in names:
+            has = " and ".join(repr(n) for n in names)
+            raise RequestError(
+                400, f"output {o.get('name')!r}: the model has output{'s' * (len(names) > 1)} {has}"
+            )
         p = o.get("parameters") or {}
         if isinstance(p, dict) and p.get("classification"):
             raise RequestError(400, f"output {o['name']!r}: the classification extension is not supported")
@@ -567,16 +592,17 @@ def requested_outputs(req: dict) -> list[tuple[str, bool]]:
 
 
 def infer_response(served: Served, req: dict, scores: np.ndarray) -> tuple[dict, bytes]:
-    """The v2 response header and the binary data that follows it (empty when every output is JSON)."""
-    labels = [served.labels[i] for i in scores.argmax(1).tolist()]
+    """The v2 response header and the binary data that follows it (empty when every output is JSON).
+    `scores` is the model's output: class scores, or embeddings for an embedding model."""
+    labels = [] if served.embedding else [served.labels[i] for i in scores.argmax(1).tolist()]
     outputs, chunks = [], []
-    for name, binary in requested_outputs(req):
+    for name, binary in requested_outputs(req, served.outputs):
         if name == "label":
             t = {"name": "label", "datatype": "BYTES", "shape": [len(labels)]}
             raw = pack_bytes([x.encode() for x in labels]) if binary else None
             data = labels
         else:
-            t = {"name": "scores", "datatype": "FP32", "shape": list(scores.shape)}
+            t = {"name": name, "datatype": "FP32", "shape": list(scores.shape)}
             raw = scores.astype("<f4").tobytes() if binary else None
             data = scores.ravel().tolist()
         if binary:
@@ -780,7 +806,7 @@ def create_app(models: list[Served], cfg: ServeConfig, repository=None):
         with table.use(name, version) as slot:  # this request is answered by the version it looked up
             req, binary = parse_infer_request(await read_body(request), request.headers.get(HEADER_LENGTH))
             elements = infer_elements(req, binary, slot.served.kind, cfg.max_inputs)
-            requested_outputs(req)  # a bad 'outputs' is a 400 before the model runs, not after
+            requested_outputs(req, slot.served.outputs)  # a bad 'outputs' is a 400 before the model runs
             head, tail = infer_response(slot.served, req, await scores_for(slot, elements))
         if not tail:
             return JSONResponse(head)
@@ -789,18 +815,31 @@ def create_app(models: list[Served], cfg: ServeConfig, repository=None):
             raw + tail, media_type="application/octet-stream", headers={HEADER_LENGTH: str(len(raw))}
         )
 
-    @app.post("/predict")
-    async def predict(request: Request):
-        """For curl: {"inputs": [...], "model": NAME (optional)} -> the top label and score of each input."""
-        req = parse_json(await read_body(request))
+    def plain_request(req) -> list:
+        """The inputs of a /predict or /embed body, checked."""
         if not isinstance(req, dict) or not isinstance(req.get("inputs"), list) or not req["inputs"]:
             raise RequestError(400, 'expected {"inputs": [text, ...]} with at least one input')
         if len(req["inputs"]) > cfg.max_inputs:
             raise RequestError(413, f"{len(req['inputs'])} inputs, more than --max-inputs {cfg.max_inputs}")
-        default = (table.names() or [""])[0]
-        with table.use(str(req.get("model", default))) as slot:
+        return req["inputs"]
+
+    def plain_model(req: dict, embedding: bool) -> str:
+        """The model a /predict (classifier) or /embed (embedding) request names, else the first of its kind."""
+        if "model" in req:
+            return str(req["model"])
+        first = [s.name for s in table.served() if s.embedding == embedding]
+        return first[0] if first else (table.names() or [""])[0]
+
+    @app.post("/predict")
+    async def predict(request: Request):
+        """For curl: {"inputs": [...], "model": NAME (optional)} -> the top label and score of each input."""
+        req = parse_json(await read_body(request))
+        inputs = plain_request(req)
+        with table.use(plain_model(req, embedding=False)) as slot:
             served = slot.served
-            scores = await scores_for(slot, req["inputs"])
+            if served.embedding:
+                raise RequestError(400, f"model {served.name!r} is an embedding model: POST /embed")
+            scores = await scores_for(slot, inputs)
         top = scores.argmax(1).tolist()
         return {
             "model": served.name,
@@ -808,6 +847,18 @@ def create_app(models: list[Served], cfg: ServeConfig, repository=None):
                 {"label": served.labels[k], "score": float(s[k])} for k, s in zip(top, scores.tolist())
             ],
         }
+
+    @app.post("/embed")
+    async def embed(request: Request):
+        """For curl: {"inputs": [...], "model": NAME (optional)} -> {"embeddings": [[...], ...]}, one per input."""
+        req = parse_json(await read_body(request))
+        inputs = plain_request(req)
+        with table.use(plain_model(req, embedding=True)) as slot:
+            served = slot.served
+            if not served.embedding:
+                raise RequestError(400, f"model {served.name!r} is a classifier: POST /predict")
+            rows = await scores_for(slot, inputs)
+        return {"model": served.name, "embeddings": rows.tolist()}
 
     @app.get("/metrics")
     async def prometheus():
@@ -873,7 +924,8 @@ def serve(
     sock = listen(host, port)
     app = create_app(models, cfg, repo)
     for s in models:
-        log(f"model {s.name}: {s.path} ({s.kind}, {len(s.labels)} classes, {', '.join(s.model.providers)})")
+        what = "embedding" if s.embedding else f"{len(s.labels)} classes"
+        log(f"model {s.name}: {s.path} ({s.kind}, {what}, {', '.join(s.model.providers)})")
     bound = sock.getsockname()[1]
     log(f"listening on http://{host}:{bound} (Open Inference Protocol v2 at /v2, metrics at /metrics)")
     if repo is not None:

@@ -1,11 +1,13 @@
 """The deployable bundle's files: what they are, the manifest that lists them with sha256 hashes, and its check.
 
 A BUNDLE folder holds model.onnx (merged weights, pooling and classifier in one graph), the tokenizer or image
-processor files, labels.json (a list: class index -> label), probe.json and manifest.json. The manifest records
-where the model came from, the graph's inputs and outputs, and the size and sha256 of every other file, so a file
-that is missing, truncated or altered after export is found before a single input is scored.
+processor files, labels.json (a list: class index -> label; a classifier's only), probe.json and manifest.json.
+The manifest records its kind (classifier: output `scores` [batch, classes]; embedding: output `embedding`
+[batch, dim]), where the model came from, the graph's inputs and outputs, and the size and sha256 of every other
+file, so a file that is missing, truncated or altered after export is found before a single input is scored.
+Bundles exported before kinds existed are classifiers.
 
-probe.json holds a handful of raw inputs and the scores the PyTorch merged model gave them at export, with the
+probe.json holds a handful of raw inputs and the outputs the PyTorch model gave them at export, with the
 tolerance export held ONNX Runtime to: a server runs the bundle on them before it serves it, so a bundle whose
 files are intact but whose model is not the one exported (another model.onnx with a rewritten manifest, a
 tokenizer that splits differently) is refused before a request sees it. Bundles exported before probes existed
@@ -27,6 +29,7 @@ MODEL = "model.onnx"
 PROBE = "probe.json"
 FORMAT = "pmserve-bundle"
 VERSION = 1
+KINDS = ("classifier", "embedding")
 
 
 def file_table(folder: Path) -> dict[str, dict]:
@@ -53,6 +56,11 @@ def is_bundle(path: Path) -> bool:
     return (Path(path) / MANIFEST).is_file()
 
 
+def bundle_kind(manifest: dict) -> str:
+    """classifier or embedding (a bundle from before embeddings is a classifier)."""
+    return manifest.get("kind", "classifier")
+
+
 def read_manifest(folder: Path) -> dict:
     path = Path(folder) / MANIFEST
     if not Path(folder).is_dir():
@@ -67,6 +75,8 @@ def read_manifest(folder: Path) -> dict:
     for key in ("files", "inputs", "outputs", "input_kind"):
         if key not in m:
             raise PMError(f"{path}: no {key!r} entry")
+    if bundle_kind(m) not in KINDS:
+        raise PMError(f"{path}: kind {m['kind']!r} is not one this pmserve serves ({', '.join(KINDS)})")
     return m
 
 
@@ -75,7 +85,8 @@ def verify_bundle(folder: Path | str, hashes: bool = True) -> dict:
     folder = Path(folder)
     m = read_manifest(folder)
     files = m["files"]
-    for required in (MODEL, LABELS):
+    classifier = bundle_kind(m) == "classifier"
+    for required in (MODEL, LABELS) if classifier else (MODEL,):
         if required not in files:
             raise PMError(f"{folder / MANIFEST}: does not list {required}")
     for rel, info in files.items():
@@ -86,6 +97,9 @@ def verify_bundle(folder: Path | str, hashes: bool = True) -> dict:
             raise PMError(f"{p}: altered ({p.stat().st_size} bytes, {MANIFEST} says {info.get('bytes')})")
         if hashes and sha256_file(p) != info.get("sha256"):
             raise PMError(f"{p}: altered (sha256 differs from {MANIFEST})")
+    if not classifier:
+        m["labels"] = []
+        return m
     labels = read_labels(folder / LABELS)
     if m["outputs"] and m["outputs"][0]["shape"][-1] != len(labels):
         raise PMError(
@@ -95,23 +109,26 @@ def verify_bundle(folder: Path | str, hashes: bool = True) -> dict:
     return m
 
 
-def write_probe(folder: Path, input_kind: str, inputs: list, scores: np.ndarray, tolerance: float) -> dict:
-    """probe.json: raw inputs (texts, or images as nested lists of uint8 RGB) and their reference scores; returns
-    the manifest's "probe" entry."""
+def write_probe(
+    folder: Path, input_kind: str, inputs: list, scores: np.ndarray, tolerance: float, output: str = "scores"
+) -> dict:
+    """probe.json: raw inputs (texts, or images as nested lists of uint8 RGB) and their reference outputs (under
+    "scores" whatever the output is, so every reader reads one key); returns the manifest's "probe" entry."""
     rows = [x if input_kind == "text" else np.asarray(x, np.uint8).tolist() for x in inputs]
     probe = {
         "input_kind": input_kind,
         "inputs": rows,
+        "output": output,
         "scores": np.asarray(scores, np.float32).tolist(),
         "tolerance": tolerance,
-        "reference": "PyTorch fp32 scores of the merged model at export",
+        "reference": f"PyTorch fp32 {output} of the model at export",
     }
     (Path(folder) / PROBE).write_text(json.dumps(probe))
     return {"file": PROBE, "inputs": len(rows), "tolerance": tolerance, "reference": probe["reference"]}
 
 
 def read_probe(folder: Path, manifest: dict) -> dict | None:
-    """The probe as {"inputs": raw model inputs, "scores": [n, classes] float32, "tolerance"}, or None for a
+    """The probe as {"inputs": raw model inputs, "scores": [n, classes or dim] float32, "tolerance"}, or None for a
     bundle exported before probes existed."""
     if "probe" not in manifest:
         return None
