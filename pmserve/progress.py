@@ -57,9 +57,11 @@ class TrainProgress:
     def step(self, loss) -> None:
         self.done += 1
         self._task_done += 1
-        self._loss = loss
+        self._loss = loss.detach() if hasattr(loss, "detach") else loss  # read later, without its graph
         if self._bar is not None:
-            self._bar.update(self._bar_task, advance=1, description=f"{self._name} loss {float(loss):.3f}")
+            self._bar.update(
+                self._bar_task, advance=1, description=f"{self._name} loss {float(self._loss):.3f}"
+            )
 
     def epoch_done(self, epoch: int, epochs: int) -> None:
         if self.mode == "lines":
