@@ -712,7 +712,13 @@ def _continue(
     done = [read_json(f / run_files.TASK_INFO) for f in run_files.finished_tasks(out)]
     if done:
         learner.load_state(out / run_files.STATE)
-        log(f"continuing {out} after task {len(done)} of {1 if joint else len(plan)}")
+        total = 1 if joint else len(plan)
+        if len(done) < total:
+            log(f"continuing {out} after task {len(done)} of {total}")
+        else:
+            log(
+                f"{out}: all {total} tasks are finished, nothing to train (`pmserve train --add` grows a RUN)"
+            )
 
     def task(i: int) -> Task:
         if i not in loaded:
