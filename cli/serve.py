@@ -43,6 +43,12 @@ def register(app: typer.Typer) -> None:
             D.SERVE_MAX_WAIT_MS,
             help="Longest wait for a batch to fill, in milliseconds (only under concurrency).",
         ),
+        by_length: bool = typer.Option(
+            D.SERVE_BY_LENGTH,
+            "--by-length/--no-by-length",
+            help="Split a gathered batch of texts into model calls of similar token counts (a call is padded "
+            "to its longest text); --no-by-length runs it as one call.",
+        ),
         provider: str = typer.Option(
             D.SERVE_PROVIDER, help="auto | cpu | cuda (ONNX Runtime execution provider)."
         ),
@@ -69,6 +75,7 @@ def register(app: typer.Typer) -> None:
         cfg = ServeConfig(
             max_batch=max_batch,
             max_wait_ms=max_wait_ms,
+            by_length=by_length,
             max_inputs=max_inputs,
             max_text_chars=max_text_chars,
             provider=provider,

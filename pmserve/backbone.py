@@ -138,6 +138,14 @@ class Preprocessor:
         images = [_to_rgb(x) for x in inputs]
         return {"pixel_values": self.proc(images=images, return_tensors="pt")["pixel_values"]}
 
+    def lengths(self, inputs: list) -> list[int]:
+        """How many positions each input fills before padding: its token count (truncated as __call__
+        truncates) for text; every image is resized to the same grid, so images are all of length 1."""
+        if self.kind != "text":
+            return [1] * len(inputs)
+        ids = self.tok(list(inputs), truncation=True, max_length=self.max_length)["input_ids"]
+        return [len(x) for x in ids]
+
     def save(self, out: Path) -> None:
         (self.tok if self.kind == "text" else self.proc).save_pretrained(str(out))
 

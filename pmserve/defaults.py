@@ -66,6 +66,7 @@ MERGE_FISHER_SAMPLES = TRAIN_FISHER_SAMPLES  # the --data Fisher is computed as 
 MERGE_FISHER_LABELS = TRAIN_FISHER_LABELS
 MERGE_CALIBRATE: str | None = None
 MERGE_CALIBRATE_HEAD: str | None = None  # None: the carried classifier's kind, else ridge
+MERGE_SAVED_MODULES = "average"  # PEFT modules_to_save (a SEQ_CLS head): merged (merging/saved.py), or drop
 
 # pmserve export: ExportOptions
 EXPORT_DTYPE = "fp32"
@@ -86,6 +87,7 @@ SERVE_HOST = "127.0.0.1"
 SERVE_PORT = 8000
 SERVE_MAX_BATCH = 32
 SERVE_MAX_WAIT_MS = 5.0
+SERVE_BY_LENGTH = True  # split a gathered batch into groups of similar token counts (serve.length_groups)
 SERVE_MAX_INPUTS = 256
 SERVE_MAX_TEXT_CHARS = 8192
 SERVE_PROVIDER = "auto"

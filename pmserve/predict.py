@@ -105,6 +105,10 @@ class Model:
     def run(self, batch: dict[str, torch.Tensor]) -> np.ndarray:
         raise NotImplementedError
 
+    def lengths(self, inputs: list) -> list[int]:
+        """Positions each input fills in a batch before padding (see Preprocessor.lengths)."""
+        return self.prep.lengths(inputs)
+
     def scores(self, inputs: list) -> np.ndarray:
         batch = self.prep(inputs)
         missing = [n for n in self.input_names if n not in batch]

@@ -374,3 +374,100 @@ def test_predict_defaults_to_the_first_bundle_given(bundle):  # noqa: F811
     with TestClient(create_app(load_models([bundle, bundle], ["zeta", "alpha"], cfg), cfg)) as c:
         assert c.post("/predict", json={"inputs": ["dog"]}).json()["model"] == "zeta"
         assert c.get("/v2/models/alpha").json()["versions"] == ["1"]
+
+
+def test_length_groups_minimise_padded_tokens_as_brute_force_does():
+    """The grouping's cost (one call's overhead plus size x longest, per group) equals the best over every
+    partition of the inputs (brute force over set partitions), and every input is in exactly one group."""
+    import random
+
+    from pmserve.serve import length_groups
+
+    def cost(groups, lengths, call):
+        return sum(call + len(g) * max(lengths[i] for i in g) for g in groups)
+
+    def partitions(items):
+        if not items:
+            yield []
+            return
+        for p in partitions(items[1:]):
+            for k in range(len(p)):
+                yield p[:k] + [[items[0], *p[k]]] + p[k + 1 :]
+            yield [[items[0]], *p]
+
+    rng = random.Random(0)
+    for _ in range(150):
+        lengths = [rng.randint(1, 64) for _ in range(rng.randint(1, 7))]
+        call = rng.choice([0, 4, 16, 100])
+        groups = length_groups(lengths, call)
+        assert sorted(i for g in groups for i in g) == list(range(len(lengths)))
+        best = min(cost(p, lengths, call) for p in partitions(list(range(len(lengths)))))
+        assert cost(groups, lengths, call) == best, (lengths, call, groups)
+        assert [max(lengths[i] for i in g) for g in groups] == sorted(
+            max(lengths[i] for i in g) for g in groups
+        )
+    assert length_groups([5, 5, 5]) == [[0, 1, 2]], "equal lengths are never split"
+    assert length_groups([3, 40, 4, 41, 5, 60]) == [[0, 2, 4], [1, 3], [5]]
+
+
+def test_a_queue_of_mixed_lengths_runs_as_calls_of_similar_length():
+    """Deterministic: the model is held busy on a first request while 11 requests of short and long texts queue
+    (one of them carries a short and a long text). With --by-length they run as calls grouped by length,
+    shortest first, each caller gets its own rows, and the padded tokens (sum over calls of size x longest) are
+    far fewer than the one mixed call of --no-by-length computes."""
+    import asyncio
+    import threading
+    from types import SimpleNamespace
+
+    from pmserve.serve import Batcher, Metrics
+
+    def text(k, words):
+        return f"{k} " + "w " * (words - 1)
+
+    short = [text(k, 2 + k % 3) for k in range(1, 7)]  # 2 to 4 words
+    long = [text(k, 40 + k % 5) for k in range(7, 11)]  # 40 to 44 words
+    requests = [[x] for x in short[:3] + long[:2] + short[3:] + long[2:]] + [[text(11, 3), text(12, 50)]]
+
+    def serve_queue(by_length):
+        calls, busy, release = [], threading.Event(), threading.Event()
+
+        def scores(inputs):
+            calls.append(list(inputs))
+            busy.set()
+            assert release.wait(10)
+            return np.array([[float(x.split()[0]), len(x.split())] for x in inputs], np.float32)
+
+        def lengths(inputs):
+            return [len(x.split()) for x in inputs]
+
+        async def main():
+            served = SimpleNamespace(name="m", model=SimpleNamespace(scores=scores, lengths=lengths))
+            b = Batcher(served, max_batch=16, max_wait_s=0.05, metrics=Metrics(), by_length=by_length)
+            b.start()
+            first = asyncio.ensure_future(b.infer([text(0, 5)]))
+            await asyncio.get_running_loop().run_in_executor(None, busy.wait, 10)
+            rest = [asyncio.ensure_future(b.infer(r)) for r in requests]
+            await asyncio.sleep(0.01)  # every request is queued behind the busy model
+            release.set()
+            out = await asyncio.gather(first, *rest)
+            await b.close()
+            return out, b.metrics
+
+        out, metrics = asyncio.run(main())
+        for o, r in zip(out[1:], requests):  # each caller gets its own rows, in its own order
+            assert o.tolist() == [[float(x.split()[0]), len(x.split())] for x in r]
+        padded = sum(len(c) * max(lengths(c)) for c in calls[1:])
+        counted = metrics.tokens.labels("m", "padded")._value.get()
+        assert counted == padded + 5, "pmserve_batch_tokens{kind=padded} counts what the calls computed"
+        return [lengths(c) for c in calls[1:]], padded
+
+    grouped, padded = serve_queue(by_length=True)
+    assert len(grouped) >= 2 and max(grouped[0]) <= 4, "the short texts run first, in one call"
+    assert all(min(c) >= 40 for c in grouped[1:]), grouped
+    assert [max(c) for c in grouped] == sorted(max(c) for c in grouped), "shortest call first"
+    assert sorted(n for c in grouped for n in c) == sorted(
+        n for r in requests for n in map(len, (x.split() for x in r))
+    )
+    mixed, padded_mixed = serve_queue(by_length=False)
+    assert len(mixed) == 1 and len(mixed[0]) == 12, "--no-by-length: one call, as before"
+    assert padded < 0.6 * padded_mixed, (padded, padded_mixed)
