@@ -1,12 +1,16 @@
 """PEFT LoRA adapter folders: the files, their keys and scaling, read lazily and checked.
 
     adapter_config.json         PEFT's LoraConfig (r, lora_alpha, rank/alpha patterns, use_rslora, fan_in_fan_out)
-    adapter_model.safetensors   base_model.model.<module>.lora_A.weight [r, in] and .lora_B.weight [out, r]
+    adapter_model.safetensors   base_model.model.<module>.lora_A.weight [r, in] and .lora_B.weight [out, r];
+                                with PEFT's modules_to_save (a SEQ_CLS adapter's classifier) also the whole
+                                modules' tensors: base_model.model.classifier.weight (PEFT >= 0.15), or
+                                base_model.model.classifier.modules_to_save.weight (older PEFT)
     pmserve_adapter.json        pmserve's metadata: kind (chained | independent), task, labels, base fingerprint
     fisher.safetensors          optional: the diagonal Fisher of every adapted weight, for `pmserve merge`
     README.md                   the model card
 
-The key patterns and PEFT's scaling rule (lora_alpha / r, or / sqrt(r) with rslora) live here and nowhere else.
+The key patterns and PEFT's scaling rule (lora_alpha / r, or / sqrt(r) with rslora) live here and nowhere else,
+and so do the modules_to_save keys: `saved_key` reads them, `saved_file_key` writes them as PEFT loads them.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ FILES = (CONFIG, WEIGHTS, META, FISHER)  # what a merge report hashes
 KINDS = ("chained", "independent")
 PEFT_PREFIX = "base_model.model."
 LORA_KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<ab>[AB])(?:\.[^.]+)?\.weight$")
+SAVED_SEGMENT = ".modules_to_save"  # older PEFT kept it in the saved key (PEFT's adapter name removed)
 
 
 @dataclass
@@ -57,6 +62,9 @@ class AdapterInput:
     fisher: LazyTensors | None
     run_config: dict | None
     ignored: list[str] = field(default_factory=list)
+    # PEFT's modules_to_save: the model's parameter name (classifier.weight, as in the base's state dict) -> the
+    # key in adapter_model.safetensors. Whole tensors trained with the adapter, not task vectors.
+    saved: dict[str, str] = field(default_factory=dict)
     fisher_source: str | None = (
         None  # "files", "data" (from --data), "identity" or "run" (its recorded alpha)
     )
@@ -85,6 +93,15 @@ class AdapterInput:
 
     def fisher_of(self, module: str) -> torch.Tensor:
         return self.fisher.get(module).float()
+
+    def saved_tensor(self, key: str) -> torch.Tensor:
+        """A modules_to_save tensor by the model's parameter name (a key of `saved`), as stored."""
+        return self.tensors.get(self.saved[key])
+
+    @property
+    def saved_modules(self) -> list[str]:
+        """adapter_config.json's modules_to_save (what PEFT wraps and saves whole), [] when none."""
+        return list(self.config.get("modules_to_save") or [])
 
     @property
     def labels(self) -> list[str]:
@@ -124,6 +141,8 @@ def read_adapter(path: Path) -> AdapterInput:
 
     found: dict[str, dict[str, str]] = {}
     ignored = []
+    saved: dict[str, str] = {}
+    entries = cfg.get("modules_to_save") or []
     for key in tensors.keys():
         m = LORA_KEY.match(key)
         if m is None:
@@ -131,7 +150,15 @@ def read_adapter(path: Path) -> AdapterInput:
                 raise PMError(
                     f"{file}: {key} is not a linear LoRA factor (embedding LoRA and DoRA are not merged)"
                 )
-            ignored.append(key)  # modules_to_save, biases: not part of any task vector
+            name = saved_key(key, entries)
+            if name is None:
+                ignored.append(key)  # biases and the like: not part of any task vector
+                continue
+            if tensors.dtypes[key] not in FLOATS:
+                raise PMError(f"{file}: {key} is {tensors.dtypes[key]}, not a floating-point tensor")
+            if name in saved:
+                raise PMError(f"{file}: {saved[name]} and {key} are both the saved {name}")
+            saved[name] = key
             continue
         module = m.group("module")
         module = module[len(PEFT_PREFIX) :] if module.startswith(PEFT_PREFIX) else module
@@ -183,8 +210,41 @@ def read_adapter(path: Path) -> AdapterInput:
         fisher,
         run_config,
         ignored,
+        saved,
         "files" if fisher is not None else None,
     )
+
+
+def saved_key(key: str, entries: list[str]) -> str | None:
+    """The model's parameter name of a modules_to_save tensor of adapter_model.safetensors (None: not one).
+
+    PEFT wraps every module whose name is an entry of modules_to_save or ends with "." + an entry, and saves its
+    parameters as base_model.model.<module>.<param> (older PEFT: <module>.modules_to_save.<param>)."""
+    name = key.removeprefix(PEFT_PREFIX)
+    if SAVED_SEGMENT + "." in name:
+        name = name.replace(SAVED_SEGMENT + ".", ".", 1)
+    parts = name.split(".")
+    for i in range(1, len(parts)):
+        module = ".".join(parts[:i])
+        if any(module == e or module.endswith("." + e) for e in entries):
+            return name
+    return None
+
+
+def saved_file_key(name: str) -> str:
+    """The key PEFT (the installed version, >= 0.15) saves and loads a modules_to_save parameter under."""
+    return PEFT_PREFIX + name
+
+
+def saved_module_of(name: str, entries: list[str]) -> str:
+    """The modules_to_save entry a saved parameter belongs to (for messages): `classifier` of classifier.weight."""
+    parts = name.split(".")
+    for i in range(1, len(parts)):
+        module = ".".join(parts[:i])
+        for e in entries:
+            if module == e or module.endswith("." + e):
+                return module
+    return name.rsplit(".", 1)[0]
 
 
 def lora_scaling(cfg: dict, module: str, rank: int) -> float:
