@@ -65,6 +65,12 @@ def register(app: typer.Typer) -> None:
         calibrate_head: str = typer.Option(
             "", help="prototype | ridge for --calibrate (default: the carried classifier's kind, else ridge)."
         ),
+        saved_modules: str = typer.Option(
+            D.MERGE_SAVED_MODULES,
+            "--saved-modules",
+            help="PEFT modules_to_save (a SEQ_CLS adapter's classifier head): average (merged with the method's "
+            "coefficients; adapters that disagree are refused) | drop (the base's are kept).",
+        ),
         clip: bool = typer.Option(
             D.MERGE_CLIP,
             "--clip/--no-clip",
@@ -91,6 +97,7 @@ def register(app: typer.Typer) -> None:
             fisher_labels=fisher_labels,
             calibrate=calibrate or None,
             calibrate_head=calibrate_head or None,
+            saved_modules=saved_modules,
         )
         report = merge_adapters(
             adapters, out, base or None, opts, log=(lambda *_: None) if quiet else typer.echo

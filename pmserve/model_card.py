@@ -316,30 +316,42 @@ def merged_card(report: dict, *, folder: str | None = None) -> str:
     out.append("## How to load it")
     out.append("")
     out.append("```python")
+    # merged PEFT modules_to_save (a SEQ_CLS head): the model to load is the classifier that holds them
+    auto = (
+        "AutoModelForSequenceClassification"
+        if (report.get("saved_modules") or {}).get("tensors")
+        else "AutoModel"
+    )
     if fmt == "full":
-        out.append("from transformers import AutoModel")
+        out.append(f"from transformers import {auto}")
         out.append("")
-        out.append(f"model = AutoModel.from_pretrained({_q(here)})")
+        out.append(f"model = {auto}.from_pretrained({_q(here)})")
     elif fmt == "adapter":
         out.append("from peft import PeftModel")
-        out.append("from transformers import AutoModel")
+        out.append(f"from transformers import {auto}")
         out.append("")
         out.append(f"BASE = {_q(load_base)}")
-        out.append(f"model = PeftModel.from_pretrained(AutoModel.from_pretrained(BASE), {_q(here)})")
+        out.append(f"model = PeftModel.from_pretrained({auto}.from_pretrained(BASE), {_q(here)})")
         out.append(
             "model = model.merge_and_unload()  # optional: one plain model, no LoRA branch at inference"
         )
     else:
         out.append("import torch")
         out.append("from safetensors.torch import load_file")
-        out.append("from transformers import AutoModel")
+        out.append(f"from transformers import {auto}")
         out.append("")
         out.append(f"BASE = {_q(load_base)}")
-        out.append("model = AutoModel.from_pretrained(BASE)")
+        out.append(f"model = {auto}.from_pretrained(BASE)")
         out.append("modules = dict(model.named_modules())")
         out.append("with torch.no_grad():  # W_hat = W_0 + merged.safetensors, by module name")
         out.append(f"    for name, d in load_file({_q(posixpath.join(here, 'merged.safetensors'))}).items():")
         out.append("        modules[name].weight += d.to(modules[name].weight.dtype)")
+        if auto != "AutoModel":
+            out.append("    params = dict(model.named_parameters())  # the merged head replaces the base's")
+            out.append(
+                f"    for name, t in load_file({_q(posixpath.join(here, 'modules_to_save.safetensors'))}).items():"
+            )
+            out.append("        params[name].copy_(t)")
     out.append("```")
     out.append("")
     if fmt == "delta":

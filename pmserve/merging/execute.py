@@ -2,6 +2,7 @@
 
 Linear and sequential methods are one rank-sum(r_t) product per module; TIES runs over row blocks of the task
 vectors so the T of them are never held at once; DARE draws its pruning from a generator seeded per module.
+PEFT's modules_to_save are whole tensors, merged by saved.combine_saved (saved_value).
 """
 
 from __future__ import annotations
@@ -12,8 +13,10 @@ from ..formats.peft import AdapterInput
 from ..seeds import task_seed
 from . import gram
 from .gram import stacked_factors
+from .inputs import BaseModel
 from .methods import combine_task_vectors
 from .plan import MergePlan
+from .saved import SavedMerge, combine_saved
 
 
 def module_delta(
@@ -78,3 +81,10 @@ def ties_by_rows(
         x *= x.abs() >= thr
         out[r : r + rows] = mu.disjoint_merge(x * w, mu.calculate_majority_sign_mask(x, method="total"))
     return out, norms
+
+
+def saved_value(item: SavedMerge, adapters: list[AdapterInput], base: BaseModel) -> torch.Tensor:
+    """The merged value (fp32) of one PEFT modules_to_save tensor, from the adapters' and the base's files."""
+    t = item.tensor
+    w0 = base.weights.get(t.base_key) if item.rule == "task-vector" else None
+    return combine_saved([a.saved_tensor(t.name) for a in adapters], item.coefficients, w0)

@@ -1,13 +1,13 @@
 """The inputs of a merge, read and checked before anything is computed: adapters (or RUNs) and the base model.
 
-Everything that can be wrong with them (base identity, target modules, shapes, NaN/Inf, negative Fishers) is one
-PMError naming the file, raised before OUT exists.
+Everything that can be wrong with them (base identity, target modules, shapes, NaN/Inf, negative Fishers, PEFT
+modules_to_save that disagree or do not fit the base) is one PMError naming the file, raised before OUT exists.
 """
 
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -20,6 +20,7 @@ from ..formats import peft as peft_files
 from ..formats import run as run_files
 from ..formats.peft import AdapterInput
 from ..tensor_io import ModelWeights
+from .saved import SavedTensor, check_saved
 
 
 def expand_inputs(paths: list[Path | str]) -> list[Path]:
@@ -87,6 +88,7 @@ class Inputs:
     modules: list[str]  # natural order: layer 2 before layer 10
     keys: dict[str, str]
     warnings: list[str]
+    saved: list[SavedTensor] = field(default_factory=list)  # PEFT modules_to_save every adapter holds
 
     @property
     def max_length(self) -> int:
@@ -99,8 +101,9 @@ def natural_key(name: str) -> list:
     return [int(p) if p.isdigit() else p for p in re.split(r"(\d+)", name)]
 
 
-def check_inputs(adapters: list[AdapterInput], base: BaseModel) -> Inputs:
-    """Everything that can be wrong with the inputs, found before anything is written: one PMError naming the file."""
+def check_inputs(adapters: list[AdapterInput], base: BaseModel, saved_policy: str = "average") -> Inputs:
+    """Everything that can be wrong with the inputs, found before anything is written: one PMError naming the file.
+    `saved_policy` (--saved-modules): average merges the adapters' PEFT modules_to_save, drop leaves them out."""
     notes: list[str] = []
     first = adapters[0]
     for a in adapters:
@@ -157,4 +160,5 @@ def check_inputs(adapters: list[AdapterInput], base: BaseModel) -> Inputs:
                 "chained adapters that are not one RUN's tasks 0..T-1 in order: each was trained on its own run's "
                 "merged model, which this merge does not rebuild"
             )
-    return Inputs(adapters, base, modules, keys, notes)
+    saved, saved_notes = check_saved(adapters, base, saved_policy)
+    return Inputs(adapters, base, modules, keys, notes + saved_notes, saved)

@@ -9,7 +9,7 @@ alphas (gram.pm_alphas).
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from ..defaults import (
     MERGE_DEFAULT_DENSITY,
@@ -18,6 +18,7 @@ from ..defaults import (
     MERGE_FORMAT,
     MERGE_MAX_SHARD_SIZE,
     MERGE_METHOD,
+    MERGE_SAVED_MODULES,
     MERGE_SEED,
 )
 from ..errors import PMError
@@ -31,6 +32,7 @@ from .gram import data_fisher, pm_alphas
 from .inputs import Inputs
 from .methods import MERGE_METHODS, MergeMethod
 from .recurrence import effective_coefficients, task_alpha
+from .saved import SAVED_POLICIES, SavedMerge, plan_saved, saved_note
 
 FORMATS = ("delta", "adapter", "full")
 
@@ -51,6 +53,7 @@ class MergeOptions:
     fisher_labels: str = MERGE_FISHER_LABELS  # as TrainConfig.fisher_labels
     calibrate: str | None = None  # tasks to recompute the inference classifier on, with the merged model
     calibrate_head: str | None = None  # prototype | ridge (default: the carried kind, else ridge)
+    saved_modules: str = MERGE_SAVED_MODULES  # PEFT modules_to_save: average (merged) | drop
 
     def validate(self, n_tasks: int | None = None) -> None:
         if self.method not in MERGE_METHODS:
@@ -91,6 +94,10 @@ class MergeOptions:
             )
         if self.calibrate_head and not self.calibrate:
             raise PMError("--calibrate-head: only with --calibrate DATA")
+        if self.saved_modules not in SAVED_POLICIES:
+            raise PMError(
+                f"--saved-modules: unknown policy {self.saved_modules!r} (choose from {', '.join(SAVED_POLICIES)})"
+            )
         if self.fisher_samples < 1:
             raise PMError(f"--fisher-samples: must be at least 1, got {self.fisher_samples}")
         check_fisher_labels(self.fisher_labels)
@@ -114,6 +121,7 @@ class MergePlan:
     density: float | None
     seed: int  # DARE's random pruning
     notes: list[str]
+    saved: list[SavedMerge] = field(default_factory=list)  # PEFT modules_to_save: rule and coefficients each
 
 
 def recorded_alphas(ads: list[AdapterInput]) -> list[float] | None:
@@ -200,4 +208,7 @@ def plan_merge(inputs: Inputs, opts: MergeOptions, log: Callable[[str], None]) -
     density = (
         (opts.density if opts.density is not None else MERGE_DEFAULT_DENSITY) if method.uses_density else None
     )
-    return MergePlan(method, alphas, weights, coefficients, fisher, clip, density, opts.seed, notes)
+    saved = plan_saved(inputs.saved, method, coefficients, weights)
+    if (note := saved_note(saved)) is not None:
+        notes.append(note)
+    return MergePlan(method, alphas, weights, coefficients, fisher, clip, density, opts.seed, notes, saved)

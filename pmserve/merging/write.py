@@ -1,10 +1,12 @@
 """The writers of `pmserve merge`: a plan and its inputs -> OUT, in one of three formats, with a report.
 
 - delta: merged.safetensors, W_hat - W_0 of every adapted module (fp32), named as a RUN's merged.safetensors;
+  the merged PEFT modules_to_save (a SEQ_CLS head), whole, in modules_to_save.safetensors;
 - adapter: one PEFT LoRA of rank sum r_t that reproduces pm / avg / linear / task-arithmetic exactly
-  (task LoRAs concatenated along the rank, B_t scaled by c_t);
+  (task LoRAs concatenated along the rank, B_t scaled by c_t), the merged modules_to_save as PEFT saves them;
 - full: a Hugging Face model folder with W_hat in the base's dtypes, sharded like save_pretrained, with the
-  base's tokenizer or image processor and the classifier (what `pmserve export` takes).
+  base's tokenizer or image processor and the classifier (what `pmserve export` takes); merged modules_to_save
+  are the model's own weights (the head export keeps in the graph, labels from the base's id2label).
 Each writes one module at a time (formats from pmserve.formats), into a temporary folder renamed at the end.
 """
 
@@ -31,9 +33,10 @@ from ..formats.run import MERGED
 from ..model_card import merged_card
 from ..tensor_io import SafetensorsWriter, TensorSpec, parse_size
 from .classifier import calibration_tasks, write_classifier
-from .execute import module_delta
+from .execute import module_delta, saved_value
 from .inputs import Inputs, check_inputs, expand_inputs, resolve_base
 from .plan import MergeOptions, MergePlan, plan_merge
+from .saved import saved_record
 
 
 def write_delta(tmp: Path, plan: MergePlan, inp: Inputs, norms: dict) -> list[Path]:
@@ -43,7 +46,15 @@ def write_delta(tmp: Path, plan: MergePlan, inp: Inputs, norms: dict) -> list[Pa
     w = SafetensorsWriter(tmp, specs, stem=stem, metadata={"pmserve": "W_hat - W_0 per adapted module"})
     for i, m in enumerate(inp.modules):
         w.write(m, module_delta(plan, inp.adapters, i, m, norms))
-    return w.close()
+    files = w.close()
+    if plan.saved:  # whole tensors, by the base model's parameter name; export copies them in
+        specs = [TensorSpec(s.tensor.model_key, torch.float32, s.tensor.shape) for s in plan.saved]
+        stem = merged_files.SAVED.removesuffix(".safetensors")
+        w = SafetensorsWriter(tmp, specs, stem=stem, metadata={"pmserve": "merged PEFT modules_to_save"})
+        for s in plan.saved:
+            w.write(s.tensor.model_key, saved_value(s, inp.adapters, inp.base))
+        files += w.close()
+    return files
 
 
 def write_adapter(tmp: Path, plan: MergePlan, inp: Inputs, norms: dict) -> list[Path]:
@@ -60,6 +71,10 @@ def write_adapter(tmp: Path, plan: MergePlan, inp: Inputs, norms: dict) -> list[
             TensorSpec(f"{PEFT_PREFIX}{m}.lora_A.weight", torch.float32, (total[m], i)),
             TensorSpec(f"{PEFT_PREFIX}{m}.lora_B.weight", torch.float32, (o, total[m])),
         ]
+    specs += [
+        TensorSpec(peft_files.saved_file_key(s.tensor.name), torch.float32, s.tensor.shape)
+        for s in plan.saved
+    ]
     w = SafetensorsWriter(tmp, specs, stem=peft_files.WEIGHTS.removesuffix(".safetensors"))
     for k, m in enumerate(inp.modules):
         module_delta(
@@ -77,6 +92,8 @@ def write_adapter(tmp: Path, plan: MergePlan, inp: Inputs, norms: dict) -> list[
                 1,
             ),
         )
+    for s in plan.saved:  # as PEFT saves modules_to_save, so PeftModel.from_pretrained loads the merged head
+        w.write(peft_files.saved_file_key(s.tensor.name), saved_value(s, ads, inp.base))
     files = w.close()
 
     cfg = dict(ads[0].config)
@@ -91,7 +108,7 @@ def write_adapter(tmp: Path, plan: MergePlan, inp: Inputs, norms: dict) -> list[
         use_rslora=False,
         use_dora=False,
         lora_dropout=0.0,
-        modules_to_save=None,
+        modules_to_save=_saved_modules(plan, ads),
         inference_mode=True,
         base_model_name_or_path=str(inp.base.folder),
     )
@@ -115,11 +132,17 @@ def write_full(tmp: Path, plan: MergePlan, inp: Inputs, norms: dict, max_shard_s
     weights = inp.base.weights
     module_of = {k: m for m, k in inp.keys.items()}
     index = {m: i for i, m in enumerate(inp.modules)}
+    saved = {s.tensor.model_key: s for s in plan.saved}
+    added = [s.tensor for s in plan.saved if s.tensor.base_key is None]  # a head the base checkpoint lacks
     specs = [TensorSpec(k, weights.dtype(k), tuple(weights.shape(k))) for k in weights.keys()]
+    specs += [TensorSpec(t.model_key, t.dtype, t.shape) for t in added]
     w = SafetensorsWriter(tmp, specs, stem="model", max_shard_bytes=parse_size(max_shard_size))
-    for k in weights.keys():
-        t = weights.get(k)
+    for k in [*weights.keys(), *(t.model_key for t in added)]:
         m = module_of.get(k)
+        if k in saved:
+            t = saved_value(saved[k], inp.adapters, inp.base).to(saved[k].tensor.dtype)
+        else:
+            t = weights.get(k)
         if m is not None:
             d = module_delta(plan, inp.adapters, index[m], m, norms)
             t = apply_delta(t, d, check=f"{weights.folder}: merged {k}")
@@ -149,6 +172,14 @@ def write_full(tmp: Path, plan: MergePlan, inp: Inputs, norms: dict, max_shard_s
     }
     write_json(tmp / merged_files.META, meta)
     return [*files, tmp / merged_files.META]
+
+
+def _saved_modules(plan: MergePlan, ads: list[AdapterInput]) -> list[str] | None:
+    """adapter_config.json's modules_to_save for the merged adapter: the adapters' entries (PEFT wraps the
+    modules they name), None when nothing is carried."""
+    if not plan.saved:
+        return None
+    return sorted({e for a in ads for e in a.saved_modules})
 
 
 def _labels(ads: list[AdapterInput]) -> list[str]:
@@ -184,7 +215,7 @@ def merge_adapters(
     check_new_out(out)
     ads = [read_adapter(p) for p in expand_inputs(adapters)]
     opts.validate(len(ads))
-    inputs = check_inputs(ads, resolve_base(base, ads))
+    inputs = check_inputs(ads, resolve_base(base, ads), opts.saved_modules)
     log(f"{len(ads)} adapters, {len(inputs.modules)} modules, base {inputs.base.folder}")
     plan = plan_merge(inputs, opts, log)
     calibrate = calibration_tasks(opts.calibrate, opts.seed, ads) if opts.calibrate else None
@@ -227,6 +258,7 @@ def merge_adapters(
             "inputs": [_input_record(a) for a in ads],
             "labels": _labels(ads),
             "classifier": classifier,
+            "saved_modules": saved_record(plan.saved, opts.saved_modules, inputs.base.folder),
             "notes": inputs.warnings + plan.notes,
             "outputs": sorted(p.relative_to(tmp).as_posix() for p in files),
             "modules": norms,
