@@ -4,7 +4,8 @@ Every source export reads (formats.merged: a RUN, a Hugging Face folder, a merge
 loads into the same `InferenceModel(*inputs) -> output`, which export traces into ONNX, eval and bench run, and
 ONNX Runtime is checked against. The output is `scores` [batch, classes] (pmserve's classifier over the pooled
 features, or the model's own head's logits or softmax) or `embedding` [batch, dim] (the pooled, optionally
-normalised features). W_hat = W_0 + D is written by adapters.apply_delta, whatever D came from. The unmerged model
+normalised features). W_hat = W_0 + D is written by adapters.apply_delta, whatever D came from; PEFT's
+modules_to_save that a merge carried (or a single adapter holds) replace the base's tensors. The unmerged model
 (base + every task's LoRA branch, loaded with plain PEFT) and the base model with the same head are loaded here
 too, for bench.
 """
@@ -189,16 +190,90 @@ def _adapter_deltas(folder: Path):
     return ((m, a.delta(m)) for m in a.modules)
 
 
+def _saved_tensors(src: MergedSource) -> tuple[list[tuple[str, torch.Tensor]], Path | None]:
+    """The PEFT modules_to_save a delta (modules_to_save.safetensors) or an adapter carries, by parameter name,
+    and the file they came from."""
+    if src.saved_file is not None:
+        return list(_merged_deltas(src.saved_file)), src.saved_file
+    if src.merged_adapter is not None:
+        from .formats.peft import read_adapter
+
+        a = read_adapter(src.merged_adapter)
+        return [(n, a.saved_tensor(n)) for n in a.saved], a.tensors.path
+    return [], None
+
+
+def _supplies(name: str, saved: list[str]) -> bool:
+    return any(name == s or name.endswith("." + s) or s.endswith("." + name) for s in saved)
+
+
+def _head_encoder(spec: str, src: MergedSource, saved: list[str]) -> tuple[Encoder, Preprocessor]:
+    """backbone.load_encoder's head model, for a base whose head comes from PEFT's modules_to_save: a checkpoint
+    without it (a bert-base-* with config.json set to *ForSequenceClassification) is fine here, since every
+    parameter it lacks is one the saved tensors supply; anything else missing is still a PMError."""
+    from transformers import AutoConfig, AutoModelForImageClassification, AutoModelForSequenceClassification
+
+    from .backbone import resolve_model
+
+    path = resolve_model(spec)
+    auto = (
+        AutoModelForImageClassification if src.input_kind == "image" else AutoModelForSequenceClassification
+    )
+    try:
+        config = AutoConfig.from_pretrained(str(path))
+        model, info = auto.from_pretrained(
+            str(path), config=config, ignore_mismatched_sizes=True, output_loading_info=True
+        )
+    except (OSError, ValueError, KeyError) as e:
+        raise PMError(f"{spec}: cannot load the model ({str(e).splitlines()[0]})") from None
+    lacking = [k for k in info.get("missing_keys") or () if not _supplies(k, saved)]
+    lacking += [k for k, *_ in info.get("mismatched_keys") or () if not _supplies(k, saved)]
+    if lacking:
+        raise PMError(f"{path}: the weights have no {sorted(lacking)[0]} (the model's head would be random)")
+    model.eval()
+    return Encoder(model, src.input_kind, HEAD, src.normalize), Preprocessor(
+        path, src.input_kind, src.max_length
+    )
+
+
+@torch.no_grad()
+def _apply_saved(model: nn.Module, saved: list[tuple[str, torch.Tensor]], where: Path) -> None:
+    """Each saved tensor replaces the model's parameter of its name (a wrapper prefix allowed either side)."""
+    params = dict(model.named_parameters())
+    for name, t in saved:
+        try:
+            p = params[match_module(name, params, str(where))]
+        except PMError:
+            arch = type(model).__name__
+            raise PMError(
+                f"{where}: saves {name} (PEFT modules_to_save), which the base model ({arch}) has no place for; "
+                "give a --base *ForSequenceClassification folder whose config.json has the adapter's labels"
+            ) from None
+        if tuple(p.shape) != tuple(t.shape):
+            n = getattr(model.config, "num_labels", None)
+            raise PMError(
+                f"{where}: saves {name} as {list(t.shape)}, but the base model's is {list(p.shape)} (its "
+                f"config.json's id2label has {n} labels); give a --base whose id2label has the adapter's labels"
+            )
+        p.copy_(t.to(p.dtype))
+
+
 def _load(
     src: MergedSource, spec: str, attn: str | None, deltas: bool
 ) -> tuple[InferenceModel, Preprocessor]:
     pooling = HEAD if src.head == MODEL_HEAD else src.pooling
-    encoder, prep, _ = load_encoder(spec, src.input_kind, src.max_length, pooling, src.normalize)
+    saved, saved_from = _saved_tensors(src) if deltas else ([], None)
+    if saved and pooling == HEAD:
+        encoder, prep = _head_encoder(spec, src, [n for n, _ in saved])
+    else:
+        encoder, prep, _ = load_encoder(spec, src.input_kind, src.max_length, pooling, src.normalize)
     _set_attention(encoder, attn)
     if deltas and src.merged_file is not None:
         _apply_deltas(encoder.model, _merged_deltas(src.merged_file), src.merged_file)
     if deltas and src.merged_adapter is not None:
         _apply_deltas(encoder.model, _adapter_deltas(src.merged_adapter), src.merged_adapter)
+    if saved:
+        _apply_saved(encoder.model, saved, saved_from)
     output = "embedding" if src.output == "embedding" else "scores"
     model = InferenceModel(encoder, _after_encoder(src, encoder), input_names(prep), src.labels, output)
     return model.eval(), prep

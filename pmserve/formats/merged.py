@@ -2,8 +2,9 @@
 
 What `pmserve merge` writes (any --format): merge_report.json (method, alphas, inputs with sha256, per-module
 norms, notes), README.md (the model card), the classifier (classifier.*, head.*, labels.json) and
-- delta: merged.safetensors, W_hat - W_0 per adapted module;
-- adapter: one PEFT LoRA (formats.peft);
+- delta: merged.safetensors, W_hat - W_0 per adapted module, and modules_to_save.safetensors when the adapters
+  saved PEFT modules_to_save (a SEQ_CLS head): the merged tensors whole, by the base model's parameter names;
+- adapter: one PEFT LoRA (formats.peft), the merged modules_to_save in it as PEFT saves them;
 - full: a Hugging Face model folder with W_hat baked in, its tokenizer or image processor, and
   pmserve_merge.json (method, alphas, tasks, data, max_length, base model).
 
@@ -14,8 +15,9 @@ Export takes models made elsewhere too, so a MergedSource also describes: any Hu
 "full"; a *ForSequenceClassification / *ForImageClassification keeps its own head, labels from id2label; a bare
 encoder or sentence-transformers folder becomes an embedding model, pooled as formats.pooling reads it), and a
 `pmserve merge --format delta|adapter` output on top of its base (kinds "delta" and "adapter"; W_0 + D is
-applied when the model loads). What the source is decides what the bundle outputs: class scores (`output`
-"classifier") or embeddings ("embedding").
+applied when the model loads, and merged or single-adapter PEFT modules_to_save replace the base's tensors, so a
+SEQ_CLS adapter's trained head is the head exported). What the source is decides what the bundle outputs: class
+scores (`output` "classifier") or embeddings ("embedding").
 """
 
 from __future__ import annotations
@@ -32,6 +34,9 @@ from . import run as run_files
 
 META = "pmserve_merge.json"
 REPORT = "merge_report.json"
+SAVED = (
+    "modules_to_save.safetensors"  # delta: merged PEFT modules_to_save, whole tensors that replace the base's
+)
 # where a full folder may keep pmserve's own facts (alphas, max_length, base model, data); the first found counts
 FULL_METADATA = (META, "pmserve.json", "merge.json")
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".onnx", ".gguf")
@@ -76,6 +81,8 @@ class MergedSource:
     pooling_from: str | None = None  # the file the pooling was read from, "default", or "--pooling"
     scores: str | None = None  # the model's own head: its logits, or their softmax
     merged_adapter: Path | None = None  # kind "adapter": the PEFT LoRA whose delta is applied to `model`
+    # kind "delta": the merged PEFT modules_to_save, whole tensors that replace the base's (an adapter holds its own)
+    saved_file: Path | None = None
     architecture: str | None = None  # config.json's architectures[0]
 
     def describe(self) -> dict:
@@ -286,8 +293,8 @@ def _inspect_delta(path: Path, kind: str, base: str | None) -> MergedSource:
         adapter = peft_files.read_adapter(path)  # headers only: the factors are read when the model loads
         if adapter.ignored:
             raise PMError(
-                f"{adapter.tensors.path}: holds tensors that are not LoRA factors (e.g. {adapter.ignored[0]}, "
-                "PEFT's modules_to_save), which export does not apply"
+                f"{adapter.tensors.path}: holds tensors that are neither LoRA factors nor PEFT modules_to_save "
+                f"(e.g. {adapter.ignored[0]}), which export does not apply"
             )
         if adapter.kind == "chained":
             raise PMError(
@@ -326,6 +333,7 @@ def _inspect_delta(path: Path, kind: str, base: str | None) -> MergedSource:
         classifier_dir=None,
         merged_file=path / run_files.MERGED if kind == "delta" else None,
         merged_adapter=path if kind == "adapter" else None,
+        saved_file=path / SAVED if kind == "delta" and (path / SAVED).is_file() else None,
         method=report.get("method") or meta.get("method"),
         alphas=list(report.get("alphas") or []),
         tasks=[str(i.get("name")) for i in report.get("inputs") or [] if isinstance(i, dict)],
@@ -403,6 +411,8 @@ def source_hashes(src: MergedSource) -> dict[str, str]:
     ]
     if src.merged_file is not None:
         files.append(src.merged_file)
+    if src.saved_file is not None:
+        files.append(src.saved_file)
     if src.merged_adapter is not None:
         files.append(src.merged_adapter / peft_files.WEIGHTS)
     return {p.name: sha256_file(p) for p in files}
