@@ -32,6 +32,12 @@ ap.add_argument("--port", type=int, required=True)
 ap.add_argument("--max-batch", type=int, default=32)
 ap.add_argument("--max-wait-ms", type=float, default=5.0)
 ap.add_argument("--threads", type=int, default=0)
+ap.add_argument(
+    "--no-spinning",
+    action="store_true",
+    help="ONNX Runtime's intra-op threads do not spin between runs (as in `pmserve serve`); default: ORT's own "
+    "default, spinning, which is what a KServe model class gets unless its author knows to change it.",
+)
 args = ap.parse_args()
 # kserve parses sys.argv when imported: give it only its own flags
 sys.argv = [sys.argv[0], "--configure_logging", "false", "--enable_latency_logging", "false"]
@@ -65,7 +71,7 @@ class OneCallPerRequest(kserve.Model):
         self.bundle, self.threads = bundle, threads
 
     def load(self) -> bool:
-        self.model = OrtModel.from_bundle(self.bundle, "cpu", self.threads)
+        self.model = OrtModel.from_bundle(self.bundle, "cpu", self.threads, spinning=not args.no_spinning)
         self.ready = True
         return True
 

@@ -54,8 +54,13 @@ def ort_providers(provider: str = "auto") -> list[str]:
     return ["CUDAExecutionProvider", "CPUExecutionProvider"] if cuda else ["CPUExecutionProvider"]
 
 
-def ort_session(path: Path | str, provider: str = "auto", threads: int = 0):
-    """An InferenceSession on `path`; asking for cuda and not getting it is an error, not a silent fallback."""
+def ort_session(path: Path | str, provider: str = "auto", threads: int = 0, spinning: bool = True):
+    """An InferenceSession on `path`; asking for cuda and not getting it is an error, not a silent fallback.
+
+    `spinning`: ONNX Runtime's intra-op threads spin for a while after each run, waiting for the next one; that
+    pays in a tight loop of calls (predict, bench), but in a server they spin on the cores the event loop and the
+    tokenizer need (on 2 cores, `pmserve serve` with spinning answered about half the requests per second on
+    long texts), so serve turns it off."""
     import onnxruntime as ort
 
     providers = ort_providers(provider)
@@ -68,6 +73,8 @@ def ort_session(path: Path | str, provider: str = "auto", threads: int = 0):
     so.log_severity_level = 3
     if threads:
         so.intra_op_num_threads = threads
+    if not spinning:
+        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     try:
         sess = ort.InferenceSession(str(path), so, providers=providers)
     except Exception as e:  # noqa: BLE001 -- ORT raises its own pybind error types
@@ -121,19 +128,28 @@ class OrtModel(Model):
     backend = "onnxruntime"
 
     def __init__(
-        self, onnx_path: Path, prep: Preprocessor, labels, input_kind: str, provider="auto", threads=0
+        self,
+        onnx_path: Path,
+        prep: Preprocessor,
+        labels,
+        input_kind: str,
+        provider="auto",
+        threads=0,
+        spinning: bool = True,
     ):
-        self.session = ort_session(onnx_path, provider, threads)
+        self.session = ort_session(onnx_path, provider, threads, spinning)
         names = [i.name for i in self.session.get_inputs()]
         super().__init__(prep, labels, names, input_kind, self.session.get_outputs()[0].name)
         self.providers = self.session.get_providers()
 
     @classmethod
-    def from_bundle(cls, path: Path | str, provider: str = "auto", threads: int = 0) -> OrtModel:
+    def from_bundle(
+        cls, path: Path | str, provider: str = "auto", threads: int = 0, spinning: bool = True
+    ) -> OrtModel:
         path = Path(path)
         m = verify_bundle(path)
         prep = Preprocessor(path, m["input_kind"], int(m.get("max_length", D.UNKNOWN_MAX_LENGTH)))
-        model = cls(path / MODEL, prep, m["labels"], m["input_kind"], provider, threads)
+        model = cls(path / MODEL, prep, m["labels"], m["input_kind"], provider, threads, spinning)
         model.manifest = m
         return model
 

@@ -145,7 +145,8 @@ def load_bundle(path: Path, name: str, cfg: ServeConfig, version: str = VERSION)
     PMError here, before any request reaches it."""
     path = Path(path)
     read_manifest(path)  # "not a bundle" in the bundle's words before anything else
-    model = OrtModel.from_bundle(path, cfg.provider, cfg.threads)  # checks every file's sha256
+    # checks every file's sha256; no spinning: ORT's idle threads would take the cores requests are parsed on
+    model = OrtModel.from_bundle(path, cfg.provider, cfg.threads, spinning=False)
     probe = read_probe(path, model.manifest)
     if probe is None:
         inputs = ["warm up"] if model.input_kind == "text" else [np.zeros((16, 16, 3), np.uint8)]

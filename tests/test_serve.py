@@ -471,3 +471,17 @@ def test_a_queue_of_mixed_lengths_runs_as_calls_of_similar_length():
     mixed, padded_mixed = serve_queue(by_length=False)
     assert len(mixed) == 1 and len(mixed[0]) == 12, "--no-by-length: one call, as before"
     assert padded < 0.6 * padded_mixed, (padded, padded_mixed)
+
+
+def test_served_sessions_do_not_spin(bundle):  # noqa: F811
+    """ORT's intra-op threads spinning between runs would take the cores the event loop parses requests on:
+    serve turns spinning off; predict and bench keep ORT's default."""
+    from pmserve.predict import OrtModel
+    from pmserve.serve import ServeConfig, load_bundle
+
+    served = load_bundle(bundle, "m", ServeConfig(provider="cpu", threads=1))
+    key = "session.intra_op.allow_spinning"
+    assert served.model.session.get_session_options().get_session_config_entry(key) == "0"
+    plain = OrtModel.from_bundle(bundle, "cpu", 1).session.get_session_options()
+    with pytest.raises(RuntimeError, match="does not have"):  # unset: ORT's default, spinning
+        plain.get_session_config_entry(key)
