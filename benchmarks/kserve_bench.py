@@ -10,8 +10,9 @@ Servers, each a process of its own on 127.0.0.1 serving the same bundle with ONN
   kserve           kserve.ModelServer with the batcher a user writes in an afternoon (benchmarks/kserve_server.py:
                    an asyncio queue, up to 32 inputs after a fixed 5 ms wait, one padded call in a worker thread)
   kserve-1         kserve.ModelServer with one synchronous model call per request (KServe's plain predict)
-  kserve-nospin    kserve, with ONNX Runtime's intra-op threads not spinning between runs, as pmserve serve
-                   runs them (a setting a KServe user could make too: how much of the gap it is)
+  kserve-tuned     kserve with the two settings pmserve serve makes besides its batcher: ONNX Runtime's threads
+                   not spinning between runs, gc.freeze() after loading (a KServe user could make them too:
+                   how much of the gap they are)
 KServe runs in its own environment (benchmarks/kserve_env.sh; --kserve-python) and wraps pmserve's OrtModel, so
 both servers run the very same tokenizer and ONNX Runtime session. Load: benchmarks/serve_bench.py's closed-loop
 clients on raw keep-alive sockets, one text per v2 infer request, --seconds (or --requests) per cell after a
@@ -57,7 +58,7 @@ SERVERS = {
     "pmserve-1": ("pmserve", ["--max-batch", "1"]),
     "kserve": ("kserve", ["--max-batch", "32"]),
     "kserve-1": ("kserve", ["--max-batch", "1"]),
-    "kserve-nospin": ("kserve", ["--max-batch", "32", "--no-spinning"]),
+    "kserve-tuned": ("kserve", ["--max-batch", "32", "--tuned"]),
 }
 
 
@@ -250,7 +251,7 @@ def main() -> None:
         for a, b in [
             ("pmserve", "kserve"),
             ("pmserve", "kserve-1"),
-            ("pmserve", "kserve-nospin"),
+            ("pmserve", "kserve-tuned"),
             ("pmserve", "pmserve-1"),
             ("pmserve", "pmserve-mixed"),
         ]:

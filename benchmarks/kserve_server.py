@@ -15,7 +15,8 @@ KServe's Python server has no batching of its own (in a cluster, batching is the
 - `--max-batch N`: what a user writes in an afternoon: an async predict puts the texts on a queue, a task takes
   up to N inputs once the oldest has waited --max-wait-ms, and runs them as one model call in a worker thread
   (the fixed wait, padding to the longest text, one call per batch).
-Every log line per request is off (no access log, no latency log), as in `pmserve serve`.
+Every log line per request is off (no access log, no latency log), as in `pmserve serve`. --tuned adds what
+pmserve serve sets besides its batcher (no spinning ONNX Runtime threads, gc.freeze after loading).
 """
 
 from __future__ import annotations
@@ -33,10 +34,11 @@ ap.add_argument("--max-batch", type=int, default=32)
 ap.add_argument("--max-wait-ms", type=float, default=5.0)
 ap.add_argument("--threads", type=int, default=0)
 ap.add_argument(
-    "--no-spinning",
+    "--tuned",
     action="store_true",
-    help="ONNX Runtime's intra-op threads do not spin between runs (as in `pmserve serve`); default: ORT's own "
-    "default, spinning, which is what a KServe model class gets unless its author knows to change it.",
+    help="The two settings `pmserve serve` makes outside its batcher: ONNX Runtime's intra-op threads do not spin "
+    "between runs, and the objects loaded before serving are frozen out of the cyclic GC (gc.freeze). Default: "
+    "neither, which is what a KServe model class gets unless its author knows to change them.",
 )
 args = ap.parse_args()
 # kserve parses sys.argv when imported: give it only its own flags
@@ -71,7 +73,7 @@ class OneCallPerRequest(kserve.Model):
         self.bundle, self.threads = bundle, threads
 
     def load(self) -> bool:
-        self.model = OrtModel.from_bundle(self.bundle, "cpu", self.threads, spinning=not args.no_spinning)
+        self.model = OrtModel.from_bundle(self.bundle, "cpu", self.threads, spinning=not args.tuned)
         self.ready = True
         return True
 
@@ -134,4 +136,9 @@ if __name__ == "__main__":
     else:
         model = OneCallPerRequest("m", args.bundle, args.threads)
     model.load()
+    if args.tuned:
+        import gc
+
+        gc.collect()
+        gc.freeze()
     kserve.ModelServer(http_port=args.port, enable_grpc=False, workers=1).start([model])

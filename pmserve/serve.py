@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import collections
+import gc
 import io
 import json
 import signal
@@ -1016,6 +1017,13 @@ def serve(
         models = load_models(bundles, names, cfg)
     sock = listen(host, port)
     app = create_app(models, cfg, repo)
+    # torch, transformers and the models leave some 400k objects for the cyclic GC; a full collection walks them
+    # all (0.15 to 0.3 s on 2 CPU cores), a pause that every request in flight pays: it was the p99 under load
+    # (250 ms against a p50 of 60). Loaded once, they live as long as the server: move them out of the collector's
+    # sight. (A model repository's first versions, once swapped out, are freed by reference counting; only
+    # reference cycles among them stay.)
+    gc.collect()
+    gc.freeze()
     for s in models:
         what = "embedding" if s.embedding else f"{len(s.labels)} classes"
         log(f"model {s.name}: {s.path} ({s.kind}, {what}, {', '.join(s.model.providers)})")
