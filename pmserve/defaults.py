@@ -71,7 +71,7 @@ MERGE_SAVED_MODULES = "average"  # PEFT modules_to_save (a SEQ_CLS head): merged
 # pmserve export: ExportOptions
 EXPORT_DTYPE = "fp32"
 EXPORT_OPSET = 17
-EXPORT_OPTIMIZE = True
+EXPORT_OPTIMIZE: bool | None = None  # None: fusions for fp16 (GPU) bundles only; on CPUs they measured slower
 EXPORT_QUANTIZE: str | None = None
 EXPORT_DATA: str | None = None  # None: the source's own task sequence
 EXPORT_MAX_LENGTH: int | None = None  # None: the source's (UNKNOWN_MAX_LENGTH when it has none)

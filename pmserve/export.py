@@ -14,12 +14,15 @@ Choices, and why:
 - The TorchScript-based exporter (torch.onnx.export(dynamo=False)) with eager attention: ONNX Runtime's
   transformer optimizer recognises the attention it writes and fuses it into one Attention op (and the
   embeddings into EmbedLayerNormalization). The graph the dynamo exporter writes gets no attention fusion.
-- Optimisation = onnxruntime.transformers.optimizer for BERT-like and ViT models. Where it fuses no attention
-  (an unusual architecture) the bundle gets ONNX Runtime's provider-independent basic graph optimisation instead,
-  and the manifest says so; ORT applies its provider-specific fusions when the session loads either way.
+- Optimisation = onnxruntime.transformers.optimizer for BERT-like and ViT models, by default for fp16 (GPU)
+  bundles only. On CPUs the fused graph measured slower than the plain one (BENCHMARKS.md, against Optimum:
+  fp32 2 to 10% slower over 6 shapes, int8 6 to 26%, since quantising a fused Attention leaves its inner
+  products in fp32), so fp32 and int8 bundles keep the traced graph and ONNX Runtime's own load-time fusions;
+  `--optimize` asks for the fusion anyway. Where it fuses no attention (an unusual architecture) the bundle gets
+  ONNX Runtime's provider-independent basic graph optimisation instead, and the manifest says so.
 - fp16 (for GPUs) converts the backbone and keeps the classifier in fp32 (ridge weights can exceed fp16's range);
   inputs and the `scores` output keep their types.
-- int8 = dynamic quantisation of the fp32 (optimised) graph for CPUs. Its parity cannot meet 1e-4, so the fp32
+- int8 = dynamic quantisation of the fp32 graph for CPUs. Its parity cannot meet 1e-4, so the fp32
   graph is checked first and the int8 one is reported: score difference, top-1 agreement, and the accuracy drop on
   the source's test sets.
 - Parity: ONNX Runtime (CPU) against the PyTorch fp32 merged model on test inputs of the source's tasks (when
@@ -69,7 +72,7 @@ SAMPLE_TEXTS = [
 class ExportOptions:
     dtype: str = D.EXPORT_DTYPE
     opset: int = D.EXPORT_OPSET
-    optimize: bool = D.EXPORT_OPTIMIZE
+    optimize: bool | None = D.EXPORT_OPTIMIZE  # None: fused for fp16 (GPUs), not for fp32 and int8 (CPUs)
     quantize: str | None = D.EXPORT_QUANTIZE  # None or "int8"
     data: str | None = D.EXPORT_DATA  # task sequence for the int8 accuracy report; default: the source's own
     max_length: int | None = D.EXPORT_MAX_LENGTH  # tokenizer truncation; default: the source's
@@ -144,7 +147,7 @@ def _export_into(tmp, src, model, prep, batches, tasks, tasks_note, opts: Export
     log(f"exporting {src.path} ({src.summary()}) to ONNX")
     trace_onnx(model, batches[0], raw, opts.opset)
     current, optimization = raw, {"method": None}
-    if opts.optimize:
+    if opts.optimize if opts.optimize is not None else opts.dtype == "fp16":
         current, optimization = optimize_graph(raw, work, model, src.input_kind, use_gpu=opts.dtype == "fp16")
         log(
             f"optimised: {optimization['method']}"
