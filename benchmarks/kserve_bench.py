@@ -42,6 +42,7 @@ import signal
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -72,7 +73,7 @@ def start(kind: str, opts: list[str], bundle: Path, args) -> tuple[subprocess.Po
         cmd = [args.kserve_python, str(ROOT / "benchmarks" / "kserve_server.py"), "--bundle", str(bundle)]
         cmd += ["--port", str(port), *opts, "--max-wait-ms", str(args.max_wait_ms), "--threads", "0"]
         env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    log = open(args.out.with_suffix(".server.log"), "a")  # noqa: SIM115 -- the child writes to it
+    log = open(args.server_log, "a")  # noqa: SIM115 -- the child writes to it
     proc = subprocess.Popen(cmd, stdout=log, stderr=log, env=env)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 180
@@ -156,7 +157,10 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/kserve_bench.json"))
     args = ap.parse_args()
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.with_suffix(".server.log").write_text("")
+    args.server_log = (
+        Path(tempfile.gettempdir()) / "kserve_bench.server.log"
+    )  # the servers' stderr, for errors
+    args.server_log.write_text("")
 
     sets = input_sets(args.inputs.split(","))
     conc = [int(x) for x in args.concurrency.split(",")]
