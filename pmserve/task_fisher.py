@@ -113,10 +113,12 @@ def prototype_logits(
     return logits
 
 
-def find_linears(model: nn.Module, modules: list[str]) -> dict[str, nn.Linear]:
-    """The model's linear layer for each adapter module name, allowing for a wrapper prefix either side."""
+def find_linears(model: nn.Module, modules: list[str], option: str = "--data") -> dict[str, nn.Linear]:
+    """The model's linear layer for each adapter module name, allowing for a wrapper prefix either side.
+    `option` is the one whose computation needs the layers (the encoder is loaded without its pooler)."""
     linears = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear)}
-    return {name: linears[match_module(name, linears, "--data: an adapted layer")] for name in modules}
+    where = f"{option}: an adapted layer the encoder (loaded without its pooler) must hold"
+    return {name: linears[match_module(name, linears, where)] for name in modules}
 
 
 class DataFisher:

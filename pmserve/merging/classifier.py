@@ -171,7 +171,7 @@ def calibrate(
     from ..task_fisher import find_linears
 
     encoder, prep, _ = load_encoder(inputs.base.spec, tasks[0].kind, inputs.max_length)
-    layers = find_linears(encoder.model, inputs.modules)
+    layers = find_linears(encoder.model, inputs.modules, "--calibrate")
     with torch.no_grad():
         for i, m in enumerate(inputs.modules):
             w = layers[m].weight
