@@ -50,7 +50,7 @@ from pathlib import Path
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from serve_bench import batch_stats, free_port, input_sets, load  # noqa: E402
+from serve_bench import batch_stats, free_port, input_sets, load, wait_ready  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 SERVERS = {
@@ -75,19 +75,9 @@ def start(kind: str, opts: list[str], bundle: Path, args) -> tuple[subprocess.Po
         env = {**os.environ, "PYTHONPATH": str(ROOT)}
     log = open(args.server_log, "a")  # noqa: SIM115 -- the child writes to it
     proc = subprocess.Popen(cmd, stdout=log, stderr=log, env=env)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 180
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            sys.exit(f"{kind} exited {proc.returncode}: see {log.name}")
-        try:
-            if httpx.get(f"{url}/v2/models/m/ready", timeout=1).status_code == 200:
-                return proc, url
-        except httpx.TransportError:
-            pass
-        time.sleep(0.3)
-    proc.kill()
-    sys.exit(f"{kind}: not ready in 180 s")
+    return proc, wait_ready(
+        proc, f"http://127.0.0.1:{port}", "/v2/models/m/ready", f"{kind} (log {log.name})"
+    )
 
 
 def cpu_seconds(pid: int) -> float:

@@ -160,7 +160,7 @@ merged.save_pretrained(out)
 """
 
 
-def measure(cmd: list[str], env: dict) -> dict:
+def measure(cmd: list[str], env: dict | None = None) -> dict:
     """Wall seconds and peak RSS (MB) of one subprocess."""
     t0 = time.perf_counter()
     p = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
@@ -168,7 +168,9 @@ def measure(cmd: list[str], env: dict) -> dict:
     _, status, usage = os.wait4(p.pid, 0)
     wall = time.perf_counter() - t0
     if status != 0:
-        raise RuntimeError(f"{' '.join(cmd[:4])} ... failed:\n{out.decode()[-3000:]}")
+        raise RuntimeError(
+            f"{' '.join(map(str, cmd[:6]))} ... failed:\n{out.decode(errors='replace')[-4000:]}"
+        )
     return {"seconds": wall, "peak_rss_mb": usage.ru_maxrss / 1024}
 
 

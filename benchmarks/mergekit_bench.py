@@ -41,6 +41,9 @@ import tempfile
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from merge_bench import measure  # noqa: E402 -- wall time and peak RSS of a subprocess, as merge_bench takes them
+
 ROOT = Path(__file__).resolve().parent.parent
 MK_VENV = ROOT / ".venv-mergekit"
 VOCAB = 32000
@@ -178,19 +181,6 @@ def mergekit_config(method: str, base: Path, adapters: list[Path], density: floa
         # linear has no base model in mergekit; the base is only the donor of config and tokenizer
         lines = [x for x in lines if not x.startswith("base_model")]
     return "\n".join(lines) + "\n"
-
-
-def measure(cmd: list[str], env: dict | None = None) -> dict:
-    t0 = time.perf_counter()
-    p = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    out = p.stdout.read()
-    _, status, usage = os.wait4(p.pid, 0)
-    wall = time.perf_counter() - t0
-    if status != 0:
-        raise RuntimeError(
-            f"{' '.join(map(str, cmd[:6]))} ... failed:\n{out.decode(errors='replace')[-4000:]}"
-        )
-    return {"seconds": wall, "peak_rss_mb": usage.ru_maxrss / 1024}
 
 
 COPY_SCRIPT = r"""

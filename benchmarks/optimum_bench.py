@@ -650,6 +650,8 @@ def main() -> None:
     import onnxruntime
     import transformers
 
+    from pmserve.bench import _cpu_name
+
     result = {
         "date": time.strftime("%Y-%m-%d"),
         "pmserve_tree": _git_state(),
@@ -757,16 +759,6 @@ def _git_state() -> dict:
 
     dirty = git("status", "--porcelain", "--", "pmserve", "cli").splitlines()
     return {"commit": git("rev-parse", "HEAD"), "uncommitted": [ln[3:] for ln in dirty]}
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 if __name__ == "__main__":

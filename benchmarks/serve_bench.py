@@ -44,19 +44,30 @@ def start_server(
     cmd = [sys.executable, "-m", "pmserve", "serve", str(bundle), "--name", "m", "--port", str(port)]
     cmd += ["--max-batch", str(max_batch), "--max-wait-ms", str(max_wait_ms), "--threads", str(threads)]
     proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 180
+    return proc, wait_ready(proc, f"http://127.0.0.1:{port}")
+
+
+def wait_ready(
+    proc: subprocess.Popen,
+    url: str,
+    ready: str = "/v2/health/ready",
+    what: str = "server",
+    seconds: float = 180,
+) -> str:
+    """`url` once the server process answers `ready` with 200; exits the benchmark if it dies or never does."""
+    deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            sys.exit(f"server exited {proc.returncode}: {proc.stderr.read()}")
+            err = proc.stderr.read() if proc.stderr else "see its log"
+            sys.exit(f"{what} exited {proc.returncode}: {err}")
         try:
-            if httpx.get(f"{url}/v2/health/ready", timeout=1).status_code == 200:
-                return proc, url
+            if httpx.get(f"{url}{ready}", timeout=1).status_code == 200:
+                return url
         except httpx.TransportError:
             pass
         time.sleep(0.3)
     proc.kill()
-    sys.exit("server not ready in 180 s")
+    sys.exit(f"{what} not ready in {seconds:.0f} s")
 
 
 def batch_stats(url: str) -> tuple[float, float]:

@@ -30,7 +30,7 @@ import httpx
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
-from serve_bench import free_port, input_sets  # noqa: E402 -- the benchmark beside this one
+from serve_bench import free_port, input_sets, wait_ready  # noqa: E402 -- the benchmark beside this one
 
 
 def start_server(repo: Path, threads: int, max_wait_ms: float) -> tuple[subprocess.Popen, str]:
@@ -38,19 +38,7 @@ def start_server(repo: Path, threads: int, max_wait_ms: float) -> tuple[subproce
     cmd = [sys.executable, "-m", "pmserve", "serve", "--repository", str(repo), "--poll-s", "0"]
     cmd += ["--port", str(port), "--threads", str(threads), "--max-wait-ms", str(max_wait_ms)]
     proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 180
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            sys.exit(f"server exited {proc.returncode}: {proc.stderr.read()}")
-        try:
-            if httpx.get(f"{url}/v2/health/ready", timeout=1).status_code == 200:
-                return proc, url
-        except httpx.TransportError:
-            pass
-        time.sleep(0.3)
-    proc.kill()
-    sys.exit("server not ready in 180 s")
+    return proc, wait_ready(proc, f"http://127.0.0.1:{port}")
 
 
 def infer_request(model: str, text: str) -> bytes:

@@ -733,6 +733,7 @@ def _continue(
     steps = sum(ep * -(-len(t.train.labels) // cfg.batch_size) for _, t, ep in todo)  # for the time left
 
     mode = progress if isinstance(progress, str) else "auto" if progress else "off"
+    old_tests: dict[int, Split | None] = {}  # test splits of tasks finished before this call
     with TrainProgress(steps, mode, log) as bar:
         for i, current, epochs in todo:
             t0 = time.perf_counter()
@@ -760,7 +761,10 @@ def _continue(
                     )  # the same on every rank: the Fisher was summed
                 lam = learner.update_classifiers(current, i)
                 seen = range(len(plan)) if joint else range(i + 1)
-                tests = [loaded[j].test if j in loaded else _test_of(out, j, plan[j], cfg.seed) for j in seen]
+                for j in seen:  # read an earlier task's test split once per call, not once per new task
+                    if j not in old_tests and j not in loaded:
+                        old_tests[j] = _test_of(out, j, plan[j], cfg.seed)
+                tests = [loaded[j].test if j in loaded else old_tests[j] for j in seen]
                 accs = [None if t is None else learner.accuracy(t) for t in tests]
                 info = {
                     "index": i,
