@@ -9,7 +9,9 @@ The *inference classifier* (`--head`) scores every label seen so far. `linear` a
 head itself. `prototype` and `ridge` are rebuilt from statistics of each task's training features computed with
 the merged model right after each merge (exemplar-free: sums, counts and a Gram matrix, never the data):
 `prototype` predicts the nearest class mean by cosine (SimpleCIL/APER); `ridge` is RanPAC's ridge regression on
-a fixed, seeded random ReLU projection, with lambda chosen on a held-out part of the current task's data.
+a fixed, seeded random ReLU projection, with lambda chosen after every task by generalised cross-validation on the
+accumulated statistics of every class seen (`gcv`, no data needed), or, as runs before it did, on a held-out part
+of the current task's data only (`holdout`).
 """
 
 from __future__ import annotations
@@ -24,7 +26,31 @@ from .errors import PMError
 
 HEADS = ("linear", "cosine", "prototype", "ridge")
 TRAIN_HEADS = ("linear", "cosine")
-RIDGE_LAMBDAS = tuple(10.0**k for k in range(-1, 7))
+RIDGE_LAMBDAS = tuple(10.0**k for k in range(-1, 7))  # the holdout rule's grid
+GCV_LAMBDAS = tuple(10.0 ** (k / 4) for k in range(-8, 41))  # 1e-2 .. 1e10, four points a decade
+RIDGE_SELECT = ("gcv", "holdout")
+
+
+def gcv_scores(
+    G: torch.Tensor, Q: torch.Tensor, n: float, lambdas: tuple[float, ...] = GCV_LAMBDAS
+) -> torch.Tensor:
+    """Generalised cross-validation of ridge regression to one-hot targets, from its sufficient statistics.
+
+    With G = H^T H = V diag(d) V^T, Q = H^T Y, R = V^T Q and tr(Y^T Y) = n (one-hot rows), the fit
+    W = (G + lambda I)^-1 Q leaves RSS = n - sum_j |R_j|^2 (d_j + 2 lambda) / (d_j + lambda)^2 with
+    df = sum_j d_j / (d_j + lambda) degrees of freedom, and GCV = n RSS / (n - df)^2 (Golub, Heath and Wahba
+    1979): a rotation-invariant leave-one-out error that needs no held-out data, only G, Q and n. One
+    eigendecomposition serves every lambda.
+    """
+    d, V = torch.linalg.eigh(G.double())
+    d = d.clamp_min(0.0)
+    r2 = (V.T @ Q.double()).pow(2).sum(1)
+    out = []
+    for lam in lambdas:
+        rss = n - float((r2 * (d + 2 * lam) / (d + lam).pow(2)).sum())
+        df = float((d / (d + lam)).sum())
+        out.append(n * max(rss, 0.0) / max(n - df, 1e-12) ** 2)
+    return torch.tensor(out, dtype=torch.float64)
 
 
 def linear_scores(feats: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
@@ -149,10 +175,13 @@ def random_projection(dim: int, size: int, seed: int) -> torch.Tensor:
 class Ridge:
     """Ridge regression on relu(features @ P) to one-hot targets, from an accumulated Gram matrix.
 
-    State: G = sum h h^T (size x size) and Q = sum h y^T (size x classes); weights = (G + lambda I)^-1 Q.
+    State: G = sum h h^T (size x size), Q = sum h y^T (size x classes) and n, the number of rows added;
+    weights = (G + lambda I)^-1 Q. `select` is how lambda is chosen when it is not fixed (RIDGE_SELECT).
     """
 
-    def __init__(self, dim: int, size: int = 2000, seed: int = 0, lam: float | None = None):
+    def __init__(
+        self, dim: int, size: int = 2000, seed: int = 0, lam: float | None = None, select: str = "gcv"
+    ):
         need = size * size * 8 * 3 / 2**30  # G, its solve copy and Cholesky factor, float64
         if size < 1:
             raise PMError(f"--ridge-dim: must be positive, got {size}")
@@ -162,7 +191,11 @@ class Ridge:
             )
         if lam is not None and lam <= 0:
             raise PMError(f"--ridge-lambda: must be > 0, got {lam}")
-        self.dim, self.size, self.seed, self.fixed_lam = dim, size, seed, lam
+        if select not in RIDGE_SELECT:
+            raise PMError(f"--ridge-select: must be gcv or holdout, got {select!r}")
+        self.dim, self.size, self.seed, self.fixed_lam, self.select = dim, size, seed, lam, select
+        self.n = 0.0
+        self.on_edge = False  # the last chosen lambda is an end of its grid
         self.P = random_projection(dim, size, seed)
         self.labels: list[str] = []
         self.G = torch.zeros(size, size, dtype=torch.float64)
@@ -185,14 +218,22 @@ class Ridge:
         h, y = self.project(feats), self._targets(labels)
         self.G += h.T @ h
         self.Q += h.T @ y
+        self.n += len(labels)
 
     def solve(self, lam: float) -> torch.Tensor:
         eye = torch.eye(self.size, dtype=torch.float64)
         return torch.linalg.solve(self.G + lam * eye, self.Q)
 
     def fit(self, feats: torch.Tensor, labels: list[str], holdout: float = 0.2, seed: int = 0) -> float:
-        """Add a task's features; pick lambda on a held-out part of them unless fixed. Returns lambda."""
-        if self.fixed_lam is None and len(labels) >= 5:
+        """Add a task's features and choose lambda unless fixed: by GCV over every row added so far, or on a
+        held-out part of this task's features. Returns lambda; `on_edge` says whether it ends its grid."""
+        self.on_edge = False
+        if self.fixed_lam is None and self.select == "gcv":
+            self.update(feats, labels)
+            scores = gcv_scores(self.G, self.Q, self.n)
+            best = int(torch.argmin(scores))
+            self.lam, self.on_edge = GCV_LAMBDAS[best], best in (0, len(GCV_LAMBDAS) - 1)
+        elif self.fixed_lam is None and len(labels) >= 5:
             g = torch.Generator().manual_seed(seed)
             perm = torch.randperm(len(labels), generator=g)
             n_val = max(1, int(len(labels) * holdout))
@@ -205,6 +246,7 @@ class Ridge:
                 for i, lam in enumerate(RIDGE_LAMBDAS)
             ]
             self.lam = RIDGE_LAMBDAS[-max(accs)[1]]  # best accuracy; ties go to the smallest lambda
+            self.on_edge = self.lam in (RIDGE_LAMBDAS[0], RIDGE_LAMBDAS[-1])
             self.update(feats[val], [labels[i] for i in val])
         else:
             self.update(feats, labels)
@@ -218,11 +260,13 @@ class Ridge:
         return ridge_scores(feats.detach().cpu().float(), self.P, self.W).to(feats.device, torch.float32)
 
     def state(self) -> dict[str, torch.Tensor]:
-        return {"G": self.G, "Q": self.Q}
+        return {"G": self.G, "Q": self.Q, "n": torch.tensor([self.n], dtype=torch.float64)}
 
     def load(self, state: dict[str, torch.Tensor], labels: list[str], lam: float) -> None:
+        """A saved classifier; one saved before n was kept (holdout only) counts n as 0."""
         self.labels, self.lam = list(labels), lam
         self.G, self.Q = state["G"].double(), state["Q"].double()
+        self.n = float(state["n"]) if "n" in state else 0.0
         self.W = self.solve(lam)
 
 
@@ -254,7 +298,11 @@ def save_scorer(scorer: Scorer, folder, prefix: str = "classifier") -> None:
         meta["scale"] = scorer.scale
     if isinstance(scorer, Ridge):
         meta.update(
-            size=scorer.size, seed=scorer.seed, lambda_=scorer.lam, fixed_lambda=scorer.fixed_lam is not None
+            size=scorer.size,
+            seed=scorer.seed,
+            lambda_=scorer.lam,
+            fixed_lambda=scorer.fixed_lam is not None,
+            select=scorer.select,
         )
     save_file({k: v.contiguous() for k, v in scorer.state().items()}, str(folder / f"{prefix}.safetensors"))
     (folder / f"{prefix}.json").write_text(json.dumps(meta, indent=2))
@@ -285,7 +333,8 @@ def load_scorer(folder, prefix: str = "classifier") -> Scorer:
         s.load(state, labels)
         rows = s.sums.shape
     elif kind == "ridge":
-        s = Ridge(dim, meta["size"], meta["seed"], meta["lambda_"] if meta.get("fixed_lambda") else None)
+        fixed = meta["lambda_"] if meta.get("fixed_lambda") else None
+        s = Ridge(dim, meta["size"], meta["seed"], fixed, meta.get("select", "holdout"))  # older: holdout
         s.load(state, labels, meta["lambda_"])
         rows = (s.Q.shape[1], dim)
     else:

@@ -1,5 +1,7 @@
 """Ridge and prototype classifiers against direct computations; the continual-learning metrics by hand."""
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -63,3 +65,90 @@ def test_metrics_by_hand():
     assert s["ACC"] == pytest.approx((0.6 + 0.5 + 1.0) / 3)
     assert s["AAA"] == pytest.approx((0.9 + 0.75 + 0.7) / 3)
     assert s["forgetting"] == pytest.approx(((0.9 - 0.6) + (0.8 - 0.5)) / 2)
+
+
+def explicit_gcv(H: torch.Tensor, Y: torch.Tensor, lam: float) -> float:
+    """GCV by its definition: the hat matrix A = H (H^T H + lam I)^-1 H^T, n |Y - A Y|^2 / (n - tr A)^2."""
+    n, p = H.shape
+    A = H @ torch.linalg.solve(H.T @ H + lam * torch.eye(p, dtype=torch.float64), H.T)
+    return float(n * ((Y - A @ Y) ** 2).sum() / (n - torch.trace(A)) ** 2)
+
+
+def loo_error(H: torch.Tensor, Y: torch.Tensor, lam: float) -> float:
+    """Leave-one-out squared error by brute force: n refits, each without one row."""
+    n, p = H.shape
+    err = 0.0
+    for i in range(n):
+        keep = torch.arange(n) != i
+        W = torch.linalg.solve(H[keep].T @ H[keep] + lam * torch.eye(p, dtype=torch.float64), H[keep].T @ Y[keep])
+        err += float(((Y[i] - H[i] @ W) ** 2).sum())
+    return err / n
+
+
+def clustered(n: int, dim: int = 8, classes: int = 4, noise: float = 1.5, seed: int = 0):
+    """Features around one centre per class: a problem where some lambda is clearly best."""
+    g = torch.Generator().manual_seed(seed)
+    centres = torch.randn(classes, dim, generator=g)
+    ys = torch.randint(0, classes, (n,), generator=g)
+    feats = centres[ys] + noise * torch.randn(n, dim, generator=g)
+    return feats, [f"c{int(y)}" for y in ys]
+
+
+@pytest.mark.parametrize("n", [40, 10])  # more rows than features, and fewer
+def test_gcv_scores_equal_the_hat_matrix_definition(n):
+    from pmserve.heads import gcv_scores
+
+    feats, labels = clustered(n)
+    r = Ridge(8, size=16, seed=1, lam=1.0)
+    r.update(feats, labels)
+    H = r.project(feats)
+    Y = r._targets(labels)
+    lams = (1e-2, 0.3, 10.0, 1e3)
+    got = gcv_scores(r.G, r.Q, r.n, lams)
+    want = [explicit_gcv(H, Y, lam) for lam in lams]
+    torch.testing.assert_close(got, torch.tensor(want, dtype=torch.float64), rtol=1e-6, atol=1e-9)
+
+
+def test_gcv_lambda_against_brute_force_leave_one_out_over_every_class_seen():
+    from pmserve.heads import GCV_LAMBDAS
+
+    feats, labels = clustered(120, seed=3)
+    first = [y if y in ("c0", "c1") else "c0" for y in labels[:60]]  # task 1 has two of the classes ...
+    r = Ridge(8, size=48, seed=2)
+    r.fit(feats[:60], first)
+    lam = r.fit(feats[60:], labels[60:])  # ... task 2: the choice covers both tasks' rows
+    assert r.n == 120
+    H = r.project(feats)
+    Y = r._targets(first + labels[60:])
+    grid = GCV_LAMBDAS[::2]
+    loo = [loo_error(H, Y, x) for x in grid]
+    best = grid[loo.index(min(loo))]
+    assert abs(math.log10(lam) - math.log10(best)) <= 0.5  # within two of GCV's grid steps
+    assert loo_error(H, Y, lam) <= 1.02 * min(loo)
+    assert not r.on_edge
+
+
+def test_ridge_reports_a_lambda_at_the_end_of_its_grid():
+    from pmserve.heads import GCV_LAMBDAS
+
+    feats, labels = clustered(200, noise=0.01, seed=4)  # noiseless: the smallest lambda fits best
+    r = Ridge(8, size=8, seed=0)
+    r.fit(feats, labels)
+    assert r.on_edge and r.lam == GCV_LAMBDAS[0]
+    g = torch.Generator().manual_seed(5)
+    r = Ridge(8, size=64, seed=0)
+    r.fit(torch.randn(30, 8, generator=g), [f"c{i % 5}" for i in range(30)])  # labels unrelated to features
+    assert r.lam > 1.0
+
+
+def test_saved_ridge_keeps_its_rule_and_count(tmp_path):
+    from pmserve.heads import load_scorer, save_scorer
+
+    feats, labels = clustered(50)
+    r = Ridge(8, size=16, seed=1, select="holdout")
+    r.fit(feats, labels)
+    save_scorer(r, tmp_path, "c")
+    back = load_scorer(tmp_path, "c")
+    assert (back.select, back.n, back.lam) == ("holdout", 50, r.lam)
+    with pytest.raises(PMError, match="--ridge-select"):
+        Ridge(8, select="loo")

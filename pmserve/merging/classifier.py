@@ -91,12 +91,13 @@ def combine(scorers: list[Scorer]) -> Scorer:
         return out
     assert kind == "ridge"
     last = scorers[-1]
-    out = Ridge(first.dim, first.size, first.seed, last.fixed_lam)
+    out = Ridge(first.dim, first.size, first.seed, last.fixed_lam, last.select)
     G = sum(s.G for s in scorers)
     Q = torch.zeros(first.size, len(labels), dtype=torch.float64)
     for s in scorers:
         Q[:, [pos[y] for y in s.labels]] += s.Q
-    out.load({"G": G, "Q": Q}, labels, last.lam)
+    n = torch.tensor([sum(s.n for s in scorers)], dtype=torch.float64)
+    out.load({"G": G, "Q": Q, "n": n}, labels, last.lam)
     return out
 
 
