@@ -99,9 +99,19 @@ def train(
         D.TRAIN_FISHER_LABELS,
         help="Fisher labels: sampled (from the model: the true Fisher) | true (the empirical one).",
     ),
+    curvature: str = typer.Option(
+        D.TRAIN_CURVATURE,
+        help="What alpha weighs tasks by: profile (the Fisher scaled to each task's measured loss along its "
+        "task vector) | fisher (the paper's diagonal Fisher as it is).",
+    ),
     ridge_dim: int = typer.Option(D.TRAIN_RIDGE_DIM, help="Random projection size of the ridge head."),
     ridge_lambda: float = typer.Option(
-        D.TRAIN_RIDGE_LAMBDA, help="Ridge lambda; 0 chooses it per task on held-out training data."
+        D.TRAIN_RIDGE_LAMBDA, help="Ridge lambda; 0 chooses it after every task (--ridge-select)."
+    ),
+    ridge_select: str = typer.Option(
+        D.TRAIN_RIDGE_SELECT,
+        help="How ridge's lambda is chosen: gcv (generalised cross-validation on every class seen) | holdout "
+        "(on 20% of the current task's data).",
     ),
     eval_heads: str = typer.Option(
         joined(D.TRAIN_EVAL_HEADS),

@@ -8,6 +8,8 @@ It is not Gaussian noise: the paper shows that does not help.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import torch
 from torch import nn
 
@@ -67,8 +69,7 @@ class Perturbation:
         self._set_scaling(1.0)
 
     def _set_scaling(self, s: float) -> None:
-        for layer, scaling in zip(self.layers, self.scaling):
-            layer.scaling[self.adapter] = scaling * s
+        _scale_branches(self.layers, self.scaling, s, self.adapter)
 
     def _hook(self, module: nn.Module, inputs, output: torch.Tensor) -> torch.Tensor | None:
         if self.s is None:
@@ -81,6 +82,23 @@ class Perturbation:
         for h in self.handles:
             h.remove()
         self.handles = []
+
+
+def _scale_branches(layers: list[nn.Module], scaling: list[float], s: float, adapter: str) -> None:
+    for layer, base in zip(layers, scaling):
+        layer.scaling[adapter] = base * s
+
+
+@contextmanager
+def branch_scale(layers: dict[str, nn.Module], s: float, adapter: str = "default"):
+    """Every LoRA branch of `layers` times s inside the block: the model at W_hat_{t-1} + s Delta_t."""
+    mods = list(layers.values())
+    scaling = [layer.scaling[adapter] for layer in mods]
+    _scale_branches(mods, scaling, s, adapter)
+    try:
+        yield
+    finally:
+        _scale_branches(mods, scaling, 1.0, adapter)
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -98,6 +98,34 @@ def task_fisher(
     return diagonal_fisher(dict(layers), batches(), loss_fn)
 
 
+@torch.no_grad()
+def task_loss(
+    encoder: Encoder,
+    prep: Preprocessor,
+    split: Split,
+    classes: list[str],
+    logits_fn: Callable[[torch.Tensor], torch.Tensor],
+    order: torch.Tensor,
+    batch_size: int,
+    device: torch.device,
+) -> float:
+    """Mean cross-entropy over `classes` at the true labels on the samples `order` of `split`: one point of a
+    task's loss profile (merging.curvature). Each rank takes its slice of every global batch and the sums are
+    summed over the ranks, so every rank gets the single-process value."""
+    target_of = {y: k for k, y in enumerate(classes)}
+    total = torch.zeros(2, dtype=torch.float64, device=device)
+    for k in range(0, len(order), batch_size):
+        glob = order[k : k + batch_size]
+        part = glob[distributed.shard(len(glob))]
+        if len(part):
+            batch, labels = next(split_batches(prep, split, part, len(part), device))
+            ys = torch.tensor([target_of[y] for y in labels], device=device)
+            total[0] += F.cross_entropy(logits_fn(encoder(**batch)).float(), ys, reduction="sum").double()
+            total[1] += len(part)
+    distributed.all_reduce_sum(total)
+    return float(total[0] / total[1].clamp_min(1))
+
+
 def prototype_logits(
     feats: torch.Tensor, labels: list[str], classes: list[str], scale: float = TRAIN_COSINE_SCALE
 ) -> Callable[[torch.Tensor], torch.Tensor]:

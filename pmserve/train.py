@@ -45,13 +45,24 @@ from .errors import PMError
 from .formats import MODEL_CARD, atomic_dir, read_json, write_json
 from .formats import run as run_files
 from .formats.peft import save_adapter
-from .heads import HEADS, TRAIN_HEADS, LabelHead, Prototypes, Ridge, Scorer, load_scorer, save_scorer
+from .heads import (
+    HEADS,
+    RIDGE_SELECT,
+    TRAIN_HEADS,
+    LabelHead,
+    Prototypes,
+    Ridge,
+    Scorer,
+    load_scorer,
+    save_scorer,
+)
+from .merging.curvature import CURVATURES, PROFILE_POINTS, profile_curvature, rescale
 from .merging.recurrence import FisherSums, chained_merge, chained_theta, task_alpha
 from .model_card import task_card
-from .perturb import FusedPerturbation, Perturbation, use_fused_kernel
+from .perturb import FusedPerturbation, Perturbation, branch_scale, use_fused_kernel
 from .progress import TrainProgress
 from .seeds import HEAD_INIT, SHUFFLE, perturb_seed, ridge_seed, stream_generator, task_seed
-from .task_fisher import check_fisher_labels, fisher_generator, fisher_order, task_fisher
+from .task_fisher import check_fisher_labels, fisher_generator, fisher_order, task_fisher, task_loss
 from .tasks import (
     Split,
     Task,
@@ -94,9 +105,11 @@ class TrainConfig:
     fisher_samples: int = D.TRAIN_FISHER_SAMPLES
     fisher_labels: str = D.TRAIN_FISHER_LABELS  # runs from before the option used "true" (PREDATES)
     clip_alpha: bool = D.TRAIN_CLIP_ALPHA
+    curvature: str = D.TRAIN_CURVATURE  # what alpha weighs tasks by (merging.curvature)
     cosine_scale: float = D.TRAIN_COSINE_SCALE
     ridge_dim: int = D.TRAIN_RIDGE_DIM
-    ridge_lambda: float = D.TRAIN_RIDGE_LAMBDA  # 0 = choose per task on held-out training data
+    ridge_lambda: float = D.TRAIN_RIDGE_LAMBDA  # 0 = choose after every task by ridge_select
+    ridge_select: str = D.TRAIN_RIDGE_SELECT  # gcv (every class seen) | holdout (this task's data)
     eval_heads: list[str] = field(default_factory=lambda: list(D.TRAIN_EVAL_HEADS))  # measured side by side
     seed: int = D.TRAIN_SEED
     device: str = D.TRAIN_DEVICE
@@ -145,6 +158,16 @@ class TrainConfig:
             f"must be step or sample, got {self.perturb_per!r}",
         )
         check_fisher_labels(self.fisher_labels)
+        need(
+            self.curvature in CURVATURES,
+            "curvature",
+            f"must be {' or '.join(CURVATURES)}, got {self.curvature!r}",
+        )
+        need(
+            self.ridge_select in RIDGE_SELECT,
+            "ridge-select",
+            f"must be {' or '.join(RIDGE_SELECT)}, got {self.ridge_select!r}",
+        )
         need(self.epochs >= 1, "epochs", f"must be at least 1, got {self.epochs}")
         need(self.batch_size >= 1, "batch-size", f"must be at least 1, got {self.batch_size}")
         need(self.lr > 0, "lr", f"must be > 0, got {self.lr}")
@@ -203,7 +226,7 @@ class Learner:
             self.classifiers[h] = (
                 Prototypes(dim)
                 if h == "prototype"
-                else Ridge(dim, cfg.ridge_dim, cfg.seed, cfg.ridge_lambda or None)
+                else Ridge(dim, cfg.ridge_dim, cfg.seed, cfg.ridge_lambda or None, cfg.ridge_select)
                 if h == "ridge"
                 else self.head
             )
@@ -230,8 +253,9 @@ class Learner:
 
     def train_task(
         self, task: Task, i: int, epochs: int, progress: TrainProgress
-    ) -> tuple[nn.Module | None, Tensors, Tensors]:
-        """Train task i; returns (the PEFT model or None, Delta_t, F_t). The head rows are committed."""
+    ) -> tuple[nn.Module | None, Tensors, Tensors, dict | None]:
+        """Train task i; returns (the PEFT model or None, Delta_t, the curvature F_t that alpha weighs it by,
+        and how F_t was scaled (None: the paper's Fisher as it is)). The head rows are committed."""
         cfg = self.cfg
         self.head.add_labels(task.classes, stream_generator(cfg.seed, i, HEAD_INIT))
         w, b = self.head.rows(task.classes)
@@ -283,9 +307,16 @@ class Learner:
             pert.remove()
         self.head.commit(task.classes, w, b)
         if peft_model is None:
-            return None, {}, {}
-        fisher = self._fisher(task, i, layers, w, b)
-        return peft_model, task_vectors(peft_model), fisher
+            return None, {}, {}, None
+        delta, scaled = task_vectors(peft_model), None
+        weighs = cfg.method in ("pm", "merge")  # the other methods' alphas need no curvature
+        fisher = self._fisher(task, i, layers, w, b) if weighs or cfg.keep_fisher else {}
+        if cfg.curvature == "profile" and weighs:
+            losses = self._profile(task, i, layers, w, b)
+            c = profile_curvature(PROFILE_POINTS, losses)
+            fisher, k = rescale(fisher, delta, c)
+            scaled = {"points": list(PROFILE_POINTS), "losses": losses, "curvature": c, "fisher_scale": k}
+        return peft_model, delta, fisher, scaled
 
     def _fisher(self, task: Task, i: int, layers, w, b) -> Tensors:
         """The diagonal Fisher at theta*_t over the task's training loss, no perturbation.
@@ -307,6 +338,27 @@ class Learner:
             self.device,
             sample_labels=gen if self.cfg.fisher_labels == "sampled" else None,
         )
+
+    def _profile(self, task: Task, i: int, layers, w, b) -> list[float]:
+        """Task i's training loss at W_hat_{t-1} + s Delta_t for s in PROFILE_POINTS (merging.curvature), on the
+        samples its Fisher is taken on, with its training head; no perturbation."""
+        order = fisher_order(task.train, self.cfg.fisher_samples, fisher_generator(self.cfg.seed, i))
+        losses = []
+        for s in PROFILE_POINTS:
+            with branch_scale(layers, s):
+                losses.append(
+                    task_loss(
+                        self.encoder,
+                        self.prep,
+                        task.train,
+                        task.classes,
+                        lambda feats: self.head.logits(feats, w.detach(), b.detach()),
+                        order,
+                        self.cfg.batch_size,
+                        self.device,
+                    )
+                )
+        return losses
 
     def merge(self, t: int, delta: Tensors, fisher: Tensors) -> float:
         """alpha_t and W_hat_t = W_hat_{t-1} + alpha_t Delta_t (t is 1-based)."""
@@ -331,6 +383,11 @@ class Learner:
             else:
                 clf.update(feats, task.train.labels)
         return lam
+
+    def ridge_on_edge(self) -> bool | None:
+        """Whether ridge's last chosen lambda ends its grid (None: no ridge classifier)."""
+        ridges = [c for c in self.classifiers.values() if isinstance(c, Ridge)]
+        return ridges[0].on_edge if ridges else None
 
     # ---- the state (formats.run): merged weights, P&M accumulators, head.*, classifier.* (the --head) and
     # eval-NAME.* (the --eval-heads)
@@ -452,7 +509,7 @@ def _joint_task(tasks: list[Task]) -> Task:
 
 
 # What a run whose config.json predates an option used for it, where that is not the option's default today.
-PREDATES = {"fisher_labels": "true"}
+PREDATES = {"fisher_labels": "true", "curvature": "fisher", "ridge_select": "holdout"}
 PER_TASK = ("epochs",)  # may differ for tasks added later: recorded in plan.json and each task.json
 
 
@@ -738,7 +795,7 @@ def _continue(
         for i, current, epochs in todo:
             t0 = time.perf_counter()
             bar.task_started(current.name, epochs * -(-len(current.train.labels) // cfg.batch_size))
-            peft_model, delta, fisher = learner.train_task(current, i, epochs, bar)
+            peft_model, delta, fisher, scaled = learner.train_task(current, i, epochs, bar)
             labels += [y for y in current.classes if y not in labels]
             folder = run_files.task_dir(out, i, current.name)
             with atomic_dir(folder) if main else nullcontext() as tmp:  # only rank 0 writes
@@ -772,7 +829,9 @@ def _continue(
                     "method": cfg.method,
                     "labels": current.classes,
                     "alpha": alpha,
+                    "curvature": scaled,
                     "ridge_lambda": lam,
+                    "ridge_lambda_on_edge": learner.ridge_on_edge(),
                     "epochs": epochs,
                     "device": str(device),
                     "seconds": time.perf_counter() - t0,
@@ -797,7 +856,8 @@ def _continue(
                 run_files.promote_state(out)
             done.append(info)
             row = " ".join("-" if a is None else f"{a:.3f}" for a in info["acc"][cfg.head])
-            bar.task_done(f"{current.name}: alpha {alpha if alpha is None else round(alpha, 4)}  acc {row}")
+            edge = "  (ridge lambda at its grid's end)" if info["ridge_lambda_on_edge"] else ""
+            bar.task_done(f"{current.name}: alpha {alpha if alpha is None else round(alpha, 4)}  acc {row}{edge}")
 
     result = _result(cfg, plan, done, list(learner.classifiers))
     if main:
@@ -820,7 +880,9 @@ def _result(cfg: TrainConfig, plan: list[dict], done: list[dict], heads: list[st
         "task_labels": [e["labels"] for e in plan],
         **by_head[cfg.head],
         "alphas": [d["alpha"] for d in done],
+        "curvatures": [d.get("curvature") for d in done],
         "ridge_lambdas": [d["ridge_lambda"] for d in done],
+        "ridge_lambdas_on_edge": [d.get("ridge_lambda_on_edge") for d in done],
         "seconds": sum(d["seconds"] for d in done),
         "by_head": by_head,
         "config": asdict(cfg),

@@ -161,3 +161,71 @@ def test_clip_reaches_both_edges(edge):
     assert task_alpha("pm", 3, merged, delta, sums) == edge_value  # clip is the default
     terms = [alpha_terms(merged[k], delta[k], sums.S_F[k], sums.S_Ft[k]) for k in shapes]
     assert closed_form_alpha(terms) == edge_value and closed_form_alpha(terms, clip=False) == raw
+
+
+# ---- the curvature alpha weighs tasks by (merging.curvature)
+
+
+def test_profile_curvature_is_the_least_squares_fit_and_never_negative():
+    from pmserve.merging.curvature import profile_curvature
+
+    points = (0.0, 0.25, 0.5, 0.75, 1.0)
+    g = np.random.default_rng(0)
+    losses = [0.3 + 1.7 / 2 * (1 - s) ** 2 + 0.05 * g.standard_normal() for s in points[:-1]] + [0.3]
+    grid = np.linspace(0.0, 5.0, 50001)
+    sse = [sum((ls - 0.3 - c / 2 * (1 - s) ** 2) ** 2 for s, ls in zip(points, losses)) for c in grid]
+    assert profile_curvature(points, losses) == pytest.approx(grid[int(np.argmin(sse))], abs=2e-4)
+    assert profile_curvature((0.0, 0.5, 1.0), (0.1, 0.2, 0.3)) == 0.0  # loss falls as the step shrinks
+
+
+def test_rescaled_fisher_predicts_the_measured_curvature_along_its_step():
+    from pmserve.merging.curvature import quadratic_form, rescale
+
+    fishers, _, deltas = random_sequence(1, 3)
+    scaled, k = rescale(fishers[0], deltas[0], 2.5)
+    assert quadratic_form(scaled, deltas[0]) == pytest.approx(2.5, rel=1e-6)
+    assert all(torch.allclose(scaled[m], k * fishers[0][m]) for m in scaled)  # the shape is the Fisher's
+    assert rescale({m: torch.zeros_like(f) for m, f in fishers[0].items()}, deltas[0], 1.0)[1] == 0.0
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_profile_alpha_equals_brute_force_minimiser_of_its_objective(seed):
+    """sum_i 1/2 (W_t - theta_i)^T k_i F_i (W_t - theta_i), k_i set by task i's measured curvature c_i."""
+    from pmserve.merging.curvature import rescale
+
+    fishers, thetas, deltas = random_sequence(4, 10 + seed)
+    g = np.random.default_rng(seed)
+    curvatures = g.uniform(0.1, 3.0, len(deltas))
+    scaled = [rescale(f, d, c)[0] for f, d, c in zip(fishers, deltas, curvatures)]
+    sums = FisherSums()
+    for t, (f, th, d) in enumerate(zip(scaled, thetas, deltas), 1):
+        merged = {k: th[k] - d[k] for k in d}
+        sums.add(f, th)
+        a = task_alpha("pm", t, merged, d, sums, clip=False)
+        grid = np.linspace(-1.0, 2.0, 30001)
+        best = grid[int(np.argmin([objective(x, merged, d, scaled[:t], thetas[:t]) for x in grid]))]
+        assert a == pytest.approx(best, abs=2e-4)
+
+
+def test_a_task_fit_with_near_certainty_keeps_its_weight_under_the_profile():
+    """Task 2's Fisher is a millionth of task 1's (the LoRA fits it with near-certainty), but shrinking its step
+    costs it as much as shrinking task 1's costs task 1: the paper's alpha_2 collapses, the profile's does not."""
+    from pmserve.merging.curvature import rescale
+
+    g = torch.Generator().manual_seed(0)
+    shape = (6, 5)
+    f1 = torch.rand(shape, generator=g) + 0.5
+    f2 = 1e-6 * (torch.rand(shape, generator=g) + 0.5)
+    d1, d2 = torch.randn(shape, generator=g), torch.randn(shape, generator=g)
+    alphas = {}
+    for name, fs in (
+        ("fisher", (f1, f2)),
+        ("profile", (rescale({"w": f1}, {"w": d1}, 1.0)[0]["w"], rescale({"w": f2}, {"w": d2}, 1.0)[0]["w"])),
+    ):
+        sums = FisherSums()
+        sums.add({"w": fs[0]}, {"w": d1})
+        merged = {"w": d1}  # alpha_1 = 1
+        sums.add({"w": fs[1]}, {"w": d1 + d2})
+        alphas[name] = task_alpha("pm", 2, merged, {"w": d2}, sums)
+    assert alphas["fisher"] < 1e-4
+    assert 0.2 < alphas["profile"] < 0.8

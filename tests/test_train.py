@@ -261,3 +261,48 @@ def test_target_modules_all_linear_is_peft_all_linear_without_the_pooler():
     # without a pooler the leaf names pick out exactly the blocks' layers
     no_pool = BertModel(bert().config, add_pooling_layer=False)
     assert resolve_targets(no_pool, ["all-linear"]) == ["query", "key", "value", "dense"]
+
+
+def test_loss_profile_and_scaled_fisher_against_plain_transformers(tiny_model, tiny_tasks, tmp_path):
+    """Task 1's recorded loss profile L(s) = its training loss at W_hat_0 + s Delta_1, recomputed with plain
+    transformers from the adapters and the head; the kept Fisher is scaled so its quadratic form along Delta_1
+    is the least-squares curvature of that profile."""
+    import torch.nn.functional as F
+    from transformers import AutoTokenizer
+
+    from pmserve.adapters import lora_delta
+    from pmserve.merging.curvature import profile_curvature, quadratic_form
+    from pmserve.task_fisher import fisher_generator, fisher_order
+    from pmserve.tasks import load_task_folder
+
+    out = tmp_path / "run"
+    cfg = config(tiny_tasks, tiny_model, keep_fisher=True)
+    train(cfg, out, progress=False, log=lambda *_: None)
+    tok = AutoTokenizer.from_pretrained(str(tiny_model))
+
+    def delta(folder):
+        lora = load_file(str(folder / "adapter_model.safetensors"))
+        scaling = json.loads((folder / "adapter_config.json").read_text())["lora_alpha"] / cfg.rank
+        names = {k.removeprefix("base_model.model.").rsplit(".lora_", 1)[0] for k in lora}
+        a, b = "base_model.model.{}.lora_A.weight", "base_model.model.{}.lora_B.weight"
+        return {n: lora_delta(lora[a.format(n)], lora[b.format(n)], scaling) for n in names}
+
+    t0, t1 = out / "tasks" / "00-t0", out / "tasks" / "01-t1"
+    d0, d1 = delta(t0), delta(t1)  # alpha_1 = 1: W_hat_0 = W_0 + Delta_0
+    info = json.loads((t1 / "task.json").read_text())
+    prof = info["curvature"]
+    head = load_file(str(out / "state" / "head.safetensors"))
+    labels = json.loads((out / "state" / "head.json").read_text())["labels"]
+    rows = [labels.index(y) for y in info["labels"]]
+    split = load_task_folder(tiny_tasks / "t1").train
+    order = fisher_order(split, cfg.fisher_samples, fisher_generator(cfg.seed, 1)).tolist()
+    texts = [split.inputs[j] for j in order]
+    ys = torch.tensor([info["labels"].index(split.labels[j]) for j in order])
+    for s, recorded in zip(prof["points"], prof["losses"]):
+        model = load_backbone(tiny_model, {k: d0[k] + s * d1[k] for k in d0})
+        logits = pooled(model, tok, texts) @ head["weight"][rows].T + head["bias"][rows]
+        assert recorded == pytest.approx(float(F.cross_entropy(logits, ys)), rel=1e-4, abs=1e-6)
+    assert prof["curvature"] == pytest.approx(profile_curvature(prof["points"], prof["losses"]))
+    assert prof["curvature"] > 0
+    kept = load_file(str(t1 / "fisher.safetensors"))
+    assert quadratic_form(kept, d1) == pytest.approx(prof["curvature"], rel=1e-4)
