@@ -1,10 +1,12 @@
 """Quality benchmark: every method side by side on a built-in sequence, several seeds, every inference head.
 
-    python benchmarks/quality.py --data builtin:wordnet-nouns --seeds 0 1 2 --out /tmp/pmq
+    python benchmarks/quality.py --sequence nouns --seeds 0 1 2 --out /tmp/pmq
+    python benchmarks/quality.py --report i17-nouns i17-long     # the stored results' tables, no training
 Each (method, seed) is one `pmserve train` run that measures the linear training head and the prototype and
-ridge classifiers side by side (--eval-heads), so heads are compared on identical backbones. Results go to
-benchmarks/results/quality-<name>.json (appended run by run, so a long sweep can be read while it goes) and a
-Markdown table of mean +- std is printed.
+ridge classifiers side by side (--eval-heads), so heads are compared on identical backbones; each seed draws its
+own class order. Results go to benchmarks/results/quality-<name>.json (appended run by run, so a long sweep can
+be read while it goes). The tables give, per method and head, the mean ± std over seeds and every seed's value,
+and per run the alphas (their minimum first), the ridge lambdas and how many sat at the end of their grid.
 """
 
 from __future__ import annotations
@@ -14,9 +16,13 @@ import json
 import statistics
 from pathlib import Path
 
-from pmserve.train import TrainConfig, train
-
 METHODS = ["pm", "merge", "seq", "frozen", "joint", "avg"]
+SEQUENCES = {  # --sequence: the sequences issue 17's targets are stated on
+    "nouns": "builtin:wordnet-nouns",
+    "verbs": "builtin:wordnet-verbs",
+    "long": "builtin:wordnet-nouns:tasks=10,classes=2",
+}
+RESULTS = Path(__file__).parent / "results"
 
 
 def _mean_std(vals: list[float]) -> str:
@@ -26,28 +32,52 @@ def _mean_std(vals: list[float]) -> str:
     return f"{statistics.mean(vals):.3f} ± {sd:.3f}"
 
 
+def _seed(r: dict) -> int:
+    return r["config"]["seed"]
+
+
 def table(results: list[dict], heads: list[str]) -> str:
-    """One Markdown row per (head, method): ACC, AAA and forgetting as mean ± std over the seeds run."""
+    """One Markdown row per (head, method): ACC as mean ± std and per seed, AAA and forgetting as mean ± std."""
     rows = [
-        "| head | method | seeds | ACC | AAA | forgetting | alphas (first seed) |",
+        "| head | method | seeds | ACC | ACC per seed | AAA | forgetting |",
         "|---|---|---|---|---|---|---|",
     ]
     for h in heads:
         for m in METHODS:
-            rs = [r for r in results if r["method"] == m]
+            rs = sorted((r for r in results if r["method"] == m and h in r["by_head"]), key=_seed)
             if not rs:
                 continue
             cells = [
                 _mean_std([r["by_head"][h][k] for r in rs if r["by_head"][h][k] is not None])
                 for k in ("ACC", "AAA", "forgetting")
             ]
-            alphas = ", ".join("-" if x is None else f"{x:.2g}" for x in rs[0]["alphas"])
-            rows.append(f"| {h} | {m} | {len(rs)} | " + " | ".join(cells) + f" | {alphas} |")
+            per = ", ".join(f"s{_seed(r)} {r['by_head'][h]['ACC']:.3f}" for r in rs)
+            rows.append(f"| {h} | {m} | {len(rs)} | {cells[0]} | {per} | {cells[1]} | {cells[2]} |")
+    return "\n".join(rows)
+
+
+def runs_table(results: list[dict]) -> str:
+    """Per run: the minimum alpha and every alpha, the ridge lambdas, and how many ended their grid."""
+    rows = [
+        "| method | seed | min alpha | alphas | ridge lambdas | at grid end |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in sorted(results, key=lambda r: (METHODS.index(r["method"]), _seed(r))):
+        alphas = [a for a in r["alphas"] if a is not None]
+        low = f"{min(alphas[1:]):.3g}" if len(alphas) > 1 else "-"
+        lams = ", ".join("-" if x is None else f"{x:.2g}" for x in r["ridge_lambdas"])
+        if "ridge_lambdas_on_edge" in r:
+            edges = sum(bool(e) for e in r["ridge_lambdas_on_edge"])
+        else:  # results from before the flag: the holdout rule's grid was 0.1 .. 1e6
+            edges = sum(x in (0.1, 1e6) for x in r["ridge_lambdas"] if x is not None)
+        shown = ", ".join(f"{a:.2g}" for a in alphas) or "-"
+        rows.append(f"| {r['method']} | {_seed(r)} | {low} | {shown} | {lams} | {edges} |")
     return "\n".join(rows)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--sequence", choices=sorted(SEQUENCES), help="a named sequence: sets --data and --name")
     ap.add_argument("--data", default="builtin:wordnet-nouns")
     ap.add_argument("--model", default="builtin:minilm")
     ap.add_argument("--methods", nargs="+", default=METHODS)
@@ -55,14 +85,25 @@ def main() -> None:
     ap.add_argument("--train-head", default="linear")
     ap.add_argument("--epochs", type=int, default=5)
     ap.add_argument("--out", type=Path, default=Path("/tmp/pmserve-quality"))
-    ap.add_argument("--name", default="wordnet-nouns")
+    ap.add_argument("--name", default=None, help="results file quality-NAME.json (default: the sequence's)")
+    ap.add_argument("--report", nargs="+", metavar="NAME", help="print the tables of stored results and stop")
     ap.add_argument(
         "--set", nargs="*", default=[], help="extra TrainConfig fields as key=value (JSON values)"
     )
     args = ap.parse_args()
-    extra = {k: json.loads(v) for k, v in (kv.split("=", 1) for kv in args.set)}
     heads = [args.train_head, "prototype", "ridge"]
-    res_path = Path(__file__).parent / "results" / f"quality-{args.name}.json"
+    if args.report:
+        for name in args.report:
+            results = json.loads((RESULTS / f"quality-{name}.json").read_text())
+            print(f"## {name}\n\n{table(results, heads)}\n\n{runs_table(results)}\n")
+        return
+    from pmserve.train import TrainConfig, train
+
+    if args.sequence:
+        args.data = SEQUENCES[args.sequence]
+    args.name = args.name or args.sequence or "wordnet-nouns"
+    extra = {k: json.loads(v) for k, v in (kv.split("=", 1) for kv in args.set)}
+    res_path = RESULTS / f"quality-{args.name}.json"
     results = json.loads(res_path.read_text()) if res_path.exists() else []
     for seed in args.seeds:
         for method in args.methods:
@@ -96,6 +137,7 @@ def main() -> None:
                 flush=True,
             )
     print(table(results, heads))
+    print(runs_table(results))
 
 
 if __name__ == "__main__":
