@@ -56,6 +56,11 @@ def register(app: typer.Typer) -> None:
             D.MERGE_FISHER_LABELS,
             help="Labels of the --data Fisher: sampled (from the model) | true, as `pmserve train`.",
         ),
+        curvature: str = typer.Option(
+            D.MERGE_CURVATURE,
+            help="Scale of the --data Fisher: profile (each task's measured loss along its adapter, as `pmserve "
+            "train`) | fisher (the paper's Fisher as it is).",
+        ),
         calibrate: str = typer.Option(
             "",
             "--calibrate",
@@ -95,6 +100,7 @@ def register(app: typer.Typer) -> None:
             data=data or None,
             fisher_samples=fisher_samples,
             fisher_labels=fisher_labels,
+            curvature=curvature,
             calibrate=calibrate or None,
             calibrate_head=calibrate_head or None,
             saved_modules=saved_modules,

@@ -42,7 +42,9 @@ TRAIN_MAX_LENGTH = 64
 TRAIN_FISHER_SAMPLES = 512
 TRAIN_FISHER_LABELS = "sampled"  # the true Fisher; runs from before the option used "true"
 TRAIN_CLIP_ALPHA = True
-TRAIN_CURVATURE = "profile"  # the Fisher scaled to each task's loss profile; runs from before it used "fisher"
+TRAIN_CURVATURE = (
+    "profile"  # the Fisher scaled to each task's loss profile; runs from before it used "fisher"
+)
 TRAIN_COSINE_SCALE = 16.0
 TRAIN_RIDGE_DIM = 2000
 TRAIN_RIDGE_LAMBDA = 0.0  # 0: chosen after every task by --ridge-select
@@ -66,6 +68,7 @@ MERGE_MAX_SHARD_SIZE = "5GB"
 MERGE_DATA: str | None = None
 MERGE_FISHER_SAMPLES = TRAIN_FISHER_SAMPLES  # the --data Fisher is computed as training computes it
 MERGE_FISHER_LABELS = TRAIN_FISHER_LABELS
+MERGE_CURVATURE = TRAIN_CURVATURE  # of the --data Fisher, as training scales its own
 MERGE_CALIBRATE: str | None = None
 MERGE_CALIBRATE_HEAD: str | None = None  # None: the carried classifier's kind, else ridge
 MERGE_SAVED_MODULES = "average"  # PEFT modules_to_save (a SEQ_CLS head): merged (merging/saved.py), or drop

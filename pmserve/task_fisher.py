@@ -164,6 +164,7 @@ class DataFisher:
         scale: float = TRAIN_COSINE_SCALE,
         device: str = "cpu",
         labels: str = "sampled",
+        curvature: str = "profile",
     ):
         if samples < 1:
             raise PMError(f"--fisher-samples: must be at least 1, got {samples}")
@@ -177,7 +178,7 @@ class DataFisher:
             batch_size,
             scale,
         )
-        self.sampled = labels == "sampled"
+        self.sampled, self.profiled = labels == "sampled", curvature == "profile"
         self.device = torch.device(device)
         encoder, self.prep, _ = load_encoder(base, kinds.pop(), max_length)
         self.encoder = encoder.float().to(self.device)
@@ -188,12 +189,19 @@ class DataFisher:
             m.weight.requires_grad_(True)  # only the adapted weights' gradients are needed
         self.w0 = {k: m.weight.detach().clone() for k, m in self.layers.items()}
 
-    def __call__(self, index: int, theta: Mapping[str, torch.Tensor]) -> Tensors:
-        """F of task `index` with the adapted weights at W_0 + theta[module] (theta*_t relative to W_0)."""
-        task = self.tasks[index]
+    def _place(self, theta: Mapping[str, torch.Tensor]) -> None:
         with torch.no_grad():
             for k, m in self.layers.items():
                 m.weight.copy_(apply_delta(self.w0[k], theta[k]))
+
+    def __call__(
+        self, index: int, theta: Mapping[str, torch.Tensor], delta: Mapping[str, torch.Tensor] | None = None
+    ) -> Tensors:
+        """F of task `index` with the adapted weights at W_0 + theta[module] (theta*_t relative to W_0); with the
+        adapter's own `delta`, scaled to the task's loss at theta*_t - (1 - s) Delta_t (merging.curvature) as
+        training scales its Fisher (there the head is the training head, here the prototypes)."""
+        task = self.tasks[index]
+        self._place(theta)
         logits = prototype_logits(
             split_features(self.encoder, self.prep, task.train, self.device),
             task.train.labels,
@@ -216,4 +224,25 @@ class DataFisher:
         )
         for m in self.layers.values():
             m.weight.grad = None
+        if self.profiled and delta is not None:
+            # here, not at the top: pmserve.merging's package imports this module
+            from .merging.curvature import PROFILE_POINTS, profile_curvature, rescale
+
+            losses = []
+            for s in PROFILE_POINTS:
+                self._place({k: theta[k] - (1.0 - s) * delta[k].to(theta[k].dtype) for k in theta})
+                losses.append(
+                    task_loss(
+                        self.encoder,
+                        self.prep,
+                        task.train,
+                        task.classes,
+                        logits,
+                        order,
+                        self.batch_size,
+                        self.device,
+                    )
+                )
+            self._place(theta)
+            fisher, _ = rescale(fisher, delta, profile_curvature(PROFILE_POINTS, losses))
         return fisher

@@ -284,7 +284,8 @@ def test_pm_fisher_from_data_equals_brute_force(foreign, tiny_model, tiny_tasks,
     got = merge_adapters(
         foreign,
         tmp_path / "m-data",
-        options=MergeOptions("pm", data=str(tiny_tasks), fisher_labels="true"),  # the brute force's labels
+        # the brute force's labels, and its Fisher as it is (the profile's scale is the next test's)
+        options=MergeOptions("pm", data=str(tiny_tasks), fisher_labels="true", curvature="fisher"),
         **QUIET,
     )
     assert ref["fisher"] == "files" and ident["fisher"] == "identity" and got["fisher"] == "data"
@@ -303,7 +304,7 @@ def test_pm_fisher_from_data_equals_brute_force(foreign, tiny_model, tiny_tasks,
     mixed = merge_adapters(
         [with_files[0], foreign[1], with_files[2]],
         tmp_path / "mixed",
-        options=MergeOptions("pm", data=str(tiny_tasks), fisher_labels="true"),
+        options=MergeOptions("pm", data=str(tiny_tasks), fisher_labels="true", curvature="fisher"),
         **QUIET,
     )
     assert mixed["fisher"] == "files+data" and [i["fisher"] for i in mixed["inputs"]] == [
@@ -728,3 +729,89 @@ def test_fan_in_fan_out_adapters_merge_like_peft(gpt2, tmp_path):
             torch.testing.assert_close(ours[k], v, rtol=1e-5, atol=1e-5, msg=lambda m, w=what: f"{w}: {m}")
             if k[: -len(".weight")] not in deltas:
                 assert torch.equal(ours[k], base_w[k]), k
+
+
+def _brute_force_profile(tiny_model: Path, adapter: Path, task, points, scale: float = 16.0) -> list[float]:
+    """Task loss at W_0 + s Delta by other means: plain PEFT with each LoRA scaling times s, one sample at a time,
+    cosine logits to the class means of the features at s = 1 (the adapter's own optimum)."""
+    import torch.nn.functional as F
+    from peft import PeftModel
+    from peft.tuners.lora import LoraLayer
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(tiny_model))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = PeftModel.from_pretrained(_auto_model(tiny_model), str(adapter)).eval()
+    layers = [m for m in model.modules() if isinstance(m, LoraLayer)]
+    base = [m.scaling["default"] for m in layers]
+
+    @torch.no_grad()
+    def features(s):
+        for m, b in zip(layers, base):
+            m.scaling["default"] = b * s
+        out = []
+        for x in task.train.inputs:
+            enc = tok([x], return_tensors="pt")
+            enc = {k: v for k, v in enc.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
+            h = model(**enc).last_hidden_state
+            mask = enc["attention_mask"].unsqueeze(-1).float()
+            out.append(((h * mask).sum(1) / mask.sum(1))[0])
+        return torch.stack(out)
+
+    ys = torch.tensor([task.classes.index(y) for y in task.train.labels])
+    at_optimum = features(1.0)
+    means = torch.stack([at_optimum[ys == c].mean(0) for c in range(len(task.classes))])
+    means = F.normalize(means, dim=-1)
+    return [float(F.cross_entropy(scale * F.normalize(features(s), dim=-1) @ means.T, ys)) for s in points]
+
+
+def test_pm_data_fisher_scaled_to_the_loss_profile_equals_brute_force(
+    foreign, tiny_model, tiny_tasks, tmp_path
+):
+    """--curvature profile (the default): each --data Fisher scaled so that its quadratic form along the adapter's
+    own Delta is the least-squares curvature of the task's loss at W_0 + s Delta, all recomputed by plain PEFT."""
+    from pmserve.adapters import lora_delta
+    from pmserve.merging.curvature import PROFILE_POINTS, profile_curvature, rescale
+    from pmserve.tasks import load_tasks
+
+    tasks = load_tasks(str(tiny_tasks))
+    with_files = []
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for k, (a, task) in enumerate(zip(foreign, tasks)):
+            lora = load_file(str(a / "adapter_model.safetensors"))
+            cfg = json.loads((a / "adapter_config.json").read_text())
+            fisher = _brute_force_fisher(tiny_model, a, task)
+            pre, sc = "base_model.model.", cfg["lora_alpha"] / cfg["r"]
+            delta = {
+                m: lora_delta(lora[f"{pre}{m}.lora_A.weight"], lora[f"{pre}{m}.lora_B.weight"], sc)
+                for m in fisher
+            }
+            c = profile_curvature(PROFILE_POINTS, _brute_force_profile(tiny_model, a, task, PROFILE_POINTS))
+            assert c > 0
+            d = shutil.copytree(a, tmp_path / "files" / f"a{k}")
+            scaled = {m: f.contiguous() for m, f in rescale(fisher, delta, c)[0].items()}
+            save_file(scaled, str(d / "fisher.safetensors"))
+            with_files.append(d)
+    finally:
+        torch.set_num_threads(threads)
+    ref = merge_adapters(with_files, tmp_path / "ref", options=MergeOptions("pm"), **QUIET)
+    got = merge_adapters(
+        foreign,
+        tmp_path / "got",
+        options=MergeOptions("pm", data=str(tiny_tasks), fisher_labels="true"),
+        **QUIET,
+    )
+    paper = merge_adapters(
+        foreign,
+        tmp_path / "paper",
+        options=MergeOptions("pm", data=str(tiny_tasks), fisher_labels="true", curvature="fisher"),
+        **QUIET,
+    )
+    assert got["options"]["curvature"] == "profile"
+    # these adapters move their tasks' loss by about 1e-4, so fp32 rounding of the loss differences leaves the
+    # curvature good to about 1e-3 (PEFT one sample at a time against pmserve's padded batches, both float32)
+    assert got["alphas"] == pytest.approx(ref["alphas"], rel=3e-3)
+    assert max(abs(a - b) for a, b in zip(got["alphas"], paper["alphas"])) > 0.05

@@ -1,7 +1,6 @@
 """End-to-end runs on a tiny model: files, PEFT loading, accuracy reproduction, and resume."""
 
 import json
-import shutil
 from pathlib import Path
 
 import pytest

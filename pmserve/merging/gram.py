@@ -148,8 +148,11 @@ def pm_alphas(
     return alphas
 
 
-def data_fisher(inputs: Inputs, data: str, seed: int, samples: int, labels: str) -> FisherFor:
-    """The Fisher of each adapter without one, from task t of --data at its theta*_t (task_fisher.DataFisher)."""
+def data_fisher(
+    inputs: Inputs, data: str, seed: int, samples: int, labels: str, curvature: str = "profile"
+) -> FisherFor:
+    """The Fisher of each adapter without one, from task t of --data at its theta*_t (task_fisher.DataFisher),
+    scaled to the task's loss profile along the adapter's own Delta_t unless `curvature` is fisher."""
     from ..task_fisher import DataFisher
     from ..tasks import load_tasks
 
@@ -173,9 +176,11 @@ def data_fisher(inputs: Inputs, data: str, seed: int, samples: int, labels: str)
         samples,
         max_length=inputs.max_length,
         labels=labels,
+        curvature=curvature,
     )
 
     def fisher_for(index: int, alphas: list[float]) -> dict[str, torch.Tensor]:
-        return model(index, adapter_theta(inputs, index, alphas))
+        delta = {m: ads[index].delta(m) for m in inputs.modules}
+        return model(index, adapter_theta(inputs, index, alphas), delta)
 
     return fisher_for

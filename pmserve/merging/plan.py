@@ -12,6 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from ..defaults import (
+    MERGE_CURVATURE,
     MERGE_DEFAULT_DENSITY,
     MERGE_FISHER_LABELS,
     MERGE_FISHER_SAMPLES,
@@ -28,6 +29,7 @@ from ..formats.peft import AdapterInput
 from ..task_fisher import check_fisher_labels
 from ..tensor_io import parse_size
 from .classifier import CALIBRATE_HEADS
+from .curvature import CURVATURES
 from .gram import data_fisher, pm_alphas
 from .inputs import Inputs
 from .methods import MERGE_METHODS, MergeMethod
@@ -51,6 +53,7 @@ class MergeOptions:
     data: str | None = None  # pm: tasks to compute missing Fishers from (task t pairs with adapter t)
     fisher_samples: int = MERGE_FISHER_SAMPLES
     fisher_labels: str = MERGE_FISHER_LABELS  # as TrainConfig.fisher_labels
+    curvature: str = MERGE_CURVATURE  # of the --data Fisher, as TrainConfig.curvature
     calibrate: str | None = None  # tasks to recompute the inference classifier on, with the merged model
     calibrate_head: str | None = None  # prototype | ridge (default: the carried kind, else ridge)
     saved_modules: str = MERGE_SAVED_MODULES  # PEFT modules_to_save: average (merged) | drop
@@ -101,6 +104,8 @@ class MergeOptions:
         if self.fisher_samples < 1:
             raise PMError(f"--fisher-samples: must be at least 1, got {self.fisher_samples}")
         check_fisher_labels(self.fisher_labels)
+        if self.curvature not in CURVATURES:
+            raise PMError(f"--curvature: must be {' or '.join(CURVATURES)}, got {self.curvature!r}")
         parse_size(self.max_shard_size)
 
 
@@ -173,7 +178,7 @@ def plan_merge(inputs: Inputs, opts: MergeOptions, log: Callable[[str], None]) -
             elif opts.data:
                 fisher = "data" if len(missing) == len(ads) else "files+data"
                 fisher_for = data_fisher(
-                    inputs, opts.data, opts.seed, opts.fisher_samples, opts.fisher_labels
+                    inputs, opts.data, opts.seed, opts.fisher_samples, opts.fisher_labels, opts.curvature
                 )
                 notes.append(
                     f"{len(missing)} of {len(ads)} adapters have no fisher.safetensors: their Fisher is computed "
