@@ -1,14 +1,16 @@
 """Does the closed form's quadratic model predict what a merge costs? Predicted against measured loss increase.
 
-    python benchmarks/quadratic_check.py /tmp/pmq/wordnet-nouns-pm-s0 --json benchmarks/results/quadratic.json
+    python benchmarks/quadratic_check.py /tmp/pmq/i17-nouns-pm-s0 --json benchmarks/results/quadratic.json
 alpha_t minimises sum_{k<=t} 1/2 (W - theta*_k)^T F_k (W - theta*_k) over the segment from W_hat_{t-1} to theta*_t:
 each term is the second-order model of task k's loss increase when the weights move from its optimum theta*_k.
 For every merge t and task k <= t of a finished RUN (class-incremental, so task k's training-head rows are final
 after task k) this prints
-  predicted: 1/2 (W_hat_t - theta*_k)^T F_k (W_hat_t - theta*_k), with the run's own diagonal Fisher files;
+  predicted: 1/2 (W_hat_t - theta*_k)^T F_k (W_hat_t - theta*_k) with F_k the paper's diagonal Fisher, taken
+             again here exactly as training took it (same samples, labels and head), and, for a run with
+             --curvature profile, with F_k scaled as the run scaled it (task.json's fisher_scale);
   measured:  task k's mean training cross-entropy (over its own classes, its training-head rows: the loss the
              Fisher is of) at W_hat_t minus at theta*_k, on all its training examples.
-theta*_k = W_hat_{k-1} + Delta_k (chained), from the run's merged.safetensors and delta.safetensors.
+theta*_k = W_hat_{k-1} + Delta_k (chained), rebuilt from the RUN's adapters and recorded alphas.
 """
 
 from __future__ import annotations
@@ -19,9 +21,11 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file
 
 from pmserve.adapters import set_merged
+from pmserve.formats.peft import read_adapter
+from pmserve.merging.recurrence import chained_merge, chained_theta
+from pmserve.task_fisher import find_linears, fisher_generator, fisher_order, task_fisher
 from pmserve.train import open_run
 
 
@@ -31,39 +35,73 @@ def main() -> None:
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     # the final training head: every task's rows as trained on that task
-    _, tasks, learner, folders = open_run(args.run)
-    merged = [load_file(str(f / "merged.safetensors")) for f in folders]
-    deltas = [load_file(str(f / "delta.safetensors")) for f in folders]
-    fishers = [load_file(str(f / "fisher.safetensors")) for f in folders]
-    alphas = [json.loads((f / "task.json").read_text())["alpha"] for f in folders]
-    thetas = [d if k == 0 else {m: merged[k - 1][m] + d[m] for m in d} for k, d in enumerate(deltas)]
+    cfg, tasks, learner, folders = open_run(args.run)
+    infos = [json.loads((f / "task.json").read_text()) for f in folders]
+    alphas = [i["alpha"] for i in infos]
+    scales = [(i.get("curvature") or {}).get("fisher_scale") for i in infos]
+    deltas = [{m: read_adapter(f).delta(m) for m in learner.names} for f in folders]
+    merged, thetas, prev = [], [], {}
+    for d, a in zip(deltas, alphas):
+        thetas.append(chained_theta(prev, d))
+        prev = chained_merge(prev, d, a)
+        merged.append(prev)
+    model = learner.encoder.model
+    layers = find_linears(model, learner.names)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for m in layers.values():
+        m.weight.requires_grad_(True)
+
+    def head_of(k: int):
+        idx = learner.head.index(tasks[k].classes)
+        return lambda feats: learner.head.logits(feats)[:, idx]
+
+    def fisher(k: int) -> dict[str, torch.Tensor]:
+        """F_k as Learner._fisher took it: at theta*_k, with task k's head rows and the run's labels."""
+        set_merged(model, learner.base, thetas[k])
+        gen = fisher_generator(cfg.seed, k)
+        order = fisher_order(tasks[k].train, cfg.fisher_samples, gen)
+        return task_fisher(
+            learner.encoder,
+            learner.prep,
+            layers,
+            tasks[k].train,
+            tasks[k].classes,
+            head_of(k),
+            order,
+            cfg.batch_size,
+            learner.device,
+            sample_labels=gen if cfg.fisher_labels == "sampled" else None,
+        )
 
     @torch.no_grad()
     def loss(weights: dict[str, torch.Tensor], k: int) -> float:
-        set_merged(learner.encoder.model, learner.base, weights)
+        set_merged(model, learner.base, weights)
         task = tasks[k]
-        idx = learner.head.index(task.classes)
-        logits = learner.head.logits(learner.features(task.train))[:, idx]
+        logits = head_of(k)(learner.features(task.train))
         pos = {y: i for i, y in enumerate(task.classes)}
         return float(F.cross_entropy(logits, torch.tensor([pos[y] for y in task.train.labels])))
 
+    fishers = [fisher(k) for k in range(len(tasks))]
     at_optimum = [loss(thetas[k], k) for k in range(len(tasks))]
     rows = []
     for t in range(len(tasks)):
         for k in range(t + 1):
-            predicted = 0.5 * sum(
+            paper = 0.5 * sum(
                 float((fishers[k][m] * (merged[t][m] - thetas[k][m]).pow(2)).sum()) for m in merged[t]
             )
             measured = loss(merged[t], k) - at_optimum[k]
-            rows.append(
-                {"merge": t, "task": k, "alpha": alphas[t], "predicted": predicted, "measured": measured}
-            )
-            print(json.dumps(rows[-1]), flush=True)
-    print("\n| after merge t (alpha_t) | task k | predicted increase | measured increase |")
-    print("|---|---|---|---|")
+            row = {"merge": t, "task": k, "alpha": alphas[t], "paper": paper, "measured": measured}
+            if scales[k] is not None:
+                row["profile"] = paper * scales[k]
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    print("\n| after merge t (alpha_t) | task k | paper's Fisher predicts | profile predicts | measured |")
+    print("|---|---|---|---|---|")
     for r in rows:
+        prof = f"{r['profile']:.3g}" if "profile" in r else "-"
         print(
-            f"| {r['merge']} ({r['alpha']:.3g}) | {r['task']} | {r['predicted']:.3g} | {r['measured']:.3g} |"
+            f"| {r['merge']} ({r['alpha']:.3g}) | {r['task']} | {r['paper']:.3g} | {prof} | {r['measured']:.3g} |"
         )
     if args.json:
         Path(args.json).write_text(json.dumps({"run": str(args.run), "rows": rows}, indent=1))

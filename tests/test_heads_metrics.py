@@ -80,7 +80,9 @@ def loo_error(H: torch.Tensor, Y: torch.Tensor, lam: float) -> float:
     err = 0.0
     for i in range(n):
         keep = torch.arange(n) != i
-        W = torch.linalg.solve(H[keep].T @ H[keep] + lam * torch.eye(p, dtype=torch.float64), H[keep].T @ Y[keep])
+        W = torch.linalg.solve(
+            H[keep].T @ H[keep] + lam * torch.eye(p, dtype=torch.float64), H[keep].T @ Y[keep]
+        )
         err += float(((Y[i] - H[i] @ W) ** 2).sum())
     return err / n
 
