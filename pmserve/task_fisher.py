@@ -16,7 +16,8 @@ DataFisher with prototype logits.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
+from contextlib import AbstractContextManager, contextmanager
 
 import torch
 import torch.nn.functional as F
@@ -99,7 +100,7 @@ def task_fisher(
 
 
 @torch.no_grad()
-def task_loss(
+def loss_profile(
     encoder: Encoder,
     prep: Preprocessor,
     split: Split,
@@ -108,22 +109,30 @@ def task_loss(
     order: torch.Tensor,
     batch_size: int,
     device: torch.device,
-) -> float:
-    """Mean cross-entropy over `classes` at the true labels on the samples `order` of `split`: one point of a
-    task's loss profile (merging.curvature). Each rank takes its slice of every global batch and the sums are
-    summed over the ranks, so every rank gets the single-process value."""
+    at: Callable[[float], AbstractContextManager],
+    points: Sequence[float],
+) -> list[float]:
+    """A task's loss profile (merging.curvature): for each s of `points`, inside `at(s)` (the model moved to
+    W_hat_{t-1} + s Delta_t), the mean cross-entropy over `classes` at the true labels on the samples `order` of
+    `split`. Each rank takes its slice of every global batch and the sums are summed over the ranks, so every
+    rank gets the single-process values."""
     target_of = {y: k for k, y in enumerate(classes)}
-    total = torch.zeros(2, dtype=torch.float64, device=device)
-    for k in range(0, len(order), batch_size):
-        glob = order[k : k + batch_size]
-        part = glob[distributed.shard(len(glob))]
-        if len(part):
-            batch, labels = next(split_batches(prep, split, part, len(part), device))
-            ys = torch.tensor([target_of[y] for y in labels], device=device)
-            total[0] += F.cross_entropy(logits_fn(encoder(**batch)).float(), ys, reduction="sum").double()
-            total[1] += len(part)
-    distributed.all_reduce_sum(total)
-    return float(total[0] / total[1].clamp_min(1))
+    losses = []
+    for s in points:
+        total = torch.zeros(2, dtype=torch.float64, device=device)
+        with at(s):
+            for k in range(0, len(order), batch_size):
+                glob = order[k : k + batch_size]
+                part = glob[distributed.shard(len(glob))]
+                if len(part):
+                    batch, labels = next(split_batches(prep, split, part, len(part), device))
+                    ys = torch.tensor([target_of[y] for y in labels], device=device)
+                    logits = logits_fn(encoder(**batch)).float()
+                    total[0] += F.cross_entropy(logits, ys, reduction="sum").double()
+                    total[1] += len(part)
+        distributed.all_reduce_sum(total)
+        losses.append(float(total[0] / total[1].clamp_min(1)))
+    return losses
 
 
 def prototype_logits(
@@ -228,21 +237,25 @@ class DataFisher:
             # here, not at the top: pmserve.merging's package imports this module
             from .merging.curvature import PROFILE_POINTS, profile_curvature, rescale
 
-            losses = []
-            for s in PROFILE_POINTS:
+            @contextmanager
+            def at(s: float):  # the adapted weights at theta*_t - (1 - s) Delta_t, then back at theta*_t
                 self._place({k: theta[k] - (1.0 - s) * delta[k].to(theta[k].dtype) for k in theta})
-                losses.append(
-                    task_loss(
-                        self.encoder,
-                        self.prep,
-                        task.train,
-                        task.classes,
-                        logits,
-                        order,
-                        self.batch_size,
-                        self.device,
-                    )
-                )
-            self._place(theta)
+                try:
+                    yield
+                finally:
+                    self._place(theta)
+
+            losses = loss_profile(
+                self.encoder,
+                self.prep,
+                task.train,
+                task.classes,
+                logits,
+                order,
+                self.batch_size,
+                self.device,
+                at,
+                PROFILE_POINTS,
+            )
             fisher, _ = rescale(fisher, delta, profile_curvature(PROFILE_POINTS, losses))
         return fisher

@@ -62,7 +62,7 @@ from .model_card import task_card
 from .perturb import FusedPerturbation, Perturbation, branch_scale, use_fused_kernel
 from .progress import TrainProgress
 from .seeds import HEAD_INIT, SHUFFLE, perturb_seed, ridge_seed, stream_generator, task_seed
-from .task_fisher import check_fisher_labels, fisher_generator, fisher_order, task_fisher, task_loss
+from .task_fisher import check_fisher_labels, fisher_generator, fisher_order, loss_profile, task_fisher
 from .tasks import (
     Split,
     Task,
@@ -342,23 +342,18 @@ class Learner:
     def _profile(self, task: Task, i: int, layers, w, b) -> list[float]:
         """Task i's training loss at W_hat_{t-1} + s Delta_t for s in PROFILE_POINTS (merging.curvature), on the
         samples its Fisher is taken on, with its training head; no perturbation."""
-        order = fisher_order(task.train, self.cfg.fisher_samples, fisher_generator(self.cfg.seed, i))
-        losses = []
-        for s in PROFILE_POINTS:
-            with branch_scale(layers, s):
-                losses.append(
-                    task_loss(
-                        self.encoder,
-                        self.prep,
-                        task.train,
-                        task.classes,
-                        lambda feats: self.head.logits(feats, w.detach(), b.detach()),
-                        order,
-                        self.cfg.batch_size,
-                        self.device,
-                    )
-                )
-        return losses
+        return loss_profile(
+            self.encoder,
+            self.prep,
+            task.train,
+            task.classes,
+            lambda feats: self.head.logits(feats, w.detach(), b.detach()),
+            fisher_order(task.train, self.cfg.fisher_samples, fisher_generator(self.cfg.seed, i)),
+            self.cfg.batch_size,
+            self.device,
+            lambda s: branch_scale(layers, s),
+            PROFILE_POINTS,
+        )
 
     def merge(self, t: int, delta: Tensors, fisher: Tensors) -> float:
         """alpha_t and W_hat_t = W_hat_{t-1} + alpha_t Delta_t (t is 1-based)."""
@@ -857,7 +852,9 @@ def _continue(
             done.append(info)
             row = " ".join("-" if a is None else f"{a:.3f}" for a in info["acc"][cfg.head])
             edge = "  (ridge lambda at its grid's end)" if info["ridge_lambda_on_edge"] else ""
-            bar.task_done(f"{current.name}: alpha {alpha if alpha is None else round(alpha, 4)}  acc {row}{edge}")
+            bar.task_done(
+                f"{current.name}: alpha {alpha if alpha is None else round(alpha, 4)}  acc {row}{edge}"
+            )
 
     result = _result(cfg, plan, done, list(learner.classifiers))
     if main:
