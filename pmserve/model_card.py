@@ -158,6 +158,15 @@ def task_card(
         rows.insert(
             5, ("perturbation", f"eps {_num(config.get('eps'))}, per {config.get('perturb_per', 'step')}")
         )
+    scaled = task.get("curvature")
+    if scaled:  # --curvature profile: how this task's Fisher was scaled before alpha weighed it
+        losses = ", ".join(f"L({_num(s)}) {_num(x, 4)}" for s, x in zip(scaled["points"], scaled["losses"]))
+        rows.append(
+            (
+                "curvature",
+                f"profile {losses}: c {_num(scaled['curvature'], 4)}, Fisher x {scaled['fisher_scale']:.3g}",
+            )
+        )
     out += ["| | |", "|---|---|"] + [f"| {k} | {v} |" for k, v in rows]
     out.append("")
 
@@ -187,7 +196,10 @@ def task_card(
     out.append("- `pmserve_adapter.json`: kind `chained`, base model and its fingerprint, labels")
     out.append("- `task.json`: alpha, accuracies, labels, the data's sha256, seconds")
     out.append("- `test.jsonl`: the task's test split, which later tasks evaluate on (unless --no-keep-test)")
-    out.append("- `fisher.safetensors`: the diagonal Fisher of this task (only with --keep-fisher)")
+    out.append(
+        "- `fisher.safetensors`: the diagonal Fisher of this task as alpha weighed it, scaled to its loss profile "
+        "unless --curvature fisher (only with --keep-fisher)"
+    )
     out.append(
         "- the RUN's `state/` holds the merged model after its last task (`merged.safetensors`, W_hat - W_0) "
         "and its classifiers, once"
