@@ -1,10 +1,13 @@
-"""Cost benchmark: a P&M training step against a plain LoRA step, and the Fisher pass against one epoch.
+"""Cost benchmark: a P&M training step against a plain LoRA step; the Fisher pass and the loss profile (the
+curvature scale of --curvature profile) against one epoch.
 
     python benchmarks/step_cost.py --steps 15 --repeats 7 --json benchmarks/results/step_cost.json
 Both step kinds run on the same PEFT model and the same batches, interleaved (plain, pm, plain, pm, ...), so
 machine noise hits both alike; the ratio of medians is reported. Per step, the perturbation folds s into the
 LoRA scaling (no extra operation), so it should cost nothing measurable: the target is <= 1.05. The Fisher pass
-over one epoch's worth of samples is timed against an epoch of the batches training takes (target <= 1).
+over one epoch's worth of samples is timed against an epoch of the batches training takes (target <= 1), and so
+is the loss profile over the same samples (three forward passes, merging.curvature), the Fisher pass and the
+profile alternated --repeats times.
 """
 
 from __future__ import annotations
@@ -82,9 +85,15 @@ def main() -> None:
     pert.off()
     n = len(task.train.labels)
     learner.cfg.fisher_samples = n
-    t0 = time.perf_counter()
-    learner._fisher(task, 0, lora_layers(peft_model), w, b)
-    fisher_s = time.perf_counter() - t0
+    fishers, profiles = [], []
+    for _ in range(args.repeats):
+        t0 = time.perf_counter()
+        learner._fisher(task, 0, lora_layers(peft_model), w, b)
+        fishers.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        learner._profile(task, 0, lora_layers(peft_model), w, b)
+        profiles.append(time.perf_counter() - t0)
+    fisher_s, profile_s = statistics.median(fishers), statistics.median(profiles)
     epoch_s = statistics.median(plain) * (n / args.batch_size)
     out = {
         "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}",
@@ -94,6 +103,9 @@ def main() -> None:
         "fisher_seconds_one_epoch_of_samples": fisher_s,
         "epoch_seconds_estimate": epoch_s,
         "fisher_over_epoch": fisher_s / epoch_s,
+        "profile_seconds_one_epoch_of_samples": profile_s,
+        "profile_over_epoch": profile_s / epoch_s,
+        "profile_over_fisher": profile_s / fisher_s,
         "steps": args.steps,
         "repeats": args.repeats,
         "batch_size": args.batch_size,
