@@ -195,7 +195,7 @@ class Ridge:
             raise PMError(f"--ridge-select: must be gcv or holdout, got {select!r}")
         self.dim, self.size, self.seed, self.fixed_lam, self.select = dim, size, seed, lam, select
         self.n = 0.0
-        self.on_edge = False  # the last chosen lambda is an end of its grid
+        self.on_edge: bool | None = None  # whether the lambda fit chose ends its grid (None: not chosen here)
         self.P = random_projection(dim, size, seed)
         self.labels: list[str] = []
         self.G = torch.zeros(size, size, dtype=torch.float64)

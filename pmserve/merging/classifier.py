@@ -187,7 +187,8 @@ def calibrate(
         feats = split_features(encoder, prep, task.train, torch.device("cpu"))
         if isinstance(clf, Ridge):
             lam = clf.fit(feats, task.train.labels, seed=ridge_seed(seed, i))  # as Learner.update_classifiers
-            log(f"calibrate: task {task.name}, {len(feats)} examples, ridge lambda {lam:g}")
+            edge = " (at its grid's end)" if clf.on_edge else ""
+            log(f"calibrate: task {task.name}, {len(feats)} examples, ridge lambda {lam:g}{edge}")
         else:
             clf.update(feats, task.train.labels)
             log(f"calibrate: task {task.name}, {len(feats)} examples")
@@ -226,7 +227,7 @@ def write_classifier(
         save_scorer(clf, tmp, CLASSIFIER)
         record["kind"] = scorer_kind(clf)
         if isinstance(clf, Ridge):
-            record["lambda"] = clf.lam
+            record["lambda"], record["lambda_on_edge"] = clf.lam, clf.on_edge
     if head is not None:
         save_scorer(head, tmp, HEAD)
     if labels:
