@@ -229,3 +229,16 @@ def test_a_task_fit_with_near_certainty_keeps_its_weight_under_the_profile():
         alphas[name] = task_alpha("pm", 2, merged, {"w": d2}, sums)
     assert alphas["fisher"] < 1e-4
     assert 0.2 < alphas["profile"] < 0.8
+
+
+@pytest.mark.parametrize("n", [1, 7, 5000, 300_001])
+def test_kth_largest_equals_kthvalue(n):
+    """TIES' threshold: the radix selection against torch.kthvalue, with zeros, ties and a wide range of scales."""
+    from pmserve.merging.execute import kth_largest
+
+    g = torch.Generator().manual_seed(n)
+    x = (torch.randn(n, generator=g) * torch.exp(4 * torch.randn(n, generator=g))).abs()
+    x[torch.rand(n, generator=g) < 0.2] = 0.0  # pruned-looking zeros
+    x[: n // 3] = x[: n // 3].round(decimals=1)  # many exact ties
+    for k in sorted(k for k in {1, 2, n // 3, n // 2, n - 1, n} if 1 <= k <= n):
+        assert kth_largest(x, k) == float(torch.kthvalue(x, n - k + 1).values)
