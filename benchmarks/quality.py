@@ -2,6 +2,7 @@
 
     python benchmarks/quality.py --sequence nouns --seeds 0 1 2 --out /tmp/pmq
     python benchmarks/quality.py --report i17-nouns i17-long     # the stored results' tables, no training
+    python benchmarks/quality.py --paired wordnet-nouns-all-linear i17-nouns   # B - A by (method, seed)
 Each (method, seed) is one `pmserve train` run that measures the linear training head and the prototype and
 ridge classifiers side by side (--eval-heads), so heads are compared on identical backbones; each seed draws its
 own class order. Results go to benchmarks/results/quality-<name>.json (appended run by run, so a long sweep can
@@ -75,6 +76,35 @@ def runs_table(results: list[dict]) -> str:
     return "\n".join(rows)
 
 
+def paired(a: list[dict], b: list[dict], a_name: str, b_name: str, head: str = "ridge") -> str:
+    """B - A on `head`'s ACC for every (method, seed) both hold; `same backbone` when the other heads agree to
+    1e-9 (then only `head` differs between the two runs: its classifier rule, not the training)."""
+    rows = [
+        f"| method | seed | {a_name} | {b_name} | difference | same backbone |",
+        "|---|---|---|---|---|---|",
+    ]
+    diffs: dict[str, list[float]] = {}
+    key = {(r["method"], _seed(r)): r for r in a}
+    for r in sorted(b, key=lambda r: (METHODS.index(r["method"]), _seed(r))):
+        old = key.get((r["method"], _seed(r)))
+        if old is None:
+            continue
+        x, y = old["by_head"][head]["ACC"], r["by_head"][head]["ACC"]
+        same = all(
+            abs(old["by_head"][h]["ACC"] - r["by_head"][h]["ACC"]) < 1e-9
+            for h in r["by_head"]
+            if h != head and h in old["by_head"]
+        )
+        diffs.setdefault(r["method"], []).append(y - x)
+        rows.append(
+            f"| {r['method']} | {_seed(r)} | {x:.3f} | {y:.3f} | {y - x:+.3f} | {'yes' if same else 'no'} |"
+        )
+    for m, d in diffs.items():
+        wins = sum(v > 0 for v in d)
+        rows.append(f"| {m} | mean | | | {statistics.mean(d):+.3f} | {wins} of {len(d)} seeds up |")
+    return "\n".join(rows)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sequence", choices=sorted(SEQUENCES), help="a named sequence: sets --data and --name")
@@ -88,10 +118,17 @@ def main() -> None:
     ap.add_argument("--name", default=None, help="results file quality-NAME.json (default: the sequence's)")
     ap.add_argument("--report", nargs="+", metavar="NAME", help="print the tables of stored results and stop")
     ap.add_argument(
+        "--paired", nargs=2, metavar=("A", "B"), help="ridge ACC of B - A by (method, seed), and stop"
+    )
+    ap.add_argument(
         "--set", nargs="*", default=[], help="extra TrainConfig fields as key=value (JSON values)"
     )
     args = ap.parse_args()
     heads = [args.train_head, "prototype", "ridge"]
+    if args.paired:
+        a, b = (json.loads((RESULTS / f"quality-{n}.json").read_text()) for n in args.paired)
+        print(paired(a, b, *args.paired))
+        return
     if args.report:
         for name in args.report:
             results = json.loads((RESULTS / f"quality-{name}.json").read_text())
