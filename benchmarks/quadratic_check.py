@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from pmserve.adapters import set_merged
 from pmserve.formats.peft import read_adapter
 from pmserve.merging.recurrence import chained_merge, chained_theta
-from pmserve.task_fisher import find_linears, fisher_generator, fisher_order, task_fisher
+from pmserve.task_fisher import find_linears
 from pmserve.train import open_run
 
 
@@ -35,7 +35,7 @@ def main() -> None:
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     # the final training head: every task's rows as trained on that task
-    cfg, tasks, learner, folders = open_run(args.run)
+    _, tasks, learner, folders = open_run(args.run)
     infos = [json.loads((f / "task.json").read_text()) for f in folders]
     alphas = [i["alpha"] for i in infos]
     scales = [(i.get("curvature") or {}).get("fisher_scale") for i in infos]
@@ -57,22 +57,9 @@ def main() -> None:
         return lambda feats: learner.head.logits(feats)[:, idx]
 
     def fisher(k: int) -> dict[str, torch.Tensor]:
-        """F_k as Learner._fisher took it: at theta*_k, with task k's head rows and the run's labels."""
+        """F_k as training took it (Learner._fisher): at theta*_k, with task k's head rows."""
         set_merged(model, learner.base, thetas[k])
-        gen = fisher_generator(cfg.seed, k)
-        order = fisher_order(tasks[k].train, cfg.fisher_samples, gen)
-        return task_fisher(
-            learner.encoder,
-            learner.prep,
-            layers,
-            tasks[k].train,
-            tasks[k].classes,
-            head_of(k),
-            order,
-            cfg.batch_size,
-            learner.device,
-            sample_labels=gen if cfg.fisher_labels == "sampled" else None,
-        )
+        return learner._fisher(tasks[k], k, layers, *learner.head.rows(tasks[k].classes))
 
     @torch.no_grad()
     def loss(weights: dict[str, torch.Tensor], k: int) -> float:

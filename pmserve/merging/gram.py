@@ -180,7 +180,8 @@ def data_fisher(
     )
 
     def fisher_for(index: int, alphas: list[float]) -> dict[str, torch.Tensor]:
-        delta = {m: ads[index].delta(m) for m in inputs.modules}
+        # the adapter's own Delta_t, for the loss profile only (fisher: the Fisher as it is)
+        delta = {m: ads[index].delta(m) for m in inputs.modules} if curvature == "profile" else None
         return model(index, adapter_theta(inputs, index, alphas), delta)
 
     return fisher_for
