@@ -242,3 +242,22 @@ def test_kth_largest_equals_kthvalue(n):
     x[: n // 3] = x[: n // 3].round(decimals=1)  # many exact ties
     for k in sorted(k for k in {1, 2, n // 3, n // 2, n - 1, n} if 1 <= k <= n):
         assert kth_largest(x, k) == float(torch.kthvalue(x, n - k + 1).values)
+
+
+def test_ties_block_equals_peft_with_exact_ties():
+    """The fused TIES block against peft's prune mask + majority sign + disjoint merge, on small integers so that
+    sign sums of exactly 0, pruned zeros, all-pruned columns and negative weights all occur."""
+    from peft.utils import merge_utils as mu
+
+    from pmserve.merging.execute import ties_block
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(-3, 4, (4, 9, 11), generator=g).float()
+    thr = torch.tensor([1.0, 2.0, 3.0, float("inf")]).view(-1, 1, 1)
+    w = torch.tensor([1.0, -0.5, 2.0, 1.0])
+    pruned = x * (x.abs() >= thr)
+    assert (pruned.sum(0) == 0).any() and ((pruned != 0).sum(0) == 0).any()
+    want = mu.disjoint_merge(
+        pruned * w.view(-1, 1, 1), mu.calculate_majority_sign_mask(pruned, method="total")
+    )
+    torch.testing.assert_close(ties_block(x.clone(), thr, w), want, rtol=1e-6, atol=0)

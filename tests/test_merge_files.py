@@ -204,9 +204,9 @@ def test_ties_in_row_blocks_equals_peft(foreign, tmp_path, monkeypatch):
     """TIES streamed over row blocks of the task vectors (a block of 1 to 3 rows here) against peft's ties."""
     from peft.utils import merge_utils as mu
 
-    import pmserve.merging.gram as mf
+    import pmserve.merging.execute as mf
 
-    monkeypatch.setattr(mf, "GRAM_BLOCK", 50)
+    monkeypatch.setattr(mf, "TIES_BLOCK", 96)  # 3 rows of 32 (a partial last block), 1 of 64
     deltas = [_deltas(foreign[0], 1.0), _deltas(foreign[1], 2.0), _deltas(foreign[2], 1.0)]
     for density in (0.3, 0.8):
         rep = merge_adapters(
