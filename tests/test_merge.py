@@ -241,7 +241,7 @@ def test_kth_largest_equals_kthvalue(n):
     x[torch.rand(n, generator=g) < 0.2] = 0.0  # pruned-looking zeros
     x[: n // 3] = x[: n // 3].round(decimals=1)  # many exact ties
     for k in sorted(k for k in {1, 2, n // 3, n // 2, n - 1, n} if 1 <= k <= n):
-        assert kth_largest(x, k) == float(torch.kthvalue(x, n - k + 1).values)
+        assert kth_largest(lambda: [x.view(1, -1)], [k]) == [float(torch.kthvalue(x, n - k + 1).values)]
 
 
 def test_ties_block_equals_peft_with_exact_ties():
@@ -260,4 +260,20 @@ def test_ties_block_equals_peft_with_exact_ties():
     want = mu.disjoint_merge(
         pruned * w.view(-1, 1, 1), mu.calculate_majority_sign_mask(pruned, method="total")
     )
-    torch.testing.assert_close(ties_block(x.clone(), thr, w), want, rtol=1e-6, atol=0)
+    torch.testing.assert_close(ties_block(x.clone(), thr.view(-1).tolist(), w), want, rtol=1e-6, atol=0)
+
+
+def test_kth_largest_over_blocks_of_several_tasks():
+    """Several tasks' thresholds at once, their values arriving in uneven blocks (as TIES reads its row blocks):
+    each row's k-th largest against torch.kthvalue of the whole row; k = 0 gives inf (prune everything)."""
+    from pmserve.merging.execute import kth_largest
+
+    g = torch.Generator().manual_seed(1)
+    rows = torch.randn(3, 40, 25, generator=g).abs() * torch.tensor([1e-4, 1.0, 1e3]).view(3, 1, 1)
+    rows[1, :10] = rows[1, :10].round(decimals=1)  # exact ties
+    cuts = [0, 1, 7, 8, 23, 40]
+    ks = [1, 499, 0]
+    got = kth_largest(lambda: (rows[:, a:b] for a, b in zip(cuts, cuts[1:])), ks)
+    flat = rows.reshape(3, -1)
+    want = [float(torch.kthvalue(flat[t], flat.shape[1] - k + 1).values) for t, k in enumerate(ks[:2])]
+    assert got == [*want, float("inf")]
