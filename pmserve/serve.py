@@ -25,6 +25,7 @@ import collections
 import gc
 import io
 import json
+import re
 import signal
 import socket
 import struct
@@ -786,6 +787,66 @@ class _MetricsMiddleware:
                 self.metrics.errors.labels(endpoint, str(status)).inc()
 
 
+class _InferRoute:
+    """POST /v2/models/NAME[/versions/V]/infer as a bare ASGI handler in front of FastAPI's router.
+
+    Why: on short texts the event loop's work per request, not the model, bounds throughput (BENCHMARKS.md,
+    serving against KServe): FastAPI's routing, request object and endpoint machinery cost more than the
+    protocol's own parsing. The handler is the same functions FastAPI's routes use (read_body, the v2 parsers,
+    the batcher); errors are answered as the app's exception handlers answer them, and the metrics middleware
+    sees the route template as for any other route.
+    """
+
+    def __init__(self, app, handler):
+        self.app, self.handler = app, handler
+
+    async def __call__(self, scope, receive, send):
+        match = INFER_PATH.fullmatch(scope["path"]) if scope["type"] == "http" else None
+        if match is None:
+            return await self.app(scope, receive, send)
+        name, version = match.groups()
+        scope["route"] = _Template(INFER_TEMPLATES[version is not None])
+        headers = {}
+        if scope["method"] != "POST":
+            status, body, headers = 405, _json({"error": "Method Not Allowed"}), {"allow": "POST"}
+        else:
+            try:
+                status, body, headers = 200, *await self.handler(name, version, receive, _Headers(scope))
+            except RequestError as e:
+                status, body = e.status, _json({"error": str(e)})
+            except Exception as e:  # noqa: BLE001 -- answered as the app's internal-error handler answers
+                status, body = 500, _json({"error": f"internal error: {type(e).__name__}: {e}"})
+        headers.setdefault("content-type", "application/json")
+        raw = [(b"content-length", str(len(body)).encode())]
+        raw += [(k.encode(), v.encode()) for k, v in headers.items()]
+        await send({"type": "http.response.start", "status": status, "headers": raw})
+        await send({"type": "http.response.body", "body": body})
+
+
+INFER_PATH = re.compile(r"/v2/models/([^/]+)(?:/versions/([^/]+))?/infer")
+INFER_TEMPLATES = ("/v2/models/{name}/infer", "/v2/models/{name}/versions/{version}/infer")
+
+
+@dataclass(frozen=True)
+class _Template:
+    path: str  # what the metrics middleware labels a request by, as it reads a Starlette route's
+
+
+class _Headers:
+    """A request's headers by lower-case name (ASGI sends them lower-cased), the last of each."""
+
+    def __init__(self, scope):
+        self.items = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
+
+    def get(self, name: str, default: str | None = None) -> str | None:
+        return self.items.get(name, default)
+
+
+def _json(content) -> bytes:
+    """JSON as Starlette's JSONResponse writes it."""
+    return json.dumps(content, ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode()
+
+
 def create_app(models: list[Served], cfg: ServeConfig, repository=None):
     """The FastAPI app serving `models` (already loaded); batchers start and drain with its lifespan. With a
     `repository` (pmserve.model_repository.Repository) the models change while it serves: the repository
@@ -818,7 +879,6 @@ def create_app(models: list[Served], cfg: ServeConfig, repository=None):
         await table.close()
 
     app = FastAPI(title="pmserve", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None)
-    app.add_middleware(_MetricsMiddleware, metrics=metrics)
 
     @app.exception_handler(RequestError)
     async def _request_error(request, e: RequestError):
@@ -836,18 +896,24 @@ def create_app(models: list[Served], cfg: ServeConfig, repository=None):
     async def _internal_error(request, e: Exception):
         return JSONResponse({"error": f"internal error: {type(e).__name__}: {e}"}, status_code=500)
 
-    async def read_body(request: Request) -> bytes:
+    async def read_body(receive, headers) -> bytes:
         """The body, refused past the limits' size while it streams in, and un-gzipped when it came so."""
         chunks, n, max_body = [], 0, body_limit()
-        async for chunk in request.stream():
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                raise RequestError(400, "the client went away before its request body arrived")
+            chunk = message.get("body", b"")
             n += len(chunk)
             if n > max_body:
                 raise RequestError(
                     413, f"request body over {max_body} bytes (see --max-inputs, --max-text-chars)"
                 )
             chunks.append(chunk)
+            if not message.get("more_body", False):
+                break
         body = b"".join(chunks)
-        encoding = request.headers.get("content-encoding", "identity").lower()
+        encoding = headers.get("content-encoding", "identity").lower()
         if encoding in ("gzip", "deflate"):
             d = zlib.decompressobj(wbits=31 if encoding == "gzip" else 15)
             try:
@@ -894,20 +960,22 @@ def create_app(models: list[Served], cfg: ServeConfig, repository=None):
             {"name": name, "ready": state["ready"]}, status_code=200 if state["ready"] else 503
         )
 
-    @app.post("/v2/models/{name}/infer")
-    @app.post("/v2/models/{name}/versions/{version}/infer")
-    async def infer(name: str, request: Request, version: str | None = None):
+    async def infer(name: str, version: str | None, receive, headers) -> tuple[bytes, dict[str, str]]:
+        """One v2 infer request (served by _InferRoute): the response body and its headers."""
         with table.use(name, version) as slot:  # this request is answered by the version it looked up
-            req, binary = parse_infer_request(await read_body(request), request.headers.get(HEADER_LENGTH))
+            req, binary = parse_infer_request(await read_body(receive, headers), headers.get(HEADER_LENGTH))
             elements = infer_elements(req, binary, slot.served.kind, cfg.max_inputs)
             requested_outputs(req, slot.served.outputs)  # a bad 'outputs' is a 400 before the model runs
             head, tail = infer_response(slot.served, req, await scores_for(slot, elements))
         if not tail:
-            return JSONResponse(head)
+            return _json(head), {}
         raw = json.dumps(head).encode()
-        return Response(
-            raw + tail, media_type="application/octet-stream", headers={HEADER_LENGTH: str(len(raw))}
-        )
+        return raw + tail, {"content-type": "application/octet-stream", HEADER_LENGTH: str(len(raw))}
+
+    app.add_middleware(_InferRoute, handler=infer)
+    app.add_middleware(
+        _MetricsMiddleware, metrics=metrics
+    )  # the outer one: it counts _InferRoute's requests too
 
     def plain_request(req) -> list:
         """The inputs of a /predict or /embed body, checked."""
@@ -927,7 +995,7 @@ def create_app(models: list[Served], cfg: ServeConfig, repository=None):
     @app.post("/predict")
     async def predict(request: Request):
         """For curl: {"inputs": [...], "model": NAME (optional)} -> the top label and score of each input."""
-        req = parse_json(await read_body(request))
+        req = parse_json(await read_body(request.receive, request.headers))
         inputs = plain_request(req)
         with table.use(plain_model(req, embedding=False)) as slot:
             served = slot.served
@@ -945,7 +1013,7 @@ def create_app(models: list[Served], cfg: ServeConfig, repository=None):
     @app.post("/embed")
     async def embed(request: Request):
         """For curl: {"inputs": [...], "model": NAME (optional)} -> {"embeddings": [[...], ...]}, one per input."""
-        req = parse_json(await read_body(request))
+        req = parse_json(await read_body(request.receive, request.headers))
         inputs = plain_request(req)
         with table.use(plain_model(req, embedding=True)) as slot:
             served = slot.served
