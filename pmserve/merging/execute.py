@@ -15,7 +15,7 @@ from ..formats.peft import AdapterInput
 from ..seeds import task_seed
 from .gram import stacked_factors
 from .inputs import BaseModel
-from .methods import combine_task_vectors
+from .methods import Consensus, combine_task_vectors
 from .plan import MergePlan
 from .saved import SavedMerge, combine_saved
 
@@ -44,11 +44,17 @@ def module_delta(
     elif method.sparsify == "magnitude" and (plan.density) < 1.0:
         merged, task_norms = ties_by_rows(ads, module, torch.tensor(plan.weights), plan.density)
     else:
-        ds = [a.delta(module) for a in ads]
-        task_norms = [float(d.norm()) for d in ds]
+        task_norms = []
+
+        def task_vectors():
+            for a in ads:
+                d = a.delta(module)
+                task_norms.append(float(d.norm()))
+                yield d
+
         with torch.random.fork_rng(devices=[]):  # DARE's pruning draws from the global generator
             torch.manual_seed(task_seed(plan.seed, index))
-            merged = combine_task_vectors(ds, torch.tensor(plan.weights), method, plan.density)
+            merged = combine_task_vectors(task_vectors(), torch.tensor(plan.weights), method, plan.density)
     if norms is not None:
         norms[module] = {"merged": float(merged.norm()), "tasks": task_norms}
     return merged
@@ -88,25 +94,15 @@ def ties_by_rows(
 
 
 def ties_block(x: torch.Tensor, thresholds: list[float], weights: torch.Tensor) -> torch.Tensor:
-    """TIES of one block of the T stacked task vectors x (T x ...; overwritten by its pruned values).
-
-    Equal to peft's prune + calculate_majority_sign_mask("total") + disjoint_merge, in fewer passes: with the
-    pruned values, the elected sign is that of their sum S, the agreeing values are the positive ones where
-    S >= 0 and the negative ones elsewhere, so the merge is (sum of w_t x_t over them) / (their count): sums
-    over the T tasks, each one matrix-vector product.
-    """
+    """TIES of one block of the T stacked task vectors x (T x ...; overwritten by its pruned values): peft's
+    magnitude pruning at the given thresholds, then Consensus over the T tasks at once."""
     flat = x.view(x.shape[0], -1)
     below = torch.nextafter(torch.tensor(thresholds, dtype=torch.float32), torch.tensor(0.0)).tolist()
     for t, lam in enumerate(below):  # |x| >= threshold is |x| > the float below it: hardshrink's own test
         torch.ops.aten.hardshrink.out(flat[t], lam, out=flat[t])
-    w, ones = weights.to(x.dtype), torch.ones(x.shape[0], dtype=x.dtype)
-    sign = flat.sign()
-    pos_w, all_w = w @ flat.clamp(min=0), w @ flat  # sum_t w_t max(x_t, 0), sum_t w_t x_t
-    net_n = ones @ sign  # (positive count) - (negative count)
-    pos_n = ones @ sign.clamp_(min=0)
-    neg_n = pos_n - net_n
-    merged = torch.where(ones @ flat >= 0, pos_w / pos_n.clamp_(min=1), (all_w - pos_w) / neg_n.clamp_(min=1))
-    return merged.view(x.shape[1:])
+    consensus = Consensus()
+    consensus.add(flat, weights)
+    return consensus.result(x.shape[1:])
 
 
 def _row_factors(adapters: list[AdapterInput], module: str) -> tuple[torch.Tensor, torch.Tensor]:

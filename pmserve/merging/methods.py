@@ -2,11 +2,13 @@
 
 P&M and the running average are sequential (an alpha_t per task, the recurrence in recurrence.py); the peer
 methods combine the task vectors with per-task weights, TIES and DARE composed from one sparsify-then-combine
-function (combine_task_vectors) equal to PEFT's merge_utils on the same task vectors and random state.
+function (combine_task_vectors, with TIES' consensus as running sums: Consensus) equal to PEFT's merge_utils on the
+same task vectors and random state.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
@@ -81,22 +83,60 @@ MERGE_METHODS: dict[str, MergeMethod] = {
 
 
 def combine_task_vectors(
-    task_tensors: list[torch.Tensor], weights: torch.Tensor, method: MergeMethod, density: float
+    task_vectors: Iterable[torch.Tensor], weights: torch.Tensor, method: MergeMethod, density: float
 ) -> torch.Tensor:
-    """One module's merged delta under a weighted method, composed from PEFT's merge_utils.
+    """One module's merged delta under a weighted method, one task vector at a time (T never held at once).
 
-    Sparsify each task vector (magnitude: keep the top `density` fraction by |value|; random: keep each value
-    with probability `density` and divide by it), weight them, then either sum or, with consensus, keep per
-    element only the values agreeing with the weighted-sum sign of the sparsified vectors and average them.
-    Equal to peft.utils.merge_utils.{task_arithmetic, ties, dare_linear, dare_ties} with the same random state.
+    Sparsify each task vector with PEFT's own prune, in order (magnitude: keep the top `density` fraction by
+    |value|; random: keep each value with probability `density` and divide by it), weight them, then either sum
+    or, with consensus, keep per element only the values agreeing with the sign of the sparsified vectors' sum
+    and average them (Consensus). Equal to peft.utils.merge_utils.{task_arithmetic, ties, dare_linear,
+    dare_ties} with the same random state: the masks are drawn in PEFT's order, by PEFT's code.
     """
     from peft.utils import merge_utils as mu
 
-    if method.sparsify and density < 1.0:
-        rescale = method.sparsify == "random"
-        task_tensors = [mu.prune(t, density, method=method.sparsify, rescale=rescale) for t in task_tensors]
-    stacked = torch.stack(task_tensors, dim=0)
-    weighted = stacked * mu.reshape_weight_task_tensors(stacked, weights.to(stacked.dtype))
-    if method.consensus:
-        return mu.disjoint_merge(weighted, mu.calculate_majority_sign_mask(stacked, method="total"))
-    return weighted.sum(dim=0)
+    merged = consensus = None
+    for x, w in zip(task_vectors, weights.tolist()):
+        if method.sparsify and density < 1.0:
+            x = mu.prune(x, density, method=method.sparsify, rescale=method.sparsify == "random")
+        if method.consensus:
+            consensus = consensus or Consensus()
+            consensus.add(x.unsqueeze(0), torch.tensor([w], dtype=x.dtype))
+            shape = x.shape
+        else:
+            merged = x * w if merged is None else merged.add_(x, alpha=w)
+    return consensus.result(shape) if method.consensus else merged
+
+
+class Consensus:
+    """TIES' sign election and disjoint mean (peft's calculate_majority_sign_mask("total") + disjoint_merge) from
+    running sums over the tasks, so that the tasks can come one at a time or in blocks.
+
+    With the sparsified values x_t, the elected sign is that of S = sum_t x_t; the agreeing values are the
+    positive ones where S >= 0 and the negative ones elsewhere; the merge is (sum of w_t x_t over them) / (their
+    count). So five sums over t suffice: S, sum w_t max(x_t, 0), sum w_t x_t, and the counts of positive and of
+    negative values (as sum sign(x_t) and sum max(sign(x_t), 0)), each a matrix-vector product over a block.
+    """
+
+    def __init__(self):
+        self.sums: list[torch.Tensor] | None = None
+
+    def add(self, x: torch.Tensor, weights: torch.Tensor) -> None:
+        """Add the tasks of x (tasks x ...), weighted by `weights` (one per task)."""
+        flat = x.reshape(len(weights), -1)
+        if self.sums is None:
+            self.sums = [torch.zeros(flat.shape[1], dtype=flat.dtype) for _ in range(5)]
+        total, pos_w, all_w, net_n, pos_n = self.sums
+        w, ones = weights.to(flat.dtype), torch.ones(len(weights), dtype=flat.dtype)
+        sign = flat.sign()
+        total.addmv_(flat.T, ones)
+        all_w.addmv_(flat.T, w)
+        pos_w.addmv_(flat.clamp(min=0).T, w)
+        net_n.addmv_(sign.T, ones)
+        pos_n.addmv_(sign.clamp_(min=0).T, ones)
+
+    def result(self, shape) -> torch.Tensor:
+        total, pos_w, all_w, net_n, pos_n = self.sums
+        neg_n = pos_n - net_n
+        merged = torch.where(total >= 0, pos_w / pos_n.clamp(min=1), (all_w - pos_w) / neg_n.clamp(min=1))
+        return merged.view(shape)
