@@ -814,8 +814,8 @@ class _InferRoute:
                 status, body, headers = 200, *await self.handler(name, version, receive, _Headers(scope))
             except RequestError as e:
                 status, body = e.status, _json({"error": str(e)})
-            except Exception as e:  # noqa: BLE001 -- answered as the app's internal-error handler answers
-                status, body = 500, _json({"error": f"internal error: {type(e).__name__}: {e}"})
+            except Exception as e:  # noqa: BLE001 -- answered as the app's handler for the others answers
+                status, body = 500, _json({"error": internal_error(e)})
         headers.setdefault("content-type", "application/json")
         raw = [(b"content-length", str(len(body)).encode())]
         raw += [(k.encode(), v.encode()) for k, v in headers.items()]
@@ -840,6 +840,11 @@ class _Headers:
 
     def get(self, name: str, default: str | None = None) -> str | None:
         return self.items.get(name, default)
+
+
+def internal_error(e: Exception) -> str:
+    """What a 500 answer says."""
+    return f"internal error: {type(e).__name__}: {e}"
 
 
 def _json(content) -> bytes:
@@ -894,7 +899,7 @@ def create_app(models: list[Served], cfg: ServeConfig, repository=None):
 
     @app.exception_handler(Exception)
     async def _internal_error(request, e: Exception):
-        return JSONResponse({"error": f"internal error: {type(e).__name__}: {e}"}, status_code=500)
+        return JSONResponse({"error": internal_error(e)}, status_code=500)
 
     async def read_body(receive, headers) -> bytes:
         """The body, refused past the limits' size while it streams in, and un-gzipped when it came so."""
@@ -973,9 +978,8 @@ def create_app(models: list[Served], cfg: ServeConfig, repository=None):
         return raw + tail, {"content-type": "application/octet-stream", HEADER_LENGTH: str(len(raw))}
 
     app.add_middleware(_InferRoute, handler=infer)
-    app.add_middleware(
-        _MetricsMiddleware, metrics=metrics
-    )  # the outer one: it counts _InferRoute's requests too
+    # added last, so outside _InferRoute: it counts those requests too
+    app.add_middleware(_MetricsMiddleware, metrics=metrics)
 
     def plain_request(req) -> list:
         """The inputs of a /predict or /embed body, checked."""

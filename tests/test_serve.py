@@ -485,3 +485,42 @@ def test_served_sessions_do_not_spin(bundle):  # noqa: F811
     plain = OrtModel.from_bundle(bundle, "cpu", 1).session.get_session_options()
     with pytest.raises(RuntimeError, match="does not have"):  # unset: ORT's default, spinning
         plain.get_session_config_entry(key)
+
+
+def test_infer_route_bodies_methods_and_metrics(server):
+    """The v2 infer endpoint (a bare ASGI handler in front of FastAPI): a gzipped body gives the plain body's
+    answer, an unknown encoding 415, a GET 405 with Allow, and /metrics counts all of them under the route
+    template, as FastAPI's routes are counted."""
+    import gzip
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    url = f"{server}/v2/models/{NAME}/infer"
+    raw = json.dumps(infer_body(TEXTS)).encode()
+    plain = httpx.post(url, content=raw)
+    zipped = httpx.post(url, content=gzip.compress(raw), headers={"Content-Encoding": "gzip"})
+    assert plain.status_code == zipped.status_code == 200 and plain.json() == zipped.json()
+    bad = httpx.post(url, content=raw, headers={"Content-Encoding": "br"})
+    assert bad.status_code == 415 and "'br'" in bad.json()["error"]
+    get = httpx.get(url)
+    assert get.status_code == 405 and get.headers["allow"] == "POST" and get.json()["error"]
+
+    def count(name, **labels):
+        text = httpx.get(f"{server}/metrics").text
+        fam = next(f for f in text_string_to_metric_families(text) if f.name == name)
+        return sum(
+            s.value for s in fam.samples if s.name.endswith("_total") and s.labels.items() >= labels.items()
+        )
+
+    endpoint = "/v2/models/{name}/infer"
+    before = (
+        count("pmserve_requests", endpoint=endpoint),
+        count("pmserve_errors", endpoint=endpoint, code="405"),
+    )
+    httpx.get(url)
+    httpx.post(url, content=raw)
+    after = (
+        count("pmserve_requests", endpoint=endpoint),
+        count("pmserve_errors", endpoint=endpoint, code="405"),
+    )
+    assert after[0] - before[0] == 2 and after[1] - before[1] == 1
