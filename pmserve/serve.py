@@ -40,6 +40,7 @@ from pathlib import Path
 
 import numpy as np
 from fastapi import Request  # at module level: FastAPI resolves the handlers' annotations in this namespace
+from starlette.datastructures import Headers
 
 from . import __version__
 from . import defaults as D
@@ -811,7 +812,7 @@ class _InferRoute:
             status, body, headers = 405, _json({"error": "Method Not Allowed"}), {"allow": "POST"}
         else:
             try:
-                status, body, headers = 200, *await self.handler(name, version, receive, _Headers(scope))
+                status, body, headers = 200, *await self.handler(name, version, receive, Headers(scope=scope))
             except RequestError as e:
                 status, body = e.status, _json({"error": str(e)})
             except Exception as e:  # noqa: BLE001 -- answered as the app's handler for the others answers
@@ -830,16 +831,6 @@ INFER_TEMPLATES = ("/v2/models/{name}/infer", "/v2/models/{name}/versions/{versi
 @dataclass(frozen=True)
 class _Template:
     path: str  # what the metrics middleware labels a request by, as it reads a Starlette route's
-
-
-class _Headers:
-    """A request's headers by lower-case name (ASGI sends them lower-cased), the last of each."""
-
-    def __init__(self, scope):
-        self.items = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
-
-    def get(self, name: str, default: str | None = None) -> str | None:
-        return self.items.get(name, default)
 
 
 def internal_error(e: Exception) -> str:

@@ -85,6 +85,13 @@ class AdapterInput:
             lora_delta(a[:, start:stop], b, s).T if self.fan_in_fan_out else lora_delta(a, b[start:stop], s)
         )
 
+    def row_factors(self, module: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """(L, R), fp32, with delta(module) = L @ R in the base weight's layout and the scaling folded into L: rows
+        of the task vector are rows of L times R, whatever fan_in_fan_out says."""
+        a, b = (f.float() for f in self.factors(module))
+        s = self.modules[module].scaling
+        return (a.T, s * b.T) if self.fan_in_fan_out else (s * b, a)
+
     def delta_shape(self, module: str) -> tuple[int, int]:
         """The shape of delta(module): the base weight's."""
         m = self.modules[module]

@@ -67,7 +67,7 @@ def ties_by_rows(
     task vectors at once; returns the merged delta and ||Delta_t||.
 
     Magnitude pruning keeps |x| >= the k-th largest |value| of each whole task vector: that is peft's top-k mask
-    (found by kth_largest, a radix selection, instead of a full top-k sort) except that values tied at the
+    (found by kth_largest, a histogram of the float bits and a selection in one bucket, not a full top-k sort) except that values tied at the
     threshold are all kept. With each task's threshold known, the election and merge act element by element.
     Both run over row blocks of the T task vectors, recomputed from the factors as one batched product per
     block; blocks are small (TIES_BLOCK values per task) so that a block's passes run in the CPU's cache.
@@ -106,13 +106,9 @@ def ties_block(x: torch.Tensor, thresholds: list[float], weights: torch.Tensor) 
 
 
 def _row_factors(adapters: list[AdapterInput], module: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """(L, R): Delta_t = L_t @ R_t in the base weight's layout for every task t (the scaling in L), fp32, ranks
-    zero-padded to the largest so that the T products of a row block are one batched product."""
-    pairs = []
-    for ad in adapters:
-        a, b = (f.float() for f in ad.factors(module))
-        s = ad.modules[module].scaling
-        pairs.append((a.T, s * b.T) if ad.fan_in_fan_out else (s * b, a))
+    """(L, R) stacked over the tasks (AdapterInput.row_factors: Delta_t = L_t @ R_t), ranks zero-padded to the
+    largest so that the T products of a row block are one batched product."""
+    pairs = [ad.row_factors(module) for ad in adapters]
     rank = max(lf.shape[1] for lf, _ in pairs)
     left = torch.zeros((len(pairs), pairs[0][0].shape[0], rank))
     right = torch.zeros((len(pairs), rank, pairs[0][1].shape[1]))
