@@ -400,8 +400,18 @@ class Batcher:
         return length_groups(lengths), lengths
 
     async def _run(self, jobs: list[_Job], loop: asyncio.AbstractEventLoop) -> None:
+        """Score one batch in the worker thread: the plan and every call in one hand-over, so the model never
+        waits for the event loop between its calls; each caller is answered (on the loop) as soon as its own
+        rows are scored."""
         if not jobs:
             return
+        start = time.perf_counter()
+        for j in jobs:
+            self.metrics.queue.labels(self.served.name).observe(start - j.queued)
+        await loop.run_in_executor(self.executor, self._score, jobs, loop)
+
+    def _score(self, jobs: list[_Job], loop: asyncio.AbstractEventLoop) -> None:
+        """Runs in the worker thread. Futures are only touched on the loop (`call_soon_threadsafe`)."""
         name, m = self.served.name, self.metrics
         inputs = [x for j in jobs for x in j.inputs]
         owner = [k for k, j in enumerate(jobs) for _ in j.inputs]  # row -> the job it belongs to
@@ -409,26 +419,25 @@ class Batcher:
         for k in range(1, len(jobs)):
             first[k] = first[k - 1] + len(jobs[k - 1].inputs)
         left = [len(j.inputs) for j in jobs]  # rows of each job not scored yet
-        start = time.perf_counter()
-        for j in jobs:
-            m.queue.labels(name).observe(start - j.queued)
-        out = None
+        failed: set[int] = set()
         try:
-            groups, lengths = await loop.run_in_executor(self.executor, self._plan, inputs)
+            groups, lengths = self._plan(inputs)
         except Exception as e:  # noqa: BLE001 -- the callers answer 500 with it; the server goes on
-            self._fail(jobs, range(len(jobs)), e)
+            loop.call_soon_threadsafe(self._fail, jobs, range(len(jobs)), e)
             return
+        out = None
         for group in groups:
-            group = [i for i in group if not jobs[owner[i]].future.done()]  # failed or gone: not scored
+            # failed or gone: not scored (done() read from this thread is only a hint; _answer checks again)
+            group = [i for i in group if owner[i] not in failed and not jobs[owner[i]].future.done()]
             if not group:
                 continue
             call_start = time.perf_counter()
             try:
-                scores = await loop.run_in_executor(
-                    self.executor, self.served.model.scores, [inputs[i] for i in group]
-                )
+                scores = self.served.model.scores([inputs[i] for i in group])
             except Exception as e:  # noqa: BLE001 -- the callers answer 500 with it; the server goes on
-                self._fail(jobs, {owner[i] for i in group}, e)
+                which = {owner[i] for i in group}
+                failed |= which
+                loop.call_soon_threadsafe(self._fail, jobs, which, e)
                 continue
             m.inference.labels(name).observe(time.perf_counter() - call_start)
             m.batch_size.labels(name).observe(len(group))
@@ -438,11 +447,20 @@ class Batcher:
             if out is None:
                 out = np.empty((len(inputs), *scores.shape[1:]), scores.dtype)
             out[group] = scores
+            done = []
             for i in group:
                 k = owner[i]
                 left[k] -= 1
-                if not left[k] and not jobs[k].future.done():
-                    jobs[k].future.set_result(out[first[k] : first[k] + len(jobs[k].inputs)])
+                if not left[k]:
+                    done.append((jobs[k].future, out[first[k] : first[k] + len(jobs[k].inputs)]))
+            if done:
+                loop.call_soon_threadsafe(self._answer, done)
+
+    @staticmethod
+    def _answer(done: list[tuple[asyncio.Future, np.ndarray]]) -> None:
+        for future, rows in done:
+            if not future.done():
+                future.set_result(rows)
 
     @staticmethod
     def _fail(jobs: list[_Job], which, e: Exception) -> None:
