@@ -130,21 +130,57 @@ class Preprocessor:
             raise PMError(f"{path}: cannot load the {what} ({str(e).splitlines()[0]})") from None
 
     def __call__(self, inputs: list) -> dict[str, torch.Tensor]:
-        if self.kind == "text":
-            enc = self.tok(
-                list(inputs), padding=True, truncation=True, max_length=self.max_length, return_tensors="pt"
-            )
-            return {k: v for k, v in enc.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
-        images = [_to_rgb(x) for x in inputs]
-        return {"pixel_values": self.proc(images=images, return_tensors="pt")["pixel_values"]}
+        return self.collate(self.encode(inputs))
 
-    def lengths(self, inputs: list) -> list[int]:
-        """How many positions each input fills before padding: its token count (truncated as __call__
-        truncates) for text; every image is resized to the same grid, so images are all of length 1."""
+    def encode(self, inputs: list):
+        """Inputs -> per-input encodings, not yet padded: token ids (truncated to max_length) for text, pixel
+        values for images. A batcher tokenizes a gathered batch once, reads the lengths, and pads each model
+        call from here (`collate`) instead of tokenizing every call again."""
+        if self.kind == "text":
+            return self.tok(list(inputs), truncation=True, max_length=self.max_length)
+        images = [_to_rgb(x) for x in inputs]
+        return self.proc(images=images, return_tensors="pt")["pixel_values"]
+
+    def lengths(self, encoded) -> list[int]:
+        """How many positions each encoded input fills before padding: its token count for text; every image is
+        resized to the same grid, so images are all of length 1."""
         if self.kind != "text":
-            return [1] * len(inputs)
-        ids = self.tok(list(inputs), truncation=True, max_length=self.max_length)["input_ids"]
-        return [len(x) for x in ids]
+            return [1] * len(encoded)
+        return [len(x) for x in encoded["input_ids"]]
+
+    def collate(self, encoded, rows=None) -> dict[str, torch.Tensor]:
+        """The model inputs of `rows` (default all) of `encoded`: texts padded to the longest of those rows, on the
+        tokenizer's padding side, with its pad token id and pad token type id (what `tokenizer(..., padding=True)`
+        gives; tests hold the two equal)."""
+        if self.kind != "text":
+            return {"pixel_values": encoded if rows is None else encoded[list(rows)]}
+        rows = range(len(encoded["input_ids"])) if rows is None else list(rows)
+        ids = [encoded["input_ids"][i] for i in rows]
+        width = max(map(len, ids), default=0)
+        pad = {
+            "input_ids": self.tok.pad_token_id,
+            "attention_mask": 0,
+            "token_type_ids": self.tok.pad_token_type_id,
+        }
+        if width and self.tok.pad_token_id is None and any(len(x) < width for x in ids):
+            raise PMError(
+                "the tokenizer has no padding token, so texts of different lengths cannot share a batch"
+            )
+        left = self.tok.padding_side == "left"
+        out = {}
+        for key in ("input_ids", "attention_mask", "token_type_ids"):
+            if key not in encoded:
+                continue
+            a = np.full((len(ids), width), pad[key] or 0, np.int64)
+            for r, i in enumerate(rows):
+                v = encoded[key][i]
+                if v:
+                    if left:
+                        a[r, width - len(v) :] = v
+                    else:
+                        a[r, : len(v)] = v
+            out[key] = torch.from_numpy(a)
+        return out
 
     def save(self, out: Path) -> None:
         (self.tok if self.kind == "text" else self.proc).save_pretrained(str(out))

@@ -112,12 +112,20 @@ class Model:
     def run(self, batch: dict[str, torch.Tensor]) -> np.ndarray:
         raise NotImplementedError
 
-    def lengths(self, inputs: list) -> list[int]:
-        """Positions each input fills in a batch before padding (see Preprocessor.lengths)."""
-        return self.prep.lengths(inputs)
+    def encode(self, inputs: list):
+        """Inputs tokenized (or pixel values), not padded: one encoding serves several calls (`score_rows`)."""
+        return self.prep.encode(inputs)
+
+    def lengths(self, encoded) -> list[int]:
+        """Positions each encoded input fills in a batch before padding (see Preprocessor.lengths)."""
+        return self.prep.lengths(encoded)
 
     def scores(self, inputs: list) -> np.ndarray:
-        batch = self.prep(inputs)
+        return self.score_rows(self.encode(inputs))
+
+    def score_rows(self, encoded, rows=None) -> np.ndarray:
+        """The output for `rows` (default all) of `encoded`, as one model call padded to their longest."""
+        batch = self.prep.collate(encoded, rows)
         missing = [n for n in self.input_names if n not in batch]
         if missing:
             raise PMError(f"the preprocessor does not produce the model input {missing[0]!r}")

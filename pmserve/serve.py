@@ -388,15 +388,11 @@ class Batcher:
         self.metrics.queued.labels(self.served.name).dec(taken)
         return jobs
 
-    def _plan(self, inputs: list) -> tuple[list[list[int]], list[int] | None]:
-        """(groups of indices, one model call each; the inputs' lengths, when the model tells them). Runs in the
-        worker thread: the lengths come from the tokenizer."""
-        lengths_of = getattr(self.served.model, "lengths", None)
-        if lengths_of is None:
-            return [list(range(len(inputs)))], None
-        lengths = lengths_of(inputs)
-        if not self.by_length or len(inputs) == 1:
-            return [list(range(len(inputs)))], lengths
+    def _plan(self, encoded, n: int) -> tuple[list[list[int]], list[int]]:
+        """(groups of row indices, one model call each; the rows' lengths before padding)."""
+        lengths = self.served.model.lengths(encoded)
+        if not self.by_length or n == 1:
+            return [list(range(n))], lengths
         return length_groups(lengths), lengths
 
     async def _run(self, jobs: list[_Job], loop: asyncio.AbstractEventLoop) -> None:
@@ -420,8 +416,10 @@ class Batcher:
             first[k] = first[k - 1] + len(jobs[k - 1].inputs)
         left = [len(j.inputs) for j in jobs]  # rows of each job not scored yet
         failed: set[int] = set()
-        try:
-            groups, lengths = self._plan(inputs)
+        model = self.served.model
+        try:  # every input is tokenized once; each call pads its own rows
+            encoded = model.encode(inputs)
+            groups, lengths = self._plan(encoded, len(inputs))
         except Exception as e:  # noqa: BLE001 -- the callers answer 500 with it; the server goes on
             loop.call_soon_threadsafe(self._fail, jobs, range(len(jobs)), e)
             return
@@ -433,7 +431,7 @@ class Batcher:
                 continue
             call_start = time.perf_counter()
             try:
-                scores = self.served.model.scores([inputs[i] for i in group])
+                scores = model.score_rows(encoded, group)
             except Exception as e:  # noqa: BLE001 -- the callers answer 500 with it; the server goes on
                 which = {owner[i] for i in group}
                 failed |= which
@@ -441,9 +439,8 @@ class Batcher:
                 continue
             m.inference.labels(name).observe(time.perf_counter() - call_start)
             m.batch_size.labels(name).observe(len(group))
-            if lengths is not None:
-                m.tokens.labels(name, "padded").inc(len(group) * max(lengths[i] for i in group))
-                m.tokens.labels(name, "input").inc(sum(lengths[i] for i in group))
+            m.tokens.labels(name, "padded").inc(len(group) * max(lengths[i] for i in group))
+            m.tokens.labels(name, "input").inc(sum(lengths[i] for i in group))
             if out is None:
                 out = np.empty((len(inputs), *scores.shape[1:]), scores.dtype)
             out[group] = scores

@@ -291,6 +291,18 @@ def test_image_bundle_takes_encoded_images_json_and_binary(tiny_vit, tmp_path):
         assert bad.status_code == 400 and "not a readable image" in bad.json()["error"]
 
 
+def _model_double(scores, lengths=None):
+    """What the Batcher asks of a model (encode, lengths, score_rows) over a plain `scores(inputs)`: encoding is
+    the identity, every input 1 long unless `lengths` says."""
+    from types import SimpleNamespace
+
+    return SimpleNamespace(
+        encode=list,
+        lengths=lengths or (lambda enc: [1] * len(enc)),
+        score_rows=lambda enc, rows=None: scores(enc if rows is None else [enc[i] for i in rows]),
+    )
+
+
 def test_batcher_waits_only_under_concurrency():
     """A lone client's requests run at once (after the first, which waits for company that does not come);
     requests that queue up together turn the wait back on. An in-process Batcher over a recording model."""
@@ -306,7 +318,7 @@ def test_batcher_waits_only_under_concurrency():
         return np.zeros((len(inputs), 2), np.float32)
 
     async def main():
-        served = SimpleNamespace(name="m", model=SimpleNamespace(scores=scores))
+        served = SimpleNamespace(name="m", model=_model_double(scores))
         b = Batcher(served, max_batch=8, max_wait_s=0.5, metrics=Metrics())
         b.start()
 
@@ -347,7 +359,7 @@ def test_requests_that_arrive_while_the_model_runs_share_one_batch():
         return np.array([[float(x), -float(x)] for x in inputs], np.float32)
 
     async def main():
-        served = SimpleNamespace(name="m", model=SimpleNamespace(scores=scores))
+        served = SimpleNamespace(name="m", model=_model_double(scores))
         b = Batcher(served, max_batch=16, max_wait_s=0.05, metrics=Metrics())
         b.start()
         first = asyncio.ensure_future(b.infer([0]))
@@ -441,7 +453,7 @@ def test_a_queue_of_mixed_lengths_runs_as_calls_of_similar_length():
             return [len(x.split()) for x in inputs]
 
         async def main():
-            served = SimpleNamespace(name="m", model=SimpleNamespace(scores=scores, lengths=lengths))
+            served = SimpleNamespace(name="m", model=_model_double(scores, lengths))
             b = Batcher(served, max_batch=16, max_wait_s=0.05, metrics=Metrics(), by_length=by_length)
             b.start()
             first = asyncio.ensure_future(b.infer([text(0, 5)]))
@@ -524,3 +536,50 @@ def test_infer_route_bodies_methods_and_metrics(server):
         count("pmserve_errors", endpoint=endpoint, code="405"),
     )
     assert after[0] - before[0] == 2 and after[1] - before[1] == 1
+
+
+@pytest.mark.parametrize("side, pad", [("right", None), ("left", None), ("right", "[MASK]")])
+def test_batcher_encoding_pads_as_the_tokenizer_does(tiny_model, side, pad):
+    """The batcher tokenizes a gathered batch once and pads each call from that (Preprocessor.encode / collate):
+    for any subset of rows, in any order, the inputs equal the tokenizer's own `padding=True` call on those
+    texts (MiniLM's WordPiece with [CLS]/[SEP] and truncation, and the test tokenizer), on either padding side
+    and with a pad token whose id is not 0."""
+    import torch
+
+    from pmserve.backbone import Preprocessor, resolve_model
+
+    texts = [
+        "a",
+        "",
+        "the quick brown fox jumps over the lazy dog " * 3,
+        "dog cat",
+        "time flies like an arrow",
+    ]
+    for path, max_length in ((resolve_model("builtin:minilm"), 12), (tiny_model, 6)):
+        prep = Preprocessor(path, "text", max_length)
+        prep.tok.padding_side = side
+        if pad:
+            prep.tok.pad_token = pad
+        enc = prep.encode(texts)
+        assert prep.lengths(enc) == [
+            len(x) for x in prep.tok(texts, truncation=True, max_length=max_length)["input_ids"]
+        ]
+        for rows in ([0, 1, 2, 3, 4], [3, 0], [2], [4, 1, 3]):
+            subset = [texts[i] for i in rows]
+            ref = prep.tok(subset, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
+            got = prep.collate(enc, rows)
+            assert set(got) == {k for k in ref if k in ("input_ids", "attention_mask", "token_type_ids")}
+            for k in got:
+                assert torch.equal(got[k], ref[k]), (path, side, rows, k)
+
+
+def test_batcher_encoding_without_a_pad_token_is_one_line(tiny_model):
+    from pmserve.backbone import Preprocessor
+    from pmserve.errors import PMError
+
+    prep = Preprocessor(tiny_model, "text", 16)
+    prep.tok.pad_token = None
+    enc = prep.encode(["dog", "dog cat", "cat"])
+    assert prep.collate(enc, [0, 2])["input_ids"].shape == (2, 1), "equal lengths need no padding"
+    with pytest.raises(PMError, match="no padding token"):
+        prep.collate(enc)
