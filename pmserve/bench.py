@@ -213,6 +213,7 @@ def run_bench(path: Path | str, cfg: BenchConfig | None = None, log=lambda *_: N
         g = np.random.default_rng(cfg.seed)
         # a fresh random order every round, so no backend always runs right after another
         order = np.random.default_rng(cfg.seed + 1)
+        block = D.BENCH_BLOCK
         results = []
         for b, s in shapes:
             feed = _inputs(kind, input_names, b, s or 0, vocab, image_size, g)
@@ -222,12 +223,17 @@ def run_bench(path: Path | str, cfg: BenchConfig | None = None, log=lambda *_: N
                 for r in runners:
                     r.call()
             times = {r.name: [] for r in runners}
-            for _ in range(cfg.runs):
+            # Timed in blocks, one untimed call first: a call right after another backend's competes for the cores
+            # with that backend's threads, which spin for a while after each call (ONNX Runtime's pool, PyTorch's
+            # OpenMP team); timed call by call, every backend paid for its predecessor's spin.
+            for left in range(cfg.runs, 0, -block):
                 for j in order.permutation(len(runners)):
                     r = runners[j]
-                    t0 = time.perf_counter()
                     r.call()
-                    times[r.name].append(time.perf_counter() - t0)
+                    for _ in range(min(block, left)):
+                        t0 = time.perf_counter()
+                        r.call()
+                        times[r.name].append(time.perf_counter() - t0)
             for r in runners:
                 ms = np.array(times[r.name]) * 1e3
                 results.append(
@@ -240,6 +246,7 @@ def run_bench(path: Path | str, cfg: BenchConfig | None = None, log=lambda *_: N
                         "p99_ms": float(np.percentile(ms, 99)),
                         "mean_ms": float(ms.mean()),
                         "throughput": float(b / (ms.mean() / 1e3)),
+                        "n": len(ms),
                     }
                 )
             log(

@@ -105,6 +105,7 @@ BENCH_BATCH_SIZES = (1, 8, 32)
 BENCH_SEQ_LENS = (16, 64, 128)
 BENCH_WARMUP = 5
 BENCH_RUNS = 30
+BENCH_BLOCK = 10  # timed calls of one backend in a row (after one untimed call), backends alternated by block
 BENCH_PROVIDER = "cpu"
 BENCH_THREADS = 0  # 0: PyTorch's default
 BENCH_BACKENDS = ("onnxruntime", "torch-merged", "torch-base", "peft-unmerged")  # all of bench.BACKENDS

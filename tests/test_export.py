@@ -209,12 +209,40 @@ def test_bench_json_side_by_side(bundle, tmp_path, cli):
     assert set(r["backends"]) == {"onnxruntime", "torch-merged", "torch-base", "peft-unmerged"}
     assert len(r["results"]) == 4 * 4
     assert all(x["p50_ms"] <= x["p90_ms"] <= x["p99_ms"] and x["throughput"] > 0 for x in r["results"])
+    assert all(x["n"] == 3 for x in r["results"])
     assert {"ort_over_torch", "merged_over_base", "peft_over_merged"} <= set(r["summary"][0])
     # a merged folder works too: exported to a temporary bundle first
     merged = run_bench(
         r["source"]["path"], BenchConfig([1], [4], warmup=0, runs=1, backends=["onnxruntime", "torch-merged"])
     )
     assert [x["backend"] for x in merged["results"]] == ["onnxruntime", "torch-merged"]
+
+
+def test_bench_times_each_backend_in_blocks(bundle, monkeypatch):
+    """Each round runs every backend for a block (one untimed call, then up to BENCH_BLOCK timed ones), in a fresh
+    order each round, so no call is timed right after another backend's; --runs timed calls in all."""
+    from pmserve import bench
+    from pmserve import defaults as D
+
+    calls = []
+
+    def recording(cfg, *args):
+        return [bench._Runner(n, lambda feed: None, lambda n=n: calls.append(n), n) for n in ("a", "b", "c")]
+
+    monkeypatch.setattr(bench, "_make_runners", recording)
+    monkeypatch.setattr(D, "BENCH_BLOCK", 4)
+    r = run_bench(bundle, BenchConfig([1], [4], warmup=2, runs=10, backends=["onnxruntime"]))
+    assert [x["n"] for x in r["results"]] == [10, 10, 10]
+    assert calls[:6] == ["a", "b", "c"] * 2, "the warm-up"
+    k = 6
+    for timed in (4, 4, 2):  # BENCH_BLOCK 4: blocks of 4, 4 and 2 timed calls, each after 1 untimed one
+        n = timed + 1
+        seg = calls[k : k + 3 * n]
+        blocks = [seg[i : i + n] for i in range(0, 3 * n, n)]
+        assert all(len(set(b)) == 1 for b in blocks), seg
+        assert sorted(b[0] for b in blocks) == ["a", "b", "c"], seg
+        k += 3 * n
+    assert k == len(calls)
 
 
 @pytest.mark.parametrize(
