@@ -300,10 +300,11 @@ class Batcher:
     `max_wait_s` after the oldest request arrived, and runs each batch in a worker thread; each caller gets
     back its own rows.
 
-    The tokenizer pads a model call to its longest input, and on a CPU a padded token costs as much as a real
-    one, so with `by_length` a gathered batch of texts is split into groups of similar token counts
-    (`length_groups`), each one model call, shortest first; a caller is answered as soon as its own rows are
-    scored. Without it (or for images, all of one size) the batch is one call.
+    A model call is padded to its longest input, and on a CPU a padded token costs as much as a real one, so
+    with `by_length` a gathered batch of texts is split into groups of similar token counts (`length_groups`),
+    each one model call, shortest first; a caller is answered as soon as its own rows are scored. Without it (or
+    for images, all of one size) the batch is one call. The batch is tokenized once (`model.encode`), and each
+    call pads its own rows from that (`model.score_rows`).
 
     The wait only pays under concurrency, so it adapts: after a batch that held a single request with nothing
     else queued, the next request runs at once (a lone client does not pay max_wait_s per call); as soon as
