@@ -405,7 +405,10 @@ class Batcher:
         start = time.perf_counter()
         for j in jobs:
             self.metrics.queue.labels(self.served.name).observe(start - j.queued)
-        await loop.run_in_executor(self.executor, self._score, jobs, loop)
+        try:
+            await loop.run_in_executor(self.executor, self._score, jobs, loop)
+        except Exception as e:  # noqa: BLE001 -- a fault outside the model calls: no caller is left waiting
+            self._fail(jobs, range(len(jobs)), e)
 
     def _score(self, jobs: list[_Job], loop: asyncio.AbstractEventLoop) -> None:
         """Runs in the worker thread. Futures are only touched on the loop (`call_soon_threadsafe`)."""

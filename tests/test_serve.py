@@ -583,3 +583,32 @@ def test_batcher_encoding_without_a_pad_token_is_one_line(tiny_model):
     assert prep.collate(enc, [0, 2])["input_ids"].shape == (2, 1), "equal lengths need no padding"
     with pytest.raises(PMError, match="no padding token"):
         prep.collate(enc)
+
+
+def test_a_fault_outside_the_model_call_fails_the_batch_instead_of_hanging_it():
+    """A model that answers the wrong number of rows breaks the batcher's own bookkeeping, not the model call:
+    every caller of that batch still gets an error (the server answers 500), none waits forever, and the next
+    batch is served."""
+    import asyncio
+    from types import SimpleNamespace
+
+    from pmserve.serve import Batcher, Metrics
+
+    def scores(inputs):
+        rows = len(inputs) + (inputs[0] == "bad")
+        return np.zeros((rows, 2), np.float32)
+
+    async def main():
+        served = SimpleNamespace(name="m", model=_model_double(scores))
+        b = Batcher(served, max_batch=8, max_wait_s=0.05, metrics=Metrics())
+        b.start()
+        bad = await asyncio.wait_for(
+            asyncio.gather(b.infer(["bad", "x"]), b.infer(["y"]), return_exceptions=True), 5
+        )
+        good = await asyncio.wait_for(b.infer(["z"]), 5)
+        await b.close()
+        return bad, good
+
+    bad, good = asyncio.run(main())
+    assert all(isinstance(x, Exception) for x in bad), bad
+    assert good.shape == (1, 2)
