@@ -47,6 +47,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -160,18 +161,46 @@ merged.save_pretrained(out)
 """
 
 
+def _anon_kib(pid: int) -> int:
+    """RssAnon (KiB) of a process and its descendants now: the memory it allocated, without the file pages of
+    what it memory-maps (a memory-mapped base counts in RSS as far as the page cache lets it stay)."""
+    total, todo = 0, [pid]
+    while todo:
+        p = todo.pop()
+        try:
+            for line in Path(f"/proc/{p}/status").read_text().splitlines():
+                if line.startswith("RssAnon:"):
+                    total += int(line.split()[1])
+            for task in Path(f"/proc/{p}/task").iterdir():
+                todo += [int(c) for c in (task / "children").read_text().split()]
+        except (OSError, ValueError):
+            pass
+    return total
+
+
 def measure(cmd: list[str], env: dict | None = None) -> dict:
-    """Wall seconds and peak RSS (MB) of one subprocess."""
+    """Wall seconds, peak RSS (MB, ru_maxrss) and peak anonymous memory (MB, RssAnon sampled every 20 ms) of one
+    subprocess and its descendants."""
     t0 = time.perf_counter()
     p = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    peak, done = [0], threading.Event()
+
+    def sample():
+        while not done.wait(0.02):
+            peak[0] = max(peak[0], _anon_kib(p.pid))
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
     out = p.stdout.read()
+    done.set()
+    sampler.join()
     _, status, usage = os.wait4(p.pid, 0)
     wall = time.perf_counter() - t0
     if status != 0:
         raise RuntimeError(
             f"{' '.join(map(str, cmd[:6]))} ... failed:\n{out.decode(errors='replace')[-4000:]}"
         )
-    return {"seconds": wall, "peak_rss_mb": usage.ru_maxrss / 1024}
+    return {"seconds": wall, "peak_rss_mb": usage.ru_maxrss / 1024, "peak_anon_mb": peak[0] / 1024}
 
 
 def speed(args) -> dict:

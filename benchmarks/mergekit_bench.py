@@ -7,8 +7,10 @@ Inputs (built once into --work, seeded):
             closest to the size (--size-mb 1000: hidden 2048, 8 layers, 542M parameters, 1.08 GB).
   adapters: --adapters PEFT LoRA adapters (rank 16, lora_alpha 32, fp32) on q/k/v/o/gate/up/down_proj, random A
             (randn / sqrt(in)) and B (randn * 1e-3, so B is not zero), written with PeftModel.save_pretrained.
-Merges (each a subprocess, pmserve and mergekit alternated per method, median of --repeats; wall time and peak
-RSS from os.wait4's ru_maxrss of the child and its waited-for descendants):
+Merges (each a subprocess, pmserve and mergekit alternated per method, median of --repeats; wall time, peak RSS
+from os.wait4's ru_maxrss of the child and its waited-for descendants, and peak anonymous memory: RssAnon of the
+process tree sampled every 20 ms, what the processes allocated without the pages of files they memory-map, which
+RSS counts as far as the page cache keeps them):
   pmserve:  .venv/bin/python -m pmserve merge a0 .. aN --base BASE --method M --format full --out OUT
   mergekit: .venv-mergekit/bin/mergekit-yaml config.yml OUT --lora-merge-cache FRESH_TMP --random-seed 0
             with `model: BASE+ADAPTER` references. mergekit first applies each LoRA to the base with PEFT's
@@ -42,7 +44,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from merge_bench import measure  # noqa: E402 -- wall time and peak RSS of a subprocess, as merge_bench takes them
+from merge_bench import measure  # noqa: E402 -- wall time, peak RSS and peak anonymous memory of a subprocess
 
 ROOT = Path(__file__).resolve().parent.parent
 MK_VENV = ROOT / ".venv-mergekit"
@@ -359,7 +361,8 @@ def main() -> None:
                     shutil.rmtree(cache, ignore_errors=True)
                 rows[m][who].append(res)
                 print(
-                    f"repeat {rep + 1} {m:15s} {who:8s} {res['seconds']:7.1f} s {res['peak_rss_mb']:7.0f} MB",
+                    f"repeat {rep + 1} {m:15s} {who:8s} {res['seconds']:7.1f} s {res['peak_rss_mb']:7.0f} MB RSS "
+                    f"{res['peak_anon_mb']:7.0f} MB anonymous",
                     flush=True,
                 )
             if rep == args.repeats - 1:
@@ -448,12 +451,15 @@ def main() -> None:
     summary = {}
     print(
         "\n| method | pmserve s | mergekit s | mergekit / pmserve | pmserve peak MiB | mergekit peak MiB |"
-        " max abs diff | rel diff |"
+        " pmserve peak anon MiB | mergekit peak anon MiB | max abs diff | rel diff |"
     )
-    print("|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for m in methods:
         med = {
-            w: {k: statistics.median(x[k] for x in rows[m][w]) for k in ("seconds", "peak_rss_mb")}
+            w: {
+                k: statistics.median(x[k] for x in rows[m][w])
+                for k in ("seconds", "peak_rss_mb", "peak_anon_mb")
+            }
             for w in ("pmserve", "mergekit")
         }
         summary[m] = {"median": med, "speedup": med["mergekit"]["seconds"] / med["pmserve"]["seconds"]}
@@ -461,7 +467,8 @@ def main() -> None:
         print(
             f"| {m} | {med['pmserve']['seconds']:.1f} | {med['mergekit']['seconds']:.1f} | "
             f"{summary[m]['speedup']:.2f}x | {med['pmserve']['peak_rss_mb']:.0f} | "
-            f"{med['mergekit']['peak_rss_mb']:.0f} | {c['max_abs_diff']:.3g} | {c['rel_diff_adapted']:.3g} |"
+            f"{med['mergekit']['peak_rss_mb']:.0f} | {med['pmserve']['peak_anon_mb']:.0f} | "
+            f"{med['mergekit']['peak_anon_mb']:.0f} | {c['max_abs_diff']:.3g} | {c['rel_diff_adapted']:.3g} |"
         )
     import importlib.metadata as md
 
