@@ -206,7 +206,7 @@ def test_ties_in_row_blocks_equals_peft(foreign, tmp_path, monkeypatch):
 
     import pmserve.merging.execute as mf
 
-    monkeypatch.setattr(mf, "TIES_BLOCK", 96)  # 3 rows of 32 (a partial last block), 1 of 64
+    monkeypatch.setattr(mf, "TIES_BLOCK", 288)  # over 3 tasks: 3 rows of 32 (a partial last block), 1 of 64
     deltas = [_deltas(foreign[0], 1.0), _deltas(foreign[1], 2.0), _deltas(foreign[2], 1.0)]
     for density in (0.3, 0.8):
         rep = merge_adapters(
