@@ -119,24 +119,28 @@ class Consensus:
     """
 
     def __init__(self):
-        self.sums: list[torch.Tensor] | None = None
+        self.sums: torch.Tensor | None = None  # 5 x values: the five sums below, one row each
 
     def add(self, x: torch.Tensor, weights: torch.Tensor) -> None:
         """Add the tasks of x (tasks x ...), weighted by `weights` (one per task)."""
         flat = x.reshape(len(weights), -1)
         if self.sums is None:
-            self.sums = [torch.zeros(flat.shape[1], dtype=flat.dtype) for _ in range(5)]
+            self.sums = torch.zeros((5, flat.shape[1]), dtype=flat.dtype)
         total, pos_w, all_w, net_n, pos_n = self.sums
         w, ones = weights.to(flat.dtype), torch.ones(len(weights), dtype=flat.dtype)
-        sign = flat.sign()
         total.addmv_(flat.T, ones)
         all_w.addmv_(flat.T, w)
-        pos_w.addmv_(flat.clamp(min=0).T, w)
-        net_n.addmv_(sign.T, ones)
-        pos_n.addmv_(sign.clamp_(min=0).T, ones)
+        part = flat.clamp(min=0)  # one scratch block: the positive parts, then the signs
+        pos_w.addmv_(part.T, w)
+        net_n.addmv_(torch.sign(flat, out=part).T, ones)
+        pos_n.addmv_(part.clamp_(min=0).T, ones)
 
     def result(self, shape) -> torch.Tensor:
+        """The merged values; uses up the sums (computed in place: at a block's size, the temporaries of the
+        plain expression cost more than the arithmetic)."""
         total, pos_w, all_w, net_n, pos_n = self.sums
-        neg_n = pos_n - net_n
-        merged = torch.where(total >= 0, pos_w / pos_n.clamp(min=1), (all_w - pos_w) / neg_n.clamp(min=1))
-        return merged.view(shape)
+        neg_w, neg_n = all_w.sub_(pos_w), net_n.neg_().add_(pos_n)  # sums over the negative values
+        pos_w.div_(pos_n.clamp_(min=1))
+        neg_w.div_(neg_n.clamp_(min=1))
+        self.sums = None
+        return torch.where(total >= 0, pos_w, neg_w).view(shape)
