@@ -66,12 +66,13 @@ def ties_by_rows(
     task vectors at once; returns the merged delta and ||Delta_t||.
 
     Magnitude pruning keeps |x| >= the k-th largest |value| of each whole task vector: that is peft's top-k mask
-    (found by kth_largest, a histogram of the float bits and a selection in one bucket, not a full top-k sort) except that values tied at the
-    threshold are all kept. With each task's threshold known, the election and merge act element by element.
+    (found by kth_largest, a histogram of the float bits and a selection in one bucket, not a full top-k sort)
+    except that values tied at the threshold are all kept. With each task's threshold known, the election and
+    merge act element by element.
     Both run over row blocks of the T task vectors, recomputed from the factors as one batched product per
     block. A block holds about TIES_BLOCK values over all T tasks, whatever T: small enough that its passes run
     in the CPU's cache, large enough that each torch call's fixed cost is spread over many values (measured on the
-    1 GB inputs: 4 adapters merged 15% faster than with 2^16 values per task, 10 adapters as fast).
+    1 GB inputs: 4 adapters merged in 0.88 of the time of 2^16 values per task, 10 adapters as fast).
     """
     left, right = _row_factors(adapters, module)
     tasks, rows_total, cols = len(adapters), left.shape[1], right.shape[2]
