@@ -88,23 +88,30 @@ def ties_by_rows(
     k = int(density * rows_total * cols)
     thresholds = kth_largest(lambda: (x for _, x in blocks(True)), [k] * tasks)
     out = torch.empty((rows_total, cols), dtype=torch.float32)
+    consensus = Consensus()  # its buffers serve every block
     for r, x in blocks(False):
-        out[r : r + x.shape[1]] = ties_block(x, thresholds, weights)
+        ties_block(x, thresholds, weights, consensus, out=out[r : r + x.shape[1]])
     # ||L_t R_t||^2 = sum((L_t^T L_t) * (R_t R_t^T)): the norms from the factors, as the linear path takes them
     norms = (left.transpose(1, 2) @ left * (right @ right.transpose(1, 2))).sum((1, 2)).clamp_min(0).sqrt()
     return out, norms.tolist()
 
 
-def ties_block(x: torch.Tensor, thresholds: list[float], weights: torch.Tensor) -> torch.Tensor:
+def ties_block(
+    x: torch.Tensor,
+    thresholds: list[float],
+    weights: torch.Tensor,
+    consensus: Consensus | None = None,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
     """TIES of one block of the T stacked task vectors x (T x ...; overwritten by its pruned values): peft's
-    magnitude pruning at the given thresholds, then Consensus over the T tasks at once."""
+    magnitude pruning at the given thresholds, then Consensus over the T tasks at once (into `out` if given)."""
     flat = x.view(x.shape[0], -1)
     below = torch.nextafter(torch.tensor(thresholds, dtype=torch.float32), torch.tensor(0.0)).tolist()
     for t, lam in enumerate(below):  # |x| >= threshold is |x| > the float below it: hardshrink's own test
         torch.ops.aten.hardshrink.out(flat[t], lam, out=flat[t])
-    consensus = Consensus()
+    consensus = consensus or Consensus()
     consensus.add(flat, weights)
-    return consensus.result(x.shape[1:])
+    return consensus.result(x.shape[1:], out=out)
 
 
 def _row_factors(adapters: list[AdapterInput], module: str) -> tuple[torch.Tensor, torch.Tensor]:

@@ -8,6 +8,7 @@ same task vectors and random state.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -108,6 +109,21 @@ def combine_task_vectors(
     return consensus.result(shape) if method.consensus else merged
 
 
+class Scratch:
+    """A reused buffer for block-sized temporaries: a fresh block-sized tensor per block costs its page faults,
+    which on a VM can cost more than the arithmetic done in it."""
+
+    def __init__(self):
+        self.buffer = torch.empty(0)
+
+    def get(self, shape, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """An uninitialised tensor of `shape` in the buffer (valid until the next get)."""
+        n = math.prod(shape)
+        if self.buffer.numel() < n or self.buffer.dtype != dtype:
+            self.buffer = torch.empty(n, dtype=dtype)
+        return self.buffer[:n].view(shape)
+
+
 class Consensus:
     """TIES' sign election and disjoint mean (peft's calculate_majority_sign_mask("total") + disjoint_merge) from
     running sums over the tasks, so that the tasks can come one at a time or in blocks.
@@ -116,31 +132,40 @@ class Consensus:
     positive ones where S >= 0 and the negative ones elsewhere; the merge is (sum of w_t x_t over them) / (their
     count). So five sums over t suffice: S, sum w_t max(x_t, 0), sum w_t x_t, and the counts of positive and of
     negative values (as sum sign(x_t) and sum max(sign(x_t), 0)), each a matrix-vector product over a block.
+    One Consensus can merge block after block: `result` ends a block, and its buffers serve the next.
     """
 
     def __init__(self):
         self.sums: torch.Tensor | None = None  # 5 x values: the five sums below, one row each
+        self._sums, self._part = Scratch(), Scratch()
 
     def add(self, x: torch.Tensor, weights: torch.Tensor) -> None:
         """Add the tasks of x (tasks x ...), weighted by `weights` (one per task)."""
         flat = x.reshape(len(weights), -1)
         if self.sums is None:
-            self.sums = torch.zeros((5, flat.shape[1]), dtype=flat.dtype)
+            self.sums = self._sums.get((5, flat.shape[1]), flat.dtype).zero_()
         total, pos_w, all_w, net_n, pos_n = self.sums
         w, ones = weights.to(flat.dtype), torch.ones(len(weights), dtype=flat.dtype)
         total.addmv_(flat.T, ones)
         all_w.addmv_(flat.T, w)
-        part = flat.clamp(min=0)  # one scratch block: the positive parts, then the signs
+        part = torch.clamp(flat, min=0, out=self._part.get(flat.shape, flat.dtype))  # the positive parts
         pos_w.addmv_(part.T, w)
-        net_n.addmv_(torch.sign(flat, out=part).T, ones)
+        net_n.addmv_(torch.sign(flat, out=part).T, ones)  # then the signs
         pos_n.addmv_(part.clamp_(min=0).T, ones)
 
-    def result(self, shape) -> torch.Tensor:
-        """The merged values; uses up the sums (computed in place: at a block's size, the temporaries of the
-        plain expression cost more than the arithmetic)."""
+    def result(self, shape, out: torch.Tensor | None = None) -> torch.Tensor:
+        """The merged values, into `out` if given, else into the sums' buffer (valid until the next add); uses
+        up the sums (computed in place: at a block's size, the temporaries of the plain expression cost more
+        than the arithmetic)."""
         total, pos_w, all_w, net_n, pos_n = self.sums
         neg_w, neg_n = all_w.sub_(pos_w), net_n.neg_().add_(pos_n)  # sums over the negative values
         pos_w.div_(pos_n.clamp_(min=1))
         neg_w.div_(neg_n.clamp_(min=1))
         self.sums = None
-        return torch.where(total >= 0, pos_w, neg_w).view(shape)
+        # where(total >= 0, pos_w, neg_w) as pos_w * h + neg_w * (1 - h) with h = [total >= 0] in {0, 1}: exact
+        # (a product with 0 or 1 and a sum with 0 round nothing), and float arithmetic only: torch's where and
+        # bool masks are not vectorised on the CPU (about 25x a subtraction's time a value)
+        h = torch.sign(total, out=pos_n).add_(1).clamp_(max=1)  # in the counts' rows, which are done with
+        not_h = torch.neg(h, out=neg_n).add_(1)
+        merged = torch.mul(pos_w, h, out=pos_w if out is None else out.view(-1))
+        return merged.addcmul_(neg_w, not_h).view(shape)
