@@ -244,6 +244,17 @@ def test_kth_largest_equals_kthvalue(n):
         assert kth_largest(lambda: [x.view(1, -1)], [k]) == [float(torch.kthvalue(x, n - k + 1).values)]
 
 
+@pytest.mark.parametrize("n,p", [(0, 0.0), (31, 0.1), (32 * 50 + 7, 0.003), (32 * 50 + 7, 0.5), (4096, 1.0)])
+def test_ones_at_equals_nonzero(n, p):
+    """The chunked search for rare 1s in kth_largest's second pass against torch's plain nonzero: every 1 found,
+    in order, in whole chunks and in the tail, sparse or dense."""
+    from pmserve.merging.execute import _ones_at
+
+    g = torch.Generator().manual_seed(n)
+    flags = (torch.rand(n, generator=g) < p).to(torch.int32)
+    assert torch.equal(_ones_at(flags), flags.nonzero().view(-1))
+
+
 def test_ties_block_equals_peft_with_exact_ties():
     """The fused TIES block against peft's prune mask + majority sign + disjoint merge, on small integers so that
     sign sums of exactly 0, pruned zeros, all-pruned columns and negative weights all occur."""

@@ -15,7 +15,7 @@ from ..formats.peft import AdapterInput
 from ..seeds import task_seed
 from .gram import stacked_factors
 from .inputs import BaseModel
-from .methods import Consensus, combine_task_vectors
+from .methods import Consensus, Scratch, combine_task_vectors
 from .plan import MergePlan
 from .saved import SavedMerge, combine_saved
 
@@ -132,36 +132,53 @@ def kth_largest(blocks: Callable[[], Iterable[torch.Tensor]], ks: list[int]) -> 
 
     For non-negative floats the int32 bit patterns order as the values do. A counting pass over the top 16 bits
     (one histogram for all T rows: bucket + t x buckets) finds the bucket that holds the k-th value and how many
-    values lie above it; a second pass gathers the bucket's values (a small share of them, by their float bounds),
-    and the value is selected among those. Exact (equal to torch.kthvalue); over blocks, no task-sized copy.
+    values lie above it; a second pass gathers the bucket's values (a small share of them), and the value is
+    selected among those. Exact (equal to torch.kthvalue); over blocks, no task-sized copy. The second pass marks
+    the bucket's values with int32 arithmetic in a reused buffer: on the CPU, torch's comparisons into bool
+    tensors and a nonzero over a whole block cost about ten times as much.
     """
     tasks = len(ks)
     want = torch.tensor([max(k, 1) for k in ks]).view(tasks, 1)
     high = torch.zeros(tasks << 15, dtype=torch.int64)
     offset = (torch.arange(tasks, dtype=torch.int32) << 15).view(tasks, 1)
+    keys = Scratch()
     for b in blocks():
         bits = b.reshape(tasks, -1).view(torch.int32)
-        high += torch.bincount((bits >> 16).add_(offset).view(-1), minlength=tasks << 15)
+        high += torch.bincount(_top16(bits, keys).add_(offset).view(-1), minlength=tasks << 15)
     above = high.view(tasks, -1).flip(1).cumsum(1)  # values in this bucket or a higher one
     top = torch.searchsorted(above, want)  # buckets counted from the top
-    bucket = (1 << 15) - 1 - top
+    bucket = ((1 << 15) - 1 - top).to(torch.int32)
     before = torch.where(top > 0, above.gather(1, (top - 1).clamp(min=0)), 0)
-    # the values in each task's bucket, by its float bounds
-    lo = (bucket << 16).to(torch.int32).view(torch.float32)
-    hi = ((bucket + 1) << 16).to(torch.int32).view(torch.float32)
-    sizes = high.view(tasks, -1).gather(1, bucket).view(-1).tolist()  # values inside each task's bucket
-    inside, filled = [torch.empty(n) for n in sizes], [0] * tasks
+    parts: list[list[torch.Tensor]] = [[] for _ in range(tasks)]
     for b in blocks():
-        flat = b.reshape(tasks, -1)
-        hit = (flat >= lo) & (flat < hi)
-        for t, part in enumerate(flat[hit].split(torch.count_nonzero(hit, dim=1).tolist())):
-            inside[t][filled[t] : filled[t] + len(part)] = part
-            filled[t] += len(part)
+        bits = b.reshape(tasks, -1).view(torch.int32)
+        at = _ones_at(_top16(bits, keys).eq_(bucket).view(-1))  # 1 in the task's bucket, 0 elsewhere
+        found = bits.reshape(-1)[at].view(torch.float32)
+        counts = torch.bincount(at // bits.shape[1], minlength=tasks).tolist()  # at is sorted: task by task
+        for t, part in enumerate(found.split(counts)):
+            parts[t].append(part)
     values = []
     for t, k in enumerate(ks):
-        v, rank = inside[t], int(want[t] - before[t])  # the k-th is the rank-th largest inside the bucket
+        # the k-th is the rank-th largest in the bucket
+        v, rank = torch.cat(parts[t]), int(want[t] - before[t])
         values.append(float(torch.kthvalue(v, v.numel() - rank + 1).values) if k > 0 else float("inf"))
     return values
+
+
+def _top16(bits: torch.Tensor, scratch: Scratch) -> torch.Tensor:
+    """bits >> 16, in the scratch buffer."""
+    return torch.bitwise_right_shift(bits, 16, out=scratch.get(bits.shape, torch.int32))
+
+
+def _ones_at(flags: torch.Tensor, chunk: int = 32) -> torch.Tensor:
+    """The sorted positions of the 1s in a flat 0/1 int32 tensor where they are rare: nonzero over the chunks
+    that hold a 1 (found by a max per chunk), not over all of it."""
+    whole = flags.numel() - flags.numel() % chunk
+    rows = flags[:whole].view(-1, chunk)
+    hit = rows.amax(1).nonzero().view(-1)
+    inner = rows[hit].nonzero()
+    tail = flags[whole:].nonzero().view(-1) + whole
+    return torch.cat([hit[inner[:, 0]] * chunk + inner[:, 1], tail])
 
 
 def saved_value(item: SavedMerge, adapters: list[AdapterInput], base: BaseModel) -> torch.Tensor:
