@@ -1,0 +1,85 @@
+"""`pmserve merge --method ties` against pmserve's own avg (`--method linear`, weights 1/N) on mergekit_bench's
+synthetic Llama-style inputs (issue 18's "ties at most 2x avg"); no mergekit needed.
+
+Inputs: mergekit_bench.build_base / build_adapters into --work (built once; --size-mb 1000: a 1.08 GB bf16 base,
+rank-16 fp32 adapters on q/k/v/o/gate/up/down). For each adapter count, --pairs rounds of: ties, then linear,
+each `python -m pmserve merge a0 .. aN --base BASE --method M --format full --out OUT` in its own process, timed
+whole (start-up and imports included, as a user sees it). With --vs-src DIR each round also runs ties from
+another source tree (PYTHONPATH=DIR, e.g. a git worktree of an older commit) first: before/after pairs.
+Prints per-round ratios and their medians; writes --json.
+
+    .venv/bin/python benchmarks/ties_vs_avg.py --adapters 4 10 --pairs 5 --json benchmarks/results/ties_vs_avg.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import mergekit_bench as mb  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def timed_merge(adapters: list[Path], base: Path, method: str, out: Path, src: str | None = None) -> float:
+    shutil.rmtree(out, ignore_errors=True)
+    env = dict(os.environ, PYTHONPATH=src) if src else None
+    cmd = [sys.executable, "-m", "pmserve", "merge", *map(str, adapters), "--base", str(base)]
+    cmd += ["--method", method, "--format", "full", "--out", str(out)]
+    start = time.perf_counter()
+    # run in the work folder: `python -m` puts the working directory first on sys.path, ahead of PYTHONPATH
+    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, env=env, cwd=out.parent)
+    seconds = time.perf_counter() - start
+    shutil.rmtree(out, ignore_errors=True)
+    return seconds
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--size-mb", type=float, default=1000)
+    ap.add_argument("--adapters", type=int, nargs="+", default=[4, 10])
+    ap.add_argument("--pairs", type=int, default=5)
+    ap.add_argument("--vs-src", help="also time ties from this source tree, first in each round")
+    ap.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "pmserve-ties-vs-avg")
+    ap.add_argument("--json", type=Path, default=ROOT / "benchmarks" / "results" / "ties_vs_avg.json")
+    args = ap.parse_args()
+    shape = mb.shape_for(args.size_mb)
+    base = args.work / "base"
+    if not (base / "model.safetensors").exists():
+        mb.build_base(base, shape)
+    have = mb.build_adapters(base, args.work / "adapters", max(args.adapters), shape)  # kept when built
+    out = args.work / "out"
+    results = []
+    for n in args.adapters:
+        rounds = []
+        for _ in range(args.pairs):
+            r = {}
+            if args.vs_src:
+                r["ties_vs_src"] = timed_merge(have[:n], base, "ties", out, args.vs_src)
+            r["ties"] = timed_merge(have[:n], base, "ties", out)
+            r["linear"] = timed_merge(have[:n], base, "linear", out)
+            r["ties/linear"] = r["ties"] / r["linear"]
+            if args.vs_src:
+                r["ties/ties_vs_src"] = r["ties"] / r["ties_vs_src"]
+            print(n, {k: round(v, 3) for k, v in r.items()}, flush=True)
+            rounds.append(r)
+        medians = {k: statistics.median(r[k] for r in rounds) for k in rounds[0]}
+        print(n, "medians", {k: round(v, 3) for k, v in medians.items()}, flush=True)
+        results.append({"adapters": n, "rounds": rounds, "medians": medians})
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(
+        json.dumps({"size_mb": args.size_mb, "vs_src": args.vs_src, "results": results}, indent=1)
+    )
+
+
+if __name__ == "__main__":
+    main()
