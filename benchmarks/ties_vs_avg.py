@@ -18,27 +18,22 @@ import json
 import os
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import mergekit_bench as mb  # noqa: E402
+from merge_bench import measure  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def timed_merge(adapters: list[Path], base: Path, method: str, out: Path, src: str | None = None) -> float:
-    shutil.rmtree(out, ignore_errors=True)
+    """Wall seconds of one `pmserve merge` process (merge_bench.measure), its output removed after."""
     env = dict(os.environ, PYTHONPATH=src) if src else None
     cmd = [sys.executable, "-m", "pmserve", "merge", *map(str, adapters), "--base", str(base)]
-    cmd += ["--method", method, "--format", "full", "--out", str(out)]
-    start = time.perf_counter()
-    # run in the work folder: `python -m` puts the working directory first on sys.path, ahead of PYTHONPATH
-    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, env=env, cwd=out.parent)
-    seconds = time.perf_counter() - start
+    seconds = measure([*cmd, "--method", method, "--format", "full", "--out", str(out)], env)["seconds"]
     shutil.rmtree(out, ignore_errors=True)
     return seconds
 
@@ -52,12 +47,17 @@ def main() -> None:
     ap.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "pmserve-ties-vs-avg")
     ap.add_argument("--json", type=Path, default=ROOT / "benchmarks" / "results" / "ties_vs_avg.json")
     args = ap.parse_args()
+    args.work, args.json = args.work.resolve(), args.json.resolve()  # the merges run from inside --work
+    args.vs_src = args.vs_src and str(Path(args.vs_src).resolve())
     shape = mb.shape_for(args.size_mb)
     base = args.work / "base"
     if not (base / "model.safetensors").exists():
         mb.build_base(base, shape)
     have = mb.build_adapters(base, args.work / "adapters", max(args.adapters), shape)  # kept when built
     out = args.work / "out"
+    shutil.rmtree(out, ignore_errors=True)
+    # run from the work folder: `python -m` puts the working directory first on sys.path, ahead of PYTHONPATH
+    os.chdir(args.work)
     results = []
     for n in args.adapters:
         rounds = []
