@@ -288,3 +288,37 @@ def test_kth_largest_over_blocks_of_several_tasks():
     flat = rows.reshape(3, -1)
     want = [float(torch.kthvalue(flat[t], flat.shape[1] - k + 1).values) for t, k in enumerate(ks[:2])]
     assert got == [*want, float("inf")]
+
+
+@pytest.mark.parametrize("integers", [False, True])
+def test_ties_by_rows_over_blocks(monkeypatch, integers):
+    """ties_by_rows over many row blocks (its three passes: the histogram, the bucket's values, the merge)
+    against peft's ties on the whole task vectors; with integer factors, where many values tie at
+    the thresholds, against peft's sign election and disjoint merge under the documented mask |x| >= k-th
+    largest (peft's topk keeps an arbitrary k of the tied values)."""
+    from peft.utils import merge_utils as mu
+
+    from pmserve.merging import execute
+
+    g = torch.Generator().manual_seed(2)
+    tasks, rows, cols, rank, density = 3, 37, 29, 4, 0.3
+    left, right = torch.randn(tasks, rows, rank, generator=g), torch.randn(tasks, rank, cols, generator=g)
+    if integers:
+        left, right = left.round().clamp(-2, 2), right.round().clamp(-2, 2)
+    monkeypatch.setattr(execute, "_row_factors", lambda adapters, module: (left, right))
+    monkeypatch.setattr(execute, "TIES_BLOCK", tasks * cols * 4)  # blocks of 4 rows, the last one short
+    w = torch.tensor([1.0, -0.5, 2.0])
+    got, norms = execute.ties_by_rows([None] * tasks, "m", w, density)
+    deltas = left @ right
+    torch.testing.assert_close(torch.tensor(norms), deltas.flatten(1).norm(dim=1))
+    if not integers:
+        torch.testing.assert_close(got, mu.ties(list(deltas), w, density), rtol=1e-5, atol=1e-6)
+        return
+    k = int(density * rows * cols)
+    thr = torch.stack([torch.kthvalue(d.abs().flatten(), rows * cols - k + 1).values for d in deltas])
+    pruned = deltas * (deltas.abs() >= thr.view(-1, 1, 1))
+    assert (pruned.abs() == thr.view(-1, 1, 1)).sum() > tasks * 5  # the ties are there
+    want = mu.disjoint_merge(
+        pruned * w.view(-1, 1, 1), mu.calculate_majority_sign_mask(pruned, method="total")
+    )
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=0)
