@@ -121,7 +121,7 @@ def train(
         D.TRAIN_SEED, help="Seed: class order, initialisation, shuffling, perturbation draws."
     ),
     device: str = typer.Option(D.TRAIN_DEVICE, help="auto | cpu | cuda (under torchrun: cuda:LOCAL_RANK)."),
-    kernel: str = typer.Option(D.TRAIN_KERNEL, help="LoRA kernel: auto | torch | triton."),
+    kernel: str = typer.Option(D.TRAIN_KERNEL, help="LoRA kernel: torch | auto (the fused Triton kernel on CUDA) | triton."),
     resume: bool = typer.Option(
         False,
         "--resume",

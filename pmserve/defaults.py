@@ -54,7 +54,7 @@ TRAIN_SEED = 0
 TRAIN_DEVICE = "auto"
 TRAIN_KEEP_TEST = True
 TRAIN_KEEP_FISHER = False
-TRAIN_KERNEL = "auto"
+TRAIN_KERNEL = "torch"  # measured faster than the fused kernel at the shapes pmserve trains (BENCHMARKS.md)
 
 # pmserve merge: MergeOptions. None means "decided from the inputs" (see MergeOptions).
 MERGE_METHOD = "pm"
