@@ -1,10 +1,10 @@
-"""`pmserve merge --method ties` against pmserve's own avg (`--method linear`, weights 1/N) on mergekit_bench's
-synthetic Llama-style inputs (issue 18's "ties at most 2x avg"); no mergekit needed.
+"""`pmserve merge --method ties` (or another --method) against pmserve's own avg (`--method linear`, weights 1/N)
+on mergekit_bench's synthetic Llama-style inputs (issue 18's "ties at most 2x avg"); no mergekit needed.
 
 Inputs: mergekit_bench.build_base / build_adapters into --work (built once; --size-mb 1000: a 1.08 GB bf16 base,
-rank-16 fp32 adapters on q/k/v/o/gate/up/down). For each adapter count, --pairs rounds of: ties, then linear,
+rank-16 fp32 adapters on q/k/v/o/gate/up/down). For each adapter count, --pairs rounds of: the method, then linear,
 each `python -m pmserve merge a0 .. aN --base BASE --method M --format full --out OUT` in its own process, timed
-whole (start-up and imports included, as a user sees it). With --vs-src DIR each round also runs ties from
+whole (start-up and imports included, as a user sees it). With --vs-src DIR each round also runs the method from
 another source tree (PYTHONPATH=DIR, e.g. a git worktree of an older commit) first: before/after pairs.
 Prints per-round ratios and their medians; writes --json.
 
@@ -43,7 +43,8 @@ def main() -> None:
     ap.add_argument("--size-mb", type=float, default=1000)
     ap.add_argument("--adapters", type=int, nargs="+", default=[4, 10])
     ap.add_argument("--pairs", type=int, default=5)
-    ap.add_argument("--vs-src", help="also time ties from this source tree, first in each round")
+    ap.add_argument("--method", default="ties", help="the method timed against linear (default ties)")
+    ap.add_argument("--vs-src", help="also time the method from this source tree, first in each round")
     ap.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "pmserve-ties-vs-avg")
     ap.add_argument("--json", type=Path, default=ROOT / "benchmarks" / "results" / "ties_vs_avg.json")
     args = ap.parse_args()
@@ -63,13 +64,14 @@ def main() -> None:
         rounds = []
         for _ in range(args.pairs):
             r = {}
+            m = args.method
             if args.vs_src:
-                r["ties_vs_src"] = timed_merge(have[:n], base, "ties", out, args.vs_src)
-            r["ties"] = timed_merge(have[:n], base, "ties", out)
+                r[f"{m}_vs_src"] = timed_merge(have[:n], base, m, out, args.vs_src)
+            r[m] = timed_merge(have[:n], base, m, out)
             r["linear"] = timed_merge(have[:n], base, "linear", out)
-            r["ties/linear"] = r["ties"] / r["linear"]
+            r[f"{m}/linear"] = r[m] / r["linear"]
             if args.vs_src:
-                r["ties/ties_vs_src"] = r["ties"] / r["ties_vs_src"]
+                r[f"{m}/{m}_vs_src"] = r[m] / r[f"{m}_vs_src"]
             print(n, {k: round(v, 3) for k, v in r.items()}, flush=True)
             rounds.append(r)
         medians = {k: statistics.median(r[k] for r in rounds) for k in rounds[0]}
@@ -77,7 +79,10 @@ def main() -> None:
         results.append({"adapters": n, "rounds": rounds, "medians": medians})
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(
-        json.dumps({"size_mb": args.size_mb, "vs_src": args.vs_src, "results": results}, indent=1)
+        json.dumps(
+            {"size_mb": args.size_mb, "method": args.method, "vs_src": args.vs_src, "results": results},
+            indent=1,
+        )
     )
 
 

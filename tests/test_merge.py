@@ -322,3 +322,23 @@ def test_ties_by_rows_over_blocks(monkeypatch, integers):
         pruned * w.view(-1, 1, 1), mu.calculate_majority_sign_mask(pruned, method="total")
     )
     torch.testing.assert_close(got, want, rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize(
+    "shape,density", [((1,), 0.5), ((37, 29), 0.123), ((1000, 333), 0.9), ((5, 4, 3), 0.3)]
+)
+def test_dare_prune_equals_peft_bit_for_bit(shape, density):
+    """DARE's pruning by torch.rand against PEFT's random_pruning (torch.bernoulli) from the same seed: the same
+    values to the bit, and the generator left in the same state; a bf16 input takes PEFT's own call."""
+    from peft.utils import merge_utils as mu
+
+    from pmserve.merging.methods import dare_prune
+
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(len(shape)))
+    for dtype in (torch.float32, torch.bfloat16):
+        torch.manual_seed(11)
+        want, after = mu.random_pruning(x.to(dtype), density, rescale=True), torch.rand(3)
+        torch.manual_seed(11)
+        got = dare_prune(x.to(dtype), density)
+        assert torch.equal(got, want) and torch.equal(torch.rand(3), after)
+        assert 0 < int((got == 0).sum()) < x.numel() or x.numel() == 1

