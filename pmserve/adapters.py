@@ -24,8 +24,9 @@ Tensors = dict[str, torch.Tensor]
 
 
 def lora_delta(lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float) -> torch.Tensor:
-    """The task vector of one adapted matrix: the low-rank product scaling * B @ A, in fp32."""
-    return scaling * (lora_B.float() @ lora_A.float())
+    """The task vector of one adapted matrix: the low-rank product scaling * B @ A, in fp32 (scaled in place: a
+    second weight-sized tensor would cost its page faults as well as its pass)."""
+    return (lora_B.float() @ lora_A.float()).mul_(scaling)
 
 
 def apply_delta(w0: torch.Tensor, delta: torch.Tensor, check: str | None = None) -> torch.Tensor:

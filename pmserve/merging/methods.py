@@ -98,9 +98,10 @@ def combine_task_vectors(
     from peft.utils import merge_utils as mu
 
     merged = consensus = None
+    drawn = Scratch()  # DARE's draws, one task vector after another
     for x, w in zip(task_vectors, weights.tolist()):
         if method.sparsify == "random" and density < 1.0:
-            x = dare_prune(x, density)
+            x = dare_prune(x, density, out=drawn.get(x.shape))
         elif method.sparsify and density < 1.0:
             x = mu.prune(x, density, method=method.sparsify)
         if method.consensus:
@@ -112,20 +113,21 @@ def combine_task_vectors(
     return consensus.result(shape) if method.consensus else merged
 
 
-def dare_prune(x: torch.Tensor, density: float) -> torch.Tensor:
+def dare_prune(x: torch.Tensor, density: float, out: torch.Tensor | None = None) -> torch.Tensor:
     """DARE's pruning as PEFT's merge_utils.random_pruning(x, density, rescale=True) does it, to the bit, from the
     same state of torch's global generator, and about 2.5x faster on the CPU.
 
     PEFT keeps x where torch.bernoulli(full_like(x, density)) draws 1. For a contiguous float32 x on the CPU,
     bernoulli draws one float uniform u per value from the generator, in order, and gives 1 where u < density:
-    torch.rand draws the same u without bernoulli's per-value cost (4 against 14 ns a value, measured here). Other
-    dtypes, layouts and devices take PEFT's own call."""
+    torch.rand draws the same u without bernoulli's per-value cost (3 against 14 ns a value, measured here), into
+    `out` if given (a reused buffer spares the page faults of a fresh one). Other dtypes, layouts and devices take
+    PEFT's own call."""
     from peft.utils import merge_utils as mu
 
     if x.dtype != torch.float32 or x.device.type != "cpu" or not x.is_contiguous():
         return mu.prune(x, density, method="random", rescale=True)
-    keep = torch.rand(x.shape, dtype=torch.float32).lt_(density)  # 1.0 where u < density, 0.0 elsewhere
-    return x.mul(keep).div_(density)  # PEFT's (x * mask) / density
+    keep = torch.rand(x.shape, dtype=torch.float32, out=out).lt_(density)  # 1.0 where u < density, else 0.0
+    return keep.mul_(x).div_(density)  # PEFT's (x * mask) / density
 
 
 class Scratch:
@@ -165,12 +167,12 @@ class Consensus:
             self.sums = self._sums.get((5, flat.shape[1]), flat.dtype).zero_()
         total, pos_w, all_w, net_n, pos_n = self.sums
         w, ones = weights.to(flat.dtype), torch.ones(len(weights), dtype=flat.dtype)
-        total.addmv_(flat.T, ones)
-        all_w.addmv_(flat.T, w)
+        _accumulate(total, flat, ones)
+        _accumulate(all_w, flat, w)
         part = torch.clamp(flat, min=0, out=self._part.get(flat.shape, flat.dtype))  # the positive parts
-        pos_w.addmv_(part.T, w)
-        net_n.addmv_(torch.sign(flat, out=part).T, ones)  # then the signs
-        pos_n.addmv_(part.clamp_(min=0).T, ones)
+        _accumulate(pos_w, part, w)
+        _accumulate(net_n, torch.sign(flat, out=part), ones)  # then the signs
+        _accumulate(pos_n, part.clamp_(min=0), ones)
 
     def result(self, shape, out: torch.Tensor | None = None) -> torch.Tensor:
         """The merged values, into `out` if given, else into the sums' buffer (valid until the next add); uses
@@ -188,3 +190,12 @@ class Consensus:
         not_h = torch.neg(h, out=neg_n).add_(1)
         merged = torch.mul(pos_w, h, out=pos_w if out is None else out.view(-1))
         return merged.addcmul_(neg_w, not_h).view(shape)
+
+
+def _accumulate(total: torch.Tensor, x: torch.Tensor, weights: torch.Tensor) -> None:
+    """total += weights @ x (x: tasks x values): a matrix-vector product, or for one task (DARE's task vectors
+    come one at a time) a scaled add, which costs 0.65 of the product on a weight-sized x."""
+    if len(weights) == 1:
+        total.add_(x[0], alpha=float(weights[0]))
+    else:
+        total.addmv_(x.T, weights)
