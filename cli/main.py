@@ -121,7 +121,9 @@ def train(
         D.TRAIN_SEED, help="Seed: class order, initialisation, shuffling, perturbation draws."
     ),
     device: str = typer.Option(D.TRAIN_DEVICE, help="auto | cpu | cuda (under torchrun: cuda:LOCAL_RANK)."),
-    kernel: str = typer.Option(D.TRAIN_KERNEL, help="LoRA kernel: torch | auto (the fused Triton kernel on CUDA) | triton."),
+    kernel: str = typer.Option(
+        D.TRAIN_KERNEL, help="LoRA kernel: torch | auto (the fused Triton kernel on CUDA) | triton."
+    ),
     resume: bool = typer.Option(
         False,
         "--resume",
@@ -192,6 +194,7 @@ def train(
 
 def _typed(ctx: typer.Context, options: dict) -> dict:
     """The options typed on the command line (not left at their defaults): what --add and --resume check."""
+
     def typed(k: str) -> bool:  # by name: typer may carry its own copy of click's enum
         return getattr(ctx.get_parameter_source(k), "name", "") in ("COMMANDLINE", "ENVIRONMENT")
 

@@ -173,7 +173,10 @@ def test_add_on_an_unfinished_run_says_resume(tiny_model, tmp_path, monkeypatch)
     with pytest.raises(PMError, match=r"task 2 of 3 is not finished"):
         add_tasks(tmp_path / "run", [other / "t0"], **QUIET)
     res = add_tasks(tmp_path / "run", [more / "t0"], **QUIET)
-    assert len(res["alphas"]) == 3 and len(json.loads((tmp_path / "run" / "plan.json").read_text())["tasks"]) == 3
+    assert (
+        len(res["alphas"]) == 3
+        and len(json.loads((tmp_path / "run" / "plan.json").read_text())["tasks"]) == 3
+    )
     assert sorted(p.name for p in (tmp_path / "run" / "tasks").iterdir()) == ["00-t0", "01-t1", "02-t0"]
 
 
