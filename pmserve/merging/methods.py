@@ -102,8 +102,8 @@ def combine_task_vectors(
     for x, w in zip(task_vectors, weights.tolist()):
         if method.sparsify == "random" and density < 1.0:
             x = dare_prune(x, density, out=drawn.get(x.shape))
-        elif method.sparsify and density < 1.0:
-            x = mu.prune(x, density, method=method.sparsify)
+        elif method.sparsify == "magnitude" and density < 1.0:
+            x = mu.prune(x, density, method="magnitude")
         if method.consensus:
             consensus = consensus or Consensus()
             consensus.add(x.unsqueeze(0), torch.tensor([w], dtype=x.dtype))
