@@ -11,7 +11,8 @@ the merged model right after each merge (exemplar-free: sums, counts and a Gram 
 `prototype` predicts the nearest class mean by cosine (SimpleCIL/APER); `ridge` is RanPAC's ridge regression on
 a fixed, seeded random ReLU projection, with lambda chosen after every task by generalised cross-validation on the
 accumulated statistics of every class seen (`gcv`, no data needed), or, as runs before it did, on a held-out part
-of the current task's data only (`holdout`).
+of the current task's data only (`holdout`). After every merge ridge's stored statistics are carried into the
+new backbone's feature space by the drift the new task's own rows show (`Ridge.carry`).
 """
 
 from __future__ import annotations
@@ -29,28 +30,48 @@ TRAIN_HEADS = ("linear", "cosine")
 RIDGE_LAMBDAS = tuple(10.0**k for k in range(-1, 7))  # the holdout rule's grid
 GCV_LAMBDAS = tuple(10.0 ** (k / 4) for k in range(-8, 41))  # 1e-2 .. 1e10, four points a decade
 RIDGE_SELECT = ("gcv", "holdout")
+RIDGE_DRIFT = ("linear", "none")  # Ridge.carry after every merge, or the stored statistics as they were
 
 
 def gcv_scores(
-    G: torch.Tensor, Q: torch.Tensor, n: float, lambdas: tuple[float, ...] = GCV_LAMBDAS
+    G: torch.Tensor,
+    Q: torch.Tensor,
+    n: float,
+    lambdas: tuple[float, ...] = GCV_LAMBDAS,
+    tss: float | None = None,
 ) -> torch.Tensor:
-    """Generalised cross-validation of ridge regression to one-hot targets, from its sufficient statistics.
+    """Generalised cross-validation of ridge regression, from its sufficient statistics.
 
-    With G = H^T H = V diag(d) V^T, Q = H^T Y, R = V^T Q and tr(Y^T Y) = n (one-hot rows), the fit
-    W = (G + lambda I)^-1 Q leaves RSS = n - sum_j |R_j|^2 (d_j + 2 lambda) / (d_j + lambda)^2 with
-    df = sum_j d_j / (d_j + lambda) degrees of freedom, and GCV = n RSS / (n - df)^2 (Golub, Heath and Wahba
-    1979): a rotation-invariant leave-one-out error that needs no held-out data, only G, Q and n. One
-    eigendecomposition serves every lambda.
+    With G = H^T H = V diag(d) V^T, Q = H^T Y, R = V^T Q and tss = tr(Y^T Y) (n for one-hot rows, the
+    default), the fit W = (G + lambda I)^-1 Q leaves RSS = tss - sum_j |R_j|^2 (d_j + 2 lambda) / (d_j + lambda)^2
+    with df = sum_j d_j / (d_j + lambda) degrees of freedom, and GCV = n RSS / (n - df)^2 (Golub, Heath and
+    Wahba 1979): a rotation-invariant leave-one-out error that needs no held-out data, only G, Q, n and tss.
+    One eigendecomposition serves every lambda.
     """
     d, V = torch.linalg.eigh(G.double())
     d = d.clamp_min(0.0)
     r2 = (V.T @ Q.double()).pow(2).sum(1)
+    tss = n if tss is None else tss
     out = []
     for lam in lambdas:
-        rss = n - float((r2 * (d + 2 * lam) / (d + lam).pow(2)).sum())
+        rss = tss - float((r2 * (d + 2 * lam) / (d + lam).pow(2)).sum())
         df = float((d / (d + lam)).sum())
         out.append(n * max(rss, 0.0) / max(n - df, 1e-12) ** 2)
     return torch.tensor(out, dtype=torch.float64)
+
+
+def drift_map(before: torch.Tensor, after: torch.Tensor) -> torch.Tensor:
+    """The linear map M with after ~ before @ M, fitted on the same rows under two backbones.
+
+    Ridge regression of the change (after - before) on before, so M = I + (B^T B + mu I)^-1 B^T (A - B): the
+    penalty shrinks M toward the identity (no drift) where the rows say little, and GCV chooses mu, so the map
+    needs no setting of its own.
+    """
+    B, A = before.double(), after.double()
+    G, C = B.T @ B, B.T @ (A - B)
+    mu = GCV_LAMBDAS[int(gcv_scores(G, C, len(B), tss=float((A - B).pow(2).sum())).argmin())]
+    eye = torch.eye(len(G), dtype=torch.float64)
+    return eye + torch.linalg.solve(G + mu * eye, C)
 
 
 def linear_scores(feats: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
@@ -219,6 +240,24 @@ class Ridge:
         self.G += h.T @ h
         self.Q += h.T @ y
         self.n += len(labels)
+
+    def carry(self, before: torch.Tensor, after: torch.Tensor) -> None:
+        """Move the stored statistics into a changed backbone's feature space (drift compensation).
+
+        The stored rows were projected under earlier backbones; a merge moves the features a little
+        (BENCHMARKS.md: "Classifier drift"). The drift a task's own rows show between the backbone before
+        and after it, `before` and `after` (same rows), is fitted as a linear map M of projected features,
+        and G, Q become the statistics of the stored rows mapped by it: M^T G M and M^T Q. Exemplar-free:
+        the old rows are never needed, as in semantic drift compensation (Yu et al. 2020), here for second
+        moments.
+        """
+        if self.n == 0:
+            return
+        M = drift_map(self.project(before), self.project(after))
+        G = M.T @ self.G @ M
+        self.G = (G + G.T) / 2  # exactly symmetric, as a sum of outer products is
+        self.Q = M.T @ self.Q
+        self.W = None
 
     def solve(self, lam: float) -> torch.Tensor:
         eye = torch.eye(self.size, dtype=torch.float64)

@@ -111,6 +111,57 @@ def test_gcv_scores_equal_the_hat_matrix_definition(n):
     torch.testing.assert_close(got, torch.tensor(want, dtype=torch.float64), rtol=1e-6, atol=1e-9)
 
 
+def test_gcv_scores_of_real_valued_targets_equal_the_hat_matrix_definition():
+    from pmserve.heads import gcv_scores
+
+    g = torch.Generator().manual_seed(6)
+    H = torch.randn(30, 12, generator=g, dtype=torch.float64)
+    Y = H @ torch.randn(12, 5, generator=g, dtype=torch.float64) + torch.randn(
+        30, 5, generator=g, dtype=torch.float64
+    )
+    lams = (1e-2, 0.3, 10.0, 1e3)
+    got = gcv_scores(H.T @ H, H.T @ Y, len(H), lams, tss=float(Y.pow(2).sum()))
+    want = [explicit_gcv(H, Y, lam) for lam in lams]
+    torch.testing.assert_close(got, torch.tensor(want, dtype=torch.float64), rtol=1e-6, atol=1e-9)
+
+
+def linear_ridge(dim: int) -> Ridge:
+    """A ridge classifier whose projection is the identity, so a drift can be made exactly linear."""
+    r = Ridge(dim, size=dim, seed=0)
+    r.project = lambda feats: feats.detach().double()
+    return r
+
+
+def test_carry_gives_the_statistics_of_the_old_rows_under_the_new_backbone():
+    g = torch.Generator().manual_seed(7)
+    old, labels = clustered(50, seed=8)
+    r = linear_ridge(8)
+    r.fit(old, labels)
+    M = torch.eye(8, dtype=torch.float64) + 0.2 * torch.randn(8, 8, generator=g, dtype=torch.float64)
+    new = torch.randn(300, 8, generator=g, dtype=torch.float64)
+    r.carry(new, new @ M)  # the new task's rows before and after: the backbone's drift, exactly linear
+    want = linear_ridge(8)  # the oracle: the old rows themselves, recomputed under the new backbone
+    want.update(old.double() @ M, labels)
+    torch.testing.assert_close(r.G, want.G, rtol=1e-3, atol=1e-6)
+    torch.testing.assert_close(r.Q, want.Q, rtol=1e-3, atol=1e-6)
+    G, Q = r.G.clone(), r.Q.clone()
+    r.carry(new, new.clone())  # no drift: nothing moves
+    torch.testing.assert_close(r.G, G, rtol=0, atol=1e-12)
+    torch.testing.assert_close(r.Q, Q, rtol=0, atol=1e-12)
+
+
+def test_carry_shrinks_a_map_the_rows_cannot_tell_toward_no_drift():
+    from pmserve.heads import drift_map
+
+    g = torch.Generator().manual_seed(9)
+    before = torch.randn(200, 8, generator=g, dtype=torch.float64)
+    noise = torch.randn(200, 8, generator=g, dtype=torch.float64)
+    M = drift_map(before, before + noise)  # "after" unrelated to "before" beyond the rows themselves
+    assert float((M - torch.eye(8, dtype=torch.float64)).abs().max()) < 0.01  # least squares: 0.13
+    exact = drift_map(before, before @ (2 * torch.eye(8, dtype=torch.float64)))
+    torch.testing.assert_close(exact, 2 * torch.eye(8, dtype=torch.float64), rtol=0, atol=1e-3)
+
+
 def test_gcv_lambda_against_brute_force_leave_one_out_over_every_class_seen():
     from pmserve.heads import GCV_LAMBDAS
 
