@@ -113,6 +113,11 @@ def train(
         help="How ridge's lambda is chosen: gcv (generalised cross-validation on every class seen) | holdout "
         "(on 20% of the current task's data).",
     ),
+    ridge_drift: str = typer.Option(
+        D.TRAIN_RIDGE_DRIFT,
+        help="linear: after every merge, ridge's stored statistics follow the backbone through the drift seen on "
+        "the new task's features | none: they stay as computed.",
+    ),
     eval_heads: str = typer.Option(
         joined(D.TRAIN_EVAL_HEADS),
         help="More inference classifiers to measure side by side, e.g. prototype,ridge.",

@@ -47,6 +47,7 @@ from .formats import run as run_files
 from .formats.peft import save_adapter
 from .heads import (
     HEADS,
+    RIDGE_DRIFT,
     RIDGE_SELECT,
     TRAIN_HEADS,
     LabelHead,
@@ -110,6 +111,7 @@ class TrainConfig:
     ridge_dim: int = D.TRAIN_RIDGE_DIM
     ridge_lambda: float = D.TRAIN_RIDGE_LAMBDA  # 0 = choose after every task by ridge_select
     ridge_select: str = D.TRAIN_RIDGE_SELECT  # gcv (every class seen) | holdout (this task's data)
+    ridge_drift: str = D.TRAIN_RIDGE_DRIFT  # linear (stored statistics follow the backbone) | none
     eval_heads: list[str] = field(default_factory=lambda: list(D.TRAIN_EVAL_HEADS))  # measured side by side
     seed: int = D.TRAIN_SEED
     device: str = D.TRAIN_DEVICE
@@ -167,6 +169,11 @@ class TrainConfig:
             self.ridge_select in RIDGE_SELECT,
             "ridge-select",
             f"must be {' or '.join(RIDGE_SELECT)}, got {self.ridge_select!r}",
+        )
+        need(
+            self.ridge_drift in RIDGE_DRIFT,
+            "ridge-drift",
+            f"must be {' or '.join(RIDGE_DRIFT)}, got {self.ridge_drift!r}",
         )
         need(self.epochs >= 1, "epochs", f"must be at least 1, got {self.epochs}")
         need(self.batch_size >= 1, "batch-size", f"must be at least 1, got {self.batch_size}")
@@ -365,8 +372,17 @@ class Learner:
         set_merged(self.encoder.model, self.base, self.merged)
         return alpha
 
-    def update_classifiers(self, task: Task, i: int) -> float | None:
-        """Add the task's training features, computed with the merged model; returns ridge's lambda."""
+    def features_before(self, task: Task) -> torch.Tensor | None:
+        """The task's training features under the backbone before it trains, where ridge's stored statistics
+        will follow the backbone (--ridge-drift linear); None where nothing will use them."""
+        carried = [c for c in self.classifiers.values() if isinstance(c, Ridge) and c.n > 0]
+        if self.cfg.ridge_drift != "linear" or self.cfg.method == "frozen" or not carried:
+            return None
+        return self.features(task.train)
+
+    def update_classifiers(self, task: Task, i: int, before: torch.Tensor | None = None) -> float | None:
+        """Add the task's training features, computed with the merged model; returns ridge's lambda. `before`
+        (features_before) carries ridge's stored statistics into the merged model's feature space first."""
         stats = [c for c in self.classifiers.values() if not isinstance(c, LabelHead)]
         if not stats:
             return None
@@ -374,6 +390,8 @@ class Learner:
         lam = None
         for clf in stats:
             if isinstance(clf, Ridge):
+                if before is not None:
+                    clf.carry(before, feats)
                 lam = clf.fit(feats, task.train.labels, seed=ridge_seed(self.cfg.seed, i))
             else:
                 clf.update(feats, task.train.labels)
@@ -504,7 +522,7 @@ def _joint_task(tasks: list[Task]) -> Task:
 
 
 # What a run whose config.json predates an option used for it, where that is not the option's default today.
-PREDATES = {"fisher_labels": "true", "curvature": "fisher", "ridge_select": "holdout"}
+PREDATES = {"fisher_labels": "true", "curvature": "fisher", "ridge_select": "holdout", "ridge_drift": "none"}
 PER_TASK = ("epochs",)  # may differ for tasks added later: recorded in plan.json and each task.json
 
 
@@ -790,6 +808,7 @@ def _continue(
         for i, current, epochs in todo:
             t0 = time.perf_counter()
             bar.task_started(current.name, epochs * -(-len(current.train.labels) // cfg.batch_size))
+            before = learner.features_before(current)
             peft_model, delta, fisher, scaled = learner.train_task(current, i, epochs, bar)
             labels += [y for y in current.classes if y not in labels]
             folder = run_files.task_dir(out, i, current.name)
@@ -811,7 +830,7 @@ def _continue(
                     alpha = learner.merge(
                         i + 1, delta, fisher
                     )  # the same on every rank: the Fisher was summed
-                lam = learner.update_classifiers(current, i)
+                lam = learner.update_classifiers(current, i, before)
                 seen = range(len(plan)) if joint else range(i + 1)
                 for j in seen:  # read an earlier task's test split once per call, not once per new task
                     if j not in old_tests and j not in loaded:

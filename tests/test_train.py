@@ -153,6 +153,11 @@ def test_resume_equals_uninterrupted(tiny_model, tiny_tasks, tmp_path, monkeypat
     with pytest.raises(PMError, match="fisher_labels is 'true'"):
         train(config(tiny_tasks, tiny_model, head=head, ridge_dim=64, eval_heads=extra), part, True)
     old_cfg["fisher_labels"] = "sampled"
+    del old_cfg["ridge_drift"]  # a run from before --ridge-drift: its statistics stayed as computed
+    (part / "config.json").write_text(json.dumps(old_cfg))
+    with pytest.raises(PMError, match="ridge_drift is 'none'"):
+        train(config(tiny_tasks, tiny_model, head=head, ridge_dim=64, eval_heads=extra), part, True)
+    old_cfg["ridge_drift"] = "linear"
     (part / "config.json").write_text(json.dumps(old_cfg))
     resumed = train(
         config(tiny_tasks, tiny_model, head=head, ridge_dim=64, eval_heads=extra),
