@@ -111,7 +111,7 @@ class TrainConfig:
     ridge_dim: int = D.TRAIN_RIDGE_DIM
     ridge_lambda: float = D.TRAIN_RIDGE_LAMBDA  # 0 = choose after every task by ridge_select
     ridge_select: str = D.TRAIN_RIDGE_SELECT  # gcv (every class seen) | holdout (this task's data)
-    ridge_drift: str = D.TRAIN_RIDGE_DRIFT  # linear (stored statistics follow the backbone) | none
+    ridge_drift: str = D.TRAIN_RIDGE_DRIFT  # none | linear (stored statistics follow the backbone)
     eval_heads: list[str] = field(default_factory=lambda: list(D.TRAIN_EVAL_HEADS))  # measured side by side
     seed: int = D.TRAIN_SEED
     device: str = D.TRAIN_DEVICE
@@ -522,7 +522,7 @@ def _joint_task(tasks: list[Task]) -> Task:
 
 
 # What a run whose config.json predates an option used for it, where that is not the option's default today.
-PREDATES = {"fisher_labels": "true", "curvature": "fisher", "ridge_select": "holdout", "ridge_drift": "none"}
+PREDATES = {"fisher_labels": "true", "curvature": "fisher", "ridge_select": "holdout"}
 PER_TASK = ("epochs",)  # may differ for tasks added later: recorded in plan.json and each task.json
 
 

@@ -34,6 +34,7 @@ def config(data, model, **kw):
         head="ridge",
         eval_heads=["prototype"],
         ridge_dim=64,
+        ridge_drift="linear",  # an added task carries the statistics as a task of one run does
     )
     return TrainConfig(**{**base, **kw})
 
