@@ -131,69 +131,39 @@ def killed_during(task_index: int, monkeypatch):
 
 @pytest.mark.parametrize("head,extra", [("linear", ["prototype", "ridge"]), ("ridge", [])])
 def test_resume_equals_uninterrupted(tiny_model, tiny_tasks, tmp_path, monkeypatch, head, extra):
-    cfg = config(tiny_tasks, tiny_model, head=head, ridge_dim=64, ridge_drift="linear", eval_heads=extra)
-    full = train(cfg, tmp_path / "full", progress=False, log=lambda *_: None)
+    def cfg(**kw):
+        return config(
+            tiny_tasks, tiny_model, head=head, ridge_dim=64, ridge_drift="linear", eval_heads=extra, **kw
+        )
+
+    full = train(cfg(), tmp_path / "full", progress=False, log=lambda *_: None)
     part = tmp_path / "part"
     undo = killed_during(2, monkeypatch)
     with pytest.raises(KeyboardInterrupt):
-        train(
-            config(tiny_tasks, tiny_model, head=head, ridge_dim=64, ridge_drift="linear", eval_heads=extra),
-            part,
-            progress=False,
-        )
+        train(cfg(), part, progress=False)
     undo()
     (part / "tasks" / ".02-t2.tmp-999999").mkdir()  # a half-written task folder a killed process left
     assert [p.name for p in (part / "tasks").iterdir() if not p.name.startswith(".")] == ["00-t0", "01-t1"]
     with pytest.raises(PMError, match="rank is 2, this run.s is 5"):  # ranks differ: another run
-        train(
-            config(
-                tiny_tasks,
-                tiny_model,
-                head=head,
-                ridge_dim=64,
-                ridge_drift="linear",
-                eval_heads=extra,
-                rank=5,
-            ),
-            part,
-            True,
-        )
+        train(cfg(rank=5), part, True)
     old_cfg = json.loads((part / "config.json").read_text())
     assert old_cfg["fisher_labels"] == "sampled"
     old_cfg["fisher_labels"] = "true"
     (part / "config.json").write_text(json.dumps(old_cfg))
     with pytest.raises(PMError, match="fisher_labels is 'true', this run's is 'sampled'"):
-        train(
-            config(tiny_tasks, tiny_model, head=head, ridge_dim=64, ridge_drift="linear", eval_heads=extra),
-            part,
-            True,
-        )
+        train(cfg(), part, True)
     del old_cfg["fisher_labels"]  # a run from before the option existed: it used true labels
     (part / "config.json").write_text(json.dumps(old_cfg))
     with pytest.raises(PMError, match="fisher_labels is 'true'"):
-        train(
-            config(tiny_tasks, tiny_model, head=head, ridge_dim=64, ridge_drift="linear", eval_heads=extra),
-            part,
-            True,
-        )
+        train(cfg(), part, True)
     old_cfg["fisher_labels"] = "sampled"
     del old_cfg["ridge_drift"]  # a run from before --ridge-drift: its statistics stayed as computed (none)
     (part / "config.json").write_text(json.dumps(old_cfg))
     with pytest.raises(PMError, match="ridge_drift is 'none'"):
-        train(
-            config(tiny_tasks, tiny_model, head=head, ridge_dim=64, ridge_drift="linear", eval_heads=extra),
-            part,
-            True,
-        )
+        train(cfg(), part, True)
     old_cfg["ridge_drift"] = "linear"
     (part / "config.json").write_text(json.dumps(old_cfg))
-    resumed = train(
-        config(tiny_tasks, tiny_model, head=head, ridge_dim=64, ridge_drift="linear", eval_heads=extra),
-        part,
-        resume=True,
-        progress=False,
-        log=lambda *_: None,
-    )
+    resumed = train(cfg(), part, resume=True, progress=False, log=lambda *_: None)
     for k in ("acc_matrix", "alphas", "ACC", "AAA", "forgetting", "ridge_lambdas", "by_head"):
         assert resumed[k] == full[k], k
     for name in ("merged", "fisher_sums"):
