@@ -391,7 +391,7 @@ class Learner:
         for clf in stats:
             if isinstance(clf, Ridge):
                 if before is not None:
-                    clf.carry(before, feats)
+                    clf.carry(before, feats, task.train.labels)
                 lam = clf.fit(feats, task.train.labels, seed=ridge_seed(self.cfg.seed, i))
             else:
                 clf.update(feats, task.train.labels)

@@ -162,6 +162,48 @@ def test_carry_shrinks_a_map_the_rows_cannot_tell_toward_no_drift():
     torch.testing.assert_close(exact, 2 * torch.eye(8, dtype=torch.float64), rtol=0, atol=1e-3)
 
 
+def test_class_held_out_errors_equal_refitting_without_each_class():
+    from pmserve.heads import class_held_out_errors
+
+    g = torch.Generator().manual_seed(4)
+    B = torch.randn(30, 50, generator=g, dtype=torch.float64)  # fewer rows than features, as in training
+    D = B @ (0.05 * torch.randn(50, 50, generator=g, dtype=torch.float64)) + 0.1 * torch.randn(
+        30, 50, generator=g, dtype=torch.float64
+    )
+    groups = [f"c{i % 3}" for i in range(30)]
+    lams = (0.1, 1.0, 10.0)
+    want = []
+    for lam in lams:  # brute force: refit the primal ridge without each class, score it on that class
+        err = 0.0
+        for c in ("c0", "c1", "c2"):
+            h = torch.tensor([y == c for y in groups])
+            X = torch.linalg.solve(
+                B[~h].T @ B[~h] + lam * torch.eye(50, dtype=torch.float64), B[~h].T @ D[~h]
+            )
+            err += float((B[h] @ X - D[h]).pow(2).sum())
+        want.append(err)
+    want.append(float(D.pow(2).sum()))  # "no fit": every held-out class keeps its whole drift
+    torch.testing.assert_close(
+        class_held_out_errors(B, D, groups, lams), torch.tensor(want, dtype=torch.float64)
+    )
+
+
+def test_a_drift_that_does_not_carry_across_classes_leaves_the_statistics_alone():
+    from pmserve.heads import drift_map
+
+    g = torch.Generator().manual_seed(5)
+    eye = torch.eye(8, dtype=torch.float64)
+    before = torch.randn(200, 8, generator=g, dtype=torch.float64)
+    groups = ["a"] * 100 + ["b"] * 100
+    E = 0.5 * torch.randn(8, 8, generator=g, dtype=torch.float64)
+    after = torch.cat([before[:100] @ (eye + E), before[100:]])  # one class drifts, the other does not
+    torch.testing.assert_close(drift_map(before, after, groups), eye, rtol=0, atol=0)
+    torch.testing.assert_close(drift_map(before[:100], after[:100], groups[:100]), eye, rtol=0, atol=0)
+    assert float((drift_map(before, after) - eye).abs().max()) > 0.1  # GCV on all rows fits it anyway
+    shared = before @ (2 * eye)  # a drift every class shares is found either way
+    torch.testing.assert_close(drift_map(before, shared, groups), 2 * eye, rtol=0, atol=1e-3)
+
+
 def test_gcv_lambda_against_brute_force_leave_one_out_over_every_class_seen():
     from pmserve.heads import GCV_LAMBDAS
 
