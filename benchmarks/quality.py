@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 from pathlib import Path
 
@@ -35,6 +36,17 @@ def _mean_std(vals: list[float]) -> str:
 
 def _seed(r: dict) -> int:
     return r["config"]["seed"]
+
+
+def append_result(path: Path, r: dict) -> list[dict]:
+    """Add one run to a results file, read again just before: sweeps sharing a --name each keep the others'
+    runs (each write is a whole file renamed into place, so a reader never sees half of one)."""
+    results = json.loads(path.read_text()) if path.exists() else []
+    results.append(r)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(results, indent=1))
+    os.replace(tmp, path)
+    return results
 
 
 def table(results: list[dict], heads: list[str]) -> str:
@@ -167,8 +179,7 @@ def main() -> None:
             )
             r.pop("config", None)
             r["config"] = {"seed": seed, **extra}
-            results.append(r)
-            res_path.write_text(json.dumps(results, indent=1))
+            results = append_result(res_path, r)
             print(
                 f"{method} seed {seed}: " + "  ".join(f"{h} {r['by_head'][h]['ACC']:.3f}" for h in heads),
                 flush=True,
