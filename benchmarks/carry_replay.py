@@ -7,7 +7,9 @@ training features under W_hat_{t-1} and W_hat_t, exactly as training does, and r
 with each rule: `none` (the stored statistics as they were), `gcv` (the map's mu by GCV on the task's rows),
 `class` (mu by leaving one of the task's classes out, "no drift" among the choices), and the oracle that
 recomputes every task's statistics under the final backbone (needs the old data). ACC is over every task's
-test split under the final backbone, as the run reports it; `none` must reproduce the run's own ridge ACC.
+test split under the final backbone, as the run reports it; `none` must reproduce the run's own ridge ACC (and
+`class` a run trained with the default --ridge-drift linear). The features are most of the time: --cache DIR
+keeps each RUN's, so a new rule can be tried on them in seconds.
 """
 
 from __future__ import annotations

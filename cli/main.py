@@ -116,7 +116,7 @@ def train(
     ridge_drift: str = typer.Option(
         D.TRAIN_RIDGE_DRIFT,
         help="linear: after every merge, ridge's stored statistics follow the backbone through the drift seen on "
-        "the new task's features | none: they stay as computed.",
+        "the new task's features, as far as it carries from class to class | none: they stay as computed.",
     ),
     eval_heads: str = typer.Option(
         joined(D.TRAIN_EVAL_HEADS),

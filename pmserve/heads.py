@@ -11,8 +11,9 @@ the merged model right after each merge (exemplar-free: sums, counts and a Gram 
 `prototype` predicts the nearest class mean by cosine (SimpleCIL/APER); `ridge` is RanPAC's ridge regression on
 a fixed, seeded random ReLU projection, with lambda chosen after every task by generalised cross-validation on the
 accumulated statistics of every class seen (`gcv`, no data needed), or, as runs before it did, on a held-out part
-of the current task's data only (`holdout`). With `--ridge-drift linear`, ridge's stored statistics are carried
-into each new backbone's feature space by the drift the new task's own rows show (`Ridge.carry`).
+of the current task's data only (`holdout`). With `--ridge-drift linear` (the default), ridge's stored statistics
+are carried into each new backbone's feature space by the drift the new task's own rows show, as far as that
+drift carries from one of its classes to another (`Ridge.carry`, `drift_map`).
 """
 
 from __future__ import annotations

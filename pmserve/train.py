@@ -522,7 +522,7 @@ def _joint_task(tasks: list[Task]) -> Task:
 
 
 # What a run whose config.json predates an option used for it, where that is not the option's default today.
-PREDATES = {"fisher_labels": "true", "curvature": "fisher", "ridge_select": "holdout"}
+PREDATES = {"fisher_labels": "true", "curvature": "fisher", "ridge_select": "holdout", "ridge_drift": "none"}
 PER_TASK = ("epochs",)  # may differ for tasks added later: recorded in plan.json and each task.json
 
 

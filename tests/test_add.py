@@ -258,3 +258,20 @@ def test_cli_add_takes_the_runs_options_and_prints_progress_lines(tiny_model, tm
     assert res.returncode == 2 and res.stderr.count("\n") == 1 and "--lr" in res.stderr, res.stderr
     res = pmserve("train", data, "--add", more / "t0", "--out", run)
     assert res.returncode == 2 and "DATA: not with --add" in res.stderr
+
+
+def test_the_default_carry_asks_each_new_tasks_classes(tiny_model, tmp_path, monkeypatch):
+    """Training hands drift_map the classes of the rows it fits, so the map is checked class by class."""
+    import pmserve.heads as heads
+    from pmserve import defaults
+
+    seen, real = [], heads.drift_map
+
+    def spy(before, after, groups=None):
+        seen.append(sorted(set(groups)) if groups is not None else None)
+        return real(before, after, groups)
+
+    monkeypatch.setattr(heads, "drift_map", spy)
+    data = write_tasks(tmp_path / "data", GROUPS[:3], 16, 4)
+    train(config(data, tiny_model, ridge_drift=defaults.TRAIN_RIDGE_DRIFT), tmp_path / "run", **QUIET)
+    assert seen == [sorted(GROUPS[1]), sorted(GROUPS[2])]  # one carry per merge after the first task
