@@ -49,9 +49,7 @@ TRAIN_COSINE_SCALE = 16.0
 TRAIN_RIDGE_DIM = 2000
 TRAIN_RIDGE_LAMBDA = 0.0  # 0: chosen after every task by --ridge-select
 TRAIN_RIDGE_SELECT = "gcv"  # from the statistics of every class seen; runs from before it used "holdout"
-TRAIN_RIDGE_DRIFT = (
-    "linear"  # the map checked class by class; runs from before it used "none" (BENCHMARKS.md)
-)
+TRAIN_RIDGE_DRIFT = "linear"  # the map checked class by class; runs from before it used "none"
 TRAIN_EVAL_HEADS: tuple[str, ...] = ()
 TRAIN_SEED = 0
 TRAIN_DEVICE = "auto"

@@ -91,19 +91,25 @@ def class_held_out_errors(
 ) -> torch.Tensor:
     """Leave-one-class-out error of the ridge fit of D on B, one per lambda, then one for "no fit" (X = 0).
 
-    For each class c: X = B_r^T (B_r B_r^T + lambda I)^-1 D_r on the other rows r (the dual form, as there
-    are fewer rows than features) and the error is |B_c X - D_c|^2. With K_rr = U diag(e) U^T, S = B_c B_r^T U
-    and T = U^T D_r, B_c X = S diag(w) T with w = 1 / (e + lambda), so every lambda costs only an m x m
-    quadratic form: w^T ((S^T S) o (T T^T)) w - 2 w . diag(S^T D_c T^T) + |D_c|^2.
+    For each class c, X = (B_r^T B_r + lambda I)^-1 B_r^T D_r is fitted on the other rows r and the error is
+    |B_c X - D_c|^2. One eigendecomposition per class serves every lambda, of the smaller of B_r B_r^T = U diag(e)
+    U^T (the dual form, fewer rows than features, as a task's rows usually are) and B_r^T B_r = V diag(e) V^T: then
+    B_c X = S diag(w) T with w = 1 / (e + lambda) and S = B_c B_r^T U, T = U^T D_r (dual) or S = B_c V,
+    T = V^T B_r^T D_r (primal), and each lambda costs one quadratic form:
+    w^T ((S^T S) o (T T^T)) w - 2 w . diag(S^T D_c T^T) + |D_c|^2.
     """
     lab = list(groups)
     errs = torch.zeros(len(lambdas) + 1, dtype=torch.float64)
     for c in dict.fromkeys(lab):
         held = torch.tensor([y == c for y in lab])
         Bc, Dc, Br, Dr = B[held], D[held], B[~held], D[~held]
-        e, U = torch.linalg.eigh(Br @ Br.T)
+        if len(Br) <= Br.shape[1]:
+            e, U = torch.linalg.eigh(Br @ Br.T)
+            S, T = Bc @ Br.T @ U, U.T @ Dr
+        else:
+            e, V = torch.linalg.eigh(Br.T @ Br)
+            S, T = Bc @ V, V.T @ (Br.T @ Dr)
         e = e.clamp_min(0.0)
-        S, T = Bc @ Br.T @ U, U.T @ Dr
         quad, lin, dc = (S.T @ S) * (T @ T.T), ((S.T @ Dc) * T).sum(1), float(Dc.pow(2).sum())
         for k, lam in enumerate(lambdas):
             w = 1.0 / (e + lam)

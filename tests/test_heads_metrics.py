@@ -162,15 +162,16 @@ def test_carry_shrinks_a_map_the_rows_cannot_tell_toward_no_drift():
     torch.testing.assert_close(exact, 2 * torch.eye(8, dtype=torch.float64), rtol=0, atol=1e-3)
 
 
-def test_class_held_out_errors_equal_refitting_without_each_class():
+@pytest.mark.parametrize("rows", [30, 90])  # fewer rows than features (the dual form), and more (the primal)
+def test_class_held_out_errors_equal_refitting_without_each_class(rows):
     from pmserve.heads import class_held_out_errors
 
     g = torch.Generator().manual_seed(4)
-    B = torch.randn(30, 50, generator=g, dtype=torch.float64)  # fewer rows than features, as in training
+    B = torch.randn(rows, 50, generator=g, dtype=torch.float64)
     D = B @ (0.05 * torch.randn(50, 50, generator=g, dtype=torch.float64)) + 0.1 * torch.randn(
-        30, 50, generator=g, dtype=torch.float64
+        rows, 50, generator=g, dtype=torch.float64
     )
-    groups = [f"c{i % 3}" for i in range(30)]
+    groups = [f"c{i % 3}" for i in range(rows)]
     lams = (0.1, 1.0, 10.0)
     want = []
     for lam in lams:  # brute force: refit the primal ridge without each class, score it on that class
