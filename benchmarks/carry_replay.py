@@ -32,25 +32,26 @@ RULES = ("none", "gcv", "class", "oracle")
 
 def backbone_features(tasks, learner, folders) -> tuple[list[torch.Tensor], ...]:
     """Every task's training rows under W_hat_{t-1} and W_hat_t, and every task's rows under the final W_hat."""
-    infos = [json.loads((f / "task.json").read_text()) for f in folders]
-    merged, prev = [{}], {}
-    for f, info in zip(folders, infos):
-        prev = chained_merge(prev, {m: read_adapter(f).delta(m) for m in learner.names}, info["alpha"])
-        merged.append(prev)
-    model = learner.encoder.model
-
-    def feats(t: int, k: int, split: str = "train") -> torch.Tensor:
-        """Task k's features under W_hat after t tasks (t = 0: the pretrained backbone)."""
-        set_merged(
-            model, learner.base, {n: merged[t].get(n, torch.zeros_like(w)) for n, w in learner.base.items()}
-        )
-        return learner.features(getattr(tasks[k], split))
-
     T = len(tasks)
-    before = [feats(t, t) for t in range(T)]
-    after = [feats(t + 1, t) for t in range(T)]
-    final = [feats(T, k) for k in range(T)]
-    tests = [feats(T, k, "test") for k in range(T)]
+    before, after = [None] * T, [None] * T
+    prev = {}
+    for t in range(T + 1):  # one backbone at a time: W_hat after t tasks (t = 0: the pretrained one)
+        if t > 0:
+            alpha = json.loads((folders[t - 1] / "task.json").read_text())["alpha"]
+            adapter = read_adapter(folders[t - 1])
+            delta = {m: adapter.delta(m) for m in learner.names}
+            prev = chained_merge(prev, delta, alpha)
+        set_merged(
+            learner.encoder.model,
+            learner.base,
+            {n: prev.get(n, torch.zeros_like(w)) for n, w in learner.base.items()},
+        )
+        if t < T:
+            before[t] = learner.features(tasks[t].train)
+        if t > 0:
+            after[t - 1] = learner.features(tasks[t - 1].train)
+    final = [learner.features(task.train) for task in tasks]
+    tests = [learner.features(task.test) for task in tasks]
     return before, after, final, tests
 
 
@@ -89,11 +90,11 @@ def main() -> None:
         "--cache", type=Path, default=None, help="a folder for each RUN's features (reused if there)"
     )
     args = ap.parse_args()
+    if args.cache:
+        args.cache.mkdir(parents=True, exist_ok=True)
     rows = []
     for run in args.runs:
         cache = args.cache / f"{run.name}.pt" if args.cache else None
-        if args.cache:
-            args.cache.mkdir(parents=True, exist_ok=True)
         rows.append(replay(run, cache))
         r = rows[-1]
         print(

@@ -74,16 +74,15 @@ def drift_map(before: torch.Tensor, after: torch.Tensor, groups: list[str] | Non
     """
     B, A = before.double(), after.double()
     D = A - B
-    G, C = B.T @ B, B.T @ D
-    eye = torch.eye(len(G), dtype=torch.float64)
-    if groups is None:
-        mu = GCV_LAMBDAS[int(gcv_scores(G, C, len(B), tss=float(D.pow(2).sum())).argmin())]
-    else:
+    eye = torch.eye(B.shape[1], dtype=torch.float64)
+    if groups is not None:
         best = int(class_held_out_errors(B, D, groups).argmin()) if len(set(groups)) > 1 else len(GCV_LAMBDAS)
         if best == len(GCV_LAMBDAS):
             return eye
-        mu = GCV_LAMBDAS[best]
-    return eye + torch.linalg.solve(G + mu * eye, C)
+    G, C = B.T @ B, B.T @ D
+    if groups is None:
+        best = int(gcv_scores(G, C, len(B), tss=float(D.pow(2).sum())).argmin())
+    return eye + torch.linalg.solve(G + GCV_LAMBDAS[best] * eye, C)
 
 
 def class_held_out_errors(
