@@ -70,10 +70,11 @@ def table(results: list[dict], heads: list[str]) -> str:
 
 
 def runs_table(results: list[dict]) -> str:
-    """Per run: the minimum alpha and every alpha, the ridge lambdas, and how many ended their grid."""
+    """Per run: the minimum alpha and every alpha, the ridge lambdas, how many ended their grid, and the
+    penalty of each task's drift map ("-": the stored statistics stayed; runs from before the record: none)."""
     rows = [
-        "| method | seed | min alpha | alphas | ridge lambdas | at grid end |",
-        "|---|---|---|---|---|---|",
+        "| method | seed | min alpha | alphas | ridge lambdas | at grid end | drift maps' mu |",
+        "|---|---|---|---|---|---|---|",
     ]
     for r in sorted(results, key=lambda r: (METHODS.index(r["method"]), _seed(r))):
         alphas = [a for a in r["alphas"] if a is not None]
@@ -84,7 +85,11 @@ def runs_table(results: list[dict]) -> str:
         else:  # results from before the flag: the holdout rule's grid was 0.1 .. 1e6
             edges = sum(x in (0.1, 1e6) for x in r["ridge_lambdas"] if x is not None)
         shown = ", ".join(f"{a:.2g}" for a in alphas) or "-"
-        rows.append(f"| {r['method']} | {_seed(r)} | {low} | {shown} | {lams} | {edges} |")
+        mus = (
+            ", ".join("-" if x is None else f"{x:.2g}" for x in r.get("ridge_drift_mus", []))
+            or "not recorded"
+        )
+        rows.append(f"| {r['method']} | {_seed(r)} | {low} | {shown} | {lams} | {edges} | {mus} |")
     return "\n".join(rows)
 
 

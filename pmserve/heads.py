@@ -61,8 +61,11 @@ def gcv_scores(
     return torch.tensor(out, dtype=torch.float64)
 
 
-def drift_map(before: torch.Tensor, after: torch.Tensor, groups: list[str] | None = None) -> torch.Tensor:
-    """The linear map M with after ~ before @ M, fitted on the same rows under two backbones.
+def drift_map(
+    before: torch.Tensor, after: torch.Tensor, groups: list[str] | None = None
+) -> tuple[torch.Tensor, float] | None:
+    """The linear map M with after ~ before @ M, fitted on the same rows under two backbones, and its penalty
+    mu; None where the rows say "no drift" (M = I), so that the caller can leave its statistics alone.
 
     Ridge regression of the change (after - before) on before, so M = I + (B^T B + mu I)^-1 B^T (A - B): the
     penalty shrinks M toward the identity (no drift) where the rows say little, so the map needs no setting of
@@ -74,15 +77,16 @@ def drift_map(before: torch.Tensor, after: torch.Tensor, groups: list[str] | Non
     """
     B, A = before.double(), after.double()
     D = A - B
-    eye = torch.eye(B.shape[1], dtype=torch.float64)
     if groups is not None:
         best = int(class_held_out_errors(B, D, groups).argmin()) if len(set(groups)) > 1 else len(GCV_LAMBDAS)
         if best == len(GCV_LAMBDAS):
-            return eye
+            return None
     G, C = B.T @ B, B.T @ D
     if groups is None:
         best = int(gcv_scores(G, C, len(B), tss=float(D.pow(2).sum())).argmin())
-    return eye + torch.linalg.solve(G + GCV_LAMBDAS[best] * eye, C)
+    mu = GCV_LAMBDAS[best]
+    eye = torch.eye(B.shape[1], dtype=torch.float64)
+    return eye + torch.linalg.solve(G + mu * eye, C), mu
 
 
 def class_held_out_errors(
@@ -284,7 +288,9 @@ class Ridge:
         self.Q += h.T @ y
         self.n += len(labels)
 
-    def carry(self, before: torch.Tensor, after: torch.Tensor, labels: list[str] | None = None) -> None:
+    def carry(
+        self, before: torch.Tensor, after: torch.Tensor, labels: list[str] | None = None
+    ) -> float | None:
         """Move the stored statistics into a changed backbone's feature space (drift compensation).
 
         The stored rows were projected under earlier backbones; a merge moves the features a little
@@ -293,14 +299,17 @@ class Ridge:
         and G, Q become the statistics of the stored rows mapped by it: M^T G M and M^T Q. Exemplar-free:
         the old rows are never needed, as in semantic drift compensation (Yu et al. 2020), here for second
         moments. `labels` (the rows' classes) let drift_map check that the map carries across classes.
+        Returns the map's penalty mu (run records show it), None where the statistics stayed as they were.
         """
-        if self.n == 0:
-            return
-        M = drift_map(self.project(before), self.project(after), labels)
+        fitted = drift_map(self.project(before), self.project(after), labels) if self.n else None
+        if fitted is None:
+            return None
+        M, mu = fitted
         G = M.T @ self.G @ M
         self.G = (G + G.T) / 2  # exactly symmetric, as a sum of outer products is
         self.Q = M.T @ self.Q
         self.W = None
+        return mu
 
     def solve(self, lam: float) -> torch.Tensor:
         eye = torch.eye(self.size, dtype=torch.float64)

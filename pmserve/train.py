@@ -237,6 +237,7 @@ class Learner:
                 if h == "ridge"
                 else self.head
             )
+        self.drift_mu: float | None = None  # the last task's carried drift map's penalty (update_classifiers)
 
     # ---- batches
 
@@ -382,8 +383,10 @@ class Learner:
 
     def update_classifiers(self, task: Task, i: int, before: torch.Tensor | None = None) -> float | None:
         """Add the task's training features, computed with the merged model; returns ridge's lambda. `before`
-        (features_before) carries ridge's stored statistics into the merged model's feature space first."""
+        (features_before) carries ridge's stored statistics into the merged model's feature space first;
+        `drift_mu` is then the carried map's penalty (None: the statistics stayed as they were)."""
         stats = [c for c in self.classifiers.values() if not isinstance(c, LabelHead)]
+        self.drift_mu = None
         if not stats:
             return None
         feats = self.features(task.train)
@@ -391,7 +394,7 @@ class Learner:
         for clf in stats:
             if isinstance(clf, Ridge):
                 if before is not None:
-                    clf.carry(before, feats, task.train.labels)
+                    self.drift_mu = clf.carry(before, feats, task.train.labels)
                 lam = clf.fit(feats, task.train.labels, seed=ridge_seed(self.cfg.seed, i))
             else:
                 clf.update(feats, task.train.labels)
@@ -846,6 +849,7 @@ def _continue(
                     "curvature": scaled,
                     "ridge_lambda": lam,
                     "ridge_lambda_on_edge": learner.ridge_on_edge(),
+                    "ridge_drift_mu": learner.drift_mu,
                     "epochs": epochs,
                     "device": str(device),
                     "seconds": time.perf_counter() - t0,
@@ -899,6 +903,7 @@ def _result(cfg: TrainConfig, plan: list[dict], done: list[dict], heads: list[st
         "curvatures": [d.get("curvature") for d in done],
         "ridge_lambdas": [d["ridge_lambda"] for d in done],
         "ridge_lambdas_on_edge": [d.get("ridge_lambda_on_edge") for d in done],
+        "ridge_drift_mus": [d.get("ridge_drift_mu") for d in done],
         "seconds": sum(d["seconds"] for d in done),
         "by_head": by_head,
         "config": asdict(cfg),

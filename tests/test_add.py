@@ -265,13 +265,23 @@ def test_the_default_carry_asks_each_new_tasks_classes(tiny_model, tmp_path, mon
     import pmserve.heads as heads
     from pmserve import defaults
 
-    seen, real = [], heads.drift_map
+    seen, mus, real = [], [None], heads.drift_map
 
     def spy(before, after, groups=None):
         seen.append(sorted(set(groups)) if groups is not None else None)
-        return real(before, after, groups)
+        fitted = real(before, after, groups)
+        M = torch.eye(before.shape[1], dtype=torch.float64) if fitted is None else fitted[0]
+        mus.append(float(len(seen)))  # a penalty of the spy's own: the record must come from this call
+        return M, mus[-1]
 
     monkeypatch.setattr(heads, "drift_map", spy)
     data = write_tasks(tmp_path / "data", GROUPS[:3], 16, 4)
-    train(config(data, tiny_model, ridge_drift=defaults.TRAIN_RIDGE_DRIFT), tmp_path / "run", **QUIET)
+    res = train(config(data, tiny_model, ridge_drift=defaults.TRAIN_RIDGE_DRIFT), tmp_path / "run", **QUIET)
     assert seen == [sorted(GROUPS[1]), sorted(GROUPS[2])]  # one carry per merge after the first task
+    # each task's record holds its own map's penalty (None: the first task, carried by nothing)
+    assert res["ridge_drift_mus"] == mus
+    recorded = [
+        json.loads(f.read_text())["ridge_drift_mu"]
+        for f in sorted((tmp_path / "run").glob("tasks/*/task.json"))
+    ]
+    assert recorded == mus

@@ -156,9 +156,9 @@ def test_carry_shrinks_a_map_the_rows_cannot_tell_toward_no_drift():
     g = torch.Generator().manual_seed(9)
     before = torch.randn(200, 8, generator=g, dtype=torch.float64)
     noise = torch.randn(200, 8, generator=g, dtype=torch.float64)
-    M = drift_map(before, before + noise)  # "after" unrelated to "before" beyond the rows themselves
+    M, _ = drift_map(before, before + noise)  # "after" unrelated to "before" beyond the rows themselves
     assert float((M - torch.eye(8, dtype=torch.float64)).abs().max()) < 0.01  # least squares: 0.13
-    exact = drift_map(before, before @ (2 * torch.eye(8, dtype=torch.float64)))
+    exact, _ = drift_map(before, before @ (2 * torch.eye(8, dtype=torch.float64)))
     torch.testing.assert_close(exact, 2 * torch.eye(8, dtype=torch.float64), rtol=0, atol=1e-3)
 
 
@@ -198,11 +198,16 @@ def test_a_drift_that_does_not_carry_across_classes_leaves_the_statistics_alone(
     groups = ["a"] * 100 + ["b"] * 100
     E = 0.5 * torch.randn(8, 8, generator=g, dtype=torch.float64)
     after = torch.cat([before[:100] @ (eye + E), before[100:]])  # one class drifts, the other does not
-    torch.testing.assert_close(drift_map(before, after, groups), eye, rtol=0, atol=0)
-    torch.testing.assert_close(drift_map(before[:100], after[:100], groups[:100]), eye, rtol=0, atol=0)
-    assert float((drift_map(before, after) - eye).abs().max()) > 0.1  # GCV on all rows fits it anyway
+    assert drift_map(before, after, groups) is None  # "no drift"
+    assert drift_map(before[:100], after[:100], groups[:100]) is None  # one class cannot tell
+    assert float((drift_map(before, after)[0] - eye).abs().max()) > 0.1  # GCV on all rows fits it anyway
     shared = before @ (2 * eye)  # a drift every class shares is found either way
-    torch.testing.assert_close(drift_map(before, shared, groups), 2 * eye, rtol=0, atol=1e-3)
+    torch.testing.assert_close(drift_map(before, shared, groups)[0], 2 * eye, rtol=0, atol=1e-3)
+    r = linear_ridge(8)
+    r.fit(*clustered(50, seed=6))
+    G, Q = r.G, r.Q
+    assert r.carry(before, after, groups) is None and r.G is G and r.Q is Q  # untouched, not recomputed
+    assert r.carry(before, shared, groups) > 0 and r.G is not G  # the map's penalty, for the run's record
 
 
 def test_gcv_lambda_against_brute_force_leave_one_out_over_every_class_seen():
