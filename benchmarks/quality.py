@@ -3,6 +3,7 @@
     python benchmarks/quality.py --sequence nouns --seeds 0 1 2 --out /tmp/pmq
     python benchmarks/quality.py --report i17-nouns i17-long     # the stored results' tables, no training
     python benchmarks/quality.py --paired wordnet-nouns-all-linear i17-nouns   # B - A by (method, seed)
+    python benchmarks/quality.py --between avg pm i17class-nouns i17class-nouns-s34   # method B - A by seed
 Each (method, seed) is one `pmserve train` run that measures the linear training head and the prototype and
 ridge classifiers side by side (--eval-heads), so heads are compared on identical backbones; each seed draws its
 own class order. Results go to benchmarks/results/quality-<name>.json (appended run by run, so a long sweep can
@@ -122,6 +123,24 @@ def paired(a: list[dict], b: list[dict], a_name: str, b_name: str, head: str = "
     return "\n".join(rows)
 
 
+def between(results: list[dict], a: str, b: str, head: str = "ridge") -> str:
+    """Method b - method a on `head`'s ACC, seed by seed, over every seed both ran (several results files
+    pooled): the paired comparison a target like "pm >= avg" turns on, with its mean, standard error and
+    how many seeds b is level or ahead."""
+    runs = {(r["method"], _seed(r)): r["by_head"][head]["ACC"] for r in results}
+    seeds = sorted(s for m, s in runs if m == a and (b, s) in runs)
+    rows = [f"| seed | {a} | {b} | {b} - {a} (points) |", "|---|---|---|---|"]
+    d = [100 * (runs[b, s] - runs[a, s]) for s in seeds]
+    rows += [f"| {s} | {runs[a, s]:.3f} | {runs[b, s]:.3f} | {x:+.1f} |" for s, x in zip(seeds, d)]
+    if len(d) > 1:
+        se = statistics.stdev(d) / len(d) ** 0.5
+        ahead = sum(x >= -1e-9 for x in d)
+        rows.append(
+            f"| mean | | | {statistics.mean(d):+.2f} ± {se:.2f} (se); {b} >= {a} on {ahead} of {len(d)} |"
+        )
+    return "\n".join(rows)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sequence", choices=sorted(SEQUENCES), help="a named sequence: sets --data and --name")
@@ -138,6 +157,12 @@ def main() -> None:
         "--paired", nargs=2, metavar=("A", "B"), help="ridge ACC of B - A by (method, seed), and stop"
     )
     ap.add_argument(
+        "--between",
+        nargs="+",
+        metavar="A B NAME",
+        help="ridge ACC of method B - method A by seed, pooled over the NAMEd results files, and stop",
+    )
+    ap.add_argument(
         "--set", nargs="*", default=[], help="extra TrainConfig fields as key=value (JSON values)"
     )
     args = ap.parse_args()
@@ -145,6 +170,13 @@ def main() -> None:
     if args.paired:
         a, b = (json.loads((RESULTS / f"quality-{n}.json").read_text()) for n in args.paired)
         print(paired(a, b, *args.paired))
+        return
+    if args.between:
+        if len(args.between) < 3:
+            ap.error("--between: give two methods and at least one results NAME")
+        a, b, *names = args.between
+        pooled = [r for n in names for r in json.loads((RESULTS / f"quality-{n}.json").read_text())]
+        print(between(pooled, a, b))
         return
     if args.report:
         for name in args.report:
