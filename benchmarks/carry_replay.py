@@ -30,12 +30,11 @@ from pmserve.train import open_run
 RULES = ("none", "gcv", "class", "oracle")
 
 
-def backbone_features(tasks, learner, folders) -> tuple[list[torch.Tensor], ...]:
-    """Every task's training rows under W_hat_{t-1} and W_hat_t, and every task's rows under the final W_hat."""
-    T = len(tasks)
-    before, after = [None] * T, [None] * T
+def backbones(learner, folders):
+    """Set the learner's model to W_hat_t for t = 0, 1, ..., T in turn (t = 0: the pretrained one), yielding t:
+    each W_hat_t from the previous one, the adapters and the recorded alphas, each adapter read once."""
     prev = {}
-    for t in range(T + 1):  # one backbone at a time: W_hat after t tasks (t = 0: the pretrained one)
+    for t in range(len(folders) + 1):
         if t > 0:
             alpha = json.loads((folders[t - 1] / "task.json").read_text())["alpha"]
             adapter = read_adapter(folders[t - 1])
@@ -46,6 +45,14 @@ def backbone_features(tasks, learner, folders) -> tuple[list[torch.Tensor], ...]
             learner.base,
             {n: prev.get(n, torch.zeros_like(w)) for n, w in learner.base.items()},
         )
+        yield t
+
+
+def backbone_features(tasks, learner, folders) -> tuple[list[torch.Tensor], ...]:
+    """Every task's training rows under W_hat_{t-1} and W_hat_t, and every task's rows under the final W_hat."""
+    T = len(tasks)
+    before, after = [None] * T, [None] * T
+    for t in backbones(learner, folders):
         if t < T:
             before[t] = learner.features(tasks[t].train)
         if t > 0:
