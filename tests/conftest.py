@@ -5,9 +5,24 @@ from __future__ import annotations
 import json
 import os
 import random
+import sys
 from pathlib import Path
 
 import pytest
+
+
+def installed_packages_first() -> None:
+    """Keep the checkout's root on sys.path, but after the installed packages: first, its kernels/ folder
+    (pmserve.kernels) would be the module `kernels` and hide Hugging Face's `kernels`, which transformers
+    imports. pytest appends the root (--import-mode=append, pyproject.toml) for the `tests` package;
+    `python -m pytest` puts it first as the working directory, which this moves. Runs before any test module
+    imports transformers."""
+    root = Path(__file__).resolve().parents[1]
+    ours = [p for p in sys.path if Path(p or ".").resolve() == root]
+    sys.path[:] = [p for p in sys.path if p not in ours] + ours
+
+
+installed_packages_first()
 
 WORDS = {
     "animal": "dog cat horse cow sheep goat wolf fox bear deer",
