@@ -39,6 +39,21 @@ class _Capture:
             h.remove()
 
 
+SAMPLES_PER_PRODUCT = 8
+
+
+def add_squared_per_sample_grads(total: torch.Tensor, g: torch.Tensor, x: torch.Tensor) -> None:
+    """total += sum over samples n of (g_n^T x_n)^2, g (samples, tokens, out) and x (samples, tokens, in).
+
+    The per-sample gradients are formed SAMPLES_PER_PRODUCT at a time and squared in place: a whole batch's at
+    once (samples x out x in, 75 MB for one MiniLM feed-forward matrix at batch 32) is bound by memory traffic,
+    and took 2.5 to 3 times as long on a 2-core CPU.
+    """
+    for k in range(0, g.shape[0], SAMPLES_PER_PRODUCT):
+        per_sample = torch.bmm(g[k : k + SAMPLES_PER_PRODUCT].transpose(1, 2), x[k : k + SAMPLES_PER_PRODUCT])
+        total += per_sample.square_().sum(0)
+
+
 def diagonal_fisher(
     layers: dict[str, nn.Module],
     batches: Iterable[tuple[dict, torch.Tensor]],
@@ -62,9 +77,7 @@ def diagonal_fisher(
                 x, g = cap.x[name].float(), cap.g[name].float()
                 x = x.reshape(x.shape[0], -1, x.shape[-1])
                 g = g.reshape(g.shape[0], -1, g.shape[-1])
-                per_sample = torch.einsum("bto,bti->boi", g, x)
-                sq = per_sample.pow(2).sum(0)
-                total[name] += sq
+                add_squared_per_sample_grads(total[name], g, x)
             n += targets.shape[0]
     finally:
         cap.remove()

@@ -31,25 +31,26 @@ def make_peft(seed=0):
 def test_fisher_equals_per_sample_autograd():
     model = make_peft()
     layers = lora_layers(model)
-    x = torch.randn(7, 3, 6)
-    y = torch.randint(0, 4, (7,))
+    x = torch.randn(19, 3, 6)
+    y = torch.randint(0, 4, (19,))
 
     def loss_fn(batch, ys):
         return nn.functional.cross_entropy(model(batch["x"]), ys, reduction="sum")
 
-    fisher = diagonal_fisher(layers, [({"x": x[:4]}, y[:4]), ({"x": x[4:]}, y[4:])], loss_fn)
+    # batches of 11 and 8: the per-sample products go SAMPLES_PER_PRODUCT (8) at a time, a part left over in one
+    fisher = diagonal_fisher(layers, [({"x": x[:11]}, y[:11]), ({"x": x[11:]}, y[11:])], loss_fn)
 
     # reference: effective weights W + scaling B A as explicit leaves, one sample at a time
     ref = {k: torch.zeros_like(m.base_layer.weight) for k, m in layers.items()}
     deltas = task_vectors(model)
-    for n in range(7):
+    for n in range(19):
         ws = {k: (m.base_layer.weight + deltas[k]).detach().requires_grad_() for k, m in layers.items()}
         h = torch.tanh(nn.functional.linear(x[n : n + 1], ws["key"], layers["key"].base_layer.bias))
         h = torch.tanh(model.base_model.model.mid(h))
         out = nn.functional.linear(h, ws["value"], layers["value"].base_layer.bias).mean(1)
         grads = torch.autograd.grad(nn.functional.cross_entropy(out, y[n : n + 1]), list(ws.values()))
         for k, g in zip(ws, grads):
-            ref[k] += g**2 / 7
+            ref[k] += g**2 / 19
     for k in ref:
         torch.testing.assert_close(fisher[k], ref[k], rtol=1e-4, atol=1e-7)
 
