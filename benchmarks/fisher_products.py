@@ -10,18 +10,15 @@ medians, and the largest relative difference between the two Fishers (the same s
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import statistics
 import time
 
 import torch
+from step_cost import first_nouns_task, machine, report
 
 import pmserve.fisher as fisher
-from pmserve.adapters import add_lora, lora_layers
-from pmserve.backbone import load_encoder
-from pmserve.tasks import load_tasks
-from pmserve.train import Learner, TrainConfig
+from pmserve.adapters import lora_layers
+from pmserve.train import TrainConfig
 
 
 def batch_at_once(total: torch.Tensor, g: torch.Tensor, x: torch.Tensor) -> None:
@@ -34,14 +31,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=4)
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
-    torch.manual_seed(0)
-    cfg = TrainConfig(data="builtin:wordnet-nouns")
-    task = load_tasks(cfg.data, 0)[0]
-    enc, prep, _ = load_encoder(cfg.model, "text", cfg.max_length)
-    learner = Learner(cfg, enc, prep, torch.device("cpu"))
-    learner.head.add_labels(task.classes, torch.Generator().manual_seed(0))
-    w, b = learner.head.rows(task.classes)
-    learner.encoder.model = add_lora(learner.encoder.model, cfg.lora)
+    learner, task, w, b = first_nouns_task(TrainConfig.batch_size)
+    cfg = learner.cfg
     layers = lora_layers(learner.encoder.model)
     ways = {"batch_at_once": batch_at_once, "in_chunks": fisher.add_squared_per_sample_grads}
     times: dict[str, list[float]] = {k: [] for k in ways}
@@ -57,7 +48,7 @@ def main() -> None:
         fisher.add_squared_per_sample_grads = ways["in_chunks"]
     a, c = fishers["batch_at_once"], fishers["in_chunks"]
     out = {
-        "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}",
+        "machine": machine(),
         "seconds": times,
         "median_batch_at_once": statistics.median(times["batch_at_once"]),
         "median_in_chunks": statistics.median(times["in_chunks"]),
@@ -67,10 +58,7 @@ def main() -> None:
         "samples": min(cfg.fisher_samples, len(task.train.labels)),
         "samples_per_product": fisher.SAMPLES_PER_PRODUCT,
     }
-    print(json.dumps(out, indent=1))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(out, f, indent=1)
+    report(out, args.json)
 
 
 if __name__ == "__main__":

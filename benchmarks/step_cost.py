@@ -22,9 +22,36 @@ import torch
 import torch.nn.functional as F
 
 from pmserve.adapters import ADAPTER, add_lora, lora_layers
+from pmserve.backbone import load_encoder
 from pmserve.perturb import Perturbation
-from pmserve.tasks import load_tasks
+from pmserve.tasks import Task, load_tasks
 from pmserve.train import Learner, TrainConfig, bucketed_batches
+
+
+def first_nouns_task(batch_size: int) -> tuple[Learner, Task, torch.Tensor, torch.Tensor]:
+    """Task 0 of builtin:wordnet-nouns and a Learner on the default model with the task's head rows and a fresh
+    LoRA: what training holds when the task starts (fisher_products.py times its Fisher pass on the same)."""
+    torch.manual_seed(0)
+    cfg = TrainConfig(data="builtin:wordnet-nouns", batch_size=batch_size)
+    task = load_tasks(cfg.data, 0)[0]
+    enc, prep, _ = load_encoder(cfg.model, "text", cfg.max_length)
+    learner = Learner(cfg, enc, prep, torch.device("cpu"))
+    learner.head.add_labels(task.classes, torch.Generator().manual_seed(0))
+    w, b = learner.head.rows(task.classes)
+    learner.encoder.model = add_lora(learner.encoder.model, cfg.lora)
+    return learner, task, w, b
+
+
+def machine() -> str:
+    return f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
+
+
+def report(out: dict, path: str | None) -> None:
+    """Print a benchmark's figures, and write them to `path` when given."""
+    print(json.dumps(out, indent=1))
+    if path:
+        with open(path, "w") as f:
+            json.dump(out, f, indent=1)
 
 
 def main() -> None:
@@ -35,17 +62,8 @@ def main() -> None:
     ap.add_argument("--perturb-per", default="step")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
-    torch.manual_seed(0)
-    cfg = TrainConfig(data="builtin:wordnet-nouns", batch_size=args.batch_size)
-    task = load_tasks(cfg.data, 0)[0]
-    from pmserve.backbone import load_encoder
-
-    enc, prep, _ = load_encoder(cfg.model, "text", cfg.max_length)
-    learner = Learner(cfg, enc, prep, torch.device("cpu"))
-    learner.head.add_labels(task.classes, torch.Generator().manual_seed(0))
-    w, b = learner.head.rows(task.classes)
-    peft_model = add_lora(learner.encoder.model, cfg.lora)
-    learner.encoder.model = peft_model
+    learner, task, w, b = first_nouns_task(args.batch_size)
+    peft_model, prep = learner.encoder.model, learner.prep
     params = [p for p in peft_model.parameters() if p.requires_grad] + [w, b]
     opt = torch.optim.AdamW(params, lr=1e-3)
     pos = {y: k for k, y in enumerate(task.classes)}
@@ -96,7 +114,7 @@ def main() -> None:
     fisher_s, profile_s = statistics.median(fishers), statistics.median(profiles)
     epoch_s = statistics.median(plain) * (n / args.batch_size)
     out = {
-        "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}",
+        "machine": machine(),
         "step_ms_plain_lora": 1000 * statistics.median(plain),
         "step_ms_pm": 1000 * statistics.median(pm),
         "ratio_pm_over_plain": statistics.median(pm) / statistics.median(plain),
@@ -111,10 +129,7 @@ def main() -> None:
         "batch_size": args.batch_size,
         "perturb_per": args.perturb_per,
     }
-    print(json.dumps(out, indent=1))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(out, f, indent=1)
+    report(out, args.json)
 
 
 if __name__ == "__main__":
