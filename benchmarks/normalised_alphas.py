@@ -14,8 +14,9 @@ import argparse
 import torch
 
 from pmserve.formats.peft import read_adapter
+from pmserve.merging.base import resolve_base
 from pmserve.merging.gram import module_grams
-from pmserve.merging.inputs import check_inputs, expand_inputs, resolve_base
+from pmserve.merging.inputs import check_inputs, expand_inputs
 from pmserve.merging.recurrence import gram_alphas
 
 

@@ -4,7 +4,8 @@ The package keeps mergekit's separation of plan and execution:
 - recurrence: the P&M recurrence written once (theta*, the step, the closed-form alpha), which `pmserve train`
   calls after every task and `pmserve merge` replays on the task vectors' coefficients;
 - methods: the registry of merge methods and the one sparsify-then-combine function behind TIES and DARE;
-- inputs: adapters (or RUNs) and the base model, read and checked before anything is computed;
+- base: the base model the adapters adapt (its folder, identity and weights);
+- inputs: adapters (or RUNs), read and checked against each other and the base before anything is computed;
 - gram: pm's alphas from the files in one streaming pass (Fisher-weighted Gram matrices of the task vectors);
 - plan: MergeOptions, and the MergePlan, pure data: alphas or weights and the effective coefficients;
 - execute: a plan -> W_hat - W_0 of one module at a time;

@@ -13,8 +13,8 @@ import torch
 
 from ..formats.peft import AdapterInput
 from ..seeds import task_seed
+from .base import BaseModel
 from .gram import stacked_factors
-from .inputs import BaseModel
 from .methods import Consensus, Scratch, combine_task_vectors
 from .plan import MergePlan
 from .saved import SavedMerge, combine_saved

@@ -12,14 +12,12 @@ from pathlib import Path
 
 import torch
 
-from ..adapters import base_fingerprint, match_module
-from ..backbone import resolve_model
 from ..defaults import UNKNOWN_MAX_LENGTH
 from ..errors import PMError
 from ..formats import peft as peft_files
 from ..formats import run as run_files
 from ..formats.peft import AdapterInput
-from ..tensor_io import ModelWeights
+from .base import BaseModel
 from .saved import SavedTensor, check_saved
 
 
@@ -45,38 +43,6 @@ def expand_inputs(paths: list[Path | str]) -> list[Path]:
                 f"{p}: neither a PEFT adapter folder (adapter_config.json) nor a pmserve RUN (tasks/)"
             )
     return out
-
-
-@dataclass
-class BaseModel:
-    spec: str
-    folder: Path
-    fingerprint: str
-    weights: ModelWeights
-
-    def key_for(self, module: str, where: Path) -> str:
-        """The base tensor that `module`'s LoRA adapts: `module.weight`, a wrapper prefix allowed either side."""
-        return match_module(f"{module}.weight", self.weights.keys(), f"{where} (base {self.folder})")
-
-
-def resolve_base(spec: str | None, adapters: list[AdapterInput]) -> BaseModel:
-    """--base, or the local base model the adapters name (pmserve metadata, the RUN's config, PEFT's config)."""
-    if not spec:
-        for a in adapters:
-            for cand in (
-                a.meta.get("base_model"),
-                (a.run_config or {}).get("model"),
-                a.config.get("base_model_name_or_path"),
-            ):
-                if cand and (str(cand).startswith("builtin:") or Path(cand).is_dir()):
-                    spec = str(cand)
-                    break
-            if spec:
-                break
-        if not spec:
-            raise PMError("--base: not given, and the adapters name no base model folder on this machine")
-    folder = resolve_model(spec)
-    return BaseModel(spec, folder, base_fingerprint(folder), ModelWeights(folder))
 
 
 @dataclass

@@ -34,9 +34,9 @@ from ..adapters import match_module
 from ..errors import PMError
 from ..formats import read_json
 from ..formats.peft import AdapterInput, saved_module_of
+from .base import BaseModel
 
 if TYPE_CHECKING:
-    from .inputs import BaseModel
     from .methods import MergeMethod
 
 SAVED_POLICIES = ("average", "drop")  # --saved-modules

@@ -32,9 +32,10 @@ from ..formats.peft import PEFT_PREFIX, AdapterInput, read_adapter
 from ..formats.run import MERGED
 from ..model_card import merged_card
 from ..tensor_io import SafetensorsWriter, TensorSpec, parse_size
+from .base import resolve_base
 from .classifier import calibration_tasks, write_classifier
 from .execute import module_delta, saved_value
-from .inputs import Inputs, check_inputs, expand_inputs, resolve_base
+from .inputs import Inputs, check_inputs, expand_inputs
 from .plan import MergeOptions, MergePlan, plan_merge
 from .saved import saved_record
 
