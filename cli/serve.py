@@ -1,4 +1,4 @@
-"""`pmserve serve`: parses the options and calls pmserve.serve.serve. `register(app)` adds it to the app."""
+"""`pmserve serve`: parses the options and calls pmserve.serving.server.serve. `register(app)` adds it to the app."""
 
 from __future__ import annotations
 
@@ -69,8 +69,8 @@ def register(app: typer.Typer) -> None:
         `label` [N] and `scores` [N, classes], or `embedding` [N, dim] for an embedding bundle; POST /predict
         (classifiers) and POST /embed (embedding models) take {"inputs": [...]}; /metrics is Prometheus.
         With --repository, POST /v2/repository/index, /v2/repository/models/NAME/load and .../unload too."""
-        from pmserve.serve import ServeConfig
-        from pmserve.serve import serve as run_server
+        from pmserve.serving.config import ServeConfig
+        from pmserve.serving.server import serve as run_server
 
         cfg = ServeConfig(
             max_batch=max_batch,

@@ -131,7 +131,7 @@ def _option_class(command):
     elif command == "export":
         from pmserve.export import ExportOptions as cls
     elif command == "serve":
-        from pmserve.serve import ServeConfig as cls
+        from pmserve.serving.config import ServeConfig as cls
     else:
         from pmserve.bench import BenchConfig as cls
     return cls

@@ -421,8 +421,8 @@ def _body(texts):
 def test_repository_serves_an_embedding_version(tiny_model, tmp_path):
     """The probe works for embeddings: a repository loads and checks an embedding version like any other."""
     from pmserve.export import export_version
-    from pmserve.model_repository import Repository
-    from pmserve.serve import ServeConfig
+    from pmserve.serving.config import ServeConfig
+    from pmserve.serving.repository import Repository
 
     export_version(tiny_model, tmp_path / "repo" / "enc")
     probe = json.loads((tmp_path / "repo" / "enc" / "1" / "probe.json").read_text())

@@ -242,7 +242,9 @@ def test_image_bundle_takes_encoded_images_json_and_binary(tiny_vit, tmp_path):
     from PIL import Image
 
     from pmserve.export import export_bundle
-    from pmserve.serve import ServeConfig, create_app, load_models
+    from pmserve.serving.app import create_app
+    from pmserve.serving.config import ServeConfig
+    from pmserve.serving.model import load_models
     from pmserve.train import TrainConfig, train
 
     cfg = TrainConfig(
@@ -309,7 +311,8 @@ def test_batcher_waits_only_under_concurrency():
     import asyncio
     from types import SimpleNamespace
 
-    from pmserve.serve import Batcher, Metrics
+    from pmserve.serving.batcher import Batcher
+    from pmserve.serving.metrics import Metrics
 
     sizes = []
 
@@ -348,7 +351,8 @@ def test_requests_that_arrive_while_the_model_runs_share_one_batch():
     import threading
     from types import SimpleNamespace
 
-    from pmserve.serve import Batcher, Metrics
+    from pmserve.serving.batcher import Batcher
+    from pmserve.serving.metrics import Metrics
 
     sizes, busy, release = [], threading.Event(), threading.Event()
 
@@ -380,7 +384,9 @@ def test_predict_defaults_to_the_first_bundle_given(bundle):  # noqa: F811
     """In process: with several bundles, /predict without "model" uses the first one on the command line."""
     from fastapi.testclient import TestClient
 
-    from pmserve.serve import ServeConfig, create_app, load_models
+    from pmserve.serving.app import create_app
+    from pmserve.serving.config import ServeConfig
+    from pmserve.serving.model import load_models
 
     cfg = ServeConfig(provider="cpu", threads=1)
     with TestClient(create_app(load_models([bundle, bundle], ["zeta", "alpha"], cfg), cfg)) as c:
@@ -393,7 +399,7 @@ def test_length_groups_minimise_padded_tokens_as_brute_force_does():
     partition of the inputs (brute force over set partitions), and every input is in exactly one group."""
     import random
 
-    from pmserve.serve import length_groups
+    from pmserve.serving.batcher import length_groups
 
     def cost(groups, lengths, call):
         return sum(call + len(g) * max(lengths[i] for i in g) for g in groups)
@@ -431,7 +437,8 @@ def test_a_queue_of_mixed_lengths_runs_as_calls_of_similar_length():
     import threading
     from types import SimpleNamespace
 
-    from pmserve.serve import Batcher, Metrics
+    from pmserve.serving.batcher import Batcher
+    from pmserve.serving.metrics import Metrics
 
     def text(k, words):
         return f"{k} " + "w " * (words - 1)
@@ -489,7 +496,8 @@ def test_served_sessions_do_not_spin(bundle):  # noqa: F811
     """ORT's intra-op threads spinning between runs would take the cores the event loop parses requests on:
     serve turns spinning off; predict and bench keep ORT's default."""
     from pmserve.predict import OrtModel
-    from pmserve.serve import ServeConfig, load_bundle
+    from pmserve.serving.config import ServeConfig
+    from pmserve.serving.model import load_bundle
 
     served = load_bundle(bundle, "m", ServeConfig(provider="cpu", threads=1))
     key = "session.intra_op.allow_spinning"
@@ -592,7 +600,8 @@ def test_a_fault_outside_the_model_call_fails_the_batch_instead_of_hanging_it():
     import asyncio
     from types import SimpleNamespace
 
-    from pmserve.serve import Batcher, Metrics
+    from pmserve.serving.batcher import Batcher
+    from pmserve.serving.metrics import Metrics
 
     def scores(inputs):
         rows = len(inputs) + (inputs[0] == "bad")

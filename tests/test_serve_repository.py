@@ -438,7 +438,8 @@ def test_every_dtype_passes_its_own_probe_and_old_bundles_still_load(run, bundle
     """In process: the probe export writes for fp16 and int8 (whose tolerance is measured) passes at load; a
     bundle exported before probes (no "probe" in its manifest) loads as before, run once."""
     from pmserve.export import ExportOptions, export_bundle
-    from pmserve.serve import ServeConfig, load_bundle
+    from pmserve.serving.config import ServeConfig
+    from pmserve.serving.model import load_bundle
 
     cfg = ServeConfig(provider="cpu", threads=1)
     for name, opts in (("fp16", ExportOptions(dtype="fp16")), ("int8", ExportOptions(quantize="int8"))):

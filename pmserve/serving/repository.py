@@ -4,10 +4,10 @@ Triton and KServe keep models in a repository of numbered versions (layout: pmse
 load, unload and list them through the model repository extension; this module does that for pmserve bundles.
 
 - At start every model folder serves its newest version that passes the checks every bundle passes
-  (serve.load_bundle: hashes, ONNX Runtime, the parity probe); a version that fails is recorded with its reason
+  (pmserve.serving.model.load_bundle: hashes, ONNX Runtime, the parity probe); a version that fails is recorded with its reason
   and the next older one is tried.
 - Every --poll-s seconds it looks for versions newer than the one it chose, and loads the newest that passes,
-  in a worker thread while the old version goes on serving, then swaps (serve.ModelTable.put: requests already
+  in a worker thread while the old version goes on serving, then swaps (ModelTable.put: requests already
   holding the old version finish on it). A version that failed stays refused, the old one serves, and it is
   tried again only once its files change (a copy that was still in progress has completed).
 - POST /v2/repository/models/NAME/load loads the newest version, or {"parameters": {"version": "V"}}: rolling
@@ -24,22 +24,20 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from fastapi import Request  # at module level: FastAPI resolves the handlers' annotations in this namespace
-
-from .errors import PMError
-from .formats.bundle import is_bundle
-from .formats.repository import (
+from ..errors import PMError
+from ..formats.bundle import is_bundle
+from ..formats.repository import (
     check_repository,
     fingerprint,
     model_dirs,
     version_dir,
-    version_name,
     versions,
 )
-from .serve import Metrics, ModelTable, RequestError, ServeConfig, Served, load_bundle, parse_json
-
-READY, UNAVAILABLE = "READY", "UNAVAILABLE"
-SMALL_BODY = 1 << 16  # the repository endpoints take a few parameters, never data
+from .config import ServeConfig
+from .metrics import Metrics
+from .model import Served, load_bundle
+from .model_table import ModelTable
+from .protocol import READY, UNAVAILABLE, RequestError
 
 
 @dataclass
@@ -55,7 +53,7 @@ class _Model:
 
 class Repository:
     """The models of REPO and the versions they serve; `load_all` before the server starts, then `start` with
-    the server's ModelTable, and the repository endpoints (`add_routes`)."""
+    the server's ModelTable; the app adds the repository endpoints, which call `index`, `load` and `unload`."""
 
     def __init__(self, root: Path, cfg: ServeConfig, log: Callable[[str], None] = print):
         self.root, self.cfg, self.log = Path(root), cfg, log
@@ -169,25 +167,6 @@ class Repository:
                 out.append(entry)
         return [e for e in out if e["state"] == READY] if ready_only else out
 
-    def add_routes(self, app) -> None:
-        """The KServe/Triton model repository extension."""
-
-        @app.post("/v2/repository/index")
-        async def repository_index(request: Request):
-            params = await _small_json(request)
-            return self.index(bool(params.get("ready", False)))
-
-        @app.post("/v2/repository/models/{name}/load")
-        async def repository_load(name: str, request: Request):
-            served = await self.load(name, _version_param(await _small_json(request)))
-            return {"name": name, "version": served.version, "state": READY}
-
-        @app.post("/v2/repository/models/{name}/unload")
-        async def repository_unload(name: str, request: Request):
-            await _small_json(request)
-            await self.unload(name)
-            return {"name": name, "state": UNAVAILABLE, "reason": "unloaded"}
-
     # ------------------------------------------------------------ inside
 
     def _model(self, name: str) -> _Model:
@@ -263,37 +242,3 @@ class Repository:
         if is_bundle(folder):
             return f"{folder} is a bundle itself, not a model folder of numbered versions (move it to {folder}/1)"
         return f"no version folders in {folder} (expected {folder}/1, {folder}/2, ...)"
-
-
-async def _small_json(request: Request) -> dict:
-    """The JSON object of a repository request; an empty body is {}."""
-    chunks, n = [], 0
-    async for chunk in request.stream():
-        n += len(chunk)
-        if n > SMALL_BODY:
-            raise RequestError(413, f"request body over {SMALL_BODY} bytes")
-        chunks.append(chunk)
-    body = b"".join(chunks)
-    if not body.strip():
-        return {}
-    req = parse_json(body)
-    if not isinstance(req, dict):
-        raise RequestError(400, "the request body must be a JSON object")
-    return req
-
-
-def _version_param(req: dict) -> int | None:
-    """The version asked for by {"parameters": {"version": "2"}} (a string or an integer), or None."""
-    params = req.get("parameters") or {}
-    if not isinstance(params, dict):
-        raise RequestError(400, "'parameters' must be an object")
-    unknown = sorted(set(params) - {"version"})
-    if unknown:
-        raise RequestError(400, f"parameters {unknown}: not supported (this server takes 'version')")
-    if "version" not in params:
-        return None
-    v = params["version"]
-    n = version_name(str(v)) if isinstance(v, (str, int)) and not isinstance(v, bool) else None
-    if n is None:
-        raise RequestError(400, f'parameters.version: expected a version number such as "2", got {v!r}')
-    return n

@@ -1,0 +1,15 @@
+"""`pmserve serve`, one concern per module, in the order a request meets them (each imports only those above it):
+
+- config: ServeConfig, the server's options;
+- model: Served (a bundle as served) and load_bundle, the checks every version passes before it serves;
+- metrics: the Prometheus metrics;
+- protocol: the v2 wire format (request parsing, limits, response encoding) and RequestError;
+- inputs: texts checked, images decoded;
+- batcher: dynamic batching of one model's requests into padded model calls (no HTTP);
+- model_table: name -> the version served and its batcher; swaps that drop nothing;
+- repository: which version of each model serves while a model repository changes;
+- app: the FastAPI app and its routes, built from objects handed in;
+- server: the command's entry (`serve`): builds the models, the repository and the app, and runs uvicorn.
+
+A decoder's generation engine would sit beside the batcher, and its routes beside the v2 ones in app.
+"""

@@ -1,0 +1,334 @@
+"""The HTTP app (`create_app`): the v2 endpoints (KServe v2 / Triton REST), /predict and /embed for curl, the
+repository extension when a repository is handed in, /metrics, and the server's lifespan.
+
+Everything long-lived is built by the command and handed in (the models already loaded, the repository); the app
+builds the ModelTable the batchers live in and wires the routes to it. The routes only translate: the protocol's
+parsing and encoding are pmserve.serving.protocol's, the batching pmserve.serving.batcher's. A generation engine
+for decoders would add its routes here the same way the repository's are added.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import time
+import zlib
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+
+import numpy as np
+from fastapi import Request  # at module level: FastAPI resolves the handlers' annotations in this namespace
+from starlette.datastructures import Headers
+
+from .. import __version__
+from .config import ServeConfig
+from .inputs import IMAGE_BYTES, model_inputs
+from .metrics import Metrics
+from .model import Served
+from .model_table import ModelTable, Slot
+from .protocol import (
+    HEADER_LENGTH,
+    READY,
+    SMALL_BODY,
+    UNAVAILABLE,
+    RequestError,
+    infer_elements,
+    infer_response,
+    internal_error,
+    json_bytes,
+    parse_infer_request,
+    parse_json,
+    plain_inputs,
+    requested_outputs,
+    version_param,
+)
+
+
+class _MetricsMiddleware:
+    """Counts requests, errors and latency by route template (not raw path: model names stay low-cardinality
+    and a scan of random URLs does not grow the metrics)."""
+
+    def __init__(self, app, metrics: Metrics):
+        self.app, self.metrics = app, metrics
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        status = 500
+        start = time.perf_counter()
+
+        async def send_status(message):
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_status)
+        finally:
+            route = scope.get("route")
+            endpoint = getattr(route, "path", "other")
+            self.metrics.requests.labels(endpoint).inc()
+            self.metrics.latency.labels(endpoint).observe(time.perf_counter() - start)
+            if status >= 400:
+                self.metrics.errors.labels(endpoint, str(status)).inc()
+
+
+class _InferRoute:
+    """POST /v2/models/NAME[/versions/V]/infer as a bare ASGI handler in front of FastAPI's router.
+
+    Why: on short texts the event loop's work per request, not the model, bounds throughput (BENCHMARKS.md,
+    serving against KServe): FastAPI's routing, request object and endpoint machinery cost more than the
+    protocol's own parsing. The handler is the same functions FastAPI's routes use (read_body, the v2 parsers,
+    the batcher); errors are answered as the app's exception handlers answer them, and the metrics middleware
+    sees the route template as for any other route.
+    """
+
+    def __init__(self, app, handler):
+        self.app, self.handler = app, handler
+
+    async def __call__(self, scope, receive, send):
+        match = INFER_PATH.fullmatch(scope["path"]) if scope["type"] == "http" else None
+        if match is None:
+            return await self.app(scope, receive, send)
+        name, version = match.groups()
+        scope["route"] = _Template(INFER_TEMPLATES[version is not None])
+        headers = {}
+        if scope["method"] != "POST":
+            status, body, headers = 405, json_bytes({"error": "Method Not Allowed"}), {"allow": "POST"}
+        else:
+            try:
+                status, body, headers = 200, *await self.handler(name, version, receive, Headers(scope=scope))
+            except RequestError as e:
+                status, body = e.status, json_bytes({"error": str(e)})
+            except Exception as e:  # noqa: BLE001 -- answered as the app's handler for the others answers
+                status, body = 500, json_bytes({"error": internal_error(e)})
+        headers.setdefault("content-type", "application/json")
+        raw = [(b"content-length", str(len(body)).encode())]
+        raw += [(k.encode(), v.encode()) for k, v in headers.items()]
+        await send({"type": "http.response.start", "status": status, "headers": raw})
+        await send({"type": "http.response.body", "body": body})
+
+
+INFER_PATH = re.compile(r"/v2/models/([^/]+)(?:/versions/([^/]+))?/infer")
+INFER_TEMPLATES = ("/v2/models/{name}/infer", "/v2/models/{name}/versions/{version}/infer")
+
+
+@dataclass(frozen=True)
+class _Template:
+    path: str  # what the metrics middleware labels a request by, as it reads a Starlette route's
+
+
+def create_app(models: list[Served], cfg: ServeConfig, repository=None):
+    """The FastAPI app serving `models` (already loaded); batchers start and drain with its lifespan. With a
+    `repository` (pmserve.serving.repository.Repository, built by the command) the models change while it serves: the repository
+    extension's endpoints are added and the repository polls for new versions."""
+    from fastapi import FastAPI
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.responses import JSONResponse, Response
+    from starlette.exceptions import HTTPException
+
+    metrics = Metrics()
+    table = ModelTable(cfg, metrics)
+    state = {"ready": False}
+
+    def body_limit() -> int:
+        """Bytes a request body may have: images need more than texts (the models served can change)."""
+        images = any(s.kind != "text" for s in table.served())
+        return cfg.max_inputs * max(4 * cfg.max_text_chars + 16, IMAGE_BYTES if images else 0) + (1 << 16)
+
+    @asynccontextmanager
+    async def lifespan(app):
+        for s in models:
+            table.put(s)
+        if repository is not None:
+            repository.start(table, metrics)
+        state["ready"] = True
+        yield
+        state["ready"] = False  # uvicorn has stopped accepting and waited for in-flight requests
+        if repository is not None:
+            await repository.stop()
+        await table.close()
+
+    app = FastAPI(title="pmserve", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None)
+
+    @app.exception_handler(RequestError)
+    async def _request_error(request, e: RequestError):
+        return JSONResponse({"error": str(e)}, status_code=e.status)
+
+    @app.exception_handler(HTTPException)
+    async def _http_error(request, e: HTTPException):
+        return JSONResponse({"error": str(e.detail)}, status_code=e.status_code, headers=e.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(request, e: RequestValidationError):
+        return JSONResponse({"error": f"bad request: {e.errors()}"}, status_code=400)
+
+    @app.exception_handler(Exception)
+    async def _internal_error(request, e: Exception):
+        return JSONResponse({"error": internal_error(e)}, status_code=500)
+
+    async def read_body(receive, headers) -> bytes:
+        """The body, refused past the limits' size while it streams in, and un-gzipped when it came so."""
+        chunks, n, max_body = [], 0, body_limit()
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                raise RequestError(400, "the client went away before its request body arrived")
+            chunk = message.get("body", b"")
+            n += len(chunk)
+            if n > max_body:
+                raise RequestError(
+                    413, f"request body over {max_body} bytes (see --max-inputs, --max-text-chars)"
+                )
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                break
+        body = b"".join(chunks)
+        encoding = headers.get("content-encoding", "identity").lower()
+        if encoding in ("gzip", "deflate"):
+            d = zlib.decompressobj(wbits=31 if encoding == "gzip" else 15)
+            try:
+                body = d.decompress(body, max_body)
+            except zlib.error as e:
+                raise RequestError(400, f"Content-Encoding {encoding}: corrupt ({e})") from None
+            if d.unconsumed_tail:
+                raise RequestError(413, f"request body over {max_body} bytes once decompressed")
+        elif encoding != "identity":
+            raise RequestError(415, f"Content-Encoding {encoding!r} is not supported (gzip, deflate)")
+        return body
+
+    async def scores_for(slot: Slot, elements: list) -> np.ndarray:
+        served = slot.served
+        if served.kind == "text":
+            inputs = model_inputs(served, elements, cfg.max_text_chars)
+        else:  # decoding images takes milliseconds each: not on the event loop
+            inputs = await asyncio.to_thread(model_inputs, served, elements, cfg.max_text_chars)
+        return await slot.batcher.infer(inputs)
+
+    @app.get("/v2")
+    async def server_metadata():
+        extensions = ["binary_tensor_data"] + (["model_repository"] if repository is not None else [])
+        return {"name": "pmserve", "version": __version__, "extensions": extensions}
+
+    @app.get("/v2/health/live")
+    async def live():
+        return {"live": True}
+
+    @app.get("/v2/health/ready")
+    async def ready():
+        return JSONResponse({"ready": state["ready"]}, status_code=200 if state["ready"] else 503)
+
+    @app.get("/v2/models/{name}")
+    @app.get("/v2/models/{name}/versions/{version}")
+    async def model_metadata(name: str, version: str | None = None):
+        return table.lookup(name, version).served.metadata()
+
+    @app.get("/v2/models/{name}/ready")
+    @app.get("/v2/models/{name}/versions/{version}/ready")
+    async def model_ready(name: str, version: str | None = None):
+        table.lookup(name, version)
+        return JSONResponse(
+            {"name": name, "ready": state["ready"]}, status_code=200 if state["ready"] else 503
+        )
+
+    async def infer(name: str, version: str | None, receive, headers) -> tuple[bytes, dict[str, str]]:
+        """One v2 infer request (served by _InferRoute): the response body and its headers."""
+        with table.use(name, version) as slot:  # this request is answered by the version it looked up
+            req, binary = parse_infer_request(await read_body(receive, headers), headers.get(HEADER_LENGTH))
+            elements = infer_elements(req, binary, slot.served.kind, cfg.max_inputs)
+            requested_outputs(req, slot.served.outputs)  # a bad 'outputs' is a 400 before the model runs
+            head, tail = infer_response(slot.served, req, await scores_for(slot, elements))
+        if not tail:
+            return json_bytes(head), {}
+        raw = json.dumps(head).encode()
+        return raw + tail, {"content-type": "application/octet-stream", HEADER_LENGTH: str(len(raw))}
+
+    app.add_middleware(_InferRoute, handler=infer)
+    # added last, so outside _InferRoute: it counts those requests too
+    app.add_middleware(_MetricsMiddleware, metrics=metrics)
+
+    def plain_model(req: dict, embedding: bool) -> str:
+        """The model a /predict (classifier) or /embed (embedding) request names, else the first of its kind."""
+        if "model" in req:
+            return str(req["model"])
+        first = [s.name for s in table.served() if s.embedding == embedding]
+        return first[0] if first else (table.names() or [""])[0]
+
+    @app.post("/predict")
+    async def predict(request: Request):
+        """For curl: {"inputs": [...], "model": NAME (optional)} -> the top label and score of each input."""
+        req = parse_json(await read_body(request.receive, request.headers))
+        inputs = plain_inputs(req, cfg.max_inputs)
+        with table.use(plain_model(req, embedding=False)) as slot:
+            served = slot.served
+            if served.embedding:
+                raise RequestError(400, f"model {served.name!r} is an embedding model: POST /embed")
+            scores = await scores_for(slot, inputs)
+        top = scores.argmax(1).tolist()
+        return {
+            "model": served.name,
+            "predictions": [
+                {"label": served.labels[k], "score": float(s[k])} for k, s in zip(top, scores.tolist())
+            ],
+        }
+
+    @app.post("/embed")
+    async def embed(request: Request):
+        """For curl: {"inputs": [...], "model": NAME (optional)} -> {"embeddings": [[...], ...]}, one per input."""
+        req = parse_json(await read_body(request.receive, request.headers))
+        inputs = plain_inputs(req, cfg.max_inputs)
+        with table.use(plain_model(req, embedding=True)) as slot:
+            served = slot.served
+            if not served.embedding:
+                raise RequestError(400, f"model {served.name!r} is a classifier: POST /predict")
+            rows = await scores_for(slot, inputs)
+        return {"model": served.name, "embeddings": rows.tolist()}
+
+    @app.get("/metrics")
+    async def prometheus():
+        body, content_type = metrics.render()
+        return Response(body, media_type=content_type)
+
+    if repository is not None:
+        _repository_routes(app, repository)
+    app.state.metrics, app.state.table = metrics, table
+    return app
+
+
+def _repository_routes(app, repository) -> None:
+    """The KServe/Triton model repository extension."""
+
+    @app.post("/v2/repository/index")
+    async def repository_index(request: Request):
+        params = await _small_json(request)
+        return repository.index(bool(params.get("ready", False)))
+
+    @app.post("/v2/repository/models/{name}/load")
+    async def repository_load(name: str, request: Request):
+        served = await repository.load(name, version_param(await _small_json(request)))
+        return {"name": name, "version": served.version, "state": READY}
+
+    @app.post("/v2/repository/models/{name}/unload")
+    async def repository_unload(name: str, request: Request):
+        await _small_json(request)
+        await repository.unload(name)
+        return {"name": name, "state": UNAVAILABLE, "reason": "unloaded"}
+
+
+async def _small_json(request: Request) -> dict:
+    """The JSON object of a repository request; an empty body is {}."""
+    chunks, n = [], 0
+    async for chunk in request.stream():
+        n += len(chunk)
+        if n > SMALL_BODY:
+            raise RequestError(413, f"request body over {SMALL_BODY} bytes")
+        chunks.append(chunk)
+    body = b"".join(chunks)
+    if not body.strip():
+        return {}
+    req = parse_json(body)
+    if not isinstance(req, dict):
+        raise RequestError(400, "the request body must be a JSON object")
+    return req
