@@ -39,8 +39,8 @@ def run(model: str, data: str, method: str, kernel: str, epochs: int, batch: int
     import torch
 
     from pmserve.backbone import load_encoder
+    from pmserve.learner import Learner, TrainConfig
     from pmserve.tasks import load_tasks
-    from pmserve.train import Learner, TrainConfig
 
     cfg = TrainConfig(
         data=data, model=model, method=method, kernel=kernel, device="cuda", epochs=epochs, batch_size=batch

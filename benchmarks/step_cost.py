@@ -23,9 +23,9 @@ import torch.nn.functional as F
 
 from pmserve.adapters import ADAPTER, add_lora, lora_layers
 from pmserve.backbone import load_encoder
+from pmserve.learner import Learner, TrainConfig, bucketed_batches
 from pmserve.perturb import Perturbation
 from pmserve.tasks import Task, load_tasks
-from pmserve.train import Learner, TrainConfig, bucketed_batches
 
 
 def first_nouns_task(batch_size: int) -> tuple[Learner, Task, torch.Tensor, torch.Tensor]:

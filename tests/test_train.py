@@ -226,7 +226,7 @@ def test_image_tasks_from_builtin_digits_and_files(tiny_vit, tmp_path):
 
 
 def test_bucketed_batches_cover_every_sample_once_with_little_padding():
-    from pmserve.train import bucketed_batches
+    from pmserve.learner import bucketed_batches
 
     lengths = [(i * 37) % 101 for i in range(250)]
     batches = bucketed_batches(lengths, 16, torch.Generator().manual_seed(0))
@@ -244,7 +244,7 @@ def test_target_modules_all_linear_is_peft_all_linear_without_the_pooler():
     from peft import LoraConfig, get_peft_model
     from transformers import BertConfig, BertModel
 
-    from pmserve.train import _adapted_names, resolve_targets
+    from pmserve.learner import _adapted_names, resolve_targets
 
     def bert():
         torch.manual_seed(0)
