@@ -256,16 +256,21 @@ def create_app(models: list[Served], cfg: ServeConfig, repository=None):
         first = [s.name for s in table.served() if s.embedding == embedding]
         return first[0] if first else (table.names() or [""])[0]
 
+    async def plain_rows(request: Request, embedding: bool) -> tuple[Served, np.ndarray]:
+        """A /predict (classifier) or /embed (embedding) request's model and its output rows."""
+        req = parse_json(await read_body(request.receive, request.headers))
+        inputs = plain_inputs(req, cfg.max_inputs)
+        with table.use(plain_model(req, embedding)) as slot:
+            served = slot.served
+            if served.embedding != embedding:
+                what, other = ("a classifier", "/predict") if embedding else ("an embedding model", "/embed")
+                raise RequestError(400, f"model {served.name!r} is {what}: POST {other}")
+            return served, await scores_for(slot, inputs)
+
     @app.post("/predict")
     async def predict(request: Request):
         """For curl: {"inputs": [...], "model": NAME (optional)} -> the top label and score of each input."""
-        req = parse_json(await read_body(request.receive, request.headers))
-        inputs = plain_inputs(req, cfg.max_inputs)
-        with table.use(plain_model(req, embedding=False)) as slot:
-            served = slot.served
-            if served.embedding:
-                raise RequestError(400, f"model {served.name!r} is an embedding model: POST /embed")
-            scores = await scores_for(slot, inputs)
+        served, scores = await plain_rows(request, embedding=False)
         top = scores.argmax(1).tolist()
         return {
             "model": served.name,
@@ -277,13 +282,7 @@ def create_app(models: list[Served], cfg: ServeConfig, repository=None):
     @app.post("/embed")
     async def embed(request: Request):
         """For curl: {"inputs": [...], "model": NAME (optional)} -> {"embeddings": [[...], ...]}, one per input."""
-        req = parse_json(await read_body(request.receive, request.headers))
-        inputs = plain_inputs(req, cfg.max_inputs)
-        with table.use(plain_model(req, embedding=True)) as slot:
-            served = slot.served
-            if not served.embedding:
-                raise RequestError(400, f"model {served.name!r} is a classifier: POST /predict")
-            rows = await scores_for(slot, inputs)
+        served, rows = await plain_rows(request, embedding=True)
         return {"model": served.name, "embeddings": rows.tolist()}
 
     @app.get("/metrics")
