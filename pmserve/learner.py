@@ -405,7 +405,16 @@ class Learner:
         write_json(folder / run_files.STATE_INFO, {"tasks": tasks, "labels": labels, "kind": kind})
 
     def load_state(self, folder: Path) -> None:
-        """The state save_state wrote (or a format-1 task folder's, which has no accumulators)."""
+        """The state save_state wrote (or a format-1 task folder's, which has no accumulators). A state that lacks
+        a file its run writes is refused: continuing without it would merge from zero, silently."""
+        if (folder / run_files.STATE_INFO).is_file():
+            needed = [run_files.MERGED] if self.names else []
+            needed += [run_files.FISHER_SUMS] if self.cfg.method in ("pm", "merge") else []
+            for name in needed:
+                if not (folder / name).is_file():
+                    raise PMError(
+                        f"{folder / name}: missing from the RUN's state (a {self.cfg.method} run writes it)"
+                    )
         if (folder / run_files.MERGED).exists():
             self.merged = load_file(str(folder / run_files.MERGED))
             set_merged(self.encoder.model, self.base, self.merged)

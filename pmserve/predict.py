@@ -347,6 +347,15 @@ def evaluate(
         from .train import run_tests
 
         tests = run_tests(run)  # the RUN's own record of its test sets: kept copies, else their sources
+        # a version exported earlier saw only the RUN's first tasks: it is measured on those
+        seen = src.get("tasks")
+        if seen is not None:
+            if [t.name for t in tests[: len(seen)]] != list(seen):
+                raise PMError(
+                    f"{path}: was exported from the tasks {', '.join(seen)} of {run}, which no longer begins "
+                    "with them; give DATA"
+                )
+            tests = tests[: len(seen)]
         tasks = [t for t in tests if t.test is not None]
         res = evaluate_model(model, tasks, batch_size) if tasks else {"backend": model.backend, "tasks": []}
         rows = {r["task"]: r for r in res["tasks"]}

@@ -11,12 +11,13 @@ that was never interrupted. Under torchrun every rank runs this same loop; only 
 from __future__ import annotations
 
 import time
-from contextlib import nullcontext
+from contextlib import ExitStack, nullcontext
 from dataclasses import asdict, fields
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
+from torch import nn
 
 from . import distributed, metrics
 from .adapters import (
@@ -31,6 +32,7 @@ from .learner import (
     EXECUTION_ONLY,
     Learner,
     TrainConfig,
+    resolve_targets,
     training_device,
 )
 from .model_card import task_card
@@ -62,14 +64,24 @@ PREDATES = {"fisher_labels": "true", "curvature": "fisher", "ridge_select": "hol
 PER_TASK = ("epochs",)  # may differ for tasks added later: recorded in plan.json and each task.json
 
 
-def _saved_config(raw: dict) -> dict:
-    """A saved config.json as today's TrainConfig fields: options added since get the value the run used."""
+def _saved_config(raw: dict, where: Path | None = None) -> dict:
+    """A saved config.json as today's TrainConfig fields: options added since get the value the run used.
+    With `where` (a RUN about to be written), an option this pmserve does not know is refused: the RUN was
+    made by a newer pmserve, and continuing it without that option would change what it computes."""
     names = {f.name for f in fields(TrainConfig)}
+    unknown = sorted(k for k in raw if k not in names)
+    if unknown and where is not None:
+        raise PMError(
+            f"{where}: options {', '.join(unknown)} are unknown to this pmserve (a newer one wrote this RUN); "
+            "continue it with that version"
+        )
     return {**PREDATES, **{k: v for k, v in raw.items() if k in names}}
 
 
-def run_config(run: Path) -> TrainConfig:
-    return TrainConfig(**_saved_config(run_files.read_config(run)))
+def run_config(run: Path, writing: bool = False) -> TrainConfig:
+    """The RUN's TrainConfig; `writing`: for continuing it, where an unknown option is refused."""
+    raw = run_files.read_config(run)
+    return TrainConfig(**_saved_config(raw, Path(run) / run_files.CONFIG if writing else None))
 
 
 def continued_config(run: Path, given: dict, adding: bool = False) -> tuple[TrainConfig, dict]:
@@ -83,7 +95,7 @@ def continued_config(run: Path, given: dict, adding: bool = False) -> tuple[Trai
     if not run_files.is_run(run):
         raise PMError(f"{run}: not a pmserve RUN (no {run_files.CONFIG} marked as one)")
     run_files.check_growable(run)
-    cfg = run_config(run)
+    cfg = run_config(run, writing=True)
     per_task = {}
     for k, v in given.items():
         if k in EXECUTION_ONLY:
@@ -167,7 +179,9 @@ def run_tests(run: Path) -> list[Task]:
     return out
 
 
-def _prepare_out(out: Path, cfg: TrainConfig, resume: bool) -> None:
+def _prepare_out(out: Path, cfg: TrainConfig, resume: bool, model: nn.Module) -> None:
+    """A new RUN's folder and config.json, or the checks before a RUN continues (`resume`). Called by the
+    writer, under the RUN's writer lock."""
     cfg_path = out / run_files.CONFIG
     if cfg_path.exists():
         if not resume:
@@ -179,7 +193,8 @@ def _prepare_out(out: Path, cfg: TrainConfig, resume: bool) -> None:
         old = run_files.read_config(out)
         mine = cfg.results_key()
         # a key the older run's config lacks was added since: the run used PREDATES' value, else the default
-        old = asdict(TrainConfig(**{"data": cfg.data, **_saved_config(old)}))
+        old = asdict(TrainConfig(**{"data": cfg.data, **_saved_config(old, cfg_path)}))
+        old["target_modules"] = resolve_targets(model, old["target_modules"])  # "all-linear" before 2026-12
         diff = [k for k in mine if old[k] != mine[k]]
         if diff:
             k = diff[0]
@@ -206,8 +221,9 @@ def open_run(run: Path, device: str = "cpu") -> tuple[TrainConfig, list[Task], L
     )
     encoder, prep, _ = load_encoder(cfg.model, tasks[0].kind, cfg.max_length)
     learner = Learner(cfg, encoder, prep, torch.device(device))
-    learner.load_state(run_files.state_dir(run))
-    return cfg, tasks, learner, run_files.finished_tasks(run)
+    snap = run_files.snapshot(run)
+    learner.load_state(snap.state)
+    return cfg, tasks, learner, snap.finished
 
 
 def train(cfg: TrainConfig, out: Path | str, resume: bool = False, progress=True, log=print) -> dict:
@@ -229,11 +245,17 @@ def train(cfg: TrainConfig, out: Path | str, resume: bool = False, progress=True
             loaded = dict(enumerate(tasks))
         # a model that does not load fails before any write too
         backbone = load_encoder(cfg.model, plan[0]["kind"] if plan else tasks[0].kind, cfg.max_length)
-        distributed.on_main(lambda: _prepare_out(out, cfg, resume))
-        if not plan:
-            plan = _data_plan(cfg, tasks)
-            distributed.on_main(lambda: run_files.write_plan(out, plan))
-        return _continue(cfg, out, plan, loaded, backbone, device, progress, log)
+        # config.json records the modules adapted, not the rule that chose them
+        cfg.target_modules = resolve_targets(backbone[0].model, cfg.target_modules)
+        with ExitStack() as held:
+            _hold_writer(out, held)
+            distributed.on_main(lambda: _prepare_out(out, cfg, resume, backbone[0].model))
+            if resume and run_files.read_plan(out) != plan:
+                raise PMError(f"{out}: its plan changed while this command started; run it again")
+            if not plan:
+                plan = _data_plan(cfg, tasks)
+                distributed.on_main(lambda: run_files.write_plan(out, plan))
+            return _continue(cfg, out, plan, loaded, backbone, device, progress, log)
 
 
 def add_tasks(
@@ -261,31 +283,55 @@ def add_tasks(
     new = [load_task_folder(p) for p in folders]
     entries = [_plan_entry(t, {"path": str(p.resolve())}, epochs) for t, p in zip(new, folders)]
 
+    planned = run_files.read_plan(out)
+    if not planned:
+        raise PMError(
+            f"{out}: no task is planned yet; `pmserve train --resume --out {out}` first, then --add"
+        )
+    kind = planned[0]["kind"]  # a RUN's kind never changes
+    check_tasks(new, kind=kind, seen=[y for e in planned for y in e["labels"]])
+    device = training_device(cfg)
+    with distributed.session(device), ExitStack() as held:
+        backbone = load_encoder(cfg.model, kind, cfg.max_length)
+        _hold_writer(out, held)
+        plan, first = distributed.on_main(lambda: _grow_plan(out, entries, folders))
+        loaded = {first + k: t for k, t in enumerate(new)}
+        return _continue(cfg, out, plan, loaded, backbone, device, progress, log)
+
+
+def _grow_plan(out: Path, entries: list[dict], folders: list[Path]) -> tuple[list[dict], int]:
+    """The RUN's plan with the tasks of this --add at its end, written, and where they start in it. Called by
+    the writer, after it took the writer lock.
+
+    An --add is a retry where the plan already ends with its first tasks (a killed --add, or one that
+    finished: then nothing is left to do, and that is no error); the rest are appended. Anything else that
+    is planned but not finished must be finished first (--resume), and a task already in the RUN elsewhere
+    is a conflict."""
+    run_files.recover(out)
     plan = run_files.read_plan(out)
     done = len(run_files.finished_tasks(out))
-    if done < len(plan):  # an interrupted --add: the same one finishes it, anything else resumes first
-        if [e["sha256"] for e in plan[done:]] != [e["sha256"] for e in entries[-(len(plan) - done) :]]:
-            raise PMError(
-                f"{out}: task {done} of {len(plan)} is not finished; `pmserve train --resume --out {out}` "
-                "first, then --add"
-            )
-        skip = len(entries) - (len(plan) - done)  # the tasks of this --add that are already finished
-        new, entries, plan = new[skip:], [], plan
-    known = {e["sha256"]: i for i, e in enumerate(plan)}
-    check_tasks(new, kind=plan[0]["kind"], seen=[y for e in plan for y in e["labels"]])
-    for e, p in zip(entries, folders):
+    have, mine = [e["sha256"] for e in plan], [e["sha256"] for e in entries]
+    k = next((k for k in range(min(len(have), len(mine)), 0, -1) if have[-k:] == mine[:k]), 0)
+    if done < len(plan) - k:
+        raise PMError(
+            f"{out}: task {done} of {len(plan)} is not finished; `pmserve train --resume --out {out}` "
+            "first, then --add"
+        )
+    known = {h: i for i, h in enumerate(have)}
+    for e, p in zip(entries[k:], folders[k:]):
         if e["sha256"] in known:
             raise PMError(f"--add: {p}: already in this RUN as task {known[e['sha256']]} (the same data)")
         known[e["sha256"]] = len(known)
-    device = training_device(cfg)
-    with distributed.session(device):
-        backbone = load_encoder(cfg.model, plan[0]["kind"], cfg.max_length)
-        distributed.on_main(lambda: run_files.recover(out))
-        first = len(plan) if entries else done
-        loaded = {first + k: t for k, t in enumerate(new)}
-        plan = plan + entries
-        distributed.on_main(lambda: run_files.write_plan(out, plan))
-        return _continue(cfg, out, plan, loaded, backbone, device, progress, log)
+    if entries[k:]:
+        plan = plan + entries[k:]
+        run_files.write_plan(out, plan)
+    return plan, len(plan) - len(entries)
+
+
+def _hold_writer(out: Path, held: ExitStack) -> None:
+    """The RUN's writer lock, taken by the process that writes (rank 0 under torchrun) and held as long as
+    `held`; a RUN another process writes stops every rank with that one line."""
+    distributed.on_main(lambda: held.enter_context(run_files.writing(out)))
 
 
 def _continue(
@@ -341,63 +387,68 @@ def _continue(
             peft_model, delta, fisher, scaled = learner.train_task(current, i, epochs, bar)
             labels += [y for y in current.classes if y not in labels]
             folder = run_files.task_dir(out, i, current.name)
-            with atomic_dir(folder) if main else nullcontext() as tmp:  # only rank 0 writes
-                alpha = None
-                if peft_model is not None:
+            # only rank 0 writes; readers see the task folder and its state appear together (run_files.snapshot)
+            with ExitStack() as swap:
+                with atomic_dir(folder) if main else nullcontext() as tmp:
+                    alpha = None
+                    if peft_model is not None:
+                        if main:
+                            meta = {
+                                "kind": "chained",
+                                "task": i,
+                                "name": current.name,
+                                "base_model": cfg.model,
+                                "base_fingerprint": fingerprint,
+                                "labels": current.classes,
+                                "method": cfg.method,
+                            }
+                            save_adapter(peft_model, tmp, str(model_dir), meta)
+                        learner.encoder.model = peft_model.unload()
+                        alpha = learner.merge(
+                            i + 1, delta, fisher
+                        )  # the same on every rank: the Fisher was summed
+                    lam = learner.update_classifiers(current, i, before)
+                    seen = range(len(plan)) if joint else range(i + 1)
+                    for j in seen:  # read an earlier task's test split once per call, not once per new task
+                        if j not in old_tests and j not in loaded:
+                            old_tests[j] = _test_of(out, j, plan[j], cfg.seed)
+                    tests = [loaded[j].test if j in loaded else old_tests[j] for j in seen]
+                    accs = [None if t is None else learner.accuracy(t) for t in tests]
+                    info = {
+                        "index": i,
+                        "name": current.name,
+                        "method": cfg.method,
+                        "labels": current.classes,
+                        "alpha": alpha,
+                        "curvature": scaled,
+                        "ridge_lambda": lam,
+                        "ridge_lambda_on_edge": learner.ridge_on_edge(),
+                        "ridge_drift_mu": learner.drift_mu,
+                        "epochs": epochs,
+                        "device": str(device),
+                        "seconds": time.perf_counter() - t0,
+                        "data": {k: plan[i][k] for k in ("source", "sha256", "examples")}
+                        if not joint
+                        else None,
+                        "acc": {h: [None if a is None else a[h] for a in accs] for h in learner.classifiers},
+                    }
                     if main:
-                        meta = {
-                            "kind": "chained",
-                            "task": i,
-                            "name": current.name,
-                            "base_model": cfg.model,
-                            "base_fingerprint": fingerprint,
-                            "labels": current.classes,
-                            "method": cfg.method,
-                        }
-                        save_adapter(peft_model, tmp, str(model_dir), meta)
-                    learner.encoder.model = peft_model.unload()
-                    alpha = learner.merge(
-                        i + 1, delta, fisher
-                    )  # the same on every rank: the Fisher was summed
-                lam = learner.update_classifiers(current, i, before)
-                seen = range(len(plan)) if joint else range(i + 1)
-                for j in seen:  # read an earlier task's test split once per call, not once per new task
-                    if j not in old_tests and j not in loaded:
-                        old_tests[j] = _test_of(out, j, plan[j], cfg.seed)
-                tests = [loaded[j].test if j in loaded else old_tests[j] for j in seen]
-                accs = [None if t is None else learner.accuracy(t) for t in tests]
-                info = {
-                    "index": i,
-                    "name": current.name,
-                    "method": cfg.method,
-                    "labels": current.classes,
-                    "alpha": alpha,
-                    "curvature": scaled,
-                    "ridge_lambda": lam,
-                    "ridge_lambda_on_edge": learner.ridge_on_edge(),
-                    "ridge_drift_mu": learner.drift_mu,
-                    "epochs": epochs,
-                    "device": str(device),
-                    "seconds": time.perf_counter() - t0,
-                    "data": {k: plan[i][k] for k in ("source", "sha256", "examples")} if not joint else None,
-                    "acc": {h: [None if a is None else a[h] for a in accs] for h in learner.classifiers},
-                }
-                if main:
-                    if peft_model is not None and cfg.keep_fisher:
-                        save_file(fisher, str(tmp / run_files.FISHER))
-                    if cfg.keep_test and not joint:
-                        save_split(current.test, kind, tmp)
-                    write_json(tmp / run_files.TASK_INFO, info)
-                    if peft_model is not None:  # the adapter's card (a frozen task has no adapter)
-                        names = [e["name"] for e in plan]  # a joint run's one folder covers every task
-                        card = task_card(
-                            info, asdict(cfg), names, base_path=str(model_dir), folder=str(folder)
-                        )
-                        (tmp / MODEL_CARD).write_text(card)
-                    with run_files.next_state(out) as state:
-                        learner.save_state(state, len(done) + 1, labels, kind)
-            if main:
-                run_files.promote_state(out)
+                        if peft_model is not None and cfg.keep_fisher:
+                            save_file(fisher, str(tmp / run_files.FISHER))
+                        if cfg.keep_test and not joint:
+                            save_split(current.test, kind, tmp)
+                        write_json(tmp / run_files.TASK_INFO, info)
+                        if peft_model is not None:  # the adapter's card (a frozen task has no adapter)
+                            names = [e["name"] for e in plan]  # a joint run's one folder covers every task
+                            card = task_card(
+                                info, asdict(cfg), names, base_path=str(model_dir), folder=str(folder)
+                            )
+                            (tmp / MODEL_CARD).write_text(card)
+                        with run_files.next_state(out) as state:
+                            learner.save_state(state, len(done) + 1, labels, kind)
+                        swap.enter_context(run_files.swapping(out))  # held from here to the swap: a moment
+                if main:  # the task folder is in place (atomic_dir's rename): its state follows at once
+                    run_files.promote_state(out)
             done.append(info)
             row = " ".join("-" if a is None else f"{a:.3f}" for a in info["acc"][cfg.head])
             edge = "  (ridge lambda at its grid's end)" if info["ridge_lambda_on_edge"] else ""

@@ -9,7 +9,7 @@
 - `repository`: bundles as numbered versions of named models (REPO/NAME/1, /2, ...), as Triton and KServe keep them.
 
 This module holds what they share: reading a JSON object with a one-line error, writing a file or a folder so
-that it appears only when complete, and hashing a file. Train, merge, export and serve go through these, so a
+that it appears only when complete and on disk (fsynced before the rename that shows it), and hashing a file. Train, merge, export and serve go through these, so a
 file name or an atomic write exists once.
 """
 
@@ -43,11 +43,38 @@ def read_json(path: Path) -> dict:
 
 
 def write_json(path: Path, obj) -> None:
-    """`obj` as indented JSON at `path`, replaced atomically (a reader never sees half a file)."""
+    """`obj` as indented JSON at `path`, replaced atomically (a reader never sees half a file) and durably (the
+    file's bytes reach the disk before the rename, and the rename before this returns)."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=2))
+    with open(tmp, "w") as f:
+        f.write(json.dumps(obj, indent=2))
+        f.flush()
+        os.fsync(f.fileno())
     os.replace(tmp, path)
+    fsync_dir(path.parent)
+
+
+def fsync_dir(folder: Path) -> None:
+    """Make the names in `folder` (a rename into it, a file created in it) survive a power cut."""
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_tree(folder: Path) -> None:
+    """Every file under `folder`, and every folder's names, on disk: before a rename makes the folder visible,
+    so that a crash never shows a folder whose files are empty or short."""
+    for root, _, files in os.walk(folder):
+        for name in files:
+            fd = os.open(Path(root) / name, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        fsync_dir(Path(root))
 
 
 def read_labels(path: Path) -> list[str]:
@@ -98,9 +125,11 @@ def atomic_dir(out: Path) -> Iterator[Path]:
     tmp.mkdir()
     try:
         yield tmp
+        fsync_tree(tmp)
         if out.is_dir():
             out.rmdir()  # an empty folder (check_new_out): replaced by the finished one
         os.rename(tmp, out)
+        fsync_dir(out.parent)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

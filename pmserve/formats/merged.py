@@ -8,7 +8,7 @@ norms, notes), README.md (the model card), the classifier (classifier.*, head.*,
 - full: a Hugging Face model folder with W_hat baked in, its tokenizer or image processor, and
   pmserve_merge.json (method, alphas, tasks, data, max_length, base model).
 
-Two kinds of folder hold a model export can load: a RUN (its state, run.state_dir, has merged.safetensors on top
+Two kinds of folder hold a model export can load: a RUN (its state, a run.snapshot, has merged.safetensors on top
 of the base model named in config.json, absent for `--method frozen`, and the classifier) and a full folder.
 
 Export takes models made elsewhere too, so a MergedSource also describes: any Hugging Face model folder (kind
@@ -214,10 +214,10 @@ def check_model_type(cfg_path: Path, cfg: dict) -> None:
 def _inspect_run(path: Path, cfg: dict) -> MergedSource:
     from ..backbone import resolve_model
 
-    finished = run_files.finished_tasks(path)
-    if not finished:
+    if not run_files.finished_tasks(path):
         raise PMError(f"{path}: a pmserve RUN without a finished task (no tasks/NN-name/task.json)")
-    state = run_files.state_dir(path)
+    snap = run_files.snapshot(path)  # one state, whatever a writer does meanwhile
+    finished, state = snap.finished, snap.state
     meta = _classifier_meta(state, "the RUN's state")
     infos = [read_json(p / run_files.TASK_INFO) for p in finished]
     merged = state / run_files.MERGED

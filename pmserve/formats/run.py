@@ -19,25 +19,38 @@
 So a RUN grows with its tasks only by what is per task; the merged weights after any task are reproducible
 from the adapters and the recorded alphas (merging.recurrence). The state is replaced in two steps that a kill
 cannot tear: the new state is written whole beside the old (.state-next), the task folder is renamed into
-place, then the states swap; `recover` finishes a swap a kill interrupted.
+place, then the states swap; `recover` finishes a swap a kill interrupted. Every file and folder is fsynced
+before the rename that makes it visible.
+
+Several processes may touch one RUN, as SQLite's readers and writer do:
+- one writer at a time (`writing`: an exclusive flock on the RUN folder for the writer's whole life; a second
+  writer is refused in one line, and the lock dies with its process, so a kill never leaves the RUN locked);
+- readers (export, eval, predict, merge) take a `snapshot`: under a shared flock on RUN/tasks, which the writer
+  holds exclusively while a task folder and its state appear, they hard-link the state's files into a private
+  folder (removed when the reader exits). Files are never rewritten in place, so the snapshot stays the one
+  state that matched the finished tasks it lists, whatever the writer does next.
 
 Format 1 (before 2026-11-29) kept the state in every task folder (fisher, delta, merged and heads per task):
-it still reads (state_dir is then the last task folder), but only format 2 can grow or resume.
+it still reads (its snapshot's state is then the last task folder), but only format 2 can grow or resume.
 A RUN says it is one in its config.json; RUNs written before that marker are recognised by the TrainConfig
 keys they hold, here and nowhere else.
 """
 
 from __future__ import annotations
 
+import atexit
+import fcntl
 import os
 import re
 import shutil
+import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import PMError
-from . import read_json, write_json
+from . import _alive, fsync_dir, fsync_tree, read_json, write_json
 
 FORMAT = "pmserve-run"
 VERSION = 2
@@ -59,6 +72,7 @@ HEAD = "head"  # heads.save_scorer prefixes: the training head,
 CLASSIFIER = "classifier"  # the inference classifier (--head)
 TASK_FOLDER = re.compile(r"^(\d+)-(.+)$")
 _LEGACY_KEYS = ("data", "method", "model")  # a RUN's config.json before the format marker
+_SNAPSHOTS = ".snapshots"
 
 
 def is_run_config(cfg: dict) -> bool:
@@ -105,8 +119,17 @@ def check_growable(run: Path) -> None:
 
 
 def read_plan(run: Path) -> list[dict]:
+    """The planned tasks; [] for a RUN killed before it wrote its plan (or a format-1 RUN, which has none). A
+    format-2 RUN with finished tasks and no plan is refused: its data folder cannot tell which tasks it planned
+    (tasks added with --add are in no data folder)."""
     path = Path(run) / PLAN
     if not path.is_file():
+        finished = finished_tasks(run)
+        if finished and format_version(run) >= VERSION:
+            raise PMError(
+                f"{path}: missing, but {len(finished)} tasks are finished; the RUN's plan cannot be rebuilt "
+                "(restore plan.json from a copy of the RUN)"
+            )
         return []
     plan = read_json(path).get("tasks")
     if not isinstance(plan, list):
@@ -118,20 +141,100 @@ def write_plan(run: Path, plan: list[dict]) -> None:
     write_json(Path(run) / PLAN, {"tasks": plan})
 
 
-def state_dir(run: Path) -> Path:
-    """Where the state after the last finished task is, without changing anything (a reader may look while a
-    run trains): RUN/state, or RUN/.state-next between a task folder's rename and the swap; for format 1 the
-    last task folder."""
-    run = Path(run)
-    finished = finished_tasks(run)
-    if format_version(run) < 2:
-        if not finished:
-            raise PMError(f"{run}: no finished task (no tasks/NN-name/{TASK_INFO})")
-        return finished[-1]
+def _live_state(run: Path, finished: list[Path]) -> Path:
+    """The folder holding the state after the `finished` tasks right now: RUN/state, or RUN/.state-next between
+    a task folder's rename and the swap (a writer may rename either at any moment: see `snapshot`)."""
     for folder in (run / STATE, run / _NEXT_STATE):
         if (folder / STATE_INFO).is_file() and state_tasks(folder) == len(finished):
             return folder
     raise PMError(f"{run / STATE}: missing, or does not reflect the {len(finished)} finished tasks")
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """One state of a RUN as a reader sees it: the finished task folders, and a folder with the state after
+    them that no writer changes while the reader reads."""
+
+    finished: list[Path]
+    state: Path
+
+
+def snapshot(run: Path) -> Snapshot:
+    """The RUN's finished tasks and the state that matches them, resolved once (see the module docstring).
+    For format 1 the state is the last task folder, which nothing rewrites. Where no private copy can be made
+    (a read-only RUN, where no writer can run either), the live state folder is returned."""
+    run = Path(run)
+    if format_version(run) < 2:
+        finished = finished_tasks(run)
+        if not finished:
+            raise PMError(f"{run}: no finished task (no tasks/NN-name/{TASK_INFO})")
+        return Snapshot(finished, finished[-1])
+    with _flock(run / TASKS, fcntl.LOCK_SH):
+        finished = finished_tasks(run)
+        live = _live_state(run, finished)
+        dst = None
+        try:
+            dst = _snapshot_root(run) / f"{os.getpid()}-{os.urandom(6).hex()}"
+            dst.mkdir(parents=True)
+            for f in live.iterdir():
+                if f.is_file():
+                    os.link(f, dst / f.name)  # the same bytes: the writer replaces files, never rewrites them
+        except OSError:
+            if dst is not None:
+                shutil.rmtree(dst, ignore_errors=True)
+            return Snapshot(finished, live)
+    atexit.register(shutil.rmtree, dst, True)
+    return Snapshot(finished, dst)
+
+
+def _snapshot_root(run: Path) -> Path:
+    """Where snapshots of `run` go: the temporary folder when it is on the RUN's file system (hard links
+    need that), else RUN/.snapshots. Snapshots of readers that died are removed first (they pin old states)."""
+    tmp = Path(tempfile.gettempdir()) / "pmserve-snapshots"
+    root = tmp if os.stat(tempfile.gettempdir()).st_dev == os.stat(run).st_dev else run / _SNAPSHOTS
+    for stale in root.glob("*-*"):
+        pid = stale.name.split("-", 1)[0]
+        if not pid.isdigit() or not _alive(int(pid)):
+            shutil.rmtree(stale, ignore_errors=True)
+    return root
+
+
+@contextmanager
+def _flock(folder: Path, how: int) -> Iterator[None]:
+    """`folder` locked with flock(how) for the block (a folder, so that locking leaves no file behind)."""
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, how)
+        yield
+    finally:
+        os.close(fd)  # closing releases the lock
+
+
+@contextmanager
+def writing(run: Path) -> Iterator[None]:
+    """The RUN's writer lock (the RUN folder itself, locked), held for the block: the one process that may
+    write the RUN. Another writer is a PMError at once (it never waits: the holder may train for an hour), and
+    the lock dies with its process. The RUN folder is created if needed."""
+    run = Path(run)
+    run.mkdir(parents=True, exist_ok=True)
+    fd = os.open(run, os.O_RDONLY)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise PMError(
+                f"{run}: another pmserve process is writing this RUN; wait for it to finish, then run this again"
+            ) from None
+        yield
+    finally:
+        os.close(fd)  # closing releases the lock
+
+
+@contextmanager
+def swapping(run: Path) -> Iterator[None]:
+    """Held by the writer while a finished task folder and its state appear (readers' snapshots wait)."""
+    with _flock(Path(run) / TASKS, fcntl.LOCK_EX):
+        yield
 
 
 @contextmanager
@@ -142,18 +245,20 @@ def next_state(run: Path) -> Iterator[Path]:
     tmp.mkdir()
     try:
         yield tmp
+        fsync_tree(tmp)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
 
 
 def promote_state(run: Path) -> None:
-    """Make RUN/.state-next the state: once the task folder it belongs to is in place."""
+    """Make RUN/.state-next the state: once the task folder it belongs to is in place (under `swapping`)."""
     run = Path(run)
     if (run / STATE).exists():
         shutil.rmtree(run / _OLD_STATE, ignore_errors=True)
         os.rename(run / STATE, run / _OLD_STATE)
     os.rename(run / _NEXT_STATE, run / STATE)
+    fsync_dir(run)
     shutil.rmtree(run / _OLD_STATE, ignore_errors=True)
 
 
@@ -162,16 +267,18 @@ def state_tasks(folder: Path) -> int:
 
 
 def recover(run: Path) -> None:
-    """Finish what a killed run left: a state swap between its two renames, half-written folders."""
+    """Finish what a killed run left: a state swap between its two renames, half-written folders. Only the
+    writer calls it (under `writing`)."""
     run = Path(run)
     done = len(finished_tasks(run))
     nxt = run / _NEXT_STATE
-    if (nxt / STATE_INFO).is_file() and state_tasks(nxt) == done:
-        promote_state(run)  # the task folder made it; its state had not yet
-    shutil.rmtree(nxt, ignore_errors=True)
-    if not (run / STATE).exists() and (run / _OLD_STATE / STATE_INFO).is_file():
-        os.rename(run / _OLD_STATE, run / STATE)
-    shutil.rmtree(run / _OLD_STATE, ignore_errors=True)
+    with swapping(run):
+        if (nxt / STATE_INFO).is_file() and state_tasks(nxt) == done:
+            promote_state(run)  # the task folder made it; its state had not yet
+        shutil.rmtree(nxt, ignore_errors=True)
+        if not (run / STATE).exists() and (run / _OLD_STATE / STATE_INFO).is_file():
+            os.rename(run / _OLD_STATE, run / STATE)
+        shutil.rmtree(run / _OLD_STATE, ignore_errors=True)
     remove_partial_tasks(run)
     if done and (run / STATE / STATE_INFO).is_file() and state_tasks(run / STATE) != done:
         raise PMError(f"{run / STATE}: reflects {state_tasks(run / STATE)} tasks, but {done} are finished")

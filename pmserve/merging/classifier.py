@@ -51,8 +51,8 @@ def classifier_home(a: AdapterInput) -> Path:
     run = run_files.run_of_task(a.path)
     if run is None or run_files.format_version(run) < 2:
         return a.path
-    last = run_files.finished_tasks(run)[-1]
-    return run_files.state_dir(run) if a.path.resolve() == last.resolve() else a.path
+    snap = run_files.snapshot(run)
+    return snap.state if a.path.resolve() == snap.finished[-1].resolve() else a.path
 
 
 def combine(scorers: list[Scorer]) -> Scorer:
