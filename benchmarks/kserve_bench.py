@@ -37,22 +37,17 @@ import argparse
 import asyncio
 import json
 import os
-import platform
-import signal
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
 import httpx
+from harness import BENCH, clean_env, free_port, machine, provenance, stop, venv_bin, wait_ready, write_json
+from serve_bench import batch_stats, input_sets, load
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from serve_bench import batch_stats, free_port, input_sets, load, wait_ready  # noqa: E402
-
-ROOT = Path(__file__).resolve().parent.parent
 SERVERS = {
     "pmserve": ("pmserve", ["--max-batch", "32", "--by-length"]),
     "pmserve-mixed": ("pmserve", ["--max-batch", "32", "--no-by-length"]),
@@ -68,13 +63,12 @@ def start(kind: str, opts: list[str], bundle: Path, args) -> tuple[subprocess.Po
     if kind == "pmserve":
         cmd = [sys.executable, "-m", "pmserve", "serve", str(bundle), "--name", "m", "--port", str(port)]
         cmd += [*opts, "--max-wait-ms", str(args.max_wait_ms), "--threads", "0"]
-        env = dict(os.environ)
     else:
-        cmd = [args.kserve_python, str(ROOT / "benchmarks" / "kserve_server.py"), "--bundle", str(bundle)]
+        # by file path: only benchmarks/ goes first on its sys.path; pmserve is installed in KServe's environment
+        cmd = [args.kserve_python, str(BENCH / "kserve_server.py"), "--bundle", str(bundle)]
         cmd += ["--port", str(port), *opts, "--max-wait-ms", str(args.max_wait_ms), "--threads", "0"]
-        env = {**os.environ, "PYTHONPATH": str(ROOT)}
     log = open(args.server_log, "a")  # noqa: SIM115 -- the child writes to it
-    proc = subprocess.Popen(cmd, stdout=log, stderr=log, env=env)
+    proc = subprocess.Popen(cmd, stdout=log, stderr=log, env=clean_env())
     return proc, wait_ready(
         proc, f"http://127.0.0.1:{port}", "/v2/models/m/ready", f"{kind} (log {log.name})"
     )
@@ -141,12 +135,19 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=32)
     ap.add_argument("--max-wait-ms", type=float, default=5.0)
     ap.add_argument("--raw-seconds", type=float, default=8.0, help="Most seconds per raw batch size.")
-    ap.add_argument("--kserve-python", default=str(ROOT / ".venv-kserve" / "bin" / "python"))
+    ap.add_argument("--kserve-python", default=None, help="Default: .venv-kserve/bin/python.")
     ap.add_argument("--max-load", type=float, default=1.5)
     ap.add_argument("--wait-load", type=float, default=900)
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/kserve_bench.json"))
     args = ap.parse_args()
-    args.out.parent.mkdir(parents=True, exist_ok=True)
+    names = args.servers.split(",")
+    if any(SERVERS[n][0] == "kserve" for n in names):
+        args.kserve_python = args.kserve_python or str(venv_bin(".venv-kserve", "python", "kserve_env.sh"))
+        check = [args.kserve_python, "-c", "import kserve, pmserve.predict"]
+        if subprocess.run(check, env=clean_env(), cwd="/", capture_output=True).returncode != 0:
+            sys.exit(
+                f"{args.kserve_python} cannot import kserve and pmserve: run `bash benchmarks/kserve_env.sh`"
+            )
     args.server_log = (
         Path(tempfile.gettempdir()) / "kserve_bench.server.log"
     )  # the servers' stderr, for errors
@@ -154,7 +155,6 @@ def main() -> None:
 
     sets = input_sets(args.inputs.split(","))
     conc = [int(x) for x in args.concurrency.split(",")]
-    names = args.servers.split(",")
     load_start = wait_for_quiet(args.max_load, args.wait_load)
     print(f"load average at start: {load_start}", flush=True)
 
@@ -200,11 +200,7 @@ def main() -> None:
                         print(json.dumps(row), flush=True)
                         cells.setdefault((server, set_name, c), []).append(row)
             finally:
-                proc.send_signal(signal.SIGTERM)
-                try:
-                    proc.wait(timeout=60)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
+                stop(proc)
 
     def med(rows, key):
         vals = [r[key] for r in rows if key in r]
@@ -256,14 +252,9 @@ def main() -> None:
                 ratio[f"{s}/raw"] = round(rps(s, i, top) / best_raw, 2)
         ratios[i] = ratio
     result = {
-        "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "command": "python benchmarks/kserve_bench.py " + " ".join(sys.argv[1:]),
+        **provenance("kserve_bench.py"),
         "bundle": str(args.bundle),
-        "machine": {
-            "cpus": os.cpu_count(),
-            "platform": platform.platform(),
-            "python": platform.python_version(),
-        },
+        "machine": machine(),
         "load_average_1_5_15": {"start": load_start, "end": os.getloadavg()},
         "servers": {s: " ".join(SERVERS[s][1]) for s in names},
         "raw_limit": raw,
@@ -271,7 +262,7 @@ def main() -> None:
         "medians": medians,
         "rows": [r for rows in cells.values() for r in rows],
     }
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    write_json(args.out, result)
     print()
     print("| inputs | server | C | req/s | p50 ms | p99 ms | mean batch | padded/input tokens |")
     print("|---|---|---:|---:|---:|---:|---:|---:|")

@@ -8,9 +8,11 @@
 #                                             pmserve's .venv).
 # Contents: kserve, the CPU build of torch, transformers and plain onnxruntime (CPU; onnxruntime and
 # onnxruntime-gpu in one environment overwrite each other's files) at the versions pmserve's environment runs,
-# plus what importing pmserve.predict needs. pmserve itself is not installed there: the benchmark puts the
-# repository on PYTHONPATH, so the KServe model class wraps the very OrtModel (tokenizer and ONNX Runtime
-# session) that `pmserve serve` runs, and a difference in throughput is the servers' and not the models'.
+# plus what importing pmserve.predict needs, and this checkout's pmserve itself, editable and without its
+# dependencies (--no-deps: pmserve's own pins would fight kserve's): the KServe model class wraps the very
+# OrtModel (tokenizer and ONNX Runtime session) that `pmserve serve` runs, so a difference in throughput is the
+# servers' and not the models'. The editable install maps the package names only; the repository root is never
+# on this environment's path (its kernels/ would hide the PyPI `kernels` from transformers).
 set -euo pipefail
 here=$(cd "$(dirname "$0")/.." && pwd)
 venv=${1:-$here/.venv-kserve}
@@ -28,14 +30,16 @@ if "${pip[@]}" install "torch==$torch_version+cpu" 2>/dev/null; then :; else
 fi
 "${pip[@]}" install "kserve==$kserve_version" "onnxruntime${ort_version:+==$ort_version}" \
   "transformers${tf_version:+==$tf_version}" safetensors pillow httpx
+"${pip[@]}" install --no-deps -e "$here"
 if "${pip[@]}" show onnxruntime-gpu >/dev/null 2>&1; then
   echo "$venv: onnxruntime-gpu was pulled in beside onnxruntime; remove one" >&2
   exit 1
 fi
-PYTHONPATH=$here "$venv/bin/python" - <<'PY'
+(cd / && env -u PYTHONPATH "$venv/bin/python" - <<'PY'
 import importlib.metadata as md
 
 import pmserve.predict  # noqa: F401 -- the model class wraps pmserve's OrtModel: it must import here
 
 print(", ".join(f"{p} {md.version(p)}" for p in ("kserve", "fastapi", "uvicorn", "transformers", "torch", "onnxruntime")))
 PY
+)

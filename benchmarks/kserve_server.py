@@ -3,7 +3,7 @@
     .venv-kserve/bin/python benchmarks/kserve_server.py --bundle BUNDLE --port PORT [--max-batch 32]
                                                         [--max-wait-ms 5] [--threads 0]
 
-Runs in KServe's own environment (benchmarks/kserve_env.sh), with the repository on PYTHONPATH: the model class
+Runs in KServe's own environment (benchmarks/kserve_env.sh, which installs pmserve there): the model class
 wraps pmserve.predict.OrtModel, the same tokenizer and ONNX Runtime session `pmserve serve` runs, and answers the
 same v2 request (BYTES `text` in) with the same outputs (`label`, `scores`), so the servers differ and the
 model does not.

@@ -33,6 +33,7 @@ prototype head, as for foreign adapters; optional, slow), avg, linear, task-arit
 dare-ties (weights 1, density 0.5, seed 0).
 
     .venv/bin/python benchmarks/merge_bench.py speed --runs 3
+    .venv/bin/python benchmarks/merge_bench.py speed --smoke --json /tmp/merge_bench-smoke.json   # seconds
     .venv/bin/python benchmarks/merge_bench.py quality --runs-dir /tmp/pmq [--pm-data]
 Writes benchmarks/results/merge_bench.json and merge_quality.json and prints Markdown tables.
 """
@@ -43,16 +44,13 @@ import argparse
 import json
 import os
 import shutil
-import statistics
-import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-RESULTS = ROOT / "benchmarks" / "results"
+from harness import RESULTS, clean_env, measure, medians, write_json
+
 SPEED_METHODS = ("pm", "avg", "ties")
 QUALITY_METHODS = (
     "pm",
@@ -161,51 +159,12 @@ merged.save_pretrained(out)
 """
 
 
-def _anon_kib(pid: int) -> int:
-    """RssAnon (KiB) of a process and its descendants now: the memory it allocated, without the file pages of
-    what it memory-maps (a memory-mapped base counts in RSS as far as the page cache lets it stay)."""
-    total, todo = 0, [pid]
-    while todo:
-        p = todo.pop()
-        try:
-            for line in Path(f"/proc/{p}/status").read_text().splitlines():
-                if line.startswith("RssAnon:"):
-                    total += int(line.split()[1])
-            for task in Path(f"/proc/{p}/task").iterdir():
-                todo += [int(c) for c in (task / "children").read_text().split()]
-        except (OSError, ValueError):
-            pass
-    return total
-
-
-def measure(cmd: list[str], env: dict | None = None) -> dict:
-    """Wall seconds, peak RSS (MB, ru_maxrss) and peak anonymous memory (MB, RssAnon sampled every 20 ms) of one
-    subprocess and its descendants."""
-    t0 = time.perf_counter()
-    p = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    peak, done = [0], threading.Event()
-
-    def sample():
-        while not done.wait(0.02):
-            peak[0] = max(peak[0], _anon_kib(p.pid))
-
-    sampler = threading.Thread(target=sample, daemon=True)
-    sampler.start()
-    out = p.stdout.read()
-    done.set()
-    sampler.join()
-    _, status, usage = os.wait4(p.pid, 0)
-    wall = time.perf_counter() - t0
-    if status != 0:
-        raise RuntimeError(
-            f"{' '.join(map(str, cmd[:6]))} ... failed:\n{out.decode(errors='replace')[-4000:]}"
-        )
-    return {"seconds": wall, "peak_rss_mb": usage.ru_maxrss / 1024, "peak_anon_mb": peak[0] / 1024}
-
-
 def speed(args) -> dict:
     work = Path(args.work)
     spec = dict(hidden=1280, layers=24, inter=5120)
+    if args.smoke:  # a check that both sides still run, in seconds; its figures mean nothing
+        work, spec = work / "smoke", dict(hidden=128, layers=2, inter=512)
+        args.runs, args.adapters = 1, min(args.adapters, 2)
     t0 = time.perf_counter()
     base = build_base(work / "base", **spec)
     adapters = build_adapters(
@@ -215,7 +174,7 @@ def speed(args) -> dict:
     in_bytes = (base / "model.safetensors").stat().st_size + sum(
         (a / "adapter_model.safetensors").stat().st_size for a in adapters
     )
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env = clean_env()  # pmserve from the installed .venv; PEFT's transformers must find the PyPI `kernels`
     script = work / "peft_merge.py"
     script.write_text(PEFT_SCRIPT)
     rows = {m: {"ours": [], "peft": []} for m in args.methods}
@@ -238,10 +197,7 @@ def speed(args) -> dict:
                 shutil.rmtree(out, ignore_errors=True)
     table = []
     for m in args.methods:
-        med = {
-            who: {k: statistics.median(x[k] for x in rows[m][who]) for k in ("seconds", "peak_rss_mb")}
-            for who in ("ours", "peft")
-        }
+        med = {who: medians(rows[m][who], ("seconds", "peak_rss_mb")) for who in ("ours", "peft")}
         table.append(
             {
                 "method": m,
@@ -267,8 +223,7 @@ def speed(args) -> dict:
         "table": table,
         "raw": rows,
     }
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "merge_bench.json").write_text(json.dumps(result, indent=2))
+    write_json(args.json, result)
     print(
         f"\nbase {result['base']['bytes'] / 1e9:.2f} GB bf16, {len(adapters)} adapters rank 16 "
         f"({result['adapters']['bytes'] / 1e6:.0f} MB), --format full, median of {args.runs}\n"
@@ -379,8 +334,7 @@ def quality(args) -> dict:
             "run_alphas": metrics["alphas"],
             "rows": rows,
         }
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "merge_quality.json").write_text(json.dumps(results, indent=2))
+    write_json(RESULTS / "merge_quality.json", results)
     for run_name, res in results.items():
         cols = list(res["rows"][0]["acc"])
         print(
@@ -406,6 +360,12 @@ def main() -> None:
     s.add_argument("--adapters", type=int, default=10)
     s.add_argument("--methods", nargs="+", default=list(SPEED_METHODS))
     s.add_argument("--work", default="/tmp/pmbench")
+    s.add_argument("--json", type=Path, default=RESULTS / "merge_bench.json")
+    s.add_argument(
+        "--smoke",
+        action="store_true",
+        help="a tiny model (hidden 128, 2 layers), 2 adapters, 1 run: runs, no figures",
+    )
     q = sub.add_parser("quality")
     q.add_argument("--runs-dir", default="/tmp/pmq")
     q.add_argument("--runs-from", nargs="+", default=["wordnet-nouns-pm-s0", "wordnet-nouns-merge-s0"])

@@ -27,6 +27,7 @@ fp32 matmul rate measured here on a (out, 16N) @ (16N, in) product and on a 2048
     bash benchmarks/mergekit_env.sh
     .venv/bin/python benchmarks/mergekit_bench.py --size-mb 200 --adapters 4 --repeats 1 --methods linear,ties \
         --json benchmarks/results/mergekit_bench-small.json
+    .venv/bin/python benchmarks/mergekit_bench.py --smoke --json /tmp/mergekit_bench-smoke.json   # a minute
 """
 
 from __future__ import annotations
@@ -43,12 +44,10 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from merge_bench import measure  # noqa: E402 -- wall time, peak RSS and peak anonymous memory of a subprocess
+from harness import RESULTS, ROOT, clean_env, measure, medians, venv_bin, write_json
 
-ROOT = Path(__file__).resolve().parent.parent
-MK_VENV = ROOT / ".venv-mergekit"
 VOCAB = 32000
+SMOKE_SHAPE = {"hidden": 256, "intermediate": 688, "layers": 2, "vocab": 1024}  # --smoke: a few MB
 RANK = 16
 ATTN = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP = ("gate_proj", "up_proj", "down_proj")
@@ -62,17 +61,21 @@ MK_METHOD = {
 }
 
 
-def shape_for(size_mb: float) -> dict:
-    hidden, inter = (2048, 5632) if size_mb >= 600 else (1024, 2816)
+def shape_for(size_mb: float, smoke: bool = False) -> dict:
+    if smoke:
+        hidden, inter, layers, vocab = (SMOKE_SHAPE[k] for k in ("hidden", "intermediate", "layers", "vocab"))
+    else:
+        hidden, inter, vocab = (2048, 5632, VOCAB) if size_mb >= 600 else (1024, 2816, VOCAB)
     per_layer = 4 * hidden * hidden + 3 * hidden * inter + 2 * hidden
-    fixed = 2 * VOCAB * hidden + hidden
-    layers = max(1, round((size_mb * 1e6 / 2 - fixed) / per_layer))
+    fixed = 2 * vocab * hidden + hidden
+    if not smoke:
+        layers = max(1, round((size_mb * 1e6 / 2 - fixed) / per_layer))
     params = fixed + layers * per_layer
     return {
         "hidden": hidden,
         "intermediate": inter,
         "layers": layers,
-        "vocab": VOCAB,
+        "vocab": vocab,
         "params": params,
         "bytes_bf16": 2 * params,
     }
@@ -99,9 +102,9 @@ def build_base(folder: Path, s: dict) -> Path:
     if (folder / "model.safetensors").is_file():
         return folder
     folder.mkdir(parents=True, exist_ok=True)
-    h = s["hidden"]
+    h, vocab = s["hidden"], s["vocab"]
     cfg = LlamaConfig(
-        vocab_size=VOCAB,
+        vocab_size=vocab,
         hidden_size=h,
         intermediate_size=s["intermediate"],
         num_hidden_layers=s["layers"],
@@ -117,8 +120,8 @@ def build_base(folder: Path, s: dict) -> Path:
     def rnd(*shape):
         return (torch.randn(*shape, generator=g) * 0.02).to(torch.bfloat16)
 
-    t["model.embed_tokens.weight"] = rnd(VOCAB, h)
-    t["lm_head.weight"] = rnd(VOCAB, h)
+    t["model.embed_tokens.weight"] = rnd(vocab, h)
+    t["lm_head.weight"] = rnd(vocab, h)
     t["model.norm.weight"] = torch.ones(h, dtype=torch.bfloat16)
     for m, shape in module_shapes(s).items():
         t[m + ".weight"] = rnd(*shape)
@@ -277,7 +280,12 @@ def main() -> None:
     ap.add_argument("--methods", default="linear,task-arithmetic,ties,dare-ties")
     ap.add_argument("--density", type=float, default=0.5)
     ap.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "pmserve-mergekit-bench")
-    ap.add_argument("--json", type=Path, default=ROOT / "benchmarks" / "results" / "mergekit_bench.json")
+    ap.add_argument("--json", type=Path, default=RESULTS / "mergekit_bench.json")
+    ap.add_argument(
+        "--smoke",
+        action="store_true",
+        help="a few-MB model (hidden 256, 2 layers, vocab 1024), 2 adapters, 1 repeat: that both tools run",
+    )
     ap.add_argument(
         "--fp32-lora",
         action="store_true",
@@ -285,20 +293,20 @@ def main() -> None:
     )
     ap.add_argument("--keep", action="store_true", help="keep the merged outputs in --work/out")
     args = ap.parse_args()
-    mk = MK_VENV / "bin" / "mergekit-yaml"
-    if not mk.exists():
-        sys.exit(f"{mk} missing: run bash benchmarks/mergekit_env.sh")
+    if args.smoke:
+        args.adapters, args.repeats = min(args.adapters, 2), 1
+    mk = venv_bin(".venv-mergekit", "mergekit-yaml", "mergekit_env.sh")
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     for m in methods:
         if m not in MK_METHOD:
             sys.exit(f"{m}: not one of {', '.join(MK_METHOD)}")
-    s = shape_for(args.size_mb)
+    s = shape_for(args.size_mb, args.smoke)
     print(
-        f"base: hidden {s['hidden']}, {s['layers']} layers, intermediate {s['intermediate']}, vocab {VOCAB}: "
+        f"base: hidden {s['hidden']}, {s['layers']} layers, intermediate {s['intermediate']}, vocab {s['vocab']}: "
         f"{s['params'] / 1e6:.0f}M parameters, {s['bytes_bf16'] / 1e6:.0f} MB bf16",
         flush=True,
     )
-    work = args.work / f"{int(args.size_mb)}mb-{args.adapters}"
+    work = args.work / (f"smoke-{args.adapters}" if args.smoke else f"{int(args.size_mb)}mb-{args.adapters}")
     t0 = time.perf_counter()
     base = build_base(work / "base", s)
     adapters = build_adapters(base, work / "adapters", args.adapters, s)
@@ -311,8 +319,9 @@ def main() -> None:
     out_root = work / "out"
     shutil.rmtree(out_root, ignore_errors=True)
     out_root.mkdir()
-    env = dict(os.environ)
-    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    env = (
+        clean_env()
+    )  # each side from its own environment; mergekit's transformers must find the PyPI `kernels`
     rows = {m: {"pmserve": [], "mergekit": []} for m in methods}
     comparisons = {}
     for rep in range(args.repeats):
@@ -456,10 +465,7 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|---|---|---|")
     for m in methods:
         med = {
-            w: {
-                k: statistics.median(x[k] for x in rows[m][w])
-                for k in ("seconds", "peak_rss_mb", "peak_anon_mb")
-            }
+            w: medians(rows[m][w], ("seconds", "peak_rss_mb", "peak_anon_mb"))
             for w in ("pmserve", "mergekit")
         }
         summary[m] = {"median": med, "speedup": med["mergekit"]["seconds"] / med["pmserve"]["seconds"]}
@@ -475,10 +481,11 @@ def main() -> None:
     mk_version = (
         subprocess.check_output(
             [
-                str(MK_VENV / "bin" / "python"),
+                str(mk.with_name("python")),
                 "-c",
                 "import importlib.metadata as m; print(m.version('mergekit'), m.version('torch'), m.version('peft'))",
-            ]
+            ],
+            env=env,
         )
         .decode()
         .split()
@@ -511,8 +518,7 @@ def main() -> None:
             for m in methods
         },
     }
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(result, indent=1) + "\n")
+    write_json(args.json, result, indent=1)
     print(f"\nwrote {args.json}")
 
 

@@ -54,8 +54,8 @@ import time
 from pathlib import Path
 
 import numpy as np
+from harness import RESULTS, ROOT, clean_env, run, write_json
 
-ROOT = Path(__file__).resolve().parents[1]
 LABEL_SEED = 0
 MIXED_TEXTS = [
     "a",
@@ -147,8 +147,8 @@ class Worker:
     """The driver's end of the worker: one request, one answer."""
 
     def __init__(self, python: Path, threads: int):
-        env = dict(os.environ, OMP_NUM_THREADS=str(threads), TOKENIZERS_PARALLELISM="false")
-        self.p = subprocess.Popen(
+        env = clean_env(OMP_NUM_THREADS=str(threads), TOKENIZERS_PARALLELISM="false")
+        self.p = subprocess.Popen(  # by file path: only benchmarks/ goes first on the worker's sys.path
             [str(python), str(Path(__file__).resolve()), "--worker", "--threads", str(threads)],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
@@ -176,19 +176,6 @@ class Worker:
 
 
 # ================================================================ building the inputs (pmserve's venv)
-
-
-def sh(cmd: list[str], log: Path | None = None, env: dict | None = None) -> tuple[float, str]:
-    """Run a command; its wall seconds and its output (stdout + stderr). A failure raises with the tail."""
-    t0 = time.perf_counter()
-    r = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **(env or {})})
-    dt = time.perf_counter() - t0
-    out = r.stdout + r.stderr
-    if log is not None:
-        log.write_text(" ".join(cmd) + "\n\n" + out)
-    if r.returncode != 0:
-        raise subprocess.CalledProcessError(r.returncode, cmd, out)
-    return dt, out
 
 
 def random_adapters(base: Path, out: Path, n: int = 3, rank: int = 8) -> list[Path]:
@@ -235,7 +222,7 @@ def build_inputs(work: Path, base: Path, log) -> dict:
         cmd += ["--base", str(base), "--calibrate", "builtin:wordnet-nouns", "--calibrate-head", "prototype"]
         cmd += ["--out", str(merged)]
         log("merging: " + " ".join(cmd[1:]))
-        sh(cmd, work / "merge.log")
+        run(cmd, work / "merge.log")
     labels = json.loads((merged / "labels.json").read_text())
 
     cls_dir = work / "classifier"
@@ -321,7 +308,7 @@ def export_optimum(opt_venv: Path, folder: Path, task: str, out: Path, logs: Pat
     cmd = [str(cli), "export", "onnx", "--model", str(folder), "--task", task, *extra, str(out)]
     shutil.rmtree(out, ignore_errors=True)
     # info: Optimum logs its validation's checks at that level (pmserve sets TRANSFORMERS_VERBOSITY=error here)
-    dt, text = sh(cmd, logs / f"{out.name}.log", {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "info"})
+    dt, text = run(cmd, logs / f"{out.name}.log", {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "info"})
     return {
         "command": " ".join(["optimum-cli", *cmd[1:]]),
         "seconds": dt,
@@ -336,7 +323,7 @@ def quantize_optimum(opt_venv: Path, src: Path, out: Path, logs: Path) -> dict:
     cfg = quant_config_name()
     shutil.rmtree(out, ignore_errors=True)
     cmd = [str(opt_venv / "bin" / "python"), "-c", QUANTIZE, str(src), str(out), cfg]
-    dt, _ = sh(cmd, logs / f"{out.name}.log", {"HF_HUB_OFFLINE": "1"})
+    dt, _ = run(cmd, logs / f"{out.name}.log", {"HF_HUB_OFFLINE": "1"})
     for f in src.iterdir():  # the tokenizer and config, for ORTModel.from_pretrained(out)
         if f.is_file() and not f.name.endswith(".onnx") and not (out / f.name).exists():
             shutil.copy2(f, out / f.name)
@@ -363,7 +350,7 @@ def export_pmserve(folder: Path, out: Path, logs: Path, flags: list[str]) -> dic
     py = str(ROOT / ".venv" / "bin" / "python")
     cmd = [py, "-m", "pmserve", "export", str(folder), "--out", str(out), *flags]
     shutil.rmtree(out, ignore_errors=True)
-    dt, text = sh(cmd, logs / f"{out.name}.log")
+    dt, text = run(cmd, logs / f"{out.name}.log")
     manifest = json.loads((out / "manifest.json").read_text())
     return {
         "command": "python -m pmserve export " + " ".join(cmd[4:]),
@@ -548,7 +535,7 @@ def main() -> None:
     ap.add_argument("--torch-batch", type=int, default=8, help="the batch PyTorch eager is timed at")
     ap.add_argument("--models", default="classifier,embedder")
     ap.add_argument("--reexport", action="store_true", help="export again even where the work folder has one")
-    ap.add_argument("--json", type=Path, default=ROOT / "benchmarks" / "results" / "optimum_bench.json")
+    ap.add_argument("--json", type=Path, default=RESULTS / "optimum_bench.json")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
@@ -601,7 +588,7 @@ def main() -> None:
             out = work / f"pm-{kind}-{name.removeprefix('pmserve-')}"
             e[name] = try_export_pmserve(folder, fb, out, logs, flags, log)
         exports[kind] = e
-        ex_json.write_text(json.dumps(exports, indent=2, default=str))
+        write_json(ex_json, exports, default=str)
     for kind in kinds:
         for name, r in exports[kind].items():
             if "seconds" in r:
@@ -696,8 +683,7 @@ def main() -> None:
         "latency": results,
         "summary": summary,
     }
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(result, indent=2, default=str))
+    write_json(args.json, result, default=str)
     print_table(result)
     print(f"wrote {args.json}")
 

@@ -15,9 +15,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 from pathlib import Path
+
+from harness import RESULTS, append_result, read_json
 
 METHODS = ["pm", "merge", "seq", "frozen", "joint", "avg"]
 SEQUENCES = {  # --sequence: the sequences issue 17's targets are stated on
@@ -25,7 +26,6 @@ SEQUENCES = {  # --sequence: the sequences issue 17's targets are stated on
     "verbs": "builtin:wordnet-verbs",
     "long": "builtin:wordnet-nouns:tasks=10,classes=2",
 }
-RESULTS = Path(__file__).parent / "results"
 
 
 def _mean_std(vals: list[float]) -> str:
@@ -37,17 +37,6 @@ def _mean_std(vals: list[float]) -> str:
 
 def _seed(r: dict) -> int:
     return r["config"]["seed"]
-
-
-def append_result(path: Path, r: dict) -> list[dict]:
-    """Add one run to a results file, read again just before: sweeps sharing a --name each keep the others'
-    runs (each write is a whole file renamed into place, so a reader never sees half of one)."""
-    results = json.loads(path.read_text()) if path.exists() else []
-    results.append(r)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(results, indent=1))
-    os.replace(tmp, path)
-    return results
 
 
 def table(results: list[dict], heads: list[str]) -> str:
@@ -168,19 +157,19 @@ def main() -> None:
     args = ap.parse_args()
     heads = [args.train_head, "prototype", "ridge"]
     if args.paired:
-        a, b = (json.loads((RESULTS / f"quality-{n}.json").read_text()) for n in args.paired)
+        a, b = (read_json(RESULTS / f"quality-{n}.json") for n in args.paired)
         print(paired(a, b, *args.paired))
         return
     if args.between:
         if len(args.between) < 3:
             ap.error("--between: give two methods and at least one results NAME")
         a, b, *names = args.between
-        pooled = [r for n in names for r in json.loads((RESULTS / f"quality-{n}.json").read_text())]
+        pooled = [r for n in names for r in read_json(RESULTS / f"quality-{n}.json")]
         print(between(pooled, a, b))
         return
     if args.report:
         for name in args.report:
-            results = json.loads((RESULTS / f"quality-{name}.json").read_text())
+            results = read_json(RESULTS / f"quality-{name}.json")
             print(f"## {name}\n\n{table(results, heads)}\n\n{runs_table(results)}\n")
         return
     from pmserve.train import TrainConfig, train
@@ -190,7 +179,7 @@ def main() -> None:
     args.name = args.name or args.sequence or "wordnet-nouns"
     extra = {k: json.loads(v) for k, v in (kv.split("=", 1) for kv in args.set)}
     res_path = RESULTS / f"quality-{args.name}.json"
-    results = json.loads(res_path.read_text()) if res_path.exists() else []
+    results = read_json(res_path, [])
     for seed in args.seeds:
         for method in args.methods:
             if any(r["method"] == method and r["config"]["seed"] == seed for r in results):

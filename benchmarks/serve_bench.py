@@ -18,23 +18,14 @@ import argparse
 import asyncio
 import json
 import os
-import platform
-import signal
-import socket
 import subprocess
 import sys
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
 import httpx
 import numpy as np
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from harness import clean_env, free_port, machine, provenance, stop, wait_ready, write_json
 
 
 def start_server(
@@ -43,31 +34,8 @@ def start_server(
     port = free_port()
     cmd = [sys.executable, "-m", "pmserve", "serve", str(bundle), "--name", "m", "--port", str(port)]
     cmd += ["--max-batch", str(max_batch), "--max-wait-ms", str(max_wait_ms), "--threads", str(threads)]
-    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, env=clean_env())
     return proc, wait_ready(proc, f"http://127.0.0.1:{port}")
-
-
-def wait_ready(
-    proc: subprocess.Popen,
-    url: str,
-    ready: str = "/v2/health/ready",
-    what: str = "server",
-    seconds: float = 180,
-) -> str:
-    """`url` once the server process answers `ready` with 200; exits the benchmark if it dies or never does."""
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            err = proc.stderr.read() if proc.stderr else "see its log"
-            sys.exit(f"{what} exited {proc.returncode}: {err}")
-        try:
-            if httpx.get(f"{url}{ready}", timeout=1).status_code == 200:
-                return url
-        except httpx.TransportError:
-            pass
-        time.sleep(0.3)
-    proc.kill()
-    sys.exit(f"{what} not ready in {seconds:.0f} s")
 
 
 def batch_stats(url: str) -> tuple[float, float]:
@@ -201,8 +169,7 @@ def main() -> None:
                     print(json.dumps(row), flush=True)
                     rows.append(row)
         finally:
-            proc.send_signal(signal.SIGTERM)
-            proc.wait(timeout=60)
+            stop(proc)
 
     def rps(name, mb, c):
         return next(
@@ -220,14 +187,9 @@ def main() -> None:
     }
     rows.sort(key=lambda r: (list(sets).index(r["inputs"]), r["max_batch"], r["concurrency"]))
     result = {
-        "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "command": "python benchmarks/serve_bench.py " + " ".join(sys.argv[1:]),
+        **provenance("serve_bench.py"),
         "bundle": str(args.bundle),
-        "machine": {
-            "cpus": os.cpu_count(),
-            "platform": platform.platform(),
-            "python": platform.python_version(),
-        },
+        "machine": machine(),
         "load_average_1_5_15": {"before": load_before, "after": os.getloadavg()},
         "max_wait_ms": args.max_wait_ms,
         "threads": args.threads,
@@ -235,8 +197,7 @@ def main() -> None:
         f"throughput_vs_max_batch_1_at_concurrency_{top_c}": speedups,
         "target": "at concurrency 32, batching >= 3x the throughput of --max-batch 1",
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    write_json(args.out, result)
     print()
     print(table(rows))
     print(f"\nthroughput vs --max-batch 1 at concurrency {top_c}: {speedups}")

@@ -20,6 +20,7 @@ import time
 
 import torch
 import torch.nn.functional as F
+from harness import write_json
 
 from pmserve.adapters import ADAPTER, add_lora, lora_layers
 from pmserve.backbone import load_encoder
@@ -50,8 +51,7 @@ def report(out: dict, path: str | None) -> None:
     """Print a benchmark's figures, and write them to `path` when given."""
     print(json.dumps(out, indent=1))
     if path:
-        with open(path, "w") as f:
-            json.dump(out, f, indent=1)
+        write_json(path, out, indent=1)
 
 
 def main() -> None:

@@ -18,8 +18,6 @@ import argparse
 import asyncio
 import json
 import os
-import platform
-import signal
 import subprocess
 import sys
 import time
@@ -28,16 +26,15 @@ from pathlib import Path
 
 import httpx
 import numpy as np
-
-sys.path.insert(0, str(Path(__file__).parent))
-from serve_bench import free_port, input_sets, wait_ready  # noqa: E402 -- the benchmark beside this one
+from harness import clean_env, free_port, machine, stop, wait_ready, write_json
+from serve_bench import input_sets
 
 
 def start_server(repo: Path, threads: int, max_wait_ms: float) -> tuple[subprocess.Popen, str]:
     port = free_port()
     cmd = [sys.executable, "-m", "pmserve", "serve", "--repository", str(repo), "--poll-s", "0"]
     cmd += ["--port", str(port), "--threads", str(threads), "--max-wait-ms", str(max_wait_ms)]
-    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, env=clean_env())
     return proc, wait_ready(proc, f"http://127.0.0.1:{port}")
 
 
@@ -202,8 +199,7 @@ def main() -> None:
             if s.name in ("pmserve_model_load_seconds_sum", "pmserve_model_load_seconds_count")
         }
     finally:
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(timeout=60)
+        stop(proc)
     res = summarise(answers, loads, wall)
     res["server_load_seconds_mean"] = round(
         server.get("pmserve_model_load_seconds_sum", 0)
@@ -213,12 +209,7 @@ def main() -> None:
     out = {
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "command": " ".join(sys.argv),
-        "machine": {
-            "platform": platform.platform(),
-            "cpus": os.cpu_count(),
-            "python": platform.python_version(),
-            "load_average_before": [round(x, 2) for x in load_before],
-        },
+        "machine": {**machine(), "load_average_before": [round(x, 2) for x in load_before]},
         "repository": str(args.repository),
         "model": model,
         "versions": versions,
@@ -227,8 +218,7 @@ def main() -> None:
         "gap_s": args.gap_s,
         "result": res,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(out, indent=2))
+    write_json(args.out, out)
     print(json.dumps(res, indent=2))
     print(f"wrote {args.out}")
 

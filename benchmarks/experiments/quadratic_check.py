@@ -1,6 +1,6 @@
 """Does the closed form's quadratic model predict what a merge costs? Predicted against measured loss increase.
 
-    python benchmarks/quadratic_check.py /tmp/pmq/i17-nouns-pm-s0 --json benchmarks/results/quadratic.json
+    python benchmarks/experiments/quadratic_check.py /tmp/pmq/i17-nouns-pm-s0 --json benchmarks/results/quadratic.json
 alpha_t minimises sum_{k<=t} 1/2 (W - theta*_k)^T F_k (W - theta*_k) over the segment from W_hat_{t-1} to theta*_t:
 each term is the second-order model of task k's loss increase when the weights move from its optimum theta*_k.
 For every merge t and task k <= t of a finished RUN (class-incremental, so task k's training-head rows are final
@@ -17,10 +17,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/ (not the repository root)
+from harness import write_json  # noqa: E402
 
 from pmserve.adapters import set_merged
 from pmserve.formats.peft import read_adapter
@@ -91,7 +95,7 @@ def main() -> None:
             f"| {r['merge']} ({r['alpha']:.3g}) | {r['task']} | {r['paper']:.3g} | {prof} | {r['measured']:.3g} |"
         )
     if args.json:
-        Path(args.json).write_text(json.dumps({"run": str(args.run), "rows": rows}, indent=1))
+        write_json(args.json, {"run": str(args.run), "rows": rows}, indent=1)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """Classifier drift: how far the stored class statistics are from ones recomputed with the final backbone.
 
-    python benchmarks/drift.py /tmp/pmq/wordnet-nouns-pm-s0
+    python benchmarks/experiments/drift.py /tmp/pmq/wordnet-nouns-pm-s0
 Prototype and ridge statistics of task j were computed with the merged model right after task j. After the
 last merge the backbone has moved. This measures, per task, the cosine between the stored and the recomputed
 class means, and the final accuracy with the stored statistics against statistics recomputed on all training
@@ -12,10 +12,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/ (not the repository root)
+from harness import write_json  # noqa: E402
 
 from pmserve.heads import Prototypes, Ridge
 from pmserve.train import open_run
@@ -54,7 +58,7 @@ def main() -> None:
             out[f"{name}_{label}_ACC"] = sum(accs) / len(accs)
     print(json.dumps(out, indent=1))
     if args.json:
-        Path(args.json).write_text(json.dumps(out, indent=1))
+        write_json(args.json, out, indent=1)
 
 
 if __name__ == "__main__":

@@ -3,9 +3,9 @@ time (training, Fisher, profile): the task's features under the backbone before 
 training makes) and Ridge.carry from those to its features under the merged model, with the task's labels
 (the default rule: the map's mu by leaving a class out, "no drift" among the choices).
 
-    python benchmarks/carry_cost.py RUN [--json F]
+    python benchmarks/experiments/carry_cost.py RUN [--json F]
 
-The backbones are rebuilt from the RUN's adapters and alphas (benchmarks/carry_replay.py). The carry is timed on
+The backbones are rebuilt from the RUN's adapters and alphas (benchmarks/experiments/carry_replay.py). The carry is timed on
 copies of the RUN's final ridge statistics: the same size as when the last task was carried (dim x dim).
 """
 
@@ -13,11 +13,15 @@ import argparse
 import copy
 import json
 import statistics
+import sys
 import time
 from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/ (not the repository root)
 from carry_replay import backbones
+from harness import write_json  # noqa: E402
 
 from pmserve.heads import Ridge
 from pmserve.train import open_run
@@ -58,4 +62,4 @@ out = {
 out["share"] = (out["forward_s"] + out["carry_s"]) / secs
 print(json.dumps(out))
 if args.json:
-    Path(args.json).write_text(json.dumps(out) + "\n")
+    write_json(args.json, out, indent=None)

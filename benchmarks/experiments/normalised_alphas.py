@@ -1,6 +1,6 @@
 """What per-task Fisher normalisation would do to P&M's alphas, from a finished RUN's files (issue 6).
 
-    python benchmarks/normalised_alphas.py RUN [RUN...]
+    python benchmarks/experiments/normalised_alphas.py RUN [RUN...]
 
 For each RUN (a `pmserve train` folder of pm or merge), the closed-form alphas from its stored Fisher files, as
 `pmserve merge` computes them (merging.gram.module_grams / recurrence.gram_alphas), and again with each task's Fisher divided

@@ -1,6 +1,6 @@
 """Ridge's drift carry, replayed offline on finished RUNs: one backbone sequence, every carry rule side by side.
 
-    python benchmarks/carry_replay.py /tmp/pmq/wordnet-nouns-pm-s0 /tmp/pmq/wordnet-nouns-pm-s1 --json out.json
+    python benchmarks/experiments/carry_replay.py /tmp/pmq/wordnet-nouns-pm-s0 /tmp/pmq/wordnet-nouns-pm-s1 --json out.json
 The carry does not change the backbone or the alphas, so a RUN trained with any --ridge-drift holds the whole
 backbone sequence (W_hat_t rebuilt from its adapters and recorded alphas). For every task t this computes its
 training features under W_hat_{t-1} and W_hat_t, exactly as training does, and replays ridge over the tasks
@@ -16,9 +16,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/ (not the repository root)
+from harness import write_json  # noqa: E402
 
 from pmserve.adapters import set_merged
 from pmserve.formats.peft import read_adapter
@@ -108,7 +112,7 @@ def main() -> None:
             f"{run.name}: " + ", ".join(f"{k} {r[k]:.4f}" for k in RULES) + f" (run says {r['run_reported']})"
         )
         if args.json:
-            Path(args.json).write_text(json.dumps(rows, indent=1))
+            write_json(args.json, rows, indent=1)
 
 
 if __name__ == "__main__":

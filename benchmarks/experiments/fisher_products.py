@@ -1,7 +1,7 @@
 """Cost of the Fisher pass's per-sample products: a whole batch at once (the einsum pmserve used until
 2026-12-03) against SAMPLES_PER_PRODUCT samples at a time (fisher.add_squared_per_sample_grads), alternated.
 
-    python benchmarks/fisher_products.py --repeats 4 --json benchmarks/results/fisher_products.json
+    python benchmarks/experiments/fisher_products.py --repeats 4 --json benchmarks/results/fisher_products.json
 The whole Fisher pass of task 0 of builtin:wordnet-nouns (Learner._fisher: the defaults' LoRA, sampled labels, 512
 samples) with each way of forming the products swapped in, one after the other, --repeats times; the ratio of
 medians, and the largest relative difference between the two Fishers (the same sums in another order).
@@ -11,10 +11,14 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import torch
-from step_cost import first_nouns_task, machine, report
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/ (not the repository root)
+from step_cost import first_nouns_task, machine, report  # noqa: E402
 
 import pmserve.fisher as fisher
 from pmserve.adapters import lora_layers

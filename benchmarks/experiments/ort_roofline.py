@@ -1,6 +1,6 @@
 """How far fp32 inference is from the machine's limit (issue 18): ONNX Runtime and PyTorch eager against sgemm.
 
-    python benchmarks/ort_roofline.py BUNDLE HF_FOLDER [--batch 8] [--seq 64] [--threads 2] [--rounds 6]
+    python benchmarks/experiments/ort_roofline.py BUNDLE HF_FOLDER [--batch 8] [--seq 64] [--threads 2] [--rounds 6]
 
 Issue 18 asks for a bundle at <= 0.5x PyTorch eager's latency at batch 8. Both run the same floating-point
 work, so the ratio is bounded by how close each gets to the machine's matrix-multiply rate. This measures:
@@ -24,11 +24,14 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import time
+import sys
 from pathlib import Path
 
 import numpy as np
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/ (not the repository root)
+from harness import blocks  # noqa: E402
 
 
 def flops(cfg, batch: int, seq: int) -> float:
@@ -38,21 +41,6 @@ def flops(cfg, batch: int, seq: int) -> float:
     linear = tokens * (4 * h * h + 2 * h * inter)
     attention = batch * 2 * seq * seq * h
     return 2.0 * layers * (linear + attention)
-
-
-def blocks(fns: dict, rounds: int, block: int = 10, warm: int = 2) -> dict[str, float]:
-    """Median seconds per call: every round runs each function for `warm` untimed and `block` timed calls
-    (blocks, so that no call competes with another backend's still-spinning threads)."""
-    times: dict[str, list[float]] = {k: [] for k in fns}
-    for _ in range(rounds):
-        for name, fn in fns.items():
-            for _ in range(warm):
-                fn()
-            for _ in range(block):
-                t = time.perf_counter()
-                fn()
-                times[name].append(time.perf_counter() - t)
-    return {k: statistics.median(v) for k, v in times.items()}
 
 
 def main() -> None:
@@ -106,7 +94,10 @@ def main() -> None:
         for a, b in mats:
             a @ b
 
-    med = blocks({"ort": ort, "eager": eager, "gemms": gemms}, args.rounds)
+    med = {
+        k: statistics.median(v)
+        for k, v in blocks({"ort": ort, "eager": eager, "gemms": gemms}, args.rounds).items()
+    }
     gemm_flops = sum(2.0 * m * k * n for m, k, n in shapes)
     rate = gemm_flops / med["gemms"]
 

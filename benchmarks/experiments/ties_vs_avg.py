@@ -8,30 +8,26 @@ whole (start-up and imports included, as a user sees it). With --vs-src DIR each
 another source tree (PYTHONPATH=DIR, e.g. a git worktree of an older commit) first: before/after pairs.
 Prints per-round ratios and their medians; writes --json.
 
-    .venv/bin/python benchmarks/ties_vs_avg.py --adapters 4 10 --pairs 5 --json benchmarks/results/ties_vs_avg.json
+    .venv/bin/python benchmarks/experiments/ties_vs_avg.py --adapters 4 10 --pairs 5 --json benchmarks/results/ties_vs_avg.json
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
-import statistics
 import sys
 import tempfile
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/ (not the repository root)
 import mergekit_bench as mb  # noqa: E402
-from merge_bench import measure  # noqa: E402
-
-ROOT = Path(__file__).resolve().parents[1]
+from harness import RESULTS, clean_env, measure, medians, write_json  # noqa: E402
 
 
 def timed_merge(adapters: list[Path], base: Path, method: str, out: Path, src: str | None = None) -> float:
-    """Wall seconds of one `pmserve merge` process (merge_bench.measure), its output removed after."""
-    env = dict(os.environ, PYTHONPATH=src) if src else None
+    """Wall seconds of one `pmserve merge` process (harness.measure), its output removed after."""
+    env = clean_env(PYTHONPATH=src) if src else None
     cmd = [sys.executable, "-m", "pmserve", "merge", *map(str, adapters), "--base", str(base)]
     seconds = measure([*cmd, "--method", method, "--format", "full", "--out", str(out)], env)["seconds"]
     shutil.rmtree(out, ignore_errors=True)
@@ -46,7 +42,7 @@ def main() -> None:
     ap.add_argument("--method", default="ties", help="the method timed against linear (default ties)")
     ap.add_argument("--vs-src", help="also time the method from this source tree, first in each round")
     ap.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "pmserve-ties-vs-avg")
-    ap.add_argument("--json", type=Path, default=ROOT / "benchmarks" / "results" / "ties_vs_avg.json")
+    ap.add_argument("--json", type=Path, default=RESULTS / "ties_vs_avg.json")
     args = ap.parse_args()
     args.work, args.json = args.work.resolve(), args.json.resolve()  # the merges run from inside --work
     args.vs_src = args.vs_src and str(Path(args.vs_src).resolve())
@@ -74,16 +70,11 @@ def main() -> None:
                 r[f"{m}/{m}_vs_src"] = r[m] / r[f"{m}_vs_src"]
             print(n, {k: round(v, 3) for k, v in r.items()}, flush=True)
             rounds.append(r)
-        medians = {k: statistics.median(r[k] for r in rounds) for k in rounds[0]}
-        print(n, "medians", {k: round(v, 3) for k, v in medians.items()}, flush=True)
-        results.append({"adapters": n, "rounds": rounds, "medians": medians})
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(
-        json.dumps(
-            {"size_mb": args.size_mb, "method": args.method, "vs_src": args.vs_src, "results": results},
-            indent=1,
-        )
-    )
+        med = medians(rounds, rounds[0])
+        print(n, "medians", {k: round(v, 3) for k, v in med.items()}, flush=True)
+        results.append({"adapters": n, "rounds": rounds, "medians": med})
+    out = {"size_mb": args.size_mb, "method": args.method, "vs_src": args.vs_src, "results": results}
+    write_json(args.json, out, indent=1)
 
 
 if __name__ == "__main__":

@@ -7,19 +7,21 @@ folders. Today's pmserve trains task 0 with `pmserve train`, then adds every lat
 folders are also trained in one go by that version, whose RUN after k tasks is its first k task folders (they
 are never rewritten); its alphas and accuracies are compared with the grown RUN's.
 
-    python benchmarks/run_growth.py --tasks 10 --old-src /tmp/pm-old --json benchmarks/results/run_growth.json
+    python benchmarks/experiments/run_growth.py --tasks 10 --old-src /tmp/pm-old --json benchmarks/results/run_growth.json
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/ (not the repository root)
+from harness import clean_env, write_json  # noqa: E402
 
 from pmserve.tasks import builtin_tasks, save_split
 
@@ -60,7 +62,7 @@ def main() -> None:
     ap.add_argument("--old-src", type=Path, help="a pmserve checkout from before RUN format 2")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
-    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    env = clean_env(PYTHONWARNINGS="ignore")
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         folders = write_folders(f"builtin:wordnet-nouns:tasks={args.tasks},classes=2", tmp / "data")
@@ -124,7 +126,7 @@ def main() -> None:
             f"max |alpha diff| {result['max_alpha_diff']:.2e}, max |accuracy diff| {result['max_acc_diff']:.2e}"
         )
     if args.json:
-        args.json.write_text(json.dumps(result, indent=2))
+        write_json(args.json, result, indent=2)
 
 
 if __name__ == "__main__":
