@@ -47,7 +47,7 @@ def add_squared_per_sample_grads(total: torch.Tensor, g: torch.Tensor, x: torch.
 
     The per-sample gradients are formed SAMPLES_PER_PRODUCT at a time and squared in place: a whole batch's at
     once (samples x out x in, 75 MB for one MiniLM feed-forward matrix at batch 32) is bound by memory traffic:
-    on a 2-core CPU the whole Fisher pass took twice as long (benchmarks/fisher_products.py).
+    on a 2-core CPU the whole Fisher pass took twice as long (benchmarks/experiments/fisher_products.py).
     """
     for k in range(0, g.shape[0], SAMPLES_PER_PRODUCT):
         per_sample = torch.bmm(g[k : k + SAMPLES_PER_PRODUCT].transpose(1, 2), x[k : k + SAMPLES_PER_PRODUCT])
