@@ -13,6 +13,7 @@ Nothing here imports pmserve, torch or a peer tool, so a peer's interpreter can 
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
@@ -219,3 +220,11 @@ def append_result(path: Path, r: dict) -> list[dict]:
     results.append(r)
     write_json(path, results, indent=1)
     return results
+
+
+def run_args(doc: str | None) -> argparse.Namespace:
+    """The command line of a script that reads one finished RUN and may write its figures as JSON."""
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("run", type=Path)
+    ap.add_argument("--json", default=None)
+    return ap.parse_args()

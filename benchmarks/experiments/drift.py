@@ -10,7 +10,6 @@ old data, which a continual learner does not keep). The run needs --eval-heads p
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
@@ -19,17 +18,14 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/ (not the repository root)
-from harness import write_json  # noqa: E402
+from harness import run_args, write_json  # noqa: E402
 
 from pmserve.heads import Prototypes, Ridge
 from pmserve.train import open_run
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("run", type=Path)
-    ap.add_argument("--json", default=None)
-    args = ap.parse_args()
+    args = run_args(__doc__)
     cfg, tasks, learner, _ = open_run(args.run)
     dim = learner.encoder.hidden_size
     stored = {k: c for k, c in learner.classifiers.items() if isinstance(c, (Prototypes, Ridge))}

@@ -15,7 +15,6 @@ theta*_k = W_hat_{k-1} + Delta_k (chained), rebuilt from the RUN's adapters and 
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
@@ -24,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/ (not the repository root)
-from harness import write_json  # noqa: E402
+from harness import run_args, write_json  # noqa: E402
 
 from pmserve.adapters import set_merged
 from pmserve.formats.peft import read_adapter
@@ -34,10 +33,7 @@ from pmserve.train import open_run
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("run", type=Path)
-    ap.add_argument("--json", default=None)
-    args = ap.parse_args()
+    args = run_args(__doc__)
     # the final training head: every task's rows as trained on that task
     _, tasks, learner, folders = open_run(args.run)
     infos = [json.loads((f / "task.json").read_text()) for f in folders]
