@@ -90,8 +90,8 @@ _SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _NO_SPECIALIZE = ["seed", "rows_per_draw"]
 
 #: Rows per program of ``_dy_rank_kernel``. Fixed on the host, not autotuned: it sets the number of
-#: dB partials the host allocates before the launch. 128 keeps them at 2r/128 (a quarter, r = 16)
-#: of dy's bytes.
+#: dB partials the host allocates before the launch. 128 keeps those float32 partials at r/64 of a
+#: bf16 dy's bytes (a quarter at rank 16).
 _DY_BLOCK_M = 16 if _INTERPRET else 128
 
 

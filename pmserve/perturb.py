@@ -203,9 +203,9 @@ class FusedPerturbation:
     """:class:`Perturbation` through the fused LoRA kernel: same interface, same law of s.
 
     Replaces the ``forward`` of every given PEFT ``lora.Linear`` (``adapters.lora_layers``) with one
-    call of :func:`pmserve.kernels.fused_lora_linear` (base matmul, LoRA branch and the factor s in
-    one pass; s drawn inside the kernel); :meth:`remove` restores the original forwards. Layers whose
-    adapters are disabled or merged run their original forward.
+    call of :func:`pmserve.kernels.fused_lora_linear` (base matmuls in cuBLAS, the LoRA branch and the
+    factor s in Triton's rank-space kernels; s drawn inside them); :meth:`remove` restores the
+    original forwards. Layers whose adapters are disabled or merged run their original forward.
 
     Each :meth:`draw` starts a step with its own kernel seed, ``step_seed(seed, step)``, shared by
     every layer: per="step" gives one s for the whole model's LoRA branch (as the hook version);
