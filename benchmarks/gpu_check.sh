@@ -23,6 +23,7 @@ if [ "${1:-}" = "--dry-run" ]; then dry=1; shift; fi
 out=${1:-gpu_check.json}
 model=${2:-builtin:minilm}
 py=${PYTHON:-python3}
+case $py in /*) ;; */*) py=$PWD/$py ;; esac  # a relative PYTHON (.venv/bin/python) must survive a cd
 budget=${GPU_CHECK_BUDGET_S:-470}
 scale=1  # the dry run's interpreter is slow: three times the per-part limits, 25 minutes in all
 if [ "$dry" = 1 ]; then scale=3; budget=${GPU_CHECK_BUDGET_S:-1500}; fi
