@@ -6,16 +6,25 @@ factors for the two LoRA variants); the base weight is frozen in all three.
   plain  nn.Linear(d, d, bias) with a frozen weight; gradient to x only
   peft   peft.tuners.lora.Linear wrapping that nn.Linear; the Perturb-and-Merge factor s is drawn
          with torch.randint each step and multiplied onto lora_B's output (forward hook)
-  fused  pmserve.kernels.fused_lora_linear (s drawn in-kernel from a per-step seed)
+  fused  pmserve.kernels.fused_lora_linear (cuBLAS base products, s drawn in the Triton rank-space
+         kernels from a per-step seed)
+  *_graph  (``--graphs``) plain and fused captured once in a CUDA graph and replayed: launch overhead
+         gone. The fused graph replays the seed it was captured with, so it times the step, not
+         training (a graphed training step would need the seed in device memory).
 
 Reports the median time (CUDA events), achieved TFLOP/s (useful FLOPs of each variant), achieved
 GB/s against a minimum-traffic model (every operand read once and every output written once per
-pass) and the overhead ratio vs plain. Needs a CUDA GPU; without one it prints a line and exits 0.
-``--interpret`` instead runs a tiny correctness smoke check through Triton's interpreter on the CPU.
+pass) and the ratios against plain and PEFT; issue 39's target is fused <= 1.2x plain at d 4096,
+rank 16, bf16, 4k and 16k tokens. Needs a CUDA GPU; without one it prints a line and exits 0.
+``--interpret`` instead runs a tiny correctness smoke check through Triton's interpreter on the CPU;
+``--dry-run`` runs the whole timing path (the same variants, ratios and JSON) on the CPU under the
+interpreter with tiny shapes, so benchmarks/gpu_check.sh can be tried without a GPU (its times
+mean nothing).
 
     python benchmarks/kernel_bench.py                      # default grid, bf16
-    python benchmarks/kernel_bench.py --tokens 4096 --d 4096 --rank 16 --json out.json
+    python benchmarks/kernel_bench.py --tokens 4096 --d 4096 --rank 16 --graphs --json out.json
     python benchmarks/kernel_bench.py --interpret          # CPU smoke check
+    python benchmarks/kernel_bench.py --dry-run --json out.json   # CPU run of the timing path
 """
 
 from __future__ import annotations
@@ -42,8 +51,29 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=10, help="untimed steps (also triggers Triton autotune)")
     p.add_argument("--iters", type=int, default=50, help="timed steps; the median is reported")
     p.add_argument("--json", metavar="PATH", help="also write the results as JSON to PATH")
+    p.add_argument(
+        "--graphs", action="store_true", help="also time plain and fused replayed from a CUDA graph"
+    )
     p.add_argument("--interpret", action="store_true", help="tiny CPU smoke check via TRITON_INTERPRET=1")
-    return p.parse_args(argv)
+    p.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="the timing path on the CPU under TRITON_INTERPRET=1 with tiny shapes (times are meaningless)",
+    )
+    args = p.parse_args(argv)
+    if args.dry_run:  # tiny shapes unless given; a ragged token count and a rank that is not a power of 2
+        given = set(argv if argv is not None else sys.argv[1:])
+        if "--tokens" not in given:
+            args.tokens = [37]
+        if "--d" not in given:
+            args.d = [48]
+        if "--rank" not in given:
+            args.rank = [5]
+        if "--warmup" not in given:
+            args.warmup = 1
+        if "--iters" not in given:
+            args.iters = 2
+    return args
 
 
 def _flops(t: int, d_in: int, d_out: int, r: int, lora: bool) -> float:
@@ -63,13 +93,21 @@ def _bytes(t: int, d_in: int, d_out: int, r: int, lora: bool, elt: int) -> float
     return float((fwd + bwd) * elt)
 
 
-def _time_cuda(step, warmup: int, iters: int) -> float:
+def _time(step, warmup: int, iters: int, device) -> float:
+    """Median milliseconds of ``step`` after ``warmup`` untimed calls: CUDA events on a GPU, the
+    wall clock on the CPU (dry run)."""
     import torch
 
     for _ in range(warmup):
         step()
-    torch.cuda.synchronize()
     times = []
+    if device.type != "cuda":
+        for _ in range(iters):
+            t0 = time.perf_counter()
+            step()
+            times.append((time.perf_counter() - t0) * 1e3)
+        return statistics.median(times)
+    torch.cuda.synchronize()
     for _ in range(iters):
         start = torch.cuda.Event(enable_timing=True)
         end = torch.cuda.Event(enable_timing=True)
@@ -79,6 +117,25 @@ def _time_cuda(step, warmup: int, iters: int) -> float:
         end.synchronize()
         times.append(start.elapsed_time(end))
     return statistics.median(times)
+
+
+def _graphed(step, device):
+    """``step`` captured once in a CUDA graph; returns its replay. Warm-up (Triton autotuning
+    included) runs on a side stream first, as capture requires."""
+    import torch
+
+    if device.type != "cuda":
+        raise RuntimeError("CUDA graphs need a CUDA device")
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    return graph.replay
 
 
 def _build(t, d, r, dtype, device, bias, eps, per_row):
@@ -140,7 +197,15 @@ def _build(t, d, r, dtype, device, bias, eps, per_row):
     err = 0.0
     for a, b in zip((y_f, *g_f), (y_p, *g_p), strict=True):
         err = max(err, ((a.float() - b.float()).abs().max() / b.float().abs().max().clamp_min(1e-6)).item())
-    return {"plain": plain, "peft": peft_step, "fused": fused}, err
+
+    def fused_fixed_seed():  # for the CUDA graph: a captured seed is replayed as it was
+        y = fused_lora_linear(
+            x, base.weight, base.bias, lora_a, lora_b, scaling, eps=eps, seed=12345, per_row=per_row
+        )
+        torch.autograd.grad(y, [x, lora_a, lora_b], dy)
+
+    steps = {"plain": plain, "peft": peft_step, "fused": fused}
+    return steps, {"plain": plain, "fused": fused_fixed_seed}, err
 
 
 def _interpret_smoke() -> int:
@@ -178,18 +243,26 @@ def main(argv: list[str] | None = None) -> int:
     args = _parse(argv)
     if args.interpret:
         return _interpret_smoke()
+    if args.dry_run:
+        os.environ["TRITON_INTERPRET"] = "1"  # before anything imports Triton
 
     import torch
 
-    if not torch.cuda.is_available():
+    if args.dry_run:
+        device = torch.device("cpu")
+        name = "cpu (dry run: Triton interpreter, times meaningless)"
+    elif torch.cuda.is_available():
+        device = torch.device("cuda")
+        name = torch.cuda.get_device_name(device)
+    else:
         print(
-            "kernel_bench: a CUDA GPU is needed for timings (use --interpret for a CPU smoke check); skipping."
+            "kernel_bench: a CUDA GPU is needed for timings (use --interpret for a CPU smoke check, "
+            "--dry-run for a CPU run of the timing path); skipping."
         )
         return 0
 
     dtype = getattr(torch, DTYPES[args.dtype])
     elt = torch.empty((), dtype=dtype).element_size()
-    device = torch.device("cuda")
     rows = []
     header = (
         f"{'tokens':>6} {'d':>5} {'r':>3} | {'plain ms':>8} {'peft ms':>8} {'fused ms':>8} | "
@@ -197,7 +270,7 @@ def main(argv: list[str] | None = None) -> int:
         f"{'peft/pl':>7} {'fused/pl':>8} {'fused/peft':>10} | {'err@eps0':>8}"
     )
     print(
-        f"# {torch.cuda.get_device_name(device)}, {args.dtype}, eps={args.eps}, "
+        f"# {name}, {args.dtype}, eps={args.eps}, "
         f"{'per-row' if args.per_row else 'per-step'} draws, median of {args.iters}"
     )
     print(header)
@@ -205,8 +278,19 @@ def main(argv: list[str] | None = None) -> int:
     for t in args.tokens:
         for d in args.d:
             for r in args.rank:
-                steps, err = _build(t, d, r, dtype, device, not args.no_bias, args.eps, args.per_row)
-                ms = {k: _time_cuda(f, args.warmup, args.iters) for k, f in steps.items()}
+                steps, graph_steps, err = _build(
+                    t, d, r, dtype, device, not args.no_bias, args.eps, args.per_row
+                )
+                ms = {k: _time(f, args.warmup, args.iters, device) for k, f in steps.items()}
+                graphs: dict[str, float | str] = {}
+                if args.graphs:
+                    for k, f in graph_steps.items():
+                        try:
+                            graphs[f"{k}_graph_ms"] = _time(
+                                _graphed(f, device), args.warmup, args.iters, device
+                            )
+                        except Exception as exc:  # recorded, not fatal: the other figures still count
+                            graphs[f"{k}_graph_ms"] = f"failed: {type(exc).__name__}: {exc}"[:300]
                 fl = {
                     "plain": _flops(t, d, d, r, False),
                     "peft": _flops(t, d, d, r, True),
@@ -233,6 +317,9 @@ def main(argv: list[str] | None = None) -> int:
                 row["peft_over_plain"] = ms["peft"] / ms["plain"]
                 row["fused_over_plain"] = ms["fused"] / ms["plain"]
                 row["fused_over_peft"] = ms["fused"] / ms["peft"]
+                row.update(graphs)
+                if all(isinstance(graphs.get(f"{k}_graph_ms"), float) for k in ("plain", "fused")):
+                    row["fused_graph_over_plain_graph"] = graphs["fused_graph_ms"] / graphs["plain_graph_ms"]
                 rows.append(row)
                 print(
                     f"{t:>6} {d:>5} {r:>3} | {ms['plain']:>8.3f} {ms['peft']:>8.3f} {ms['fused']:>8.3f} | "
@@ -241,10 +328,18 @@ def main(argv: list[str] | None = None) -> int:
                     f"{row['fused_over_plain']:>8.2f} {row['fused_over_peft']:>10.2f} | {err:>8.1e}",
                     flush=True,
                 )
-                del steps
-                torch.cuda.empty_cache()
+                if graphs:
+                    print(
+                        "       CUDA graphs: "
+                        + ", ".join(
+                            f"{k} {v if isinstance(v, str) else f'{v:.3f}'}" for k, v in graphs.items()
+                        )
+                    )
+                del steps, graph_steps
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
     if args.json:
-        meta = {"device": torch.cuda.get_device_name(device), "torch": torch.__version__}
+        meta = {"device": name, "torch": torch.__version__, "dry_run": args.dry_run}
         try:
             import triton
 

@@ -127,7 +127,7 @@ def train(
     ),
     device: str = typer.Option(D.TRAIN_DEVICE, help="auto | cpu | cuda (under torchrun: cuda:LOCAL_RANK)."),
     kernel: str = typer.Option(
-        D.TRAIN_KERNEL, help="LoRA kernel: torch | auto (the fused Triton kernel on CUDA) | triton."
+        D.TRAIN_KERNEL, help="LoRA kernel: torch | auto (fused where measured faster: nowhere yet) | triton."
     ),
     resume: bool = typer.Option(
         False,

@@ -1,4 +1,4 @@
-"""Fused LoRA linear with the Perturb-and-Merge factor drawn inside the kernels (Triton).
+"""Fused LoRA linear with the Perturb-and-Merge factor drawn inside the kernels (Triton + cuBLAS).
 
     y = x W^T + bias + s * scaling * (x A^T) B^T,     s in {1 - eps, 1, 1 + eps}, each with prob. 1/3
 
@@ -7,8 +7,8 @@
 consecutive rows of ``x`` flattened to ``(M, in)`` (``per_row=True``, row ``m`` uses offset
 ``m // rows_per_draw``; the default 1 gives one draw per row, and ``rows_per_draw=S`` on x of
 shape ``(B, S, in)`` gives one draw per sample, shared by its S tokens). No noise tensor is materialised: the
-backward kernels regenerate exactly the same draws from the saved seed. ``eps == 0`` compiles the
-draw away and gives plain LoRA.
+backward kernel regenerates exactly the same draws from the saved seed, on the device (no host
+synchronisation anywhere). ``eps == 0`` compiles the draw away and gives plain LoRA.
 
 Pass a different ``seed`` every training step (e.g. the step counter, or ``hash((step, layer))``):
 the same seed always gives the same draws. ``seed`` and ``rows_per_draw`` are not specialised on
@@ -16,31 +16,35 @@ by Triton, so a new value does not compile new kernels (keep seeds below 2**31: 
 passed as int64, a second signature). ``pmserve.perturb.FusedPerturbation`` routes every LoRA layer
 of a PEFT model through these kernels with one seed per training step.
 
-Kernel decomposition (M = tokens, K = in_features, N = out_features, r = rank padded to a power of
-two >= 16 as the constexpr ``BLOCK_R``):
+Why this decomposition (issue 39). The first design ran the whole layer in Triton: a hand-written
+``x W^T`` GEMM with the low-rank term in its epilogue. On an H200 it took 5x a plain ``nn.Linear``
+at 4k tokens (d 4096, rank 16, bf16), though the LoRA branch adds 1.2% of the FLOPs: the GEMMs lost
+to cuBLAS. The fastest LoRA implementations (LoRAFusion, arXiv 2510.00206; Unsloth's fast_lora)
+leave the two full-size products to cuBLAS and fuse only what lives in rank space. So here
+(M = tokens, K = in_features, N = out_features, r = rank padded to a power of two >= 16 as the
+constexpr ``BLOCK_R``):
 
 forward
-  1. ``_proj_kernel``: ``xa = x A^T`` (M x r, float32). One pass over x; xa is tiny and is saved for
-     the backward (it is exactly the right operand of dB), so it is never recomputed.
-  2. ``_gemm_lowrank_kernel``: tiled ``x W^T`` main loop (fp32 accumulator), then an epilogue that
-     loads the xa tile, scales its rows by ``s * scaling`` (s regenerated from the seed), adds
-     ``xa_tile B^T`` into the same accumulator with one extra rank-sized MMA, adds the bias and
-     stores y once. y (M x N) is written exactly once.
+  1. ``_rank_proj_kernel`` (Triton): ``S' = s * scaling * (x A^T)`` (M x r, x's dtype), s drawn
+     per row tile from the seed. The perturbation lives in rank space: a per-row s scales an M x r
+     tensor, never an M x N one. S' is saved for the backward (it is dB's left operand).
+  2. cuBLAS: ``y = bias + x W^T`` (``addmm``), then ``y += S' B^T`` (``addmm_``, beta 1).
 
 backward (W and bias are frozen: no gradient for them)
-  3. ``_proj_kernel``: ``g = s * scaling * (dy B)`` (M x r, float32), one pass over dy.
-  4. ``_gemm_lowrank_kernel`` again: ``dx = dy W + g A`` (same fused epilogue, no bias, no draw).
-     dx (M x K) is written exactly once.
-  5. ``_rowreduce_kernel`` twice, reductions over the token axis split into a few row chunks whose
-     float32 partials (splits x {K or N} x r, small) are summed with torch:
-     ``dA = g^T x`` and ``dB = scaling * (s dy)^T xa`` (s applied to the rows of xa, not to dy).
+  3. ``_dy_rank_kernel`` (Triton): reads each dy tile once and produces both
+     ``dS = s * scaling * (dy B)`` (M x r) and ``dB = dy^T S'`` (N x r). A 2-D grid of row tiles
+     x column splits; each program writes float32 partials (of dS over its columns, of dB over
+     its rows) that torch sums afterwards (deterministic: no atomics).
+  4. cuBLAS: ``dA = dS^T x``; ``dx = dy W``, then ``dx += dS A`` (``addmm_``, beta 1).
 
-The only full-size tensors written are y in the forward and dx in the backward; everything else
-written is rank-sized. dy is read by kernels 3, 4 and 5 and x by 1 and 5 (the extra reads are
-streaming passes, cheap next to the GEMMs).
+Full-size traffic beyond a plain linear's (x, W, y forward; dy, W, dx backward): forward one more
+read of x (step 1) and one read + write of y (the rank-r addmm); backward one more read of dy
+(step 3), of x (dA) and one read + write of dx. Each is a streaming pass over an M x d tensor;
+everything else written (S', dS, the partials) is rank-sized, the dB partials cdiv(M, block) x N x r
+float32. There are no full-size temporaries.
 
-On a GPU the three kernels are autotuned; under ``TRITON_INTERPRET=1`` (read when this module is
-first imported) each uses one small config so the interpreter does not benchmark. The autotune key
+On a GPU the two Triton kernels are autotuned; under ``TRITON_INTERPRET=1`` (read when this module
+is first imported) each uses one small config so the interpreter does not benchmark. The autotune key
 uses the token count rounded up to a power of two, so variable sequence lengths reuse a tuned config.
 The interpreter's bf16 ``tl.dot`` returns garbage (Triton 3.9), so under the interpreter bf16
 operands are upcast to float32 before each dot; a product of two bf16 values is exact in float32,
@@ -85,6 +89,11 @@ _SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 #: value could compile another variant of every kernel.
 _NO_SPECIALIZE = ["seed", "rows_per_draw"]
 
+#: Rows per program of ``_dy_rank_kernel``. Fixed on the host, not autotuned: it sets the number of
+#: dB partials the host allocates before the launch. 128 keeps those float32 partials at r/64 of a
+#: bf16 dy's bytes (a quarter at rank 16).
+_DY_BLOCK_M = 16 if _INTERPRET else 128
+
 
 # ----------------------------------------------------------------------------------------------------
 # Device-side helpers
@@ -124,26 +133,6 @@ def _mma(a, b, acc, UPCAST: tl.constexpr, PREC: tl.constexpr):
 # ----------------------------------------------------------------------------------------------------
 
 
-def _gemm_configs() -> list[triton.Config]:
-    if _INTERPRET:
-        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 2})]
-    cfg = [
-        (128, 256, 64, 3, 8),
-        (256, 128, 64, 3, 8),
-        (128, 128, 64, 4, 8),
-        (128, 128, 64, 3, 4),
-        (128, 64, 64, 4, 4),
-        (64, 128, 64, 4, 4),
-        (128, 128, 32, 4, 4),
-        (64, 64, 64, 4, 4),
-        (64, 256, 32, 4, 4),
-    ]
-    return [
-        triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k, "GROUP_M": 8}, num_stages=s, num_warps=w)
-        for m, n, k, s, w in cfg
-    ]
-
-
 def _proj_configs() -> list[triton.Config]:
     if _INTERPRET:
         return [triton.Config({"BLOCK_M": 16, "BLOCK_K": 32})]
@@ -153,18 +142,12 @@ def _proj_configs() -> list[triton.Config]:
     ]
 
 
-def _rowreduce_configs() -> list[triton.Config]:
+def _dy_configs() -> list[triton.Config]:
     if _INTERPRET:
-        return [triton.Config({"BLOCK_C": 32, "BLOCK_M": 16})]
+        return [triton.Config({"BLOCK_N": 32})]
     return [
-        triton.Config({"BLOCK_C": c, "BLOCK_M": m}, num_stages=s, num_warps=w)
-        for c, m, s, w in [
-            (64, 64, 4, 4),
-            (128, 64, 4, 4),
-            (128, 128, 3, 8),
-            (256, 64, 3, 8),
-            (64, 128, 4, 4),
-        ]
+        triton.Config({"BLOCK_N": n}, num_stages=s, num_warps=w)
+        for n, s, w in [(64, 3, 4), (64, 4, 8), (128, 3, 8), (128, 4, 4), (32, 4, 4), (256, 2, 8)]
     ]
 
 
@@ -191,9 +174,9 @@ def _scales_kernel(
 
 @triton.autotune(configs=_proj_configs(), key=["M_BUCKET", "K", "BLOCK_R"])
 @triton.jit(do_not_specialize=_NO_SPECIALIZE)
-def _proj_kernel(
+def _rank_proj_kernel(
     x_ptr,
-    y_ptr,
+    a_ptr,
     out_ptr,
     M,
     M_BUCKET,
@@ -201,15 +184,14 @@ def _proj_kernel(
     R,
     stride_xm,
     stride_xk,
-    stride_yk,
-    stride_yr,
+    stride_ar,
+    stride_ak,
     stride_om,
     stride_or,
     seed,
     eps,
     scaling,
     rows_per_draw,
-    APPLY_S: tl.constexpr,
     PERTURB: tl.constexpr,
     PER_ROW: tl.constexpr,
     UPCAST: tl.constexpr,
@@ -218,7 +200,10 @@ def _proj_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
-    """out (M x R, fp32) = [s * scaling] * X (M x K) @ Y (K x R), rows of s regenerated from seed."""
+    """S' (M x R, out's dtype) = s * scaling * X (M x K) @ A^T (K x R), s regenerated from seed.
+
+    One program per BLOCK_M rows; one pass over X, float32 accumulation, one rounding at the store.
+    """
     pid_m = tl.program_id(0)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_k = tl.arange(0, BLOCK_K)
@@ -227,52 +212,50 @@ def _proj_kernel(
     mask_r = offs_r < R
     rows = offs_m.to(tl.int64)
     x_ptrs = x_ptr + rows[:, None] * stride_xm + offs_k[None, :] * stride_xk
-    y_ptrs = y_ptr + offs_k[:, None] * stride_yk + offs_r[None, :] * stride_yr
+    a_ptrs = a_ptr + offs_k[:, None] * stride_ak + offs_r[None, :] * stride_ar
     acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
     for k0 in range(0, tl.cdiv(K, BLOCK_K)):
         k_left = K - k0 * BLOCK_K
-        a = tl.load(x_ptrs, mask=mask_m[:, None] & (offs_k[None, :] < k_left), other=0.0)
-        b = tl.load(y_ptrs, mask=(offs_k[:, None] < k_left) & mask_r[None, :], other=0.0)
-        acc = _mma(a, b, acc, UPCAST, PREC)
+        x = tl.load(x_ptrs, mask=mask_m[:, None] & (offs_k[None, :] < k_left), other=0.0)
+        a = tl.load(a_ptrs, mask=(offs_k[:, None] < k_left) & mask_r[None, :], other=0.0)
+        acc = _mma(x, a, acc, UPCAST, PREC)
         x_ptrs += BLOCK_K * stride_xk
-        y_ptrs += BLOCK_K * stride_yk
-    if APPLY_S:
-        s = _draw_scales(seed, offs_m, eps, rows_per_draw, PERTURB, PER_ROW) * scaling
-        acc = acc * s[:, None]
+        a_ptrs += BLOCK_K * stride_ak
+    s = _draw_scales(seed, offs_m, eps, rows_per_draw, PERTURB, PER_ROW) * scaling
+    acc = acc * s[:, None]
     out_ptrs = out_ptr + rows[:, None] * stride_om + offs_r[None, :] * stride_or
-    tl.store(out_ptrs, acc, mask=mask_m[:, None] & mask_r[None, :])
+    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_r[None, :])
 
 
-@triton.autotune(configs=_gemm_configs(), key=["M_BUCKET", "N", "K", "BLOCK_R"])
+@triton.autotune(configs=_dy_configs(), key=["M_BUCKET", "N", "BLOCK_R", "BLOCK_M"])
 @triton.jit(do_not_specialize=_NO_SPECIALIZE)
-def _gemm_lowrank_kernel(
-    x_ptr,
-    w_ptr,
-    p_ptr,
-    q_ptr,
-    bias_ptr,
-    out_ptr,
+def _dy_rank_kernel(
+    dy_ptr,
+    b_ptr,
+    sp_ptr,
+    ds_ptr,
+    db_ptr,
     M,
     M_BUCKET,
     N,
-    K,
     R,
-    stride_xm,
-    stride_xk,
-    stride_wk,
-    stride_wn,
-    stride_pm,
-    stride_pr,
-    stride_qr,
-    stride_qn,
-    stride_om,
-    stride_on,
+    stride_dym,
+    stride_dyn,
+    stride_bn,
+    stride_br,
+    stride_spm,
+    stride_spr,
+    stride_dss,
+    stride_dsm,
+    stride_dsr,
+    stride_dbt,
+    stride_dbn,
+    stride_dbr,
     seed,
     eps,
     scaling,
     rows_per_draw,
-    HAS_BIAS: tl.constexpr,
-    APPLY_S: tl.constexpr,
+    WRITE_DB: tl.constexpr,
     PERTURB: tl.constexpr,
     PER_ROW: tl.constexpr,
     UPCAST: tl.constexpr,
@@ -280,134 +263,57 @@ def _gemm_lowrank_kernel(
     BLOCK_R: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr,
-    GROUP_M: tl.constexpr,
 ):
-    """out (M x N) = X (M x K) @ Wm (K x N) + ([s * scaling] * P (M x R)) @ Q (R x N) [+ bias].
+    """Both rank-space gradients from one read of dy (M x N):
 
-    P is float32 and is cast to the operand dtype for the rank-sized MMA of the epilogue, which
-    accumulates into the main accumulator (no second M x N accumulator).
+        ds[split] (M x R)  = s * scaling * dy[:, cols] @ B[cols]    (summed over splits by the host)
+        db[tile]  (N x R)  = dy[rows]^T @ S'[rows]                   (summed over row tiles by the host)
+
+    Grid (cdiv(M, BLOCK_M), splits): program (i, j) owns row tile i and the j-th of ``splits``
+    contiguous runs of BLOCK_N-column tiles. Each dy tile is loaded once and feeds both MMAs. ds is
+    stored in ds's dtype (x's dtype when there is one split: the host then uses it as is).
     """
-    pid = tl.program_id(0)
-    num_pid_m = tl.cdiv(M, BLOCK_M)
-    num_pid_n = tl.cdiv(N, BLOCK_N)
-    num_pid_in_group = GROUP_M * num_pid_n
-    group_id = pid // num_pid_in_group
-    first_pid_m = group_id * GROUP_M
-    group_size_m = tl.minimum(num_pid_m - first_pid_m, GROUP_M)
-    pid_m = first_pid_m + ((pid % num_pid_in_group) % group_size_m)
-    pid_n = (pid % num_pid_in_group) // group_size_m
+    pid_m = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    n_tiles = tl.cdiv(N, BLOCK_N)
+    tiles_per_split = tl.cdiv(n_tiles, tl.num_programs(1))
+    n_start = pid_s * tiles_per_split * BLOCK_N
+    n_end = tl.minimum(n_start + tiles_per_split * BLOCK_N, N)
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_k = tl.arange(0, BLOCK_K)
     offs_r = tl.arange(0, BLOCK_R)
     mask_m = offs_m < M
-    mask_n = offs_n < N
     mask_r = offs_r < R
     rows = offs_m.to(tl.int64)
-    cols = offs_n.to(tl.int64)
-
-    x_ptrs = x_ptr + rows[:, None] * stride_xm + offs_k[None, :] * stride_xk
-    w_ptrs = w_ptr + offs_k[:, None] * stride_wk + cols[None, :] * stride_wn
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, tl.cdiv(K, BLOCK_K)):
-        k_left = K - k0 * BLOCK_K
-        a = tl.load(x_ptrs, mask=mask_m[:, None] & (offs_k[None, :] < k_left), other=0.0)
-        b = tl.load(w_ptrs, mask=(offs_k[:, None] < k_left) & mask_n[None, :], other=0.0)
-        acc = _mma(a, b, acc, UPCAST, PREC)
-        x_ptrs += BLOCK_K * stride_xk
-        w_ptrs += BLOCK_K * stride_wk
-
-    # Low-rank epilogue: acc += (s * scaling * P_tile) @ Q_tile.
-    p = tl.load(
-        p_ptr + rows[:, None] * stride_pm + offs_r[None, :] * stride_pr,
+    sp = tl.load(
+        sp_ptr + rows[:, None] * stride_spm + offs_r[None, :] * stride_spr,
         mask=mask_m[:, None] & mask_r[None, :],
         other=0.0,
     )
-    q = tl.load(
-        q_ptr + offs_r[:, None] * stride_qr + cols[None, :] * stride_qn,
-        mask=mask_r[:, None] & mask_n[None, :],
-        other=0.0,
-    )
-    if APPLY_S:
-        s = _draw_scales(seed, offs_m, eps, rows_per_draw, PERTURB, PER_ROW) * scaling
-        p = p * s[:, None]
-    acc = _mma(p.to(q.dtype), q, acc, UPCAST, PREC)
-    if HAS_BIAS:
-        bias = tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0)
-        acc += bias.to(tl.float32)[None, :]
-    out_ptrs = out_ptr + rows[:, None] * stride_om + cols[None, :] * stride_on
-    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
-
-
-@triton.autotune(configs=_rowreduce_configs(), key=["M_BUCKET", "C", "BLOCK_R"])
-@triton.jit(do_not_specialize=_NO_SPECIALIZE)
-def _rowreduce_kernel(
-    x_ptr,
-    p_ptr,
-    out_ptr,
-    M,
-    M_BUCKET,
-    C,
-    R,
-    stride_xm,
-    stride_xc,
-    stride_pm,
-    stride_pr,
-    stride_os,
-    stride_oc,
-    stride_or,
-    seed,
-    eps,
-    scaling,
-    rows_per_draw,
-    APPLY_S: tl.constexpr,
-    PERTURB: tl.constexpr,
-    PER_ROW: tl.constexpr,
-    UPCAST: tl.constexpr,
-    PREC: tl.constexpr,
-    BLOCK_R: tl.constexpr,
-    BLOCK_C: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-):
-    """out[split] (C x R, fp32) = X[rows]^T @ ([s * scaling] * P[rows]) over this split's rows.
-
-    Grid: (cdiv(C, BLOCK_C), n_splits). The row axis is cut into n_splits chunks (multiples of
-    BLOCK_M); the wrapper sums the partials over the split axis.
-    """
-    pid_c = tl.program_id(0)
-    pid_s = tl.program_id(1)
-    n_splits = tl.num_programs(1)
-    rows_per_split = tl.cdiv(tl.cdiv(M, n_splits), BLOCK_M) * BLOCK_M
-    m_start = pid_s * rows_per_split
-    m_end = tl.minimum(m_start + rows_per_split, M)
-
-    offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
-    offs_r = tl.arange(0, BLOCK_R)
-    mask_c = offs_c < C
-    mask_r = offs_r < R
-    acc = tl.zeros((BLOCK_C, BLOCK_R), dtype=tl.float32)
-    for m0 in range(m_start, m_end, BLOCK_M):
-        offs_m = m0 + tl.arange(0, BLOCK_M)
-        mask_m = offs_m < m_end
-        rows = offs_m.to(tl.int64)
-        xt = tl.load(
-            x_ptr + rows[:, None] * stride_xm + offs_c[None, :] * stride_xc,
-            mask=mask_m[:, None] & mask_c[None, :],
+    acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    for n0 in range(n_start, n_end, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        mask_n = offs_n < n_end
+        cols = offs_n.to(tl.int64)
+        dy = tl.load(
+            dy_ptr + rows[:, None] * stride_dym + cols[None, :] * stride_dyn,
+            mask=mask_m[:, None] & mask_n[None, :],
             other=0.0,
         )
-        p = tl.load(
-            p_ptr + rows[:, None] * stride_pm + offs_r[None, :] * stride_pr,
-            mask=mask_m[:, None] & mask_r[None, :],
+        b = tl.load(
+            b_ptr + cols[:, None] * stride_bn + offs_r[None, :] * stride_br,
+            mask=mask_n[:, None] & mask_r[None, :],
             other=0.0,
         )
-        if APPLY_S:
-            s = _draw_scales(seed, offs_m, eps, rows_per_draw, PERTURB, PER_ROW) * scaling
-            p = p * s[:, None]
-        acc = _mma(tl.trans(xt), p.to(xt.dtype), acc, UPCAST, PREC)
-    out_ptrs = out_ptr + pid_s * stride_os + offs_c[:, None] * stride_oc + offs_r[None, :] * stride_or
-    tl.store(out_ptrs, acc, mask=mask_c[:, None] & mask_r[None, :])
+        acc = _mma(dy, b, acc, UPCAST, PREC)
+        if WRITE_DB:
+            db = _mma(tl.trans(dy), sp, tl.zeros((BLOCK_N, BLOCK_R), dtype=tl.float32), UPCAST, PREC)
+            db_ptrs = db_ptr + pid_m * stride_dbt + cols[:, None] * stride_dbn + offs_r[None, :] * stride_dbr
+            tl.store(db_ptrs, db, mask=mask_n[:, None] & mask_r[None, :])
+    s = _draw_scales(seed, offs_m, eps, rows_per_draw, PERTURB, PER_ROW) * scaling
+    acc = acc * s[:, None]
+    ds_ptrs = ds_ptr + pid_s * stride_dss + rows[:, None] * stride_dsm + offs_r[None, :] * stride_dsr
+    tl.store(ds_ptrs, acc.to(ds_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_r[None, :])
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -436,28 +342,34 @@ def _upcast(dtype: torch.dtype) -> bool:
     return _INTERPRET and dtype == torch.bfloat16
 
 
-def _num_splits(m: int, c: int, device: torch.device) -> int:
-    """Row chunks for the token-axis reductions: enough programs to fill the GPU, >= 256 rows each."""
+def _dy_splits(m: int, n: int, device: torch.device) -> int:
+    """Column splits of ``_dy_rank_kernel``: with few row tiles (small M), enough programs to fill
+    the GPU (two per SM), each split still >= 256 columns. Under the interpreter: 2 whenever N
+    spans more than one 32-column tile, so the tests run both the one-split and the summed path."""
     if _INTERPRET:
-        return max(1, min(2, triton.cdiv(m, 16)))
+        return 2 if n > 32 else 1
     sms = 132
     if device.type == "cuda":
         sms = torch.cuda.get_device_properties(device).multi_processor_count
-    return max(1, min(triton.cdiv(m, 256), triton.cdiv(2 * sms, triton.cdiv(c, 128))))
+    row_tiles = triton.cdiv(m, _DY_BLOCK_M)
+    return max(1, min(triton.cdiv(2 * sms, row_tiles), triton.cdiv(n, 256)))
 
 
-def _launch_proj(
-    x2, y_kr, rank, *, seed=0, eps=0.0, scaling=1.0, apply_s=False, per_row=False, rows_per_draw=1
-):
-    """fp32 (M x rank) = [s*scaling] * x2 (M x K) @ y_kr (K x rank, any strides)."""
+def _draw_args(draw: dict) -> tuple:
+    return draw["seed"], draw["eps"], draw["scaling"], draw["rows_per_draw"]
+
+
+def _launch_rank_proj(x2: torch.Tensor, lora_A: torch.Tensor, draw: dict) -> torch.Tensor:
+    """S' = s * scaling * x2 (M x K) @ lora_A^T, (M x rank) in x2's dtype."""
     m, k = x2.shape
-    out = torch.empty((m, rank), device=x2.device, dtype=torch.float32)
+    rank = lora_A.shape[0]
+    out = torch.empty((m, rank), device=x2.device, dtype=x2.dtype)
     if m == 0:
         return out
     grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]),)  # noqa: E731
-    _proj_kernel[grid](
+    _rank_proj_kernel[grid](
         x2,
-        y_kr,
+        lora_A,
         out,
         m,
         _bucket(m),
@@ -465,17 +377,13 @@ def _launch_proj(
         rank,
         x2.stride(0),
         x2.stride(1),
-        y_kr.stride(0),
-        y_kr.stride(1),
+        lora_A.stride(0),
+        lora_A.stride(1),
         out.stride(0),
         out.stride(1),
-        seed,
-        eps,
-        scaling,
-        rows_per_draw,
-        APPLY_S=apply_s,
-        PERTURB=eps > 0.0,
-        PER_ROW=per_row,
+        *_draw_args(draw),
+        PERTURB=draw["eps"] > 0.0,
+        PER_ROW=draw["per_row"],
         UPCAST=_upcast(x2.dtype),
         PREC=_precision(x2.dtype),
         BLOCK_R=_block_r(rank),
@@ -483,97 +391,53 @@ def _launch_proj(
     return out
 
 
-def _launch_gemm(
-    x2,
-    w_kn,
-    p,
-    q_rn,
-    bias,
-    out,
-    *,
-    seed=0,
-    eps=0.0,
-    scaling=1.0,
-    apply_s=False,
-    per_row=False,
-    rows_per_draw=1,
-):
-    """out (M x N) = x2 (M x K) @ w_kn (K x N) + [s*scaling]*p (M x R) @ q_rn (R x N) [+ bias]."""
-    m, k = x2.shape
-    n = w_kn.shape[1]
-    rank = p.shape[1]
-    grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)  # noqa: E731
-    _gemm_lowrank_kernel[grid](
-        x2,
-        w_kn,
-        p,
-        q_rn,
-        bias if bias is not None else out,
-        out,
+def _launch_dy_rank(
+    dy2: torch.Tensor, lora_B: torch.Tensor, sp: torch.Tensor, draw: dict, need_db: bool
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(dS in dy2's dtype (M x rank), dB in float32 (N x rank) or None) from one read of dy2."""
+    m, n = dy2.shape
+    rank = lora_B.shape[1]
+    row_tiles = triton.cdiv(m, _DY_BLOCK_M)
+    splits = _dy_splits(m, n, dy2.device)
+    # One split: the kernel writes dS itself, scaled and rounded; several: float32 partials.
+    ds = torch.empty((splits, m, rank), device=dy2.device, dtype=dy2.dtype if splits == 1 else torch.float32)
+    db = torch.empty((row_tiles, n, rank), device=dy2.device, dtype=torch.float32) if need_db else ds
+    _dy_rank_kernel[(row_tiles, splits)](
+        dy2,
+        lora_B,
+        sp,
+        ds,
+        db,
         m,
         _bucket(m),
         n,
-        k,
         rank,
-        x2.stride(0),
-        x2.stride(1),
-        w_kn.stride(0),
-        w_kn.stride(1),
-        p.stride(0),
-        p.stride(1),
-        q_rn.stride(0),
-        q_rn.stride(1),
-        out.stride(0),
-        out.stride(1),
-        seed,
-        eps,
-        scaling,
-        rows_per_draw,
-        HAS_BIAS=bias is not None,
-        APPLY_S=apply_s,
-        PERTURB=eps > 0.0,
-        PER_ROW=per_row,
-        UPCAST=_upcast(x2.dtype),
-        PREC=_precision(x2.dtype),
+        dy2.stride(0),
+        dy2.stride(1),
+        lora_B.stride(0),
+        lora_B.stride(1),
+        sp.stride(0),
+        sp.stride(1),
+        ds.stride(0),
+        ds.stride(1),
+        ds.stride(2),
+        db.stride(0),
+        db.stride(1),
+        db.stride(2),
+        *_draw_args(draw),
+        WRITE_DB=need_db,
+        PERTURB=draw["eps"] > 0.0,
+        PER_ROW=draw["per_row"],
+        UPCAST=_upcast(dy2.dtype),
+        PREC=_precision(dy2.dtype),
         BLOCK_R=_block_r(rank),
+        BLOCK_M=_DY_BLOCK_M,
     )
-    return out
-
-
-def _launch_rowreduce(x2, p, *, seed=0, eps=0.0, scaling=1.0, apply_s=False, per_row=False, rows_per_draw=1):
-    """fp32 (C x R) = x2 (M x C)^T @ ([s*scaling] * p (M x R)), reduced over the M rows."""
-    m, c = x2.shape
-    rank = p.shape[1]
-    splits = _num_splits(m, c, x2.device)
-    part = torch.empty((splits, c, rank), device=x2.device, dtype=torch.float32)
-    grid = lambda meta: (triton.cdiv(c, meta["BLOCK_C"]), splits)  # noqa: E731
-    _rowreduce_kernel[grid](
-        x2,
-        p,
-        part,
-        m,
-        _bucket(m),
-        c,
-        rank,
-        x2.stride(0),
-        x2.stride(1),
-        p.stride(0),
-        p.stride(1),
-        part.stride(0),
-        part.stride(1),
-        part.stride(2),
-        seed,
-        eps,
-        scaling,
-        rows_per_draw,
-        APPLY_S=apply_s,
-        PERTURB=eps > 0.0,
-        PER_ROW=per_row,
-        UPCAST=_upcast(x2.dtype),
-        PREC=_precision(x2.dtype),
-        BLOCK_R=_block_r(rank),
-    )
-    return part[0] if splits == 1 else part.sum(0)
+    d_s = ds[0] if splits == 1 else ds.sum(0).to(dy2.dtype)
+    d_b = None
+    if need_db:
+        d_b = db[0] if row_tiles == 1 else db.sum(0)
+    return d_s, d_b
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -582,8 +446,13 @@ def _launch_rowreduce(x2, p, *, seed=0, eps=0.0, scaling=1.0, apply_s=False, per
 
 
 def _on_device(t: torch.Tensor):
-    """Launch on t's GPU even when it is not the current device."""
-    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+    """Launch on t's GPU even when it is not the current device; the torch products run in t's
+    dtype whatever autocast says (fused_lora_linear's inputs already share one dtype)."""
+    stack = contextlib.ExitStack()
+    if t.is_cuda:
+        stack.enter_context(torch.cuda.device(t.device))
+    stack.enter_context(torch.autocast(t.device.type, enabled=False))
+    return stack
 
 
 class _FusedLoRALinear(torch.autograd.Function):
@@ -607,23 +476,24 @@ class _FusedLoRALinear(torch.autograd.Function):
         x2 = x.reshape(-1, in_features)
         if not x2.is_contiguous():
             x2 = x2.contiguous()
-        m = x2.shape[0]
-        n, rank = lora_B.shape
+        n = lora_B.shape[0]
         draw = dict(seed=seed, eps=eps, scaling=scaling, per_row=per_row, rows_per_draw=rows_per_draw)
 
-        xa = _launch_proj(x2, lora_A.t(), rank)  # (M, r) fp32, unscaled
-        y = torch.empty((m, n), device=x.device, dtype=x.dtype)
-        if m > 0 and n > 0:
-            _launch_gemm(x2, weight.t(), xa, lora_B.t(), bias, y, apply_s=True, **draw)
+        sp = _launch_rank_proj(x2, lora_A, draw)  # S' = s * scaling * x A^T, (M, r)
+        if bias is not None:
+            y = torch.addmm(bias, x2, weight.t())
+        else:
+            y = torch.mm(x2, weight.t())
+        y.addmm_(sp, lora_B.t())
 
-        ctx.save_for_backward(x2, xa, weight, lora_A, lora_B)
+        ctx.save_for_backward(x2, sp, weight, lora_A, lora_B)
         ctx.draw = draw
         ctx.x_shape = x.shape
         return y.reshape(*lead, n)
 
     @staticmethod
     def _backward(ctx, dy):
-        x2, xa, weight, lora_A, lora_B = ctx.saved_tensors
+        x2, sp, weight, lora_A, lora_B = ctx.saved_tensors
         draw = ctx.draw
         need_x, _, _, need_a, need_b = ctx.needs_input_grad[:5]
         m, k = x2.shape
@@ -644,17 +514,15 @@ class _FusedLoRALinear(torch.autograd.Function):
                 d_b = torch.zeros_like(lora_B)
             return dx, None, None, d_a, d_b, None, None, None, None, None
 
-        if need_x or need_a:
-            # g = s * scaling * (dy B): (M, r) fp32, the gradient w.r.t. xa.
-            g = _launch_proj(dy2, lora_B, rank, apply_s=True, **draw)
-            if need_x:
-                dx2 = torch.empty((m, k), device=x2.device, dtype=x2.dtype)
-                _launch_gemm(dy2, weight, g, lora_A, None, dx2)
-                dx = dx2.reshape(ctx.x_shape)
-            if need_a:
-                d_a = _launch_rowreduce(x2, g).t().to(lora_A.dtype).contiguous()
+        d_s, d_b32 = _launch_dy_rank(dy2, lora_B, sp, draw, need_b)
+        if need_x:
+            dx2 = torch.mm(dy2, weight)
+            dx2.addmm_(d_s, lora_A)
+            dx = dx2.reshape(ctx.x_shape)
+        if need_a:
+            d_a = torch.mm(d_s.t(), x2)
         if need_b:
-            d_b = _launch_rowreduce(dy2, xa, apply_s=True, **draw).to(lora_B.dtype)
+            d_b = d_b32.to(lora_B.dtype)
         return dx, None, None, d_a, d_b, None, None, None, None, None
 
 

@@ -159,13 +159,20 @@ def fused_unsupported(layers: dict[str, nn.Module]) -> str | None:
     return None
 
 
+#: Whether ``--kernel auto`` may choose the fused kernel on CUDA: only where it was measured faster than the
+#: PyTorch path. The first design was measured slower (BENCHMARKS.md, H200); the cuBLAS + rank-space redesign
+#: (issue 39) has no GPU figures yet. Set True once benchmarks/gpu_check.sh's "targets" are met.
+AUTO_CHOOSES_FUSED = False
+
+
 def use_fused_kernel(kernel: str, device, layers: dict[str, nn.Module] | None = None) -> bool:
     """Whether training should run the LoRA layers through the fused kernel (``--kernel``).
 
     "torch": never. "triton": always; PMError when the kernel cannot run on ``device`` (no CUDA, no
-    Triton, and TRITON_INTERPRET=1 not set) or cannot run one of ``layers``. "auto": only on a CUDA
-    device with Triton importable (never the interpreter, which is for tests) and, when ``layers``
-    is given, only if the kernel can run all of them.
+    Triton, and TRITON_INTERPRET=1 not set) or cannot run one of ``layers``. "auto": only where the
+    kernel was measured faster (``AUTO_CHOOSES_FUSED``; nowhere yet), on a CUDA device with Triton
+    importable (never the interpreter, which is for tests) and, when ``layers`` is given, only if
+    the kernel can run all of them.
     """
     from . import kernels
     from .errors import PMError
@@ -182,6 +189,8 @@ def use_fused_kernel(kernel: str, device, layers: dict[str, nn.Module] | None = 
             raise PMError(f"--kernel: triton cannot run LoRA layer {why}")
         return True
     if kernel == "auto":
+        if not AUTO_CHOOSES_FUSED:
+            return False
         if torch.device(device).type != "cuda" or not kernels.fused_lora_available(device):
             return False
         if kernels.fused_lora_interpreted():
@@ -194,9 +203,9 @@ class FusedPerturbation:
     """:class:`Perturbation` through the fused LoRA kernel: same interface, same law of s.
 
     Replaces the ``forward`` of every given PEFT ``lora.Linear`` (``adapters.lora_layers``) with one
-    call of :func:`pmserve.kernels.fused_lora_linear` (base matmul, LoRA branch and the factor s in
-    one pass; s drawn inside the kernel); :meth:`remove` restores the original forwards. Layers whose
-    adapters are disabled or merged run their original forward.
+    call of :func:`pmserve.kernels.fused_lora_linear` (base matmuls in cuBLAS, the LoRA branch and the
+    factor s in Triton's rank-space kernels; s drawn inside them); :meth:`remove` restores the
+    original forwards. Layers whose adapters are disabled or merged run their original forward.
 
     Each :meth:`draw` starts a step with its own kernel seed, ``step_seed(seed, step)``, shared by
     every layer: per="step" gives one s for the whole model's LoRA branch (as the hook version);

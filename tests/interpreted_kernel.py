@@ -87,6 +87,11 @@ CASES = [
     ((2, 9), 40, 24, 8, torch.bfloat16, True, False),
     ((7,), 24, 40, 4, torch.float16, True, True),
     ((33,), 40, 16, 1, torch.float16, False, False),
+    # Ranks that are not powers of two (BLOCK_R 16 and 32), rows not a multiple of the row tile, and
+    # out_features over several column tiles (the backward kernel's summed column splits).
+    ((37,), 24, 72, 5, torch.float32, True, True),
+    ((2, 19), 40, 100, 20, torch.bfloat16, False, True),
+    ((37,), 72, 40, 20, torch.float16, True, False),
 ]
 
 
@@ -100,6 +105,60 @@ def test_matches_reference(lead, k, n, r, dtype, bias, per_row):
         _close(g_, r_, dtype, name)
     if not per_row:
         assert torch.all(s == s[0])
+
+
+def _draw(seed, eps, scaling, per_row, rows_per_draw):
+    return dict(seed=seed, eps=eps, scaling=scaling, per_row=per_row, rows_per_draw=rows_per_draw)
+
+
+@pytest.mark.parametrize(
+    "dtype,per_row,r", [(torch.float32, True, 5), (torch.bfloat16, False, 20), (torch.float16, True, 3)]
+)
+def test_rank_proj_kernel(dtype, per_row, r):
+    """Forward kernel alone: S' = s * scaling * x A^T (M x r, x's dtype), M = 37 not a multiple of its row tile."""
+    m, k, seed, eps, scaling, rpd = 37, 40, 77, 0.5, 1.75, 3
+    x, _, _, a, _, _ = _make((m,), k, 8, r, dtype)
+    got = _fl._launch_rank_proj(x, a, _draw(seed, eps, scaling, per_row, rpd))
+    s = perturbation_scales(seed, m, eps, per_row=per_row, device=DEV, rows_per_draw=rpd)
+    ref = (x.float() @ a.float().t()) * (s * scaling)[:, None]
+    assert got.shape == (m, r) and got.dtype == dtype
+    _close(got, ref, dtype, "S'")
+
+
+@pytest.mark.parametrize(
+    "splits,dtype,r,n,need_db",
+    [
+        (1, torch.float32, 5, 72, True),
+        (2, torch.float32, 20, 72, True),
+        (3, torch.bfloat16, 5, 40, True),  # 2 column tiles, 3 splits: the last split is empty
+        (3, torch.float16, 20, 72, True),
+        (2, torch.float32, 5, 72, False),
+    ],
+)
+def test_dy_rank_kernel(monkeypatch, splits, dtype, r, n, need_db):
+    """Backward kernel alone, against autograd of y = (s * scaling * S) B^T with S a leaf: dS = dL/dS and
+    dB = dL/dB from one read of dy, for every split count (rows 37: ragged against the 16-row tile)."""
+    m, seed, eps, scaling, rpd = 37, 5, 0.5, 0.75, 2
+    monkeypatch.setattr(_fl, "_dy_splits", lambda *_: splits)
+    g = torch.Generator().manual_seed(r * n)
+    s_leaf = torch.randn(m, r, generator=g).to(dtype).float().requires_grad_()
+    b = (torch.randn(n, r, generator=g) / r**0.5).to(dtype)
+    dy = torch.randn(m, n, generator=g).to(dtype)
+    s = perturbation_scales(seed, m, eps, per_row=True, device=DEV, rows_per_draw=rpd)
+    bf = b.float().requires_grad_()
+    scaled = s_leaf * (s * scaling)[:, None]
+    (scaled @ bf.t()).backward(dy.float())
+
+    d_s, d_b = _fl._launch_dy_rank(
+        dy, b, scaled.detach().to(dtype), _draw(seed, eps, scaling, True, rpd), need_db
+    )
+    assert d_s.shape == (m, r) and d_s.dtype == dtype
+    _close(d_s, s_leaf.grad, dtype, "dS")
+    if need_db:
+        assert d_b.shape == (n, r) and d_b.dtype == torch.float32
+        _close(d_b, bf.grad, dtype, "dB")
+    else:
+        assert d_b is None
 
 
 def test_eps_zero_is_plain_lora():

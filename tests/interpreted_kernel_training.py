@@ -21,7 +21,7 @@ pytest.importorskip("peft", reason="PEFT is not installed")
 from pmserve.kernels import fused_lora as _fl  # noqa: E402
 from pmserve.kernels import perturbation_scales  # noqa: E402
 
-from pmserve import kernels  # noqa: E402
+from pmserve import kernels, perturb  # noqa: E402
 from pmserve.adapters import ADAPTER, LoraSpec, add_lora, lora_layers  # noqa: E402
 from pmserve.errors import PMError  # noqa: E402
 from pmserve.perturb import FusedPerturbation, step_seed, use_fused_kernel  # noqa: E402
@@ -273,6 +273,14 @@ def test_use_fused_kernel(monkeypatch):
     with pytest.raises(PMError, match=r"^--kernel: triton needs a CUDA device \(or TRITON_INTERPRET=1\)$"):
         use_fused_kernel("triton", "cpu")
     assert use_fused_kernel("auto", "cuda") is False
+    # auto chooses the kernel only where it was measured faster (AUTO_CHOOSES_FUSED), and then only on CUDA.
+    monkeypatch.setattr(kernels, "fused_lora_available", lambda device=None: True)
+    monkeypatch.setattr(kernels, "fused_lora_interpreted", lambda: False)  # as on a real GPU
+    assert perturb.AUTO_CHOOSES_FUSED is False  # no GPU figures for the issue-39 kernel yet
+    assert use_fused_kernel("auto", "cuda") is False
+    monkeypatch.setattr(perturb, "AUTO_CHOOSES_FUSED", True)
+    assert use_fused_kernel("auto", "cuda") is True
+    assert use_fused_kernel("auto", "cpu") is False
 
 
 def test_step_seed():

@@ -6,7 +6,7 @@ child pytest with TRITON_INTERPRET=1 in its environment only, and what is checke
 
 from tests.interpreter_subprocess import run_interpreted
 
-KERNEL_TESTS = 42  # tests/interpreted_kernel.py's test count, parametrisations included
+KERNEL_TESTS = 53  # tests/interpreted_kernel.py's test count, parametrisations included
 
 
 def test_kernels_in_the_triton_interpreter(tmp_path):
