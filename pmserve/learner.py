@@ -262,7 +262,7 @@ class Learner:
             params.append({"params": [p for p in peft_model.parameters() if p.requires_grad], "lr": cfg.lr})
             eps = cfg.eps if cfg.method == "pm" else 0.0
             if not _sliced_samples(cfg) and use_fused_kernel(cfg.kernel, self.device, layers):
-                # One Triton kernel per LoRA layer: base matmul, LoRA branch and s in one pass.
+                # Each LoRA layer through the fused kernel: base products in cuBLAS, s and the LoRA branch in rank space.
                 pert = FusedPerturbation(layers, eps, cfg.perturb_per, seed=perturb_seed(cfg.seed, i))
             elif eps > 0:
                 pert = Perturbation(layers, eps, cfg.perturb_per, perturb_seed(cfg.seed, i), ADAPTER)
