@@ -65,7 +65,8 @@ def train(
     data: str = typer.Argument(
         None,
         help="Folder of task folders (sorted), or a built-in sequence: builtin:wordnet-nouns | "
-        "builtin:wordnet-verbs | builtin:digits, with options as builtin:wordnet-nouns:tasks=10,classes=2 "
+        "builtin:wordnet-verbs | builtin:digits | builtin:clinc150 (intents, one domain per task), with "
+        "options as builtin:wordnet-nouns:tasks=10,classes=2 "
         "(also train=, test= examples per class). Not with --add; optional with --resume.",
     ),
     out: Path = typer.Option(Path("runs/run"), "--out", "-o", help="RUN folder to write."),

@@ -8,6 +8,7 @@ file is reported by name and nothing is left half-written.
 from __future__ import annotations
 
 import csv
+import functools
 import gzip
 import hashlib
 import json
@@ -16,6 +17,7 @@ import shutil
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
@@ -212,14 +214,8 @@ def _parse_builtin(spec: str) -> tuple[str, dict[str, int]]:
     return name, params
 
 
-def _class_incremental(
-    spec: str,
-    examples: dict[str, list],
-    kind: str,
-    params: dict[str, int],
-    defaults: dict[str, int],
-    seed: int,
-) -> list[Task]:
+def _options(spec: str, params: dict[str, int], defaults: dict[str, int]) -> tuple[int, int, int, int]:
+    """(tasks, classes, train, test) of a built-in spec: its options over the built-in's defaults."""
     p = {**defaults, **params}
     unknown = set(params) - set(defaults)
     if unknown:
@@ -229,6 +225,18 @@ def _class_incremental(
     n_tasks, per_task, n_train, n_test = p["tasks"], p["classes"], p["train"], p["test"]
     if min(n_tasks, per_task, n_train, n_test) < 1:
         raise PMError(f"{spec}: tasks, classes, train and test must be positive")
+    return n_tasks, per_task, n_train, n_test
+
+
+def _class_incremental(
+    spec: str,
+    examples: dict[str, list],
+    kind: str,
+    params: dict[str, int],
+    defaults: dict[str, int],
+    seed: int,
+) -> list[Task]:
+    n_tasks, per_task, n_train, n_test = _options(spec, params, defaults)
     usable = sorted(c for c, xs in examples.items() if len(xs) >= n_train + n_test)
     if n_tasks * per_task > len(usable):
         raise PMError(
@@ -271,19 +279,122 @@ def _digit_examples() -> dict[str, list[np.ndarray]]:
     return by_label
 
 
+def _pooled(loader, kind: str):
+    """The builder of a built-in whose classes are drawn from one pool of examples each (_class_incremental)."""
+
+    def build(spec: str, params: dict[str, int], defaults: dict[str, int], seed: int) -> list[Task]:
+        return _class_incremental(spec, loader(), kind, params, defaults, seed)
+
+    return build
+
+
+# ---------------------------------------------------------------- CLINC150
+
+# Per-intent requests a default builtin:clinc150 draws: 10 tasks x 15 intents x 10 = 1,500 training requests of
+# CLINC150's 15,000, and all 30 test requests: a default `pmserve train builtin:clinc150` ran in 22 s a task on
+# the shared 2-core VM at load 3, 21.8 min in all at load 6 to 9, ACC 0.892 (BENCHMARKS.md, issue 36).
+CLINC150_TRAIN, CLINC150_TEST = 10, 30
+CLINC150_SPLITS = ("train", "val", "test", "oos_train", "oos_val", "oos_test")
+
+
+class IntentRecord(NamedTuple):
+    """One CLINC150 request: its text, its intent ("oos" when out of scope) and its intent's domain (None when
+    out of scope)."""
+
+    text: str
+    intent: str
+    domain: str | None
+
+
+@functools.lru_cache(maxsize=1)
+def _clinc150_data() -> dict:
+    ref = resources.files("pmserve.data") / "clinc150.json.gz"
+    with ref.open("rb") as raw, gzip.open(raw, "rt", encoding="utf-8") as f:
+        return json.load(f)
+
+
+def clinc150_domains() -> dict[str, list[str]]:
+    """CLINC150's 10 domains, each with its 15 intents, in the order the source repository lists them."""
+    return {d: list(intents) for d, intents in _clinc150_data()["domains"].items()}
+
+
+def clinc150_records(split: str) -> list[IntentRecord]:
+    """CLINC150's requests of one split, as shipped (pmserve/data/LICENSE-clinc150): `train`, `val`, `test`
+    (in scope: 100 / 20 / 30 per intent, intents sorted, requests in source order) or `oos_train`, `oos_val`,
+    `oos_test` (out of scope: 100 / 100 / 1000). The raw records every CLINC150 built-in is drawn from."""
+    if split not in CLINC150_SPLITS:
+        raise ValueError(f"CLINC150 split {split!r}: one of {', '.join(CLINC150_SPLITS)}")
+    data = _clinc150_data()
+    if split.startswith("oos_"):
+        return [IntentRecord(t, "oos", None) for t in data["oos"][split[len("oos_") :]]]
+    domain_of = {i: d for d, intents in data["domains"].items() for i in intents}
+    return [IntentRecord(t, i, domain_of[i]) for i, texts in data[split].items() for t in texts]
+
+
+def _clinc150_tasks(spec: str, params: dict[str, int], defaults: dict[str, int], seed: int) -> list[Task]:
+    """In-scope intents, grouped by domain: the domains in an order drawn by the seed, each domain's intents in
+    an order drawn by the seed, then cut into tasks of `classes` intents (the default 10 x 15: one domain per
+    task). Each intent's `train` requests are drawn from its 100 training requests and its `test` from its 30
+    test requests by a generator of (seed, intent) alone, so an intent holds the same requests however the
+    intents are grouped, and a smaller count is a prefix of a larger one. The validation split is not used."""
+    n_tasks, per_task, n_train, n_test = _options(spec, params, defaults)
+    domains = clinc150_domains()
+    n_intents = sum(map(len, domains.values()))
+    if n_tasks * per_task > n_intents:
+        raise PMError(
+            f"{spec}: {n_tasks} tasks x {per_task} intents needs {n_tasks * per_task}; CLINC150 has {n_intents}"
+        )
+    by_split: dict[str, dict[str, list[str]]] = {"train": {}, "test": {}}
+    for split, by_intent in by_split.items():
+        for r in clinc150_records(split):
+            by_intent.setdefault(r.intent, []).append(r.text)
+    have = {s: min(map(len, v.values())) for s, v in by_split.items()}
+    if n_train > have["train"] or n_test > have["test"]:
+        raise PMError(
+            f"{spec}: CLINC150 has {have['train']} train and {have['test']} test requests per intent "
+            f"(asked for train={n_train}, test={n_test})"
+        )
+    rng = random.Random(seed)
+    order = [
+        (i, d)
+        for d in rng.sample(list(domains), len(domains))
+        for i in rng.sample(domains[d], len(domains[d]))
+    ]
+    chunks = [order[t * per_task : (t + 1) * per_task] for t in range(n_tasks)]
+    # a task is named for its domains; a domain cut into several tasks numbers them (banking.1, banking.2, ...)
+    names = ["+".join(dict.fromkeys(d for _, d in chunk)) for chunk in chunks]
+    seen: dict[str, int] = {}
+    tasks = []
+    for chunk, name in zip(chunks, names):
+        if names.count(name) > 1:
+            seen[name] = seen.get(name, 0) + 1
+            name = f"{name}.{seen[name]}"
+        tr, te = Split([], []), Split([], [])
+        for intent, _ in chunk:
+            draw = random.Random(f"clinc150:{seed}:{intent}")
+            tr.inputs += draw.sample(by_split["train"][intent], have["train"])[:n_train]
+            te.inputs += draw.sample(by_split["test"][intent], have["test"])[:n_test]
+            tr.labels += [intent] * n_train
+            te.labels += [intent] * n_test
+        tasks.append(Task(name, "text", tr, te, [i for i, _ in chunk]))
+    return tasks
+
+
 BUILTINS = {
-    # name: (loader, kind, defaults)
+    # name: (build(spec, params, defaults, seed) -> tasks, defaults)
     "wordnet-nouns": (
-        lambda: _wordnet_examples("nouns"),
-        "text",
+        _pooled(lambda: _wordnet_examples("nouns"), "text"),
         {"tasks": 5, "classes": 4, "train": 120, "test": 60},
     ),
     "wordnet-verbs": (
-        lambda: _wordnet_examples("verbs"),
-        "text",
+        _pooled(lambda: _wordnet_examples("verbs"), "text"),
         {"tasks": 3, "classes": 4, "train": 120, "test": 60},
     ),
-    "digits": (_digit_examples, "image", {"tasks": 5, "classes": 2, "train": 120, "test": 50}),
+    "digits": (_pooled(_digit_examples, "image"), {"tasks": 5, "classes": 2, "train": 120, "test": 50}),
+    "clinc150": (
+        _clinc150_tasks,
+        {"tasks": 10, "classes": 15, "train": CLINC150_TRAIN, "test": CLINC150_TEST},
+    ),
 }
 
 
@@ -291,5 +402,5 @@ def builtin_tasks(spec: str, seed: int = 0) -> list[Task]:
     name, params = _parse_builtin(spec)
     if name not in BUILTINS:
         raise PMError(f"{spec}: unknown built-in data (known: {', '.join(BUILTINS)})")
-    loader, kind, defaults = BUILTINS[name]
-    return _class_incremental(spec, loader(), kind, params, defaults, seed)
+    build, defaults = BUILTINS[name]
+    return build(spec, params, defaults, seed)

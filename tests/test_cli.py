@@ -113,7 +113,13 @@ def test_help_shows_flags_as_flags(command):
 
 def test_train_help_names_every_builtin_sequence():
     res = pmserve("train", "--help", COLUMNS="300", TERM="dumb")
-    for needle in ("builtin:wordnet-nouns", "builtin:wordnet-verbs", "builtin:digits", ":tasks=10,classes=2"):
+    for needle in (
+        "builtin:wordnet-nouns",
+        "builtin:wordnet-verbs",
+        "builtin:digits",
+        "builtin:clinc150",
+        ":tasks=10,classes=2",
+    ):
         assert needle in res.stdout, needle
 
 

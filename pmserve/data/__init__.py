@@ -1,1 +1,2 @@
-"""Compact built-in task data shipped with pmserve (see LICENSE-WORDNET)."""
+"""Compact built-in task data shipped with pmserve (licences and attribution: LICENSE-WORDNET, LICENSE-DIGITS,
+LICENSE-clinc150)."""
