@@ -15,7 +15,7 @@
 # on this environment's path (its kernels/ would hide the PyPI `kernels` from transformers).
 set -euo pipefail
 here=$(cd "$(dirname "$0")/.." && pwd)
-venv=${1:-$here/.venv-kserve}
+venv=$(realpath -m "${1:-$here/.venv-kserve}")  # absolute: a later step runs from another directory
 kserve_version=${KSERVE_VERSION:-0.21.0}
 torch_version=${PMSERVE_TORCH:-2.13.0}
 python=${PYTHON:-python3}

@@ -7,7 +7,7 @@
 # then the mergekit PyPI package with the transformers, peft and safetensors it pulls in.
 set -euo pipefail
 here=$(cd "$(dirname "$0")/.." && pwd)
-venv=${1:-$here/.venv-mergekit}
+venv=$(realpath -m "${1:-$here/.venv-mergekit}")  # absolute: a later step runs from another directory
 torch_version=${PMSERVE_TORCH:-2.13.0}
 mergekit_version=${MERGEKIT_VERSION:-}
 python=${PYTHON:-python3}

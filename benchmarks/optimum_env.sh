@@ -9,7 +9,7 @@
 # version pmserve's environment runs, so a latency difference is the graphs' and not the runtimes'.
 set -euo pipefail
 here=$(cd "$(dirname "$0")/.." && pwd)
-venv=${1:-$here/.venv-optimum}
+venv=$(realpath -m "${1:-$here/.venv-optimum}")  # absolute: a later step runs from another directory
 torch_version=${PMSERVE_TORCH:-2.13.0}
 python=${PYTHON:-python3}
 ort_version=${ORT_VERSION:-}
