@@ -191,8 +191,6 @@ def task_hash(task: Task) -> str:
                 h.update(f"array{x.shape}{x.dtype}".encode() + x.tobytes())
             elif task.kind == "image":
                 h.update(b"file" + Path(x).read_bytes())
-            elif task.kind == "generative":
-                h.update(b"messages" + json.dumps(x, sort_keys=True).encode())
             else:
                 h.update(b"text" + json.dumps(x).encode())
             h.update(b"label" + json.dumps(y).encode())
