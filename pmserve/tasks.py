@@ -1,8 +1,9 @@
 """Task sequences: read a folder of task folders (jsonl, csv or parquet) or build a built-in sequence.
 
-A task is a named pair of train and test splits of (input, label) examples. Inputs are strings (text) or
-image file paths / arrays (images). Everything is validated here, before a run writes anything, so a bad
-file is reported by name and nothing is left half-written.
+A task is a named pair of train and test splits of (input, label) examples. Inputs are strings (text),
+image file paths / arrays (images), or conversations whose label is the response a decoder should write
+(generative). Everything is validated here, before a run writes anything, so a bad file is reported by name
+and nothing is left half-written.
 """
 
 from __future__ import annotations
@@ -24,18 +25,23 @@ import numpy as np
 from .errors import PMError
 
 SUFFIXES = (".jsonl", ".csv", ".parquet")
+KINDS = ("text", "image", "generative")
+ROLES = ("system", "user", "assistant")
 
 
 @dataclass
 class Split:
-    inputs: list  # str for text; str path or np.ndarray (H, W[, C]) uint8 for images
-    labels: list[str]
+    # str for text; str path or np.ndarray (H, W[, C]) uint8 for images; for generative, the conversation before
+    # the response: a list of {"role", "content"} messages (a `prompt` row is one user message), so a learner
+    # renders every example one way, with the model's chat template when it has one
+    inputs: list
+    labels: list[str]  # the class; for generative, the response (the tokens the loss is on)
 
 
 @dataclass
 class Task:
     name: str
-    kind: str  # "text" or "image"
+    kind: str  # one of KINDS
     train: Split
     test: Split
     classes: list[str] = field(default_factory=list)  # labels of the train split, first-seen order
@@ -79,6 +85,8 @@ def _read_split(folder: Path, split: str) -> tuple[Split, str]:
     if not rows:
         raise PMError(f"{path}: no examples")
     cols = set(rows[0])
+    if "messages" in cols or "prompt" in cols:
+        return _generative_split(path, rows, cols), "generative"
     if "label" not in cols:
         raise PMError(f"{path}: no 'label' column (columns: {', '.join(sorted(cols)) or 'none'})")
     if "text" in cols:
@@ -100,6 +108,53 @@ def _read_split(folder: Path, split: str) -> tuple[Split, str]:
         inputs.append(str(x) if kind == "text" else x)
         labels.append(str(y))
     return Split(inputs, labels), kind
+
+
+def _generative_split(path: Path, rows: list[dict], cols: set[str]) -> Split:
+    """`prompt` and `response` columns, or a `messages` column of chat messages whose last, the assistant's, is
+    the response (a JSON string in csv files)."""
+    if "messages" not in cols and "response" not in cols:
+        raise PMError(
+            f"{path}: a 'prompt' column needs a 'response' column (columns: {', '.join(sorted(cols))})"
+        )
+    inputs, labels = [], []
+    for n, r in enumerate(rows, 1):
+        if "messages" in cols:
+            msgs = _messages(path, n, r.get("messages"))
+            inputs.append(msgs[:-1])
+            labels.append(msgs[-1]["content"])
+            continue
+        x, y = r.get("prompt"), r.get("response")
+        if not isinstance(x, str) or not isinstance(y, str) or not x.strip() or not y.strip():
+            raise PMError(f"{path}: row {n} has an empty or non-text 'prompt' or 'response'")
+        inputs.append([{"role": "user", "content": x}])
+        labels.append(y)
+    return Split(inputs, labels)
+
+
+def _messages(path: Path, n: int, msgs) -> list[dict]:
+    if isinstance(msgs, str):
+        try:
+            msgs = json.loads(msgs)
+        except json.JSONDecodeError:
+            raise PMError(f"{path}: row {n}: 'messages' is not a JSON list of messages") from None
+    if not isinstance(msgs, list) or len(msgs) < 2:
+        raise PMError(f"{path}: row {n}: 'messages' must list at least a user message and the response")
+    out = []
+    for m in msgs:
+        role, content = (m.get("role"), m.get("content")) if isinstance(m, dict) else (None, None)
+        if role not in ROLES or not isinstance(content, str):
+            raise PMError(
+                f"{path}: row {n}: each message needs a role ({', '.join(ROLES)}) and a text content, got {m!r}"[
+                    :300
+                ]
+            )
+        out.append({"role": role, "content": content})
+    if out[-1]["role"] != "assistant" or not out[-1]["content"].strip():
+        raise PMError(
+            f"{path}: row {n}: the last message must be the assistant's, non-empty: it is the response"
+        )
+    return out
 
 
 def _first_seen(labels: list[str]) -> list[str]:
@@ -143,10 +198,14 @@ def task_hash(task: Task) -> str:
 
 
 def save_split(split: Split, kind: str, folder: Path, name: str = "test") -> None:
-    """`folder/{name}.jsonl` in the format load_task_folder reads; images are copied beside it (name/NNNN.png)."""
+    """`folder/{name}.jsonl` in the format load_task_folder reads; images are copied beside it (name/NNNN.png);
+    generative examples are written as `messages`, the response last."""
     folder = Path(folder)
     rows = []
     for k, (x, y) in enumerate(zip(split.inputs, split.labels)):
+        if kind == "generative":
+            rows.append(json.dumps({"messages": [*x, {"role": "assistant", "content": y}]}))
+            continue
         if kind == "image":
             (folder / name).mkdir(exist_ok=True)
             if isinstance(x, np.ndarray):
@@ -183,15 +242,18 @@ def load_tasks(spec: str, seed: int = 0) -> list[Task]:
 
 
 def check_tasks(tasks: list[Task], kind: str | None = None, seen: list[str] = ()) -> None:
-    """One input kind (`kind`: that of the tasks they follow), and no test label that no training saw."""
+    """One kind of task (`kind`: that of the tasks they follow), and no test label that no training saw (for
+    classification; a generative test response is free text)."""
     kinds = {t.kind for t in tasks}
     if len(kinds) > 1:
-        raise PMError(f"tasks mix text and images ({', '.join(sorted(kinds))})")
+        raise PMError(f"tasks mix kinds ({', '.join(sorted(kinds))}); one RUN holds one kind of task")
     if kind is not None and kinds != {kind}:
         t = next(t for t in tasks if t.kind != kind)
         raise PMError(f"task {t.name}: holds {t.kind} examples, but the RUN's tasks are {kind}")
     seen = set(seen)
     for t in tasks:
+        if t.kind == "generative":
+            continue
         seen.update(t.train.labels)
         unseen = sorted(set(t.test.labels) - seen)
         if unseen:
@@ -380,6 +442,49 @@ def _clinc150_tasks(spec: str, params: dict[str, int], defaults: dict[str, int],
     return tasks
 
 
+# builtin:clinc150-gen: CLINC150 as instruction tasks for a decoder. Fewer requests per intent than
+# builtin:clinc150 by default: each test request is answered by generating, which on a CPU costs far more than
+# one encoder pass.
+CLINC150_GEN_TRAIN, CLINC150_GEN_TEST = 10, 5
+CLINC150_GEN_INSTRUCTION = "Which intent is this request? Answer with the intent name."
+
+
+def intent_response(intent: str) -> str:
+    """The response for a CLINC150 intent: its name with spaces for underscores ("change accent"), the words a
+    language model writes rather than an identifier it must spell token by token; no intent name holds a space,
+    so the response maps back to one intent."""
+    return intent.replace("_", " ")
+
+
+def clinc150_prompt(text: str, choices: list[str] | None = None) -> str:
+    """The instruction and the request; with `choices` (task-incremental), the names to answer from too."""
+    head = CLINC150_GEN_INSTRUCTION
+    if choices:
+        head += " One of: " + ", ".join(choices) + "."
+    return f"{head}\nRequest: {text}"
+
+
+def _clinc150_gen_tasks(spec: str, params: dict[str, int], defaults: dict[str, int], seed: int) -> list[Task]:
+    """builtin:clinc150's tasks (the same domains, intents and requests for the same seed and options) as
+    generative tasks: the request in (clinc150_prompt), the intent's name out (intent_response).
+    Class-incremental by default: the prompt lists no candidate names, so the model must recall every intent it
+    has learnt; `list_intents=1` lists the current task's intents in the prompt (task-incremental)."""
+    list_intents = {**defaults, **params}["list_intents"]
+    if list_intents not in (0, 1):
+        raise PMError(f"{spec}: list_intents must be 0 or 1")
+    out = []
+    for t in _clinc150_tasks(spec, params, defaults, seed):
+        names = [intent_response(c) for c in t.classes]
+        choices = sorted(names) if list_intents else None
+
+        def gen(split: Split, choices=choices) -> Split:
+            prompts = [[{"role": "user", "content": clinc150_prompt(x, choices)}] for x in split.inputs]
+            return Split(prompts, [intent_response(y) for y in split.labels])
+
+        out.append(Task(t.name, "generative", gen(t.train), gen(t.test), names))
+    return out
+
+
 BUILTINS = {
     # name: (build(spec, params, defaults, seed) -> tasks, defaults)
     "wordnet-nouns": (
@@ -394,6 +499,16 @@ BUILTINS = {
     "clinc150": (
         _clinc150_tasks,
         {"tasks": 10, "classes": 15, "train": CLINC150_TRAIN, "test": CLINC150_TEST},
+    ),
+    "clinc150-gen": (
+        _clinc150_gen_tasks,
+        {
+            "tasks": 10,
+            "classes": 15,
+            "train": CLINC150_GEN_TRAIN,
+            "test": CLINC150_GEN_TEST,
+            "list_intents": 0,
+        },
     ),
 }
 
