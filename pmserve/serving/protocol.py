@@ -173,7 +173,7 @@ def requested_outputs(req: dict, names: tuple[str, ...] = ("label", "scores")) -
     params = req.get("parameters") or {}
     default = bool(params.get("binary_data_output", False)) if isinstance(params, dict) else False
     outs = req.get("outputs")
-    if outs is None:
+    if outs is None or outs == []:  # as Triton: no outputs named, all of them
         return [(n, default) for n in names]
     if not isinstance(outs, list) or not all(isinstance(o, dict) for o in outs):
         raise RequestError(400, "'outputs': expected a list of objects")
