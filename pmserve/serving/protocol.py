@@ -108,11 +108,16 @@ def parse_infer_request(body: bytes, header_length: str | None) -> tuple[dict, b
 
 def parse_json(body: bytes):
     try:
-        return json.loads(body)
+        return json.loads(body, parse_constant=_not_json)
     except (ValueError, UnicodeDecodeError) as e:
         raise RequestError(400, f"malformed JSON: {e}") from None
     except RecursionError:  # "[[[[..." deeper than Python's recursion limit
         raise RequestError(400, "malformed JSON: nested too deep") from None
+
+
+def _not_json(name: str):
+    """NaN and Infinity are Python's JSON, not JSON: refused, as the answer could not carry them back."""
+    raise ValueError(f"{name} is not JSON")
 
 
 def infer_elements(req: dict, binary: bytes, input_name: str, max_inputs: int) -> list:
