@@ -383,3 +383,31 @@ def test_a_version_that_crashes_onnx_runtime_is_refused_and_the_server_lives(exp
     finally:
         proc.kill()
         proc.wait()
+
+
+# ---------------------------------------------------------------- found by the fuzzer (tests/test_serve_fuzz.py)
+
+
+def test_fuzz_findings_empty_tokens_outputs_and_tiny_images(bundle, digits):  # noqa: F811
+    """Before: a text of no tokens (an empty text, with a tokenizer that adds no special tokens) failed its model
+    call, 500; "outputs": [] answered no outputs (Triton answers all); a 1x1 image was read as channels first,
+    500."""
+    from PIL import Image
+
+    with client([bundle, digits], ["text", "digits"]) as c:
+        r = c.post("/v2/models/text/infer", json=infer_body([""]))
+        assert r.status_code == 400 and "no tokens" in r.json()["error"], r.text
+        r = c.post("/v2/models/text/infer", json=infer_body(["dog"]) | {"outputs": []})
+        assert r.status_code == 200 and [o["name"] for o in r.json()["outputs"]] == ["label", "scores"]
+        tiny = io.BytesIO()
+        Image.new("RGB", (1, 1)).save(tiny, "PNG")
+        r = c.post("/v2/models/digits/infer", json=image_body([tiny.getvalue()]))
+        assert r.status_code == 200, r.text
+
+
+def test_fuzz_finding_non_json_constants_are_a_400(bundle):  # noqa: F811
+    """Before: {"id": Infinity} was parsed (Python's JSON allows it), echoed, and failed the answer's encoding: 500."""
+    with client([bundle], ["text"]) as c:
+        body = b'{"id": Infinity, "inputs": [{"name": "text", "datatype": "BYTES", "shape": [1], "data": ["dog"]}]}'
+        r = c.post("/v2/models/text/infer", content=body)
+        assert r.status_code == 400 and "Infinity is not JSON" in r.json()["error"], r.text
