@@ -15,9 +15,10 @@ from .protocol import RequestError
 # Decoders for the formats cameras and browsers write; others (EPS runs Ghostscript, TIFF and PSD hold layers and
 # compression schemes few clients need) are refused rather than opened.
 IMAGE_FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP")
-# An image decoded larger than this many times the model's input side is reduced first (box filter, integer
-# factor, as a JPEG's DCT scaling does): a request's decoded images then take memory in proportion to the model's
-# input, not to the pixels a client chose to send. The preprocessor's own resize follows, as for any image.
+# An image at least twice this many times the model's input side is reduced as it is decoded (box filter, by an
+# integer factor, never below this many times the side, as a JPEG's DCT scaling does): a request's decoded images
+# then take memory in proportion to the model's input, not to the pixels a client chose to send. The
+# preprocessor's own resize follows, as for any image.
 KEEP_SIDE = 2
 
 
