@@ -62,6 +62,35 @@ def register(app: typer.Typer) -> None:
         drain_timeout: float = typer.Option(
             D.SERVE_DRAIN_S, help="On SIGTERM, seconds to let in-flight requests finish before closing them."
         ),
+        max_image_pixels: int = typer.Option(
+            D.SERVE_MAX_IMAGE_PIXELS,
+            help="Most pixels (width x height, read from the header before decoding) in one image (413 past it).",
+        ),
+        max_image_bytes: int = typer.Option(
+            D.SERVE_MAX_IMAGE_BYTES,
+            help="Most bytes in one encoded image; an image model's request body holds --max-inputs of them.",
+        ),
+        body_timeout_s: float = typer.Option(
+            D.SERVE_BODY_TIMEOUT_S, help="Seconds a request body may take to arrive (408 past it)."
+        ),
+        load_timeout_s: float = typer.Option(
+            D.SERVE_LOAD_TIMEOUT_S,
+            help="With --repository: seconds a new version's check (in a child process) may take before it "
+            "is refused.",
+        ),
+        api_key: str = typer.Option(
+            None,
+            envvar="PMSERVE_API_KEY",
+            show_default=False,
+            help="Require `Authorization: Bearer KEY` on every endpoint but /v2/health/* (env PMSERVE_API_KEY).",
+        ),
+        admin_key: str = typer.Option(
+            None,
+            envvar="PMSERVE_ADMIN_KEY",
+            show_default=False,
+            help="With --repository: the key that load and unload need (env PMSERVE_ADMIN_KEY); without it they "
+            "answer 403 unless the server listens on loopback only.",
+        ),
     ):
         """Serve bundles over the Open Inference Protocol v2 (KServe v2 / Triton REST), with dynamic batching.
 
@@ -82,6 +111,12 @@ def register(app: typer.Typer) -> None:
             threads=threads,
             drain_s=drain_timeout,
             poll_s=poll_s,
+            max_image_pixels=max_image_pixels,
+            max_image_bytes=max_image_bytes,
+            body_timeout_s=body_timeout_s,
+            load_timeout_s=load_timeout_s,
+            api_key=api_key or None,
+            admin_key=admin_key or None,
         )
         run_server(
             bundles or [],

@@ -144,7 +144,9 @@ class Preprocessor:
         if self.kind == "text":
             return self.tok(list(inputs), truncation=True, max_length=self.max_length)
         images = [_to_rgb(x) for x in inputs]
-        return self.proc(images=images, return_tensors="pt")["pixel_values"]
+        # height x width x 3 always: left to guess, the processor reads an image 1 or 3 pixels high as channels first
+        batch = self.proc(images=images, return_tensors="pt", input_data_format="channels_last")
+        return batch["pixel_values"]
 
     def lengths(self, encoded) -> list[int]:
         """How many positions each encoded input fills before padding: its token count for text; every image is

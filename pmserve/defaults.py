@@ -100,6 +100,10 @@ SERVE_PROVIDER = "auto"
 SERVE_THREADS = 0  # 0: ONNX Runtime's default, one per core
 SERVE_DRAIN_S = 30.0
 SERVE_POLL_S = 2.0  # --repository: seconds between looks for new versions; 0: never look
+SERVE_MAX_IMAGE_PIXELS = 25_000_000  # one image's width x height, read from its header before it is decoded
+SERVE_MAX_IMAGE_BYTES = 2 << 20  # one encoded image; an image model's infer body is --max-inputs of them
+SERVE_BODY_TIMEOUT_S = 30.0  # a request body must arrive whole within this (slow clients hold memory)
+SERVE_LOAD_TIMEOUT_S = 300.0  # --repository: a candidate version's check in a child process
 
 # pmserve bench: BenchConfig
 BENCH_BATCH_SIZES = (1, 8, 32)

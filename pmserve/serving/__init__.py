@@ -2,8 +2,10 @@
 
 - config: ServeConfig, the server's options;
 - model: Served (a bundle as served) and load_bundle, the checks every version passes before it serves;
+- candidate: a candidate version's graph run first in a child process (a crash there is not the server's);
 - metrics: the Prometheus metrics;
 - protocol: the v2 wire format (request parsing, limits, response encoding) and RequestError;
+- access: who may call what (the API key, the admin key, loopback);
 - inputs: texts checked, images decoded;
 - batcher: dynamic batching of one model's requests into padded model calls (no HTTP);
 - model_table: name -> the version served and its batcher; swaps that drop nothing;

@@ -22,8 +22,9 @@ from fastapi import Request  # at module level: FastAPI resolves the handlers' a
 from starlette.datastructures import Headers
 
 from .. import __version__
+from .access import Access
 from .config import ServeConfig
-from .inputs import IMAGE_BYTES, model_inputs
+from .inputs import model_inputs
 from .metrics import Metrics
 from .model import Served
 from .model_table import ModelTable, Slot
@@ -120,10 +121,12 @@ class _Template:
     path: str  # what the metrics middleware labels a request by, as it reads a Starlette route's
 
 
-def create_app(models: list[Served], cfg: ServeConfig, repository=None):
+def create_app(models: list[Served], cfg: ServeConfig, repository=None, loopback: bool = False):
     """The FastAPI app serving `models` (already loaded); batchers start and drain with its lifespan. With a
-    `repository` (pmserve.serving.repository.Repository, built by the command) the models change while it serves: the repository
-    extension's endpoints are added and the repository polls for new versions."""
+    `repository` (pmserve.serving.repository.Repository, built by the command) the models change while it serves:
+    the repository extension's endpoints are added and the repository polls for new versions. `loopback`: the
+    server listens on a loopback address only, where loading and unloading need no --admin-key
+    (pmserve.serving.access)."""
     from fastapi import FastAPI
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import JSONResponse, Response
@@ -133,10 +136,10 @@ def create_app(models: list[Served], cfg: ServeConfig, repository=None):
     table = ModelTable(cfg, metrics)
     state = {"ready": False}
 
-    def body_limit() -> int:
-        """Bytes a request body may have: images need more than texts (the models served can change)."""
-        images = any(s.kind != "text" for s in table.served())
-        return cfg.max_inputs * max(4 * cfg.max_text_chars + 16, IMAGE_BYTES if images else 0) + (1 << 16)
+    def plain_body_limit() -> int:
+        """/predict and /embed name their model in the body: the largest limit of the kinds served (the text
+        limit unless an image model serves; the models served can change)."""
+        return max(cfg.body_limit(k) for k in {"text", *(s.kind for s in table.served())})
 
     @asynccontextmanager
     async def lifespan(app):
@@ -169,42 +172,24 @@ def create_app(models: list[Served], cfg: ServeConfig, repository=None):
     async def _internal_error(request, e: Exception):
         return JSONResponse({"error": internal_error(e)}, status_code=500)
 
-    async def read_body(receive, headers) -> bytes:
-        """The body, refused past the limits' size while it streams in, and un-gzipped when it came so."""
-        chunks, n, max_body = [], 0, body_limit()
-        while True:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                raise RequestError(400, "the client went away before its request body arrived")
-            chunk = message.get("body", b"")
-            n += len(chunk)
-            if n > max_body:
-                raise RequestError(
-                    413, f"request body over {max_body} bytes (see --max-inputs, --max-text-chars)"
-                )
-            chunks.append(chunk)
-            if not message.get("more_body", False):
-                break
-        body = b"".join(chunks)
+    async def read_body(receive, headers, max_body: int) -> bytes:
+        """The body, refused past `max_body` bytes while it streams in or once it has taken --body-timeout-s,
+        and un-gzipped when it came so. Read before a request holds a model version: a slow client holds only
+        its own bytes."""
+        body = await read_limited(receive, max_body, cfg.body_timeout_s)
         encoding = headers.get("content-encoding", "identity").lower()
-        if encoding in ("gzip", "deflate"):
-            d = zlib.decompressobj(wbits=31 if encoding == "gzip" else 15)
-            try:
-                body = d.decompress(body, max_body)
-            except zlib.error as e:
-                raise RequestError(400, f"Content-Encoding {encoding}: corrupt ({e})") from None
-            if d.unconsumed_tail:
-                raise RequestError(413, f"request body over {max_body} bytes once decompressed")
-        elif encoding != "identity":
+        if encoding in ("gzip", "deflate"):  # a few kilobytes may inflate to the limit: not on the event loop
+            return await asyncio.to_thread(inflate, body, encoding, max_body)
+        if encoding != "identity":
             raise RequestError(415, f"Content-Encoding {encoding!r} is not supported (gzip, deflate)")
         return body
 
     async def scores_for(slot: Slot, elements: list) -> np.ndarray:
         served = slot.served
         if served.kind == "text":
-            inputs = model_inputs(served, elements, cfg.max_text_chars)
+            inputs = model_inputs(served, elements, cfg)
         else:  # decoding images takes milliseconds each: not on the event loop
-            inputs = await asyncio.to_thread(model_inputs, served, elements, cfg.max_text_chars)
+            inputs = await asyncio.to_thread(model_inputs, served, elements, cfg)
         return await slot.batcher.infer(inputs)
 
     @app.get("/v2")
@@ -235,8 +220,14 @@ def create_app(models: list[Served], cfg: ServeConfig, repository=None):
 
     async def infer(name: str, version: str | None, receive, headers) -> tuple[bytes, dict[str, str]]:
         """One v2 infer request (served by _InferRoute): the response body and its headers."""
+        # the body first, bounded by the limit of the model's kind, without holding the version
+        body = await read_body(receive, headers, cfg.body_limit(table.lookup(name, version).served.kind))
+        if len(body) > PARSE_ON_LOOP:  # parsing megabytes takes milliseconds: not on the event loop
+            req, binary = await asyncio.to_thread(parse_infer_request, body, headers.get(HEADER_LENGTH))
+        else:
+            req, binary = parse_infer_request(body, headers.get(HEADER_LENGTH))
+        del body
         with table.use(name, version) as slot:  # this request is answered by the version it looked up
-            req, binary = parse_infer_request(await read_body(receive, headers), headers.get(HEADER_LENGTH))
             elements = infer_elements(req, binary, slot.served.kind, cfg.max_inputs)
             requested_outputs(req, slot.served.outputs)  # a bad 'outputs' is a 400 before the model runs
             head, tail = infer_response(slot.served, req, await scores_for(slot, elements))
@@ -246,7 +237,8 @@ def create_app(models: list[Served], cfg: ServeConfig, repository=None):
         return raw + tail, {"content-type": "application/octet-stream", HEADER_LENGTH: str(len(raw))}
 
     app.add_middleware(_InferRoute, handler=infer)
-    # added last, so outside _InferRoute: it counts those requests too
+    app.add_middleware(Access, cfg=cfg, loopback=loopback)  # outside _InferRoute: before any body is read
+    # added last, so outside the others: it counts those requests too
     app.add_middleware(_MetricsMiddleware, metrics=metrics)
 
     def plain_model(req: dict, embedding: bool) -> str:
@@ -258,7 +250,7 @@ def create_app(models: list[Served], cfg: ServeConfig, repository=None):
 
     async def plain_rows(request: Request, embedding: bool) -> tuple[Served, np.ndarray]:
         """A /predict (classifier) or /embed (embedding) request's model and its output rows."""
-        req = parse_json(await read_body(request.receive, request.headers))
+        req = parse_json(await read_body(request.receive, request.headers, plain_body_limit()))
         inputs = plain_inputs(req, cfg.max_inputs)
         with table.use(plain_model(req, embedding)) as slot:
             served = slot.served
@@ -291,40 +283,81 @@ def create_app(models: list[Served], cfg: ServeConfig, repository=None):
         return Response(body, media_type=content_type)
 
     if repository is not None:
-        _repository_routes(app, repository)
+        _repository_routes(app, repository, cfg)
     app.state.metrics, app.state.table = metrics, table
     return app
 
 
-def _repository_routes(app, repository) -> None:
-    """The KServe/Triton model repository extension."""
+def _repository_routes(app, repository, cfg: ServeConfig) -> None:
+    """The KServe/Triton model repository extension (who may call which: pmserve.serving.access)."""
+
+    async def small_json(request: Request) -> dict:
+        """The JSON object of a repository request; an empty body is {}."""
+        return _json_object(await read_limited(request.receive, SMALL_BODY, cfg.body_timeout_s))
 
     @app.post("/v2/repository/index")
     async def repository_index(request: Request):
-        params = await _small_json(request)
+        params = await small_json(request)
         return repository.index(bool(params.get("ready", False)))
 
     @app.post("/v2/repository/models/{name}/load")
     async def repository_load(name: str, request: Request):
-        served = await repository.load(name, version_param(await _small_json(request)))
+        served = await repository.load(name, version_param(await small_json(request)))
         return {"name": name, "version": served.version, "state": READY}
 
     @app.post("/v2/repository/models/{name}/unload")
     async def repository_unload(name: str, request: Request):
-        await _small_json(request)
+        await small_json(request)
         await repository.unload(name)
         return {"name": name, "state": UNAVAILABLE, "reason": "unloaded"}
 
 
-async def _small_json(request: Request) -> dict:
-    """The JSON object of a repository request; an empty body is {}."""
-    chunks, n = [], 0
-    async for chunk in request.stream():
-        n += len(chunk)
-        if n > SMALL_BODY:
-            raise RequestError(413, f"request body over {SMALL_BODY} bytes")
-        chunks.append(chunk)
-    body = b"".join(chunks)
+PARSE_ON_LOOP = 1 << 20  # bodies larger than this are parsed in a worker thread
+
+
+async def read_limited(receive, max_body: int, timeout_s: float) -> bytes:
+    """A request body from the ASGI `receive`: 413 past `max_body` bytes (as soon as they stream past it), 408
+    when it has not arrived whole within `timeout_s` seconds (a slow or stalled client), 400 when the client
+    went away."""
+
+    async def chunks() -> list[bytes]:
+        out, n = [], 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                raise RequestError(400, "the client went away before its request body arrived")
+            chunk = message.get("body", b"")
+            n += len(chunk)
+            if n > max_body:
+                raise RequestError(
+                    413,
+                    f"request body over {max_body} bytes (see --max-inputs, --max-text-chars, "
+                    "--max-image-bytes)",
+                )
+            out.append(chunk)
+            if not message.get("more_body", False):
+                return out
+
+    try:
+        async with asyncio.timeout(timeout_s):
+            return b"".join(await chunks())
+    except TimeoutError:
+        raise RequestError(408, f"the request body did not arrive within {timeout_s:g} s") from None
+
+
+def inflate(body: bytes, encoding: str, max_body: int) -> bytes:
+    """A gzip or deflate body inflated, 413 as soon as it passes `max_body` bytes (a bomb stops there)."""
+    d = zlib.decompressobj(wbits=31 if encoding == "gzip" else 15)
+    try:
+        out = d.decompress(body, max_body)
+    except zlib.error as e:
+        raise RequestError(400, f"Content-Encoding {encoding}: corrupt ({e})") from None
+    if d.unconsumed_tail:
+        raise RequestError(413, f"request body over {max_body} bytes once decompressed")
+    return out
+
+
+def _json_object(body: bytes) -> dict:
     if not body.strip():
         return {}
     req = parse_json(body)

@@ -198,6 +198,11 @@ class Batcher:
         except Exception as e:  # noqa: BLE001 -- the callers answer 500 with it; the server goes on
             loop.call_soon_threadsafe(self._fail, jobs, range(len(jobs)), e)
             return
+        # a text of no tokens: a call padded to 0 tokens fails, so those requests are refused
+        if 0 in lengths:
+            failed |= {owner[i] for i, n in enumerate(lengths) if n == 0}
+            why = RequestError(400, "an input has no tokens once tokenized (an empty text?)")
+            loop.call_soon_threadsafe(self._fail, jobs, set(failed), why)
         out = None
         for group in groups:
             # failed or gone: not scored (done() read from this thread is only a hint; _answer checks again)

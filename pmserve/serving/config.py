@@ -1,11 +1,12 @@
-"""The options of a server (`ServeConfig`): limits, batching, ONNX Runtime and the repository's polling.
+"""The options of a server (`ServeConfig`): limits, batching, ONNX Runtime, the repository's polling and the
+access keys.
 
 Every field is a `pmserve serve` option; the command builds one and hands it to everything it starts.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from .. import defaults as D
 from ..errors import PMError
@@ -25,6 +26,13 @@ class ServeConfig:
     threads: int = D.SERVE_THREADS
     drain_s: float = D.SERVE_DRAIN_S
     poll_s: float = D.SERVE_POLL_S
+    max_image_pixels: int = D.SERVE_MAX_IMAGE_PIXELS
+    max_image_bytes: int = D.SERVE_MAX_IMAGE_BYTES
+    body_timeout_s: float = D.SERVE_BODY_TIMEOUT_S
+    load_timeout_s: float = D.SERVE_LOAD_TIMEOUT_S
+    # bearer tokens (pmserve.serving.access); never printed, so out of repr
+    api_key: str | None = field(default=None, repr=False)
+    admin_key: str | None = field(default=None, repr=False)
 
     def check(self) -> None:
         for opt, value, low in (
@@ -35,8 +43,25 @@ class ServeConfig:
             ("threads", self.threads, 0),
             ("drain-timeout", self.drain_s, 0),
             ("poll-s", self.poll_s, 0),
+            ("max-image-pixels", self.max_image_pixels, 1),
+            ("max-image-bytes", self.max_image_bytes, 1),
+            ("body-timeout-s", self.body_timeout_s, 0.001),
+            ("load-timeout-s", self.load_timeout_s, 0.001),
         ):
             if value < low:
                 raise PMError(f"--{opt}: must be at least {low}, got {value}")
         if self.provider not in PROVIDERS:
             raise PMError(f"--provider: must be one of {', '.join(PROVIDERS)}, got {self.provider!r}")
+        for opt, key in (("api-key", self.api_key), ("admin-key", self.admin_key)):
+            if key is not None and (len(key) < 16 or not key.isascii() or not key.isprintable()):
+                raise PMError(f"--{opt}: must be at least 16 printable ASCII characters")
+
+    def body_limit(self, kind: str) -> int:
+        """Bytes a request body for a model of input `kind` may have: --max-inputs texts of --max-text-chars
+        (4 bytes a character in UTF-8), or --max-inputs images of --max-image-bytes as base64 (4/3 of the bytes;
+        the binary extension's raw bytes are fewer), and 64 KiB for the rest of the JSON."""
+        if kind == "text":
+            per_input = 4 * self.max_text_chars + 16
+        else:
+            per_input = -(-self.max_image_bytes // 3) * 4 + 16
+        return self.max_inputs * per_input + (1 << 16)

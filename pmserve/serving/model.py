@@ -10,8 +10,10 @@ from pathlib import Path
 
 import numpy as np
 
+from .. import defaults as D
+from ..backbone import Preprocessor
 from ..errors import PMError
-from ..formats.bundle import read_manifest, read_probe
+from ..formats.bundle import read_manifest, read_probe, verify_bundle
 from ..predict import OrtModel
 from .config import ServeConfig
 
@@ -81,12 +83,8 @@ def load_bundle(path: Path, name: str, cfg: ServeConfig, version: str = VERSION)
     # checks every file's sha256; no spinning: ORT's idle threads would take the cores requests are parsed on
     model = OrtModel.from_bundle(path, cfg.provider, cfg.threads, spinning=False)
     probe = read_probe(path, model.manifest)
-    if probe is None:
-        inputs = ["warm up"] if model.input_kind == "text" else [np.zeros((16, 16, 3), np.uint8)]
-    else:
-        inputs = probe["inputs"]
     try:
-        scores = model.scores(inputs)
+        scores = model.scores(_probe_inputs(model.input_kind, probe))
     except Exception as e:  # noqa: BLE001 -- any failure here means the bundle cannot serve
         raise PMError(f"{path}: the model does not run ({str(e).splitlines()[0][:200]})") from None
     if probe is not None:
@@ -105,6 +103,24 @@ def load_bundle(path: Path, name: str, cfg: ServeConfig, version: str = VERSION)
                 f"(tolerance {tol:g})"
             )
     return Served(name, path, model, version)
+
+
+def _probe_inputs(kind: str, probe: dict | None) -> list:
+    """The inputs a bundle is checked on: its parity probe's, or one plain input for a bundle from before probes."""
+    if probe is None:
+        return ["warm up"] if kind == "text" else [np.zeros((16, 16, 3), np.uint8)]
+    return probe["inputs"]
+
+
+def probe_feed(path: Path) -> dict[str, np.ndarray]:
+    """The graph's inputs for the bundle's probe, encoded by its preprocessor once its files' hashes are checked
+    (a PMError otherwise): what pmserve.serving.candidate runs the graph on in a child process, so that this
+    process never opens a graph that has not run once elsewhere."""
+    path = Path(path)
+    m = verify_bundle(path)
+    prep = Preprocessor(path, m["input_kind"], int(m.get("max_length", D.UNKNOWN_MAX_LENGTH)))
+    batch = prep(_probe_inputs(m["input_kind"], read_probe(path, m)))
+    return {k: v.numpy() for k, v in batch.items()}
 
 
 def load_models(bundles: list[Path], names: list[str], cfg: ServeConfig) -> list[Served]:

@@ -35,6 +35,21 @@ def pack_bytes(items: list[bytes]) -> bytes:
     return b"".join(struct.pack("<I", len(b)) + b for b in items)
 
 
+def count_bytes(raw: bytes, most: int) -> int:
+    """How many BYTES elements `raw` holds, read from the length prefixes alone (nothing copied), counting at most
+    `most` + 1: a body whose prefixes lie about its element count is refused before anything is unpacked."""
+    count, k, view = 0, 0, memoryview(raw)
+    while k < len(raw) and count <= most:
+        if k + 4 > len(raw):
+            raise RequestError(400, "binary BYTES tensor: truncated length prefix")
+        (n,) = struct.unpack_from("<I", view, k)
+        if k + 4 + n > len(raw):
+            raise RequestError(400, "binary BYTES tensor: an element runs past the data")
+        k += 4 + n
+        count += 1
+    return count
+
+
 def unpack_bytes(raw: bytes) -> list[bytes]:
     out, k = [], 0
     while k < len(raw):
@@ -48,11 +63,26 @@ def unpack_bytes(raw: bytes) -> list[bytes]:
     return out
 
 
-def _flatten(data) -> list:
-    """v2 allows tensor data as a flat row-major list or nested lists of the tensor's shape."""
-    if not isinstance(data, list):
-        return [data]
-    return [x for d in data for x in _flatten(d)]
+def _flatten(data, most: int) -> list:
+    """v2 allows tensor data as a flat row-major list or nested lists of the tensor's shape; the elements in
+    order, or 400 past `most` of them (a shape [N] tensor has no business nesting deep)."""
+    out, stack = [], [iter([data])]
+    while stack:
+        x = next(stack[-1], _END)
+        if x is _END:
+            stack.pop()
+        elif isinstance(x, list):
+            if len(stack) > 32:
+                raise RequestError(400, "tensor data: lists nested more than 32 deep")
+            stack.append(iter(x))
+        else:
+            out.append(x)
+            if len(out) > most:
+                break
+    return out
+
+
+_END = object()
 
 
 def parse_infer_request(body: bytes, header_length: str | None) -> tuple[dict, bytes]:
@@ -78,9 +108,16 @@ def parse_infer_request(body: bytes, header_length: str | None) -> tuple[dict, b
 
 def parse_json(body: bytes):
     try:
-        return json.loads(body)
+        return json.loads(body, parse_constant=_not_json)
     except (ValueError, UnicodeDecodeError) as e:
         raise RequestError(400, f"malformed JSON: {e}") from None
+    except RecursionError:  # "[[[[..." deeper than Python's recursion limit
+        raise RequestError(400, "malformed JSON: nested too deep") from None
+
+
+def _not_json(name: str):
+    """NaN and Infinity are Python's JSON, not JSON: refused, as the answer could not carry them back."""
+    raise ValueError(f"{name} is not JSON")
 
 
 def infer_elements(req: dict, binary: bytes, input_name: str, max_inputs: int) -> list:
@@ -94,7 +131,13 @@ def infer_elements(req: dict, binary: bytes, input_name: str, max_inputs: int) -
     if t.get("datatype") != "BYTES":
         raise RequestError(400, f"input {input_name!r}: datatype must be BYTES, got {t.get('datatype')!r}")
     shape = t.get("shape")
-    if not (isinstance(shape, list) and len(shape) == 1 and isinstance(shape[0], int) and shape[0] >= 1):
+    if not (
+        isinstance(shape, list)
+        and len(shape) == 1
+        and isinstance(shape[0], int)
+        and not isinstance(shape[0], bool)
+        and shape[0] >= 1
+    ):
         raise RequestError(400, f"input {input_name!r}: shape must be [N] with N >= 1, got {shape!r}")
     if shape[0] > max_inputs:
         raise RequestError(
@@ -109,14 +152,25 @@ def infer_elements(req: dict, binary: bytes, input_name: str, max_inputs: int) -
             raise RequestError(
                 400, f"input {input_name!r}: binary_data_size {size!r}, but {len(binary)} bytes follow"
             )
-        elements = unpack_bytes(binary)
+        count = count_bytes(binary, shape[0])  # from the length prefixes: nothing unpacked yet
+        if count != shape[0]:
+            raise RequestError(
+                400, f"input {input_name!r}: shape {shape} but {_count(count, shape[0])} elements"
+            )
+        return unpack_bytes(binary)
     elif "data" in t:
-        elements = _flatten(t["data"])
+        elements = _flatten(t["data"], shape[0])
     else:
         raise RequestError(400, f"input {input_name!r}: no 'data' and no binary_data_size")
     if len(elements) != shape[0]:
-        raise RequestError(400, f"input {input_name!r}: shape {shape} but {len(elements)} elements")
+        raise RequestError(
+            400, f"input {input_name!r}: shape {shape} but {_count(len(elements), shape[0])} elements"
+        )
     return elements
+
+
+def _count(n: int, want: int) -> str:
+    return f"more than {want}" if n > want else str(n)
 
 
 def requested_outputs(req: dict, names: tuple[str, ...] = ("label", "scores")) -> list[tuple[str, bool]]:
@@ -124,7 +178,7 @@ def requested_outputs(req: dict, names: tuple[str, ...] = ("label", "scores")) -
     params = req.get("parameters") or {}
     default = bool(params.get("binary_data_output", False)) if isinstance(params, dict) else False
     outs = req.get("outputs")
-    if outs is None:
+    if outs is None or outs == []:  # as Triton: no outputs named, all of them
         return [(n, default) for n in names]
     if not isinstance(outs, list) or not all(isinstance(o, dict) for o in outs):
         raise RequestError(400, "'outputs': expected a list of objects")

@@ -3,22 +3,32 @@
 Triton and KServe keep models in a repository of numbered versions (layout: pmserve.formats.repository) and
 load, unload and list them through the model repository extension; this module does that for pmserve bundles.
 
-- At start every model folder serves its newest version that passes the checks every bundle passes
-  (pmserve.serving.model.load_bundle: hashes, ONNX Runtime, the parity probe); a version that fails is recorded with its reason
-  and the next older one is tried.
-- Every --poll-s seconds it looks for versions newer than the one it chose, and loads the newest that passes,
-  in a worker thread while the old version goes on serving, then swaps (ModelTable.put: requests already
-  holding the old version finish on it). A version that failed stays refused, the old one serves, and it is
-  tried again only once its files change (a copy that was still in progress has completed).
+- A version is its number AND its content (`content`: its files' names, sizes and modification times): a version
+  folder deleted and written again under the same number, or changed in place, is a new candidate, never taken
+  for the one already served.
+- Every candidate passes the checks every bundle passes (pmserve.serving.model.load_bundle: hashes, ONNX Runtime,
+  the parity probe) first in a child process (pmserve.serving.candidate: a model that crashes ONNX Runtime kills
+  the child, not the server), then in the server's process.
+- At start every model folder serves its newest version that passes; a version that fails is recorded with its
+  reason and the next older one is tried.
+- Every --poll-s seconds it looks for candidates: versions at or above the one served that it has not settled
+  (not present when the version served was chosen, or changed since), and loads the newest that passes, in a
+  worker thread while the old version goes on serving, then swaps (ModelTable.put: requests already holding the
+  old version finish on it). A version that failed stays refused, the old one serves, and it is tried again only
+  once its files change (a copy that was still in progress has completed).
 - POST /v2/repository/models/NAME/load loads the newest version, or {"parameters": {"version": "V"}}: rolling
-  back is loading an older version. The poller then leaves NAME alone until a version newer than every version
-  present at that moment appears; so does unload, which stops serving NAME (later requests get 404).
-- POST /v2/repository/index lists every version of every model: READY (served) or UNAVAILABLE with the reason.
+  back is loading an older version. The versions present at that moment are settled: the poller leaves NAME on
+  the version loaded until a version appears that was not there then (a new number, or a number whose files
+  changed); so does unload, which stops serving NAME (later requests get 404). Loading the version already served,
+  unchanged, does nothing and answers READY.
+- POST /v2/repository/index lists every version of every model: READY (served, and its files are those loaded)
+  or UNAVAILABLE with the reason. Reasons name files relative to the repository, never the server's paths.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -33,6 +43,7 @@ from ..formats.repository import (
     version_dir,
     versions,
 )
+from .candidate import Prober
 from .config import ServeConfig
 from .metrics import Metrics
 from .model import Served, load_bundle
@@ -46,8 +57,9 @@ class _Model:
 
     name: str
     served: int | None = None  # the version serving now
-    floor: int = 0  # the poller loads only versions above this one
-    failed: dict[int, tuple[str, tuple]] = field(default_factory=dict)  # version -> (reason, files then)
+    served_content: str = ""  # its content when it was loaded
+    settled: set[tuple[int, str]] = field(default_factory=set)  # (version, content) the poller leaves alone
+    failed: dict[int, tuple[str, str]] = field(default_factory=dict)  # version -> (reason, content then)
     history: set[int] = field(default_factory=set)  # versions that served at some point
 
 
@@ -62,6 +74,7 @@ class Repository:
         self.metrics: Metrics | None = None
         self._locks: dict[str, asyncio.Lock] = {}
         self._poller: asyncio.Task | None = None
+        self.prober = Prober()  # candidates' graphs run in child processes first
 
     # ------------------------------------------------------------ before the server starts
 
@@ -71,11 +84,12 @@ class Repository:
         out = []
         for folder in model_dirs(self.root):
             m = self._model(folder.name)
+            present = self._snapshot(m.name)
             for v in self._candidates(m):
-                served = self._settle(m, v, *self._load(m.name, v))
+                result, seconds, content = self._load(m.name, v)
+                served = self._settle(m, v, result, seconds, content)
                 if served is not None:
-                    m.served, m.floor = v, v
-                    m.history.add(v)
+                    self._served(m, v, content, present)
                     out.append(served)
                     break
         failures = [(m, v, r) for m in self.models.values() for v, (r, _) in sorted(m.failed.items())]
@@ -100,6 +114,7 @@ class Repository:
                 await self._poller
             except asyncio.CancelledError:
                 pass
+        self.prober.close()
 
     async def refresh(self) -> None:
         """One look at the repository: every model with a version newer than its chosen one loads the newest of
@@ -107,9 +122,9 @@ class Repository:
         for folder in model_dirs(self.root):
             m = self._model(folder.name)
             async with self._lock(m.name):
+                present = self._snapshot(m.name)
                 for v in self._candidates(m):
-                    if await self._load_and_swap(m, v):
-                        m.floor = v
+                    if await self._load_and_swap(m, v, present):
                         break
 
     async def load(self, name: str, version: int | None = None) -> Served:
@@ -117,18 +132,22 @@ class Repository:
         version that is not in the repository, 400 when the version fails a check (the old one goes on)."""
         folder = self.root / name
         if not folder.is_dir() or name.startswith("."):
-            raise RequestError(404, f"no model folder {name!r} in the repository {self.root}")
+            raise RequestError(404, f"no model folder {name!r} in the repository")
         m = self._model(name)
         async with self._lock(name):
-            present = versions(folder)
-            if not present:
+            numbers = versions(folder)
+            if not numbers:
                 raise RequestError(400, f"model {name!r}: {self._empty_reason(folder)}")
-            v = present[-1] if version is None else version
-            if v not in present:
-                have = ", ".join(map(str, present))
-                raise RequestError(404, f"model {name!r} has no version {v} in {folder} (it has {have})")
-            m.floor = max(m.floor, present[-1])  # the poller respects this choice until a newer version comes
-            if not await self._load_and_swap(m, v):
+            v = numbers[-1] if version is None else version
+            if v not in numbers:
+                have = ", ".join(map(str, numbers))
+                raise RequestError(404, f"model {name!r} has no version {v} (it has {have})")
+            present = self._snapshot(name)
+            if v == m.served and (v, m.served_content) in present:  # served, files unchanged: nothing to do
+                m.settled = present
+                return self.table.lookup(name).served
+            # the versions present now are settled: the poller keeps this choice until another appears
+            if not await self._load_and_swap(m, v, present):
                 raise RequestError(400, f"failed to load {name!r} version {v}: {m.failed[v][0]}")
             return self.table.lookup(name).served
 
@@ -136,10 +155,10 @@ class Repository:
         """Stop serving `name`; requests already holding it are answered, later ones get 404."""
         folder = self.root / name
         if name not in self.models and (not folder.is_dir() or name.startswith(".")):
-            raise RequestError(404, f"no model folder {name!r} in the repository {self.root}")
+            raise RequestError(404, f"no model folder {name!r} in the repository")
         m = self._model(name)
         async with self._lock(name):
-            m.floor = max(m.floor, *versions(folder), 0)
+            m.settled = self._snapshot(name)  # the poller loads NAME again once another version appears
             old = self.table.remove(name, "unloaded")
             m.served = None
             if old is not None:
@@ -155,15 +174,25 @@ class Repository:
         for name in sorted(names | set(self.models)):
             m = self.models.get(name) or _Model(name)
             folder = self.root / name
-            present = set(versions(folder)) | ({m.served} if m.served else set())
+            on_disk = dict(self._snapshot(name))
+            present = set(on_disk) | ({m.served} if m.served else set())
             if not present:
                 out.append({"name": name, "state": UNAVAILABLE, "reason": self._empty_reason(folder)})
             for v in sorted(present):
-                entry = {"name": name, "version": str(v), "state": READY if v == m.served else UNAVAILABLE}
-                if v != m.served:
-                    entry["reason"] = (
-                        m.failed[v][0] if v in m.failed else "unloaded" if v in m.history else "not loaded"
-                    )
+                content = on_disk.get(v)
+                # READY only for the files loaded; a folder gone keeps serving what was loaded from it
+                ready = v == m.served and content in (None, m.served_content)
+                entry = {"name": name, "version": str(v), "state": READY if ready else UNAVAILABLE}
+                if not ready:
+                    if v in m.failed and m.failed[v][1] == content:
+                        entry["reason"] = m.failed[v][0]
+                    elif v == m.served:
+                        entry["reason"] = (
+                            "its files changed after it was loaded and are not loaded yet (requests are "
+                            "answered by the files loaded before)"
+                        )
+                    else:
+                        entry["reason"] = "unloaded" if v in m.history else "not loaded"
                 out.append(entry)
         return [e for e in out if e["state"] == READY] if ready_only else out
 
@@ -175,30 +204,59 @@ class Repository:
     def _lock(self, name: str) -> asyncio.Lock:
         return self._locks.setdefault(name, asyncio.Lock())
 
+    def _content(self, name: str, v: int) -> str:
+        """What identifies version `v`'s files (names, sizes, modification times), beside its number."""
+        files = fingerprint(version_dir(self.root / name, v))
+        return hashlib.sha256(repr(files).encode()).hexdigest()[:16] if files else ""
+
+    def _snapshot(self, name: str) -> set[tuple[int, str]]:
+        """(version, content) of every version present in the model folder now."""
+        return {(v, self._content(name, v)) for v in versions(self.root / name)}
+
     def _candidates(self, m: _Model):
-        """Versions above the floor, newest first, less those that failed and have not changed since."""
+        """Versions at or above the one served, newest first, that are not settled (present, as they are now,
+        when the version served was chosen), less those that failed and have not changed since."""
         for v in reversed(versions(self.root / m.name)):
-            if v <= m.floor:
+            if v < (m.served or 0):
                 return
-            if v in m.failed and m.failed[v][1] == fingerprint(version_dir(self.root / m.name, v)):
+            content = self._content(m.name, v)
+            if (v, content) in m.settled or (v in m.failed and m.failed[v][1] == content):
                 continue
             yield v
 
-    def _load(self, name: str, v: int) -> tuple[Served | str, float, tuple]:
-        """(the version loaded, or why it cannot serve; seconds; its files before loading). Runs in a worker
-        thread while the server serves, so the old version answers requests meanwhile."""
+    def _public(self, reason: str) -> str:
+        """A reason as clients see it: paths relative to the repository (the server's folders are its own)."""
+        for root in {str(self.root.resolve()), str(self.root)}:
+            reason = reason.replace(root.rstrip("/") + "/", "")
+        return reason
+
+    def _load(self, name: str, v: int) -> tuple[Served | str, float, str]:
+        """(the version loaded, or why it cannot serve; seconds; its content before loading). Runs in a worker
+        thread while the server serves, so the old version answers requests meanwhile. The checks run in a
+        child process first (pmserve.serving.candidate), so a version that crashes ONNX Runtime is refused
+        instead of killing the server."""
         path = version_dir(self.root / name, v)
-        files = fingerprint(path)  # before: files that change during the load mean another try later
+        content = self._content(name, v)  # before: files that change during the load mean another try later
         start = time.perf_counter()
+        result: Served | str
         try:
-            result: Served | str = load_bundle(path, name, self.cfg, str(v))
+            crashed = self.prober.check(path, self.cfg)
+            result = crashed if crashed is not None else load_bundle(path, name, self.cfg, str(v))
         except PMError as e:
             result = str(e)
         except Exception as e:  # noqa: BLE001 -- one bad version must not stop a server that serves others
             result = f"{path}: cannot load ({type(e).__name__}: {str(e).splitlines()[0][:200]})"
-        return result, time.perf_counter() - start, files
+        if isinstance(result, str):
+            result = self._public(result)
+        return result, time.perf_counter() - start, content
 
-    def _settle(self, m: _Model, v: int, result: Served | str, seconds: float, files: tuple) -> Served | None:
+    def _served(self, m: _Model, v: int, content: str, present: set[tuple[int, str]]) -> None:
+        """Version `v` (with `content`) serves; the versions `present` when it was chosen are settled."""
+        m.served, m.served_content = v, content
+        m.settled = {(n, c) for n, c in present if n != v} | {(v, content)}
+        m.history.add(v)
+
+    def _settle(self, m: _Model, v: int, result: Served | str, seconds: float, files: str) -> Served | None:
         """Record a load's outcome: the version on success, None (and the reason, logged) on failure."""
         ok = not isinstance(result, str)
         if self.metrics is not None:
@@ -216,13 +274,13 @@ class Repository:
         keeps = f"; version {m.served} goes on serving" if m.served else ""
         self.log(f"model {m.name}: version {v} not served: {reason}{keeps}")
 
-    async def _load_and_swap(self, m: _Model, v: int) -> bool:
-        served = self._settle(m, v, *await asyncio.to_thread(self._load, m.name, v))
+    async def _load_and_swap(self, m: _Model, v: int, present: set[tuple[int, str]]) -> bool:
+        result, seconds, content = await asyncio.to_thread(self._load, m.name, v)
+        served = self._settle(m, v, result, seconds, content)
         if served is None:
             return False
         old = self.table.put(served)
-        m.served = v
-        m.history.add(v)
+        self._served(m, v, content, present)
         was = f" (was version {old.version})" if old is not None else ""
         self.log(f"model {m.name}: version {v} serves{was}")
         return True
@@ -239,6 +297,7 @@ class Repository:
 
     @staticmethod
     def _empty_reason(folder: Path) -> str:
+        n = folder.name
         if is_bundle(folder):
-            return f"{folder} is a bundle itself, not a model folder of numbered versions (move it to {folder}/1)"
-        return f"no version folders in {folder} (expected {folder}/1, {folder}/2, ...)"
+            return f"{n} is a bundle itself, not a model folder of numbered versions (move it to {n}/1)"
+        return f"no version folders in {n} (expected {n}/1, {n}/2, ...)"

@@ -8,6 +8,7 @@ the model table. Nothing below imports this module.
 from __future__ import annotations
 
 import gc
+import ipaddress
 import signal
 import socket
 from collections.abc import Callable
@@ -38,6 +39,14 @@ def listen(host: str, port: int) -> socket.socket:
     return sock
 
 
+def is_loopback(sock: socket.socket) -> bool:
+    """Whether the socket listens on a loopback address only (127.0.0.0/8, ::1), not 0.0.0.0 or a network's."""
+    try:
+        return ipaddress.ip_address(sock.getsockname()[0].split("%")[0]).is_loopback
+    except ValueError:
+        return False
+
+
 def serve(
     bundles: list[Path],
     names: list[str],
@@ -66,7 +75,8 @@ def serve(
     else:
         models = load_models(bundles, names, cfg)
     sock = listen(host, port)
-    app = create_app(models, cfg, repo)
+    loopback = is_loopback(sock)
+    app = create_app(models, cfg, repo, loopback)
     # torch, transformers and the models leave some 400k objects for the cyclic GC; a full collection walks them
     # all (0.15 to 0.3 s on 2 CPU cores), a pause that every request in flight pays: it was the p99 under load
     # (250 ms against a p50 of 60). Loaded once, they live as long as the server: move them out of the collector's
@@ -79,6 +89,11 @@ def serve(
         log(f"model {s.name}: {s.path} ({s.kind}, {what}, {', '.join(s.model.providers)})")
     bound = sock.getsockname()[1]
     log(f"listening on http://{host}:{bound} (Open Inference Protocol v2 at /v2, metrics at /metrics)")
+    if cfg.api_key is None and not loopback:
+        log("no --api-key: whoever reaches this address may run the models (see README, threat model)")
+    if repo is not None and cfg.admin_key is None:
+        where = "from this machine only (loopback)" if loopback else "off (beyond loopback, no --admin-key)"
+        log(f"loading and unloading models: {where}")
     if repo is not None:
         every = f"every {cfg.poll_s:g} s" if cfg.poll_s else "never (--poll-s 0): load through /v2/repository"
         log(f"repository {repository}: looking for new versions {every}")
