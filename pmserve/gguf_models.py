@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import PMError
-from .formats import atomic_dir, sha256_file
+from .files import atomic_dir, sha256_file
 
 
 @dataclass(frozen=True)

@@ -8,22 +8,19 @@
 - `pooling`: a sentence encoder's pooling and normalisation, as sentence-transformers' modules.json declares them;
 - `repository`: bundles as numbered versions of named models (REPO/NAME/1, /2, ...), as Triton and KServe keep them.
 
-This module holds what they share: reading a JSON object with a one-line error, writing a file or a folder so
-that it appears only when complete and on disk (fsynced before the rename that shows it), and hashing a file. Train, merge, export and serve go through these, so a
+This module holds what they share: reading a JSON object with a one-line error and writing one atomically and
+durably; writing a folder so that it appears only when complete, and hashing a file, are pmserve.files'. Train, merge, export and serve go through these, so a
 file name or an atomic write exists once.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
-import shutil
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 from ..errors import PMError
+from ..files import atomic_dir, fsync_dir, sha256_file  # noqa: F401 -- shared by every format
 
 MODEL_CARD = "README.md"  # the model card in every task folder and merged model
 LABELS = "labels.json"  # class index -> label, beside a merged model or a bundle
@@ -55,28 +52,6 @@ def write_json(path: Path, obj) -> None:
     fsync_dir(path.parent)
 
 
-def fsync_dir(folder: Path) -> None:
-    """Make the names in `folder` (a rename into it, a file created in it) survive a power cut."""
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def fsync_tree(folder: Path) -> None:
-    """Every file under `folder`, and every folder's names, on disk: before a rename makes the folder visible,
-    so that a crash never shows a folder whose files are empty or short."""
-    for root, _, files in os.walk(folder):
-        for name in files:
-            fd = os.open(Path(root) / name, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-        fsync_dir(Path(root))
-
-
 def read_labels(path: Path) -> list[str]:
     """labels.json: a list (index -> label) or an object {"0": label, ...}."""
     try:
@@ -93,53 +68,7 @@ def read_labels(path: Path) -> list[str]:
     return obj
 
 
-def sha256_file(path: Path, chunk: int = 1 << 24) -> str:
-    """The SHA-256 of a file, read in 16 MiB chunks."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
-
-
 def check_new_out(out: Path) -> None:
     """An output folder must be new or empty: finished work is never overwritten."""
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise PMError(f"{out}: already exists; choose a new --out")
-
-
-@contextmanager
-def atomic_dir(out: Path) -> Iterator[Path]:
-    """A hidden temporary folder beside `out`, renamed to `out` when the block succeeds, removed when it fails.
-
-    Temporary folders left by a killed process (its pid no longer alive) are removed first.
-    """
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    for stale in out.parent.glob(f".{out.name}.tmp-*"):
-        pid = stale.name.rsplit("-", 1)[-1]
-        if not pid.isdigit() or not _alive(int(pid)):
-            shutil.rmtree(stale, ignore_errors=True)
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
-        yield tmp
-        fsync_tree(tmp)
-        if out.is_dir():
-            out.rmdir()  # an empty folder (check_new_out): replaced by the finished one
-        os.rename(tmp, out)
-        fsync_dir(out.parent)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True

@@ -50,7 +50,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import PMError
-from . import _alive, fsync_dir, fsync_tree, read_json, write_json
+from ..files import alive, fsync_dir, fsync_tree
+from . import read_json, write_json
 
 FORMAT = "pmserve-run"
 VERSION = 2
@@ -194,7 +195,7 @@ def _snapshot_root(run: Path) -> Path:
     root = tmp if os.stat(tempfile.gettempdir()).st_dev == os.stat(run).st_dev else run / _SNAPSHOTS
     for stale in root.glob("*-*"):
         pid = stale.name.split("-", 1)[0]
-        if not pid.isdigit() or not _alive(int(pid)):
+        if not pid.isdigit() or not alive(int(pid)):
             shutil.rmtree(stale, ignore_errors=True)
     return root
 

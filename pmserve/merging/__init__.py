@@ -7,6 +7,7 @@ The package keeps mergekit's separation of plan and execution:
 - base: the base model the adapters adapt (its folder, identity and weights);
 - inputs: adapters (or RUNs), read and checked against each other and the base before anything is computed;
 - gram: pm's alphas from the files in one streaming pass (Fisher-weighted Gram matrices of the task vectors);
+- data_fisher: the Fisher of adapters trained elsewhere, from --data;
 - plan: MergeOptions, and the MergePlan, pure data: alphas or weights and the effective coefficients;
 - execute: a plan -> W_hat - W_0 of one module at a time;
 - write: the delta, adapter and full outputs with merge_report.json; classifier: the carried or recalibrated

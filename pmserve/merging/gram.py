@@ -10,7 +10,7 @@ whatever the model size; compute is one T x T Gram product per module and Fisher
 Hessian). Every other method needs one pass.
 
 The Fisher of pm: each adapter's fisher.safetensors (what `pmserve train` writes); for adapters without one,
-computed from --data (task t's training data at theta*_t, task_fisher.DataFisher, held in memory: it needs the
+computed from --data (task t's training data at theta*_t, data_fisher.DataFisher, held in memory: it needs the
 whole model loaded anyway), else the identity Hessian F = 1.
 """
 
@@ -151,10 +151,10 @@ def pm_alphas(
 def data_fisher(
     inputs: Inputs, data: str, seed: int, samples: int, labels: str, curvature: str = "profile"
 ) -> FisherFor:
-    """The Fisher of each adapter without one, from task t of --data at its theta*_t (task_fisher.DataFisher),
+    """The Fisher of each adapter without one, from task t of --data at its theta*_t (data_fisher.DataFisher),
     scaled to the task's loss profile along the adapter's own Delta_t unless `curvature` is fisher."""
-    from ..task_fisher import DataFisher
     from ..tasks import load_tasks
+    from .data_fisher import DataFisher  # here: it imports transformers, needed only with --data
 
     ads = inputs.adapters
     tasks = load_tasks(data, seed)
