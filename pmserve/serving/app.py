@@ -237,7 +237,8 @@ def create_app(models: list[Served], cfg: ServeConfig, repository=None, loopback
         return raw + tail, {"content-type": "application/octet-stream", HEADER_LENGTH: str(len(raw))}
 
     app.add_middleware(_InferRoute, handler=infer)
-    app.add_middleware(Access, cfg=cfg, loopback=loopback)  # outside _InferRoute: before any body is read
+    if cfg.api_key is not None or repository is not None:  # else there is nothing to refuse: no layer to pass
+        app.add_middleware(Access, cfg=cfg, loopback=loopback)  # outside _InferRoute: before any body is read
     # added last, so outside the others: it counts those requests too
     app.add_middleware(_MetricsMiddleware, metrics=metrics)
 
@@ -338,11 +339,19 @@ async def read_limited(receive, max_body: int, timeout_s: float) -> bytes:
             if not message.get("more_body", False):
                 return out
 
+    # asyncio.timeout's work, without its context object (every request pays this) and on Python 3.10 too
+    task, expired = asyncio.current_task(), []
+    timer = asyncio.get_running_loop().call_later(timeout_s, lambda: expired.append(task.cancel()))
     try:
-        async with asyncio.timeout(timeout_s):
-            return b"".join(await chunks())
-    except TimeoutError:
+        return b"".join(await chunks())
+    except asyncio.CancelledError:
+        if not expired:
+            raise
+        if hasattr(task, "uncancel"):  # 3.11+: this cancellation is handled here, as asyncio.timeout does
+            task.uncancel()
         raise RequestError(408, f"the request body did not arrive within {timeout_s:g} s") from None
+    finally:
+        timer.cancel()
 
 
 def inflate(body: bytes, encoding: str, max_body: int) -> bytes:

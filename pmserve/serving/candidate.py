@@ -12,7 +12,7 @@ time: it imports ONNX Runtime and numpy (not torch) and waits for its one job on
 graph's load and one run, not an interpreter's start (BENCHMARKS.md, RELIABILITY). A child whose server went away
 reads end-of-file and exits.
 
-`python -P -m pmserve.serving.candidate` is the child: it reads {"model", "feed", "providers"} as one JSON line,
+`python -m pmserve.serving.candidate`, run from `/`, is the child: it reads {"model", "feed", "providers"} as one JSON line,
 exits 0 when the graph ran, 2 with {"error": reason} on stdout when ONNX Runtime refused it; anything else (a
 signal, a time out) is the crash it is run for.
 """
@@ -43,9 +43,11 @@ class Prober:
         self._next: subprocess.Popen | None = None
 
     def _spawn(self) -> subprocess.Popen:
-        # -P: the working directory is not put on the child's sys.path (a .py file there would be imported)
+        # from the file system's root: `-m` puts the working directory first on the child's sys.path, and a .py
+        # file there (or a checkout's kernels/) would be imported (Python 3.11's -P would do; 3.10 has none)
         return subprocess.Popen(
-            [sys.executable, "-P", "-m", "pmserve.serving.candidate"],
+            [sys.executable, "-m", "pmserve.serving.candidate"],
+            cwd=os.path.abspath(os.sep),
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
