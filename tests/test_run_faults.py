@@ -24,7 +24,7 @@ from tests.test_add import GROUPS, QUIET, config
 DRIVER = r"""
 import os, signal, sys
 from pathlib import Path
-import pmserve.formats as formats
+import pmserve.files as files
 from pmserve.formats import run as run_files
 import pmserve.train as train_module
 
@@ -44,7 +44,7 @@ def die_on(owner, name, when=lambda *a, **k: True):
 if step == "plan":  # before the grown plan is written
     die_on(run_files, "write_plan")
 elif step == "task-complete":  # a task folder written whole, not yet renamed into tasks/
-    die_on(formats, "fsync_tree")
+    die_on(files, "fsync_tree")
 elif step == "state-written":  # the next state written whole beside the old one
     die_on(run_files, "fsync_tree")
 elif step == "task-in-place":  # the task folder renamed into place, its state not yet swapped in
