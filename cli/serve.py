@@ -79,13 +79,13 @@ def register(app: typer.Typer) -> None:
             "is refused.",
         ),
         api_key: str = typer.Option(
-            None,
+            D.SERVE_API_KEY,
             envvar="PMSERVE_API_KEY",
             show_default=False,
             help="Require `Authorization: Bearer KEY` on every endpoint but /v2/health/* (env PMSERVE_API_KEY).",
         ),
         admin_key: str = typer.Option(
-            None,
+            D.SERVE_ADMIN_KEY,
             envvar="PMSERVE_ADMIN_KEY",
             show_default=False,
             help="With --repository: the key that load and unload need (env PMSERVE_ADMIN_KEY); without it they "

@@ -93,7 +93,7 @@ SERVE_HOST = "127.0.0.1"
 SERVE_PORT = 8000
 SERVE_MAX_BATCH = 32
 SERVE_MAX_WAIT_MS = 5.0
-SERVE_BY_LENGTH = True  # split a gathered batch into groups of similar token counts (serve.length_groups)
+SERVE_BY_LENGTH = True  # split a gathered batch into groups of similar token counts (serving.batcher.length_groups)
 SERVE_MAX_INPUTS = 256
 SERVE_MAX_TEXT_CHARS = 8192
 SERVE_PROVIDER = "auto"
@@ -104,6 +104,8 @@ SERVE_MAX_IMAGE_PIXELS = 25_000_000  # one image's width x height, read from its
 SERVE_MAX_IMAGE_BYTES = 2 << 20  # one encoded image; an image model's infer body is --max-inputs of them
 SERVE_BODY_TIMEOUT_S = 30.0  # a request body must arrive whole within this (slow clients hold memory)
 SERVE_LOAD_TIMEOUT_S = 300.0  # --repository: a candidate version's check in a child process
+SERVE_API_KEY = None  # no key: inference is open to whoever reaches the port (README, the threat model)
+SERVE_ADMIN_KEY = None  # no key: load and unload only when the server listens on loopback
 
 # pmserve bench: BenchConfig
 BENCH_BATCH_SIZES = (1, 8, 32)

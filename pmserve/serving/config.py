@@ -31,8 +31,8 @@ class ServeConfig:
     body_timeout_s: float = D.SERVE_BODY_TIMEOUT_S
     load_timeout_s: float = D.SERVE_LOAD_TIMEOUT_S
     # bearer tokens (pmserve.serving.access); never printed, so out of repr
-    api_key: str | None = field(default=None, repr=False)
-    admin_key: str | None = field(default=None, repr=False)
+    api_key: str | None = field(default=D.SERVE_API_KEY, repr=False)
+    admin_key: str | None = field(default=D.SERVE_ADMIN_KEY, repr=False)
 
     def check(self) -> None:
         for opt, value, low in (
