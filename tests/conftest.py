@@ -121,6 +121,27 @@ def tiny_vit(tmp_path_factory) -> Path:
     return d
 
 
+@pytest.fixture(scope="session")
+def digits(tiny_vit, tmp_path_factory):
+    """A tiny image classifier bundle (the tiny ViT, 8x8 inputs), served as the model "digits"."""
+    from pmserve.export import export_bundle
+    from pmserve.train import TrainConfig, train
+
+    root = tmp_path_factory.mktemp("digits")
+    cfg = TrainConfig(
+        data="builtin:digits:tasks=1,classes=2,train=8,test=4",
+        model=str(tiny_vit),
+        epochs=1,
+        batch_size=8,
+        rank=2,
+        fisher_samples=8,
+        head="linear",
+    )
+    train(cfg, root / "run", progress=False, log=lambda *_: None)
+    export_bundle(root / "run", root / "digits")
+    return root / "digits"
+
+
 # TRITON_INTERPRET as pytest found it, before any test module was imported: tests/test_kernels_env.py checks the
 # kernel tests (which need it set, in their child processes only) left this process's environment alone.
 TRITON_INTERPRET_AT_START = os.environ.get("TRITON_INTERPRET")

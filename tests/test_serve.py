@@ -233,7 +233,7 @@ def test_tampered_bundle_does_not_start(bundle, tmp_path):  # noqa: F811
     assert len(lines) == 1 and "model.onnx" in lines[0] and "sha256" in lines[0], res.stderr
 
 
-def test_image_bundle_takes_encoded_images_json_and_binary(tiny_vit, tmp_path):
+def test_image_bundle_takes_encoded_images_json_and_binary(digits, tmp_path):
     """In process (no socket): base64 PNGs in JSON and raw PNG bytes in tritonclient's binary format."""
     import base64
 
@@ -241,34 +241,21 @@ def test_image_bundle_takes_encoded_images_json_and_binary(tiny_vit, tmp_path):
     from fastapi.testclient import TestClient
     from PIL import Image
 
-    from pmserve.export import export_bundle
     from pmserve.serving.app import create_app
     from pmserve.serving.config import ServeConfig
     from pmserve.serving.model import load_models
-    from pmserve.train import TrainConfig, train
 
-    cfg = TrainConfig(
-        data="builtin:digits:tasks=1,classes=2,train=8,test=4",
-        model=str(tiny_vit),
-        epochs=1,
-        batch_size=8,
-        rank=2,
-        fisher_samples=8,
-        head="linear",
-    )
-    train(cfg, tmp_path / "run", progress=False, log=lambda *_: None)
-    export_bundle(tmp_path / "run", tmp_path / "digits")
     rng = np.random.default_rng(0)
     paths = []
     for k in range(3):
         paths.append(tmp_path / f"{k}.png")
         Image.fromarray(rng.integers(0, 255, (8, 8, 3), dtype=np.uint8)).save(paths[-1])
-    rows, model = predict(tmp_path / "digits", [str(p) for p in paths], provider="cpu")
+    rows, model = predict(digits, [str(p) for p in paths], provider="cpu")
     want = score_all(model, [str(p) for p in paths])
     pngs = [p.read_bytes() for p in paths]
 
     serve_cfg = ServeConfig(provider="cpu", threads=1)
-    with TestClient(create_app(load_models([tmp_path / "digits"], [], serve_cfg), serve_cfg)) as c:
+    with TestClient(create_app(load_models([digits], [], serve_cfg), serve_cfg)) as c:
         meta = c.get("/v2/models/digits").json()
         assert meta["inputs"][0]["name"] == "image"
         b64 = [base64.b64encode(b).decode() for b in pngs]

@@ -56,27 +56,6 @@ def png(width: int, height: int) -> bytes:
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
 
 
-@pytest.fixture(scope="module")
-def digits(tiny_vit, tmp_path_factory):
-    """A tiny image classifier bundle (the tiny ViT, 8x8 inputs)."""
-    from pmserve.export import export_bundle
-    from pmserve.train import TrainConfig, train
-
-    root = tmp_path_factory.mktemp("digits")
-    cfg = TrainConfig(
-        data="builtin:digits:tasks=1,classes=2,train=8,test=4",
-        model=str(tiny_vit),
-        epochs=1,
-        batch_size=8,
-        rank=2,
-        fisher_samples=8,
-        head="linear",
-    )
-    train(cfg, root / "run", progress=False, log=lambda *_: None)
-    export_bundle(root / "run", root / "digits")
-    return root / "digits"
-
-
 def client(bundles, names, **opts):
     from fastapi.testclient import TestClient
 
