@@ -12,7 +12,6 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 
 from tests.test_export import bundle, run  # noqa: F401 -- the tiny text run and its bundle
-from tests.test_serve_hardening import digits  # noqa: F401 -- the tiny image bundle
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 from serve_fuzz import IMAGE, TEXT, Req, hostile, verdict  # noqa: E402
