@@ -43,6 +43,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
+from harness import free_port, wait_ready
 from hypothesis import strategies as st
 
 TEXT, IMAGE = "text", "image"  # the served model names
@@ -401,9 +402,7 @@ class Rss:
 
 
 def start_server(text: Path, image: Path, body_timeout_s: float) -> tuple[subprocess.Popen, str]:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     cmd = [sys.executable, "-m", "pmserve", "serve", str(text), str(image), "--name", TEXT, "--name", IMAGE]
     cmd += [
         "--host",
@@ -416,21 +415,7 @@ def start_server(text: Path, image: Path, body_timeout_s: float) -> tuple[subpro
         str(body_timeout_s),
     ]
     proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
-    import httpx
-
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 180
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            sys.exit(f"server exited {proc.returncode}: {proc.stderr.read()}")
-        try:
-            if httpx.get(f"{url}/v2/health/ready", timeout=1).status_code == 200:
-                return proc, url
-        except httpx.TransportError:
-            pass
-        time.sleep(0.2)
-    proc.kill()
-    sys.exit("server not ready in 180 s")
+    return proc, wait_ready(proc, f"http://127.0.0.1:{port}")
 
 
 def fuzz(url: str, n: int, deadline: float, record) -> None:
