@@ -94,7 +94,9 @@ SERVE_HOST = "127.0.0.1"
 SERVE_PORT = 8000
 SERVE_MAX_BATCH = 32
 SERVE_MAX_WAIT_MS = 5.0
-SERVE_BY_LENGTH = True  # split a gathered batch into groups of similar token counts (serving.batcher.length_groups)
+SERVE_BY_LENGTH = (
+    True  # split a gathered batch into groups of similar token counts (serving.batcher.length_groups)
+)
 SERVE_MAX_INPUTS = 256
 SERVE_MAX_TEXT_CHARS = 8192
 SERVE_PROVIDER = "auto"
@@ -118,6 +120,7 @@ BENCH_PROVIDER = "cpu"
 BENCH_THREADS = 0  # 0: PyTorch's default
 BENCH_BACKENDS = ("onnxruntime", "torch-merged", "torch-base", "peft-unmerged")  # all of bench.BACKENDS
 BENCH_SEED = 0
+BENCH_ALSO = ""  # no other bundles timed beside the one given
 BENCH_NEW_TOKENS = 128  # a decoder bundle: tokens generated after each prompt (its length: --seq-lens)
 
 # pmserve generate: generation.SamplingParams (and the CLI's --chat)

@@ -73,7 +73,7 @@ def sample(logits: np.ndarray, p: SamplingParams, rng: np.random.Generator) -> i
 
 class Sequence:
     """One request: its prompt ids, the tokens generated so far, its text, and why it finished (None while it
-    runs; "eos", "stop", "length" or "cancelled")."""
+    runs; "eos", "stop", "length" or "cancelled"). With tokenizer None it makes tokens only."""
 
     def __init__(
         self, prompt_ids: list[int], params: SamplingParams, tokenizer, eos_ids, seed_offset: int = 0
@@ -106,6 +106,10 @@ class Sequence:
         if token in self.eos_ids:
             self.finish_reason = "eos"
             return self._delta()
+        if self.tokenizer is None:  # tokens only (a benchmark): no text, no stop strings
+            if len(self.tokens) >= self.params.max_new_tokens:
+                self.finish_reason = "length"
+            return ""
         text = self.tokenizer.decode(self.tokens, skip_special_tokens=True)
         cuts = [i for i in (text.find(s) for s in self.params.stop) if i >= 0]
         if cuts:
@@ -312,3 +316,23 @@ def generation_ids(folder: Path, tokenizer) -> tuple[list[int], int]:
     if pad is None:
         pad = eos[0] if eos else 0
     return eos, int(pad)
+
+
+def stream_bundle(
+    bundle: Path | str, prompt: str, params: SamplingParams, chat: bool = False, provider: str = "cpu"
+) -> Iterator[tuple[Sequence, str]]:
+    """`pmserve generate`: the bundle checked (hashes, kind), then PROMPT's (sequence, text delta) as they come."""
+    from .formats.bundle import verify_bundle
+
+    params.validate()
+    bundle = Path(bundle)
+    m = verify_bundle(bundle)
+    if m.get("kind") != "causal-lm":
+        raise PMError(
+            f"{bundle}: a {m.get('kind', 'classifier')} bundle; generate needs a decoder (causal-lm) bundle"
+        )
+    gen = Generator.from_bundle(bundle, provider)
+    (seq,) = gen.sequences([prompt], params, chat)
+    for _, delta in gen.stream([seq]):
+        yield seq, delta
+    yield seq, ""  # the finished sequence, even when it produced no text
