@@ -54,10 +54,12 @@ def register(app: typer.Typer) -> None:
         ),
         quantize: str = typer.Option(
             "",
-            help="int8: dynamic int8 quantisation for CPUs (reports its accuracy drop); int4: weight-only "
-            "MatMulNBits (decoder language models).",
+            help="int8: dynamic int8 quantisation for CPUs (reports its accuracy drop; a decoder: weight-only "
+            "8-bit MatMulNBits); int4: weight-only 4-bit MatMulNBits (decoder language models).",
         ),
-        block_size: int = typer.Option(D.EXPORT_BLOCK_SIZE, help="--quantize int4: weights per block."),
+        block_size: int = typer.Option(
+            D.EXPORT_BLOCK_SIZE, help="A decoder's --quantize: weights per block."
+        ),
         data: str = typer.Option(
             "", help="Task sequence for the int8 accuracy report (default: the source's)."
         ),
@@ -105,6 +107,14 @@ def register(app: typer.Typer) -> None:
         else:
             m = export_bundle(merged, out, opts, log=log)
         size = m["files"]["model.onnx"]["bytes"] / 2**20
+        if m["kind"] == "causal-lm":
+            q = m["quantization"]
+            weights = "fp32" if not q else ("int4" if q.get("bits") == 4 else "int8")
+            typer.echo(
+                f"wrote {out}: model.onnx {size:.1f} MiB (causal-lm, {weights}), input_ids, attention_mask, "
+                f"position_ids and a {m['cache']['layers']}-layer KV cache -> logits, present"
+            )
+            return
         ins = ", ".join(f"{i['name']}{i['shape']}" for i in m["inputs"])
         outs = ", ".join(f"{o['name']}{o['shape']}" for o in m["outputs"])
         typer.echo(f"wrote {out}: model.onnx {size:.1f} MiB ({m['dtype']}, {m['kind']}), {ins} -> {outs}")

@@ -35,14 +35,14 @@ def generator(bundle):
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
 def test_export_parity_and_bundle(arch, tiny_llama, llama_bundle, tmp_path):
-    from pmserve.export import export_bundle
+    from pmserve.export import export_version
     from pmserve.formats.bundle import verify_bundle
 
     if arch == "llama":
         bundle = llama_bundle
-    else:
-        bundle = tmp_path / "bundle"
-        export_bundle(make_causal_lm(tmp_path / "gpt2", "gpt2"), bundle)
+    else:  # as the next version in a model repository, as encoders are
+        bundle, _ = export_version(make_causal_lm(tmp_path / "gpt2", "gpt2"), tmp_path / "repo" / "gpt2")
+        assert bundle == tmp_path / "repo" / "gpt2" / "1"
     m = verify_bundle(bundle)
     assert m["kind"] == "causal-lm" and m["model_type"] == arch
     assert m["parity"]["passed"] and m["parity"]["max_rel_diff"] <= 1e-4
@@ -171,23 +171,29 @@ def test_generate_cli(llama_bundle, tiny_llama, tmp_path):
 
 
 @pytest.mark.parametrize(
-    "args, needles",
+    "kw, option",
     [
-        (["--top-p", "1.5"], ["--top-p"]),
-        (["--max-new-tokens", "0"], ["--max-new-tokens"]),
-        (["--temperature", "-1"], ["--temperature"]),
+        ({"top_p": 1.5}, "--top-p"),
+        ({"max_new_tokens": 0}, "--max-new-tokens"),
+        ({"temperature": -1}, "--temperature"),
     ],
 )
-def test_generate_bad_options(args, needles, llama_bundle):
-    assert_one_line_error(pmserve("generate", llama_bundle, "the cat", *args), *needles)
+def test_bad_sampling_params(kw, option):
+    from pmserve.errors import PMError
+    from pmserve.generation import SamplingParams
+
+    with pytest.raises(PMError, match=option):
+        SamplingParams(**kw).validate()
 
 
 def test_bad_input_one_line(tiny_model, llama_bundle, tmp_path):
     assert_one_line_error(pmserve("generate", tmp_path / "nope", "hi"), "nope", "does not exist")
+    assert_one_line_error(pmserve("generate", llama_bundle, "the cat", "--top-p", "1.5"), "--top-p")
     res = pmserve("export", tiny_model, "--out", tmp_path / "q", "--quantize", "int4")
     assert_one_line_error(res, "--quantize int4")
     assert not (tmp_path / "q").exists()
     assert_one_line_error(pmserve("predict", llama_bundle, "the cat"), "decoder", "pmserve generate")
+    assert_one_line_error(pmserve("serve", llama_bundle, "--port", "0"), "decoder", "pmserve generate")
     broken = tmp_path / "broken"
     broken.mkdir()
     (broken / "config.json").write_text(
