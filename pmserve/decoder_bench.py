@@ -7,9 +7,9 @@ Every (batch, prompt length) shape runs random prompt tokens (no padding) and ex
 (the prompt's forward pass); decode tokens/s counts the tokens after it: batch x (new - 1) / the time after the
 first token. Backends alternate in a fresh random order every round, and medians over the rounds are reported.
 
-Decode at batch 1 reads every weight once per token, so its ceiling is the machine's memory bandwidth divided by
-the bytes of weights: measured here (a large numpy copy, read + write bytes per second) and reported beside
-each backend's batch-1 tokens/s.
+Decode at batch 1 reads every weight once per token (but the embedding table, of which it reads a row), so its
+ceiling is the machine's memory bandwidth divided by those bytes: measured here (a large numpy copy, read + write
+bytes per second) and reported beside each backend's batch-1 tokens/s.
 """
 
 from __future__ import annotations
@@ -40,12 +40,29 @@ def memory_bandwidth(mib: int = 256, repeats: int = 5) -> float:
     return 2 * a.nbytes / best
 
 
+def decode_weight_bytes(path: Path) -> int:
+    """Bytes of the graph's weights one decode step reads: every initializer but those only a Gather reads (the
+    embedding table, of which a step reads one row per sequence)."""
+    import onnx
+
+    m = onnx.load(str(path))
+    readers: dict[str, set[str]] = {}
+    for n in m.graph.node:
+        for i in n.input:
+            readers.setdefault(i, set()).add(n.op_type)
+    return sum(
+        onnx.numpy_helper.to_array(t).nbytes
+        for t in m.graph.initializer
+        if readers.get(t.name, set()) - {"Gather"}
+    )
+
+
 class _OrtRun:
     """One generation through pmserve.generation: returns (TTFT s, seconds after the first token)."""
 
     def __init__(self, path: Path, threads: int):
         self.decoder = OrtDecoder(path, "cpu", threads)
-        self.bytes = path.stat().st_size
+        self.bytes = decode_weight_bytes(path)
 
     def __call__(self, prompts: np.ndarray, new: int) -> tuple[float, float]:
         params = SamplingParams(max_new_tokens=new)
@@ -82,7 +99,11 @@ class _HFRun:
 
         self.model, _, _ = load_causal_lm(folder)
         self.model.generation_config.pad_token_id = self.model.generation_config.pad_token_id or 0
-        self.bytes = sum(p.numel() * p.element_size() for p in self.model.parameters())
+        emb = self.model.get_input_embeddings().weight
+        tied = emb is self.model.get_output_embeddings().weight  # then the lm_head reads the table whole
+        self.bytes = sum(
+            p.numel() * p.element_size() for p in self.model.parameters() if tied or p is not emb
+        )
 
     @torch.no_grad()
     def __call__(self, prompts: np.ndarray, new: int) -> tuple[float, float]:
