@@ -298,6 +298,7 @@ def _run_decoder(path: Path, cfg: BenchConfig, log) -> dict:
     return {
         "model": str(path),
         "kind": "causal-lm",
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "source": manifest.get("source"),
         "bundle_quantization": (manifest.get("quantization") or {}).get("method"),
         "config": asdict(cfg) | {"threads": threads},
