@@ -1,4 +1,4 @@
-"""Deployment commands: `pmserve export`, `predict`, `eval` and `bench`. Each parses, calls one library
+"""Deployment commands: `pmserve export`, `predict`, `generate`, `eval` and `bench`. Each parses, calls one library
 function (pmserve.export, pmserve.predict, pmserve.bench) and prints. `register(app)` adds them to the app."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import typer
 
 from pmserve import defaults as D
 
-from .options import joined, parse_list
+from .options import joined, parse_list, parse_pairs
 
 
 def _echo_err(msg: str) -> None:
@@ -53,7 +53,12 @@ def register(app: typer.Typer) -> None:
             show_default=False,
         ),
         quantize: str = typer.Option(
-            "", help="int8: dynamic int8 quantisation for CPUs (reports its accuracy drop)."
+            "",
+            help="int8: dynamic int8 quantisation for CPUs (reports its accuracy drop; a decoder: weight-only "
+            "8-bit MatMulNBits); int4: weight-only 4-bit MatMulNBits (decoder language models).",
+        ),
+        block_size: int = typer.Option(
+            D.EXPORT_BLOCK_SIZE, help="A decoder's --quantize: weights per block."
         ),
         data: str = typer.Option(
             "", help="Task sequence for the int8 accuracy report (default: the source's)."
@@ -88,6 +93,7 @@ def register(app: typer.Typer) -> None:
             opset=opset,
             optimize=optimize,
             quantize=quantize or None,
+            block_size=block_size,
             data=data or None,
             max_length=max_length or None,
             base=base or None,
@@ -101,6 +107,14 @@ def register(app: typer.Typer) -> None:
         else:
             m = export_bundle(merged, out, opts, log=log)
         size = m["files"]["model.onnx"]["bytes"] / 2**20
+        if m["kind"] == "causal-lm":
+            q = m["quantization"]
+            weights = "fp32" if not q else ("int4" if q.get("bits") == 4 else "int8")
+            typer.echo(
+                f"wrote {out}: model.onnx {size:.1f} MiB (causal-lm, {weights}), input_ids, attention_mask, "
+                f"position_ids and a {m['cache']['layers']}-layer KV cache -> logits, present"
+            )
+            return
         ins = ", ".join(f"{i['name']}{i['shape']}" for i in m["inputs"])
         outs = ", ".join(f"{o['name']}{o['shape']}" for o in m["outputs"])
         typer.echo(f"wrote {out}: model.onnx {size:.1f} MiB ({m['dtype']}, {m['kind']}), {ins} -> {outs}")
@@ -142,6 +156,42 @@ def register(app: typer.Typer) -> None:
         _echo_err(
             f"{len(rows)} inputs scored by {model.backend} ({', '.join(getattr(model, 'providers', ['pytorch']))})"
         )
+
+    @app.command()
+    @user_errors
+    def generate(
+        bundle: Path = typer.Argument(..., help="A decoder BUNDLE from `pmserve export` of a causal LM."),
+        prompt: str = typer.Argument(..., help="The prompt (- reads it from stdin)."),
+        chat: bool = typer.Option(
+            D.GENERATE_CHAT, "--chat", help="Send PROMPT as a user message through the chat template."
+        ),
+        max_new_tokens: int = typer.Option(D.GENERATE_MAX_NEW_TOKENS, help="Tokens to generate at most."),
+        temperature: float = typer.Option(D.GENERATE_TEMPERATURE, help="0: greedy; else sample."),
+        top_p: float = typer.Option(
+            D.GENERATE_TOP_P, help="Nucleus sampling: smallest set reaching this mass."
+        ),
+        top_k: int = typer.Option(D.GENERATE_TOP_K, help="Sample among the k likeliest tokens (0: all)."),
+        seed: int = typer.Option(D.GENERATE_SEED, help="Seed of the sampler (same seed, same text)."),
+        stop: list[str] = typer.Option(
+            list(D.GENERATE_STOP), "--stop", help="Stop before this string (repeatable)."
+        ),
+        provider: str = typer.Option(D.GENERATE_PROVIDER, help="cpu | cuda | auto."),
+    ):
+        """Generate text from a decoder bundle with ONNX Runtime, streaming tokens to stdout as they come."""
+        import sys
+
+        from pmserve.generation import SamplingParams, stream_bundle
+
+        text = sys.stdin.read() if prompt == "-" else prompt
+        params = SamplingParams(max_new_tokens, temperature, top_p, top_k, seed, tuple(stop or ()))
+        seq = None
+        for s, delta in stream_bundle(bundle, text, params, chat, provider):
+            seq = s
+            sys.stdout.write(delta)
+            sys.stdout.flush()
+        sys.stdout.write("\n")
+        if seq is not None:
+            _echo_err(f"{len(seq.tokens)} tokens, finished by {seq.finish_reason}")
 
     @app.command("eval")
     @user_errors
@@ -193,6 +243,15 @@ def register(app: typer.Typer) -> None:
             D.BENCH_THREADS, help="CPU threads for both runtimes (0: PyTorch's default)."
         ),
         backends: str = typer.Option(joined(D.BENCH_BACKENDS), help="Which to time, comma-separated."),
+        new_tokens: int = typer.Option(
+            D.BENCH_NEW_TOKENS,
+            help="A decoder bundle: tokens generated per prompt (--seq-lens: prompt lengths).",
+        ),
+        also: str = typer.Option(
+            D.BENCH_ALSO,
+            help="More bundles of the same model to time beside it, as NAME=BUNDLE,... (e.g. int4=b4); "
+            "rows onnxruntime-NAME.",
+        ),
         json_file: Path = typer.Option(None, "--json", help="Write the full results here."),
     ):
         """Latency (p50/p90/p99) and throughput: ONNX Runtime, PyTorch merged, base and unmerged PEFT, interleaved."""
@@ -206,6 +265,8 @@ def register(app: typer.Typer) -> None:
             provider=provider,
             threads=threads,
             backends=parse_list(backends, "backends"),
+            new_tokens=new_tokens,
+            other_bundles=parse_pairs(also, "also"),
         )
         res = run_bench(model, cfg, log=typer.echo)
         print_bench(res)

@@ -28,6 +28,17 @@ def parse_list(text: str, option: str, type: Callable[[str], T] = str) -> list[T
         raise PMError(f"--{option}: expected comma-separated {what}, got {text!r}") from None
 
 
+def parse_pairs(text: str, option: str) -> dict[str, str]:
+    """`a=x, b=y` -> {"a": "x", "b": "y"}; an item without "=" is a PMError naming --OPTION."""
+    out = {}
+    for item in parse_list(text, option):
+        name, sep, value = item.partition("=")
+        if not sep or not name.strip() or not value.strip():
+            raise PMError(f"--{option}: expected NAME=VALUE items, got {item!r}")
+        out[name.strip()] = value.strip()
+    return out
+
+
 def joined(values) -> str:
     """A list default as the comma-separated text its option takes: ("a", "b") -> "a,b"."""
     return ",".join(map(str, values))

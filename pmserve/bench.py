@@ -27,7 +27,7 @@ import torch
 
 from . import defaults as D
 from .errors import PMError
-from .formats.bundle import MODEL, is_bundle, verify_bundle
+from .formats.bundle import MODEL, is_bundle, read_manifest, verify_bundle
 from .formats.merged import MergedSource, inspect_merged
 from .merged_model import InferenceModel, load_base_model, load_inference_model, load_unmerged_model
 
@@ -44,6 +44,7 @@ class BenchConfig:
     threads: int = D.BENCH_THREADS  # CPU threads for both runtimes; 0 = PyTorch's default
     backends: list[str] = field(default_factory=lambda: list(D.BENCH_BACKENDS))
     seed: int = D.BENCH_SEED
+    new_tokens: int = D.BENCH_NEW_TOKENS  # a decoder bundle: tokens generated per prompt
     # more bundles of the same model to time beside the others, as `onnxruntime-NAME` (e.g. {"int8": path})
     other_bundles: dict[str, str] = field(default_factory=dict)
 
@@ -53,6 +54,8 @@ class BenchConfig:
                 raise PMError(f"--{opt}: needs positive integers, got {','.join(map(str, vals)) or 'none'}")
         if self.warmup < 0:
             raise PMError(f"--warmup: must be >= 0, got {self.warmup}")
+        if self.new_tokens < 2:
+            raise PMError(f"--new-tokens: must be at least 2, got {self.new_tokens}")
         if self.runs < 1:
             raise PMError(f"--runs: must be at least 1, got {self.runs}")
         if self.provider not in ("cpu", "cuda"):
@@ -153,6 +156,12 @@ def run_bench(path: Path | str, cfg: BenchConfig | None = None, log=lambda *_: N
     cfg = cfg or BenchConfig()
     cfg.validate()
     path = Path(path)
+    if is_bundle(path) and read_manifest(path).get("kind") == "causal-lm":
+        return _run_decoder(path, cfg, log)
+    from .causal_lm import is_causal_lm
+
+    if is_causal_lm(path):
+        raise PMError(f"{path}: a decoder language model; `pmserve export` it, then bench the bundle")
     device = "cuda" if cfg.provider == "cuda" else "cpu"
     if device == "cuda" and any(b != "onnxruntime" for b in cfg.backends) and not torch.cuda.is_available():
         raise PMError("--provider cuda: PyTorch sees no CUDA device (use --backends onnxruntime)")
@@ -272,6 +281,32 @@ def run_bench(path: Path | str, cfg: BenchConfig | None = None, log=lambda *_: N
     }
 
 
+def _run_decoder(path: Path, cfg: BenchConfig, log) -> dict:
+    """A decoder bundle: TTFT and decode tokens/s (decoder_bench), in the same record as the encoder rows."""
+    from .decoder_bench import run_decoder_bench
+
+    if cfg.provider != "cpu":
+        raise PMError("--provider cuda: decoder bundles are benchmarked on CPUs only so far")
+    manifest = verify_bundle(path)
+    threads_before = torch.get_num_threads()
+    threads = cfg.threads or threads_before
+    try:
+        torch.set_num_threads(threads)
+        res = run_decoder_bench(path, manifest, cfg, threads, log)
+    finally:
+        torch.set_num_threads(threads_before)
+    return {
+        "model": str(path),
+        "kind": "causal-lm",
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "source": manifest.get("source"),
+        "bundle_quantization": (manifest.get("quantization") or {}).get("method"),
+        "config": asdict(cfg) | {"threads": threads},
+        "device": _device_name("cpu"),
+        **res,
+    }
+
+
 def _make_runners(cfg, onnx_path, src, device, half, threads, notes, log) -> list[_Runner]:
     runners = []
     for name in cfg.backends:
@@ -354,6 +389,10 @@ def write_json(result: dict, path: Path) -> None:
 
 
 def print_bench(result: dict, console=None) -> None:
+    if result.get("kind") == "causal-lm":
+        from .decoder_bench import print_decoder_bench
+
+        return print_decoder_bench(result, console)
     from rich.console import Console
     from rich.table import Table
 

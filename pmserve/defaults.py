@@ -78,7 +78,8 @@ MERGE_SAVED_MODULES = "average"  # PEFT modules_to_save (a SEQ_CLS head): merged
 EXPORT_DTYPE = "fp32"
 EXPORT_OPSET = 17
 EXPORT_OPTIMIZE: bool | None = None  # None: fusions for fp16 (GPU) bundles only; on CPUs they measured slower
-EXPORT_QUANTIZE: str | None = None
+EXPORT_QUANTIZE: str | None = None  # None, int8 (dynamic), int4 (weight-only MatMulNBits; decoders only)
+EXPORT_BLOCK_SIZE = 32  # int4: weights per quantisation block (ONNX Runtime GenAI's builder uses 32 for CPUs)
 EXPORT_DATA: str | None = None  # None: the source's own task sequence
 EXPORT_MAX_LENGTH: int | None = None  # None: the source's (UNKNOWN_MAX_LENGTH when it has none)
 EXPORT_BASE: str | None = None  # None: the base a delta or adapter's merge recorded
@@ -93,7 +94,9 @@ SERVE_HOST = "127.0.0.1"
 SERVE_PORT = 8000
 SERVE_MAX_BATCH = 32
 SERVE_MAX_WAIT_MS = 5.0
-SERVE_BY_LENGTH = True  # split a gathered batch into groups of similar token counts (serving.batcher.length_groups)
+SERVE_BY_LENGTH = (
+    True  # split a gathered batch into groups of similar token counts (serving.batcher.length_groups)
+)
 SERVE_MAX_INPUTS = 256
 SERVE_MAX_TEXT_CHARS = 8192
 SERVE_PROVIDER = "auto"
@@ -117,6 +120,18 @@ BENCH_PROVIDER = "cpu"
 BENCH_THREADS = 0  # 0: PyTorch's default
 BENCH_BACKENDS = ("onnxruntime", "torch-merged", "torch-base", "peft-unmerged")  # all of bench.BACKENDS
 BENCH_SEED = 0
+BENCH_ALSO = ""  # no other bundles timed beside the one given
+BENCH_NEW_TOKENS = 128  # a decoder bundle: tokens generated after each prompt (its length: --seq-lens)
+
+# pmserve generate: generation.SamplingParams (and the CLI's --chat)
+GENERATE_MAX_NEW_TOKENS = 128
+GENERATE_TEMPERATURE = 0.0  # 0: greedy, the deterministic answer a user expects from a plain command
+GENERATE_TOP_P = 1.0
+GENERATE_TOP_K = 0  # 0: no limit
+GENERATE_SEED: int | None = None  # None: fresh entropy
+GENERATE_STOP: tuple[str, ...] = ()
+GENERATE_CHAT = False
+GENERATE_PROVIDER = "cpu"
 
 # pmserve predict / eval (pmserve.predict.predict and evaluate)
 PREDICT_PROVIDER = "auto"

@@ -55,7 +55,7 @@ from .formats.repository import check_model_dir, new_version
 from .merged_model import InferenceModel, load_inference_model
 
 DTYPES = ("fp32", "fp16")
-QUANTIZATIONS = ("int8",)
+QUANTIZATIONS = ("int8", "int4")  # int4: decoders only (decoder_export)
 PARITY_TOL = {"fp32": 1e-4, "fp16": 1e-2}
 MIN_COSINE = 0.9999  # embeddings: every ONNX Runtime row points where PyTorch's does
 OPSETS = range(14, 21)  # what the TorchScript-based exporter writes (and the transformer optimizer reads)
@@ -73,7 +73,8 @@ class ExportOptions:
     dtype: str = D.EXPORT_DTYPE
     opset: int = D.EXPORT_OPSET
     optimize: bool | None = D.EXPORT_OPTIMIZE  # None: fused for fp16 (GPUs), not for fp32 and int8 (CPUs)
-    quantize: str | None = D.EXPORT_QUANTIZE  # None or "int8"
+    quantize: str | None = D.EXPORT_QUANTIZE  # None, "int8", or "int4" (a decoder)
+    block_size: int = D.EXPORT_BLOCK_SIZE  # int4: weights per quantisation block
     data: str | None = D.EXPORT_DATA  # task sequence for the int8 accuracy report; default: the source's own
     max_length: int | None = D.EXPORT_MAX_LENGTH  # tokenizer truncation; default: the source's
     base: str | None = D.EXPORT_BASE  # the base model of a merge's delta or adapter
@@ -87,9 +88,11 @@ class ExportOptions:
         if self.opset not in OPSETS:
             raise PMError(f"--opset: must be in {OPSETS.start}..{OPSETS.stop - 1}, got {self.opset}")
         if self.quantize not in (None, *QUANTIZATIONS):
-            raise PMError(f"--quantize: must be int8, got {self.quantize!r}")
+            raise PMError(f"--quantize: must be int8 or int4, got {self.quantize!r}")
         if self.quantize and self.dtype == "fp16":
-            raise PMError("--quantize int8: quantises the fp32 graph; use it with --dtype fp32")
+            raise PMError(f"--quantize {self.quantize}: quantises the fp32 graph; use it with --dtype fp32")
+        if self.block_size < 16 or self.block_size & (self.block_size - 1):
+            raise PMError(f"--block-size: must be a power of two >= 16, got {self.block_size}")
         if self.max_length is not None and self.max_length < 2:
             raise PMError(f"--max-length: must be at least 2, got {self.max_length}")
 
@@ -125,6 +128,19 @@ def export_version(
 
 def _prepare(source, opts: ExportOptions, log):
     """Load SOURCE and its parity inputs; returns the function that writes the bundle into a folder."""
+    from .causal_lm import is_causal_lm
+
+    if is_causal_lm(source):  # a decoder LM: the KV-cache graph and its own gate (decoder_export)
+        from .decoder_export import DecoderExport
+
+        if opts.dtype != "fp32":
+            raise PMError(f"--dtype {opts.dtype}: a decoder exports in fp32 (then --quantize int8 | int4)")
+        for name, value in (("--base", opts.base), ("--scores", opts.scores), ("--pooling", opts.pooling)):
+            if value:
+                raise PMError(f"{name}: does not apply to a decoder language model")
+        return DecoderExport(source, opts, log).write
+    if opts.quantize == "int4":
+        raise PMError("--quantize int4: for decoder language models only (use int8 for this model)")
     src = inspect_merged(source, base=opts.base)
     for note in src.configure(opts.scores, opts.pooling, opts.normalize):
         log(f"note: {note}")

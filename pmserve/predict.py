@@ -21,7 +21,7 @@ from . import defaults as D
 from .backbone import Preprocessor
 from .errors import PMError
 from .formats import run as run_files
-from .formats.bundle import MODEL, is_bundle, verify_bundle
+from .formats.bundle import MODEL, is_bundle, require_encoder, verify_bundle
 from .formats.merged import MergedSource, inspect_merged
 from .merged_model import InferenceModel, load_inference_model
 
@@ -156,6 +156,7 @@ class OrtModel(Model):
     ) -> OrtModel:
         path = Path(path)
         m = verify_bundle(path)
+        require_encoder(path, m)
         prep = Preprocessor(path, m["input_kind"], int(m.get("max_length", D.UNKNOWN_MAX_LENGTH)))
         model = cls(path / MODEL, prep, m["labels"], m["input_kind"], provider, threads, spinning)
         model.manifest = m

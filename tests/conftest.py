@@ -145,3 +145,64 @@ def digits(tiny_vit, tmp_path_factory):
 # TRITON_INTERPRET as pytest found it, before any test module was imported: tests/test_kernels_env.py checks the
 # kernel tests (which need it set, in their child processes only) left this process's environment alone.
 TRITON_INTERPRET_AT_START = os.environ.get("TRITON_INTERPRET")
+
+
+DECODER_WORDS = "the a cat dog sat on mat and ran fast slow red blue big small house tree sky".split()
+
+
+def make_causal_lm(folder: Path, arch: str) -> Path:
+    """A tiny random causal LM (llama or gpt2) with a word-level tokenizer and a chat template, saved in FOLDER."""
+    import torch
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import (
+        GPT2Config,
+        GPT2LMHeadModel,
+        LlamaConfig,
+        LlamaForCausalLM,
+        PreTrainedTokenizerFast,
+    )
+
+    vocab = ["<pad>", "<unk>", "<s>", "</s>", *DECODER_WORDS]
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(vocab)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, unk_token="<unk>", pad_token="<pad>", bos_token="<s>", eos_token="</s>"
+    )
+    fast.chat_template = (
+        "{% for m in messages %}{{ m['role'] }} {{ m['content'] }} {% endfor %}"
+        "{% if add_generation_prompt %}the{% endif %}"
+    )
+    fast.save_pretrained(folder)
+    torch.manual_seed(0)
+    ids = {"pad_token_id": 0, "bos_token_id": 2, "eos_token_id": 3}
+    if arch == "llama":
+        cfg = LlamaConfig(
+            vocab_size=len(vocab),
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=128,
+            **ids,
+        )
+        LlamaForCausalLM(cfg).save_pretrained(folder)
+    else:
+        cfg = GPT2Config(vocab_size=len(vocab), n_embd=32, n_layer=2, n_head=4, n_positions=128, **ids)
+        GPT2LMHeadModel(cfg).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory) -> Path:
+    return make_causal_lm(tmp_path_factory.mktemp("tiny-llama"), "llama")
+
+
+@pytest.fixture(scope="session")
+def llama_bundle(tiny_llama, tmp_path_factory) -> Path:
+    """The tiny Llama exported to an fp32 decoder bundle, once per session."""
+    from pmserve.export import export_bundle
+
+    out = tmp_path_factory.mktemp("llama-bundle") / "bundle"
+    export_bundle(tiny_llama, out)
+    return out

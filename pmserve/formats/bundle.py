@@ -29,7 +29,7 @@ MODEL = "model.onnx"
 PROBE = "probe.json"
 FORMAT = "pmserve-bundle"
 VERSION = 1
-KINDS = ("classifier", "embedding")
+KINDS = ("classifier", "embedding", "causal-lm")  # causal-lm: decoder_export's bundles
 
 
 def file_table(folder: Path) -> dict[str, dict]:
@@ -59,6 +59,15 @@ def is_bundle(path: Path) -> bool:
 def bundle_kind(manifest: dict) -> str:
     """classifier or embedding (a bundle from before embeddings is a classifier)."""
     return manifest.get("kind", "classifier")
+
+
+def require_encoder(folder: Path, manifest: dict) -> None:
+    """A decoder bundle has no scores to predict or serve over the encoder protocol: say what reads it."""
+    if bundle_kind(manifest) == "causal-lm":
+        raise PMError(
+            f"{folder}: a decoder (causal-lm) bundle; generate from it with `pmserve generate` "
+            "(predict, eval and serve read classifier and embedding bundles)"
+        )
 
 
 def read_manifest(folder: Path) -> dict:

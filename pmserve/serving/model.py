@@ -13,7 +13,7 @@ import numpy as np
 from .. import defaults as D
 from ..backbone import Preprocessor
 from ..errors import PMError
-from ..formats.bundle import read_manifest, read_probe, verify_bundle
+from ..formats.bundle import read_manifest, read_probe, require_encoder, verify_bundle
 from ..predict import OrtModel
 from .config import ServeConfig
 
@@ -118,6 +118,7 @@ def probe_feed(path: Path) -> dict[str, np.ndarray]:
     process never opens a graph that has not run once elsewhere."""
     path = Path(path)
     m = verify_bundle(path)
+    require_encoder(path, m)
     prep = Preprocessor(path, m["input_kind"], int(m.get("max_length", D.UNKNOWN_MAX_LENGTH)))
     batch = prep(_probe_inputs(m["input_kind"], read_probe(path, m)))
     return {k: v.numpy() for k, v in batch.items()}

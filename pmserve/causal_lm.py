@@ -1,0 +1,167 @@
+"""A decoder language model (a causal LM) as one ONNX graph with a key/value cache, as Optimum's merged decoder lays
+it out, so that ONNX Runtime runs both the prompt and every decode step through one session.
+
+Graph inputs: input_ids and position_ids [batch, sequence], attention_mask [batch, past + sequence] (1 = a real
+token; left padding is 0), past_key_values.N.key / .value [batch, kv_heads, past, head_dim] for every layer N
+(past = 0 for the prompt). Outputs: logits [batch, sequence, vocab] and present.N.key / .value [batch, kv_heads,
+past + sequence, head_dim], the cache to feed back at the next step.
+
+Why a wrapper of our own instead of Optimum's exporter or onnxruntime-genai's builder: neither is installed with
+pmserve's pinned versions (Optimum pins transformers < 5; the GenAI builder is a separate wheel that brings its
+own runtime), and the wrapper is a dozen lines: it rebuilds transformers' DynamicCache from flat tensors, so the
+TorchScript exporter traces the model's own attention and mask code. The trace uses a padded row and a non-empty
+past, so no branch that holds only for unpadded or empty-cache inputs is baked into the graph.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .errors import PMError
+
+ARCH_SUFFIXES = ("ForCausalLM", "LMHeadModel")
+OPSETS = range(14, 21)
+
+
+def is_causal_lm(path: Path | str) -> bool:
+    """Whether PATH (a folder, or `builtin:smollm2`) holds a Hugging Face causal language model."""
+    spec = str(path)
+    if spec.startswith("builtin:"):
+        from .gguf_models import GGUF_MODELS
+
+        return spec[len("builtin:") :] in GGUF_MODELS
+    cfg = Path(path) / "config.json"
+    if not cfg.is_file():
+        return False
+    try:
+        archs = json.loads(cfg.read_text()).get("architectures") or []
+    except (OSError, json.JSONDecodeError):
+        return False
+    return bool(archs) and all(str(a).endswith(ARCH_SUFFIXES) for a in archs)
+
+
+@dataclass(frozen=True)
+class KVLayout:
+    """The cache's shape and the graph's names, read from a model config or a bundle's manifest."""
+
+    layers: int
+    kv_heads: int
+    head_dim: int
+
+    @classmethod
+    def of(cls, config) -> KVLayout:
+        layers = getattr(config, "num_hidden_layers", None) or config.n_layer
+        heads = getattr(config, "num_attention_heads", None) or config.n_head
+        kv = getattr(config, "num_key_value_heads", None) or heads
+        hidden = getattr(config, "hidden_size", None) or config.n_embd
+        head_dim = getattr(config, "head_dim", None) or hidden // heads
+        return cls(int(layers), int(kv), int(head_dim))
+
+    @property
+    def past_names(self) -> list[str]:
+        return [f"past_key_values.{i}.{k}" for i in range(self.layers) for k in ("key", "value")]
+
+    @property
+    def present_names(self) -> list[str]:
+        return [f"present.{i}.{k}" for i in range(self.layers) for k in ("key", "value")]
+
+    @property
+    def input_names(self) -> list[str]:
+        return ["input_ids", "attention_mask", "position_ids", *self.past_names]
+
+    @property
+    def output_names(self) -> list[str]:
+        return ["logits", *self.present_names]
+
+
+def load_causal_lm(spec: Path | str):
+    """(model in eval mode, fp32, eager attention; tokenizer; folder) of a causal LM folder or `builtin:smollm2`.
+    Eager attention: the exporter traces plain MatMul/Softmax, which ONNX Runtime runs everywhere."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from .backbone import resolve_model
+
+    folder = resolve_model(str(spec))
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            str(folder), attn_implementation="eager", dtype=torch.float32
+        )
+        tok = AutoTokenizer.from_pretrained(str(folder))
+    except (OSError, ValueError, KeyError) as e:
+        raise PMError(f"{spec}: cannot load the causal LM ({str(e).splitlines()[0][:200]})") from None
+    model.eval()
+    return model, tok, folder
+
+
+class CachedDecoder(torch.nn.Module):
+    """model(input_ids, attention_mask, position_ids, *past) -> (logits, *present), flat tensors in and out."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+        self.layout = KVLayout.of(model.config)
+
+    def forward(self, input_ids, attention_mask, position_ids, *past):
+        from transformers import DynamicCache
+
+        cache = DynamicCache(config=self.model.config)
+        for i in range(self.layout.layers):
+            cache.update(past[2 * i], past[2 * i + 1], i)
+        out = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=cache,
+            use_cache=True,
+        )
+        present = []
+        for layer in out.past_key_values.layers:
+            present += [layer.keys, layer.values]
+        return (out.logits, *present)
+
+
+def trace_decoder(model: torch.nn.Module, path: Path, opset: int) -> KVLayout:
+    """Write MODEL as the one-graph KV-cache decoder to PATH (batch, sequence, past axes dynamic)."""
+    wrapper = CachedDecoder(model).eval()
+    lay = wrapper.layout
+    b, past, seq = 2, 3, 4
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, int(model.config.vocab_size), (b, seq), generator=g)
+    mask = torch.ones(b, past + seq, dtype=torch.long)
+    mask[0, 0] = 0  # a padded row: the mask code must take its general path
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)[:, past:]
+    kv = [torch.randn(b, lay.kv_heads, past, lay.head_dim, generator=g) for _ in lay.past_names]
+    axes = {
+        "input_ids": {0: "batch", 1: "sequence"},
+        "attention_mask": {0: "batch", 1: "total_sequence"},
+        "position_ids": {0: "batch", 1: "sequence"},
+        "logits": {0: "batch", 1: "sequence"},
+        **{n: {0: "batch", 2: "past_sequence"} for n in lay.past_names},
+        **{n: {0: "batch", 2: "total_sequence"} for n in lay.present_names},
+    }
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        try:
+            torch.onnx.export(
+                wrapper,
+                (ids, mask, pos, *kv),
+                str(path),
+                dynamo=False,
+                input_names=lay.input_names,
+                output_names=lay.output_names,
+                dynamic_axes=axes,
+                opset_version=opset,
+                do_constant_folding=True,
+            )
+        except Exception as e:  # noqa: BLE001 -- the exporter raises many types; the user needs the first line
+            raise PMError(
+                f"ONNX export of {model.config.model_type} (causal LM) failed at opset {opset} "
+                f"({str(e).splitlines()[0][:200]})"
+            ) from None
+    model.eval()  # the exporter restores the wrapper's mode onto the model; keep dropout off whatever it was
+    return lay

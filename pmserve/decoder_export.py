@@ -1,0 +1,337 @@
+"""`pmserve export` of a decoder language model (a causal LM folder, `pmserve merge --format full` of decoder
+adapters, `builtin:smollm2`): the one-graph KV-cache decoder of causal_lm, parity-gated, in a bundle that carries
+what generation needs.
+
+The bundle (kind "causal-lm"): model.onnx, the tokenizer files (with the chat template), generation_config.json
+(EOS, pad), probe.json, README.md (a model card) and manifest.json with every file's sha256.
+
+Choices, and why:
+- Parity gate, teacher-forced: PyTorch (fp32, the same merged weights, its own KV cache) and ONNX Runtime read the
+  same tokens, the gate prompts and then 16 greedy tokens PyTorch chose, so a difference at one step cannot
+  change what later steps see. The prompts run alone and as one left-padded batch (the padded path a server
+  uses). fp32 passes when max |ORT - PyTorch| / max |PyTorch| <= 1e-4 at the prompt and at every step; then
+  greedy generation through pmserve.generation must give exactly Hugging Face generate's tokens for every gate
+  prompt, the prompts alone and batched. A failure leaves no bundle.
+- Quantised graphs cannot meet 1e-4: they are gated on top-1 agreement with PyTorch over the same teacher-forced
+  positions, at least MIN_TOP1, after the fp32 graph they come from passed its own gate. The thresholds are what
+  round-to-nearest quantisation measured on SmolLM2-135M (85 positions; BENCHMARKS.md, "Decoder deployment"):
+  int8 0.956 (gate 0.90), int4 0.66 (gate 0.60). A 135M model is fragile under int4; ONNX Runtime's HQQ
+  quantiser kept 0.79 but took minutes more per export, and is not used yet.
+- Both are ONNX Runtime's MatMulNBits weight-only quantiser (the format ONNX Runtime GenAI uses): symmetric
+  blocks of --block-size weights along the input axis, accuracy level 4 (activations quantised to int8 inside
+  the kernel, its fast CPU path), 8 or 4 bits. Not quantize_dynamic, which encoders use: per-tensor int8 scales
+  kept 0.73 top-1 agreement on SmolLM2 (a decoder's weights have outlier columns), and its per-channel mode gave
+  0.04 with these versions (onnxruntime 1.31.1).
+- fp16 is not offered for decoders yet: the cache would have to change type too, and no GPU here can check it.
+- The probe: the gate prompts' PyTorch logits after the prompt and the greedy tokens PyTorch chose; a server that
+  loads the bundle checks both before it serves (tokens exactly for fp32, top-1 agreement for quantised).
+"""
+
+from __future__ import annotations
+
+import shutil
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .causal_lm import load_causal_lm, trace_decoder
+from .errors import PMError
+from .formats.bundle import MODEL, write_manifest, write_probe
+from .generation import Generator, OrtDecoder, SamplingParams, Sequence, generation_ids, left_pad
+
+KIND = "causal-lm"
+DECODE_STEPS = 16
+REL_TOL = 1e-4
+MIN_TOP1 = {"int8": 0.90, "int4": 0.60}  # measured on SmolLM2-135M: 0.956 and 0.66 (module docstring)
+GATE_PROMPTS = [
+    "The capital of France is",
+    "Once upon a time, there was a",
+    "def add(a, b):",
+    "The three primary colours are",
+]
+
+
+class TorchDecoder:
+    """PyTorch with the same call as generation.OrtDecoder (numpy in and out), for the teacher-forced reference."""
+
+    def __init__(self, model: torch.nn.Module):
+        from .causal_lm import CachedDecoder
+
+        self.wrapper = CachedDecoder(model).eval()
+        self.layout = self.wrapper.layout
+
+    def empty_past(self, batch: int) -> list[np.ndarray]:
+        lay = self.layout
+        return [np.zeros((batch, lay.kv_heads, 0, lay.head_dim), np.float32) for _ in lay.past_names]
+
+    @torch.no_grad()
+    def __call__(self, ids, mask, pos, past):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # transformers 5.2x renames past_key_values
+            out = self.wrapper(*(torch.from_numpy(np.ascontiguousarray(x)) for x in (ids, mask, pos, *past)))
+        return out[0].float().numpy(), [p.numpy() for p in out[1:]]
+
+
+def teacher_forced(decoder, rows: list[list[int]], pad_id: int, steps: int, tokens: np.ndarray | None = None):
+    """Logits [steps + 1, batch, vocab] after the prompts ROWS (left-padded) and after each of STEPS tokens fed
+    back: TOKENS [batch, steps] when given, else the decoder's own greedy choices; returns (logits, tokens)."""
+    ids, mask, pos = left_pad(rows, pad_id)
+    logits, past = decoder(ids, mask, pos, decoder.empty_past(len(rows)))
+    seen = [logits[:, -1]]
+    chosen = []
+    for k in range(steps):
+        nxt = tokens[:, k] if tokens is not None else seen[-1].argmax(-1)
+        chosen.append(nxt)
+        pos = mask.sum(1, keepdims=True)
+        mask = np.concatenate([mask, np.ones((len(rows), 1), np.int64)], 1)
+        logits, past = decoder(nxt[:, None].astype(np.int64), mask, pos, past)
+        seen.append(logits[:, -1])
+    return np.stack(seen), np.stack(chosen, 1) if chosen else np.zeros((len(rows), 0), np.int64)
+
+
+def check_decoder_parity(onnx_path: Path, reference: dict, quantized: str | None) -> dict:
+    """ONNX Runtime against the PyTorch reference (teacher_forced) for every batch; the fp32 gate or the top-1
+    gate of QUANTIZED."""
+    dec = OrtDecoder(onnx_path, "cpu")
+    rel, agree, total = 0.0, 0, 0
+    for case in reference["cases"]:
+        got, _ = teacher_forced(dec, case["rows"], reference["pad_id"], DECODE_STEPS, case["tokens"])
+        ref = case["logits"]
+        rel = max(rel, float(np.abs(got - ref).max() / max(np.abs(ref).max(), 1e-30)))
+        agree += int((got.argmax(-1) == ref.argmax(-1)).sum())
+        total += ref.shape[0] * ref.shape[1]
+    out = {
+        "max_rel_diff": rel,
+        "top1_agreement": agree / total,
+        "positions": total,
+        "steps": DECODE_STEPS,
+        "provider": "CPUExecutionProvider",
+    }
+    if quantized:
+        out["min_top1_agreement"] = MIN_TOP1[quantized]
+        out["passed"] = out["top1_agreement"] >= MIN_TOP1[quantized]
+    else:
+        out["tolerance"] = REL_TOL
+        out["passed"] = rel <= REL_TOL and agree == total
+    return out
+
+
+@torch.no_grad()
+def hf_greedy(
+    model, tokenizer, rows: list[list[int]], steps: int, eos: list[int], pad_id: int
+) -> list[list[int]]:
+    """Hugging Face generate's greedy tokens for each prompt alone, up to and including an EOS."""
+    outs = []
+    for r in rows:
+        ids = torch.tensor([r])
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            gen = model.generate(
+                ids,
+                attention_mask=torch.ones_like(ids),
+                max_new_tokens=steps,
+                do_sample=False,
+                eos_token_id=eos or None,
+                pad_token_id=pad_id,
+                top_k=None,
+                top_p=None,
+                temperature=None,
+            )
+        toks = gen[0, len(r) :].tolist()
+        cut = next((i for i, t in enumerate(toks) if t in eos), None)
+        outs.append(toks if cut is None else toks[: cut + 1])
+    return outs
+
+
+def check_greedy(onnx_path: Path, reference: dict) -> dict:
+    """pmserve.generation's greedy tokens (each prompt alone, then all as one padded batch) against HF generate's."""
+    gen = Generator(
+        OrtDecoder(onnx_path, "cpu"), reference["tokenizer"], reference["eos"], reference["pad_id"]
+    )
+    params = SamplingParams(max_new_tokens=DECODE_STEPS)
+
+    def run(rows):
+        seqs = [Sequence(r, params, gen.tokenizer, gen.eos_ids) for r in rows]
+        for _ in gen.stream(seqs):
+            pass
+        return [s.tokens for s in seqs]
+
+    rows, want = reference["rows"], reference["hf_greedy"]
+    alone = [run([r])[0] for r in rows]
+    batched = run(rows)
+    bad = [i for i in range(len(rows)) if alone[i] != want[i] or batched[i] != want[i]]
+    return {"prompts": len(rows), "new_tokens": DECODE_STEPS, "identical": not bad, "differs_on": bad}
+
+
+class DecoderExport:
+    """A causal LM loaded once, with its PyTorch reference computed, ready to write bundles from."""
+
+    def __init__(self, source, opts, log):
+        self.opts = opts
+        self.log = log
+        self.source = str(source)
+        self.model, self.tokenizer, self.folder = load_causal_lm(source)
+        self.eos, self.pad_id = generation_ids(Path(self.folder), self.tokenizer)
+        log(f"computing the PyTorch reference on {len(GATE_PROMPTS)} prompts and {DECODE_STEPS} decode steps")
+        self.reference = self._reference()
+
+    def _reference(self) -> dict:
+        rows = [list(self.tokenizer(p)["input_ids"]) for p in GATE_PROMPTS]
+        torch_dec = TorchDecoder(self.model)
+        cases = []
+        for group in ([rows[0]], rows):  # batch 1 unpadded, then every prompt in one left-padded batch
+            logits, tokens = teacher_forced(torch_dec, group, self.pad_id, DECODE_STEPS)
+            cases.append({"rows": group, "logits": logits, "tokens": tokens})
+        return {
+            "cases": cases,
+            "rows": rows,
+            "pad_id": self.pad_id,
+            "eos": self.eos,
+            "tokenizer": self.tokenizer,
+            "hf_greedy": hf_greedy(self.model, self.tokenizer, rows, DECODE_STEPS, self.eos, self.pad_id),
+        }
+
+    def write(self, tmp: Path) -> dict:
+        from .export import _versions, graph_io
+
+        opts, log = self.opts, self.log
+        work = tmp / ".work"
+        work.mkdir()
+        raw = work / "raw.onnx"
+        cfg = self.model.config
+        log(f"exporting {self.source} ({cfg.model_type}, causal LM) to ONNX with a KV cache")
+        layout = trace_decoder(self.model, raw, opts.opset)
+        parity = check_decoder_parity(raw, self.reference, None)
+        log(f"parity (fp32): {_line(parity)}")
+        if not parity["passed"]:
+            raise PMError(f"parity check failed: {_line(parity)}; no bundle written")
+        greedy = check_greedy(raw, self.reference)
+        log(
+            f"greedy generation vs Hugging Face generate: "
+            f"{'identical' if greedy['identical'] else 'differs on prompts ' + str(greedy['differs_on'])}"
+        )
+        if not greedy["identical"]:
+            raise PMError("greedy generation differs from Hugging Face generate; no bundle written")
+        current, quantization = raw, None
+        if opts.quantize:
+            q = work / f"{opts.quantize}.onnx"
+            bits = 8 if opts.quantize == "int8" else 4
+            quantize_nbits(raw, q, bits, opts.block_size)
+            method = {
+                "method": "onnxruntime.quantization.matmul_nbits_quantizer.MatMulNBitsQuantizer",
+                "bits": bits,
+                "block_size": opts.block_size,
+                "symmetric": True,
+                "accuracy_level": 4,
+            }
+            qparity = check_decoder_parity(q, self.reference, opts.quantize)
+            log(f"parity ({opts.quantize}): {_line(qparity)}")
+            if not qparity["passed"]:
+                raise PMError(f"{opts.quantize} parity check failed: {_line(qparity)}; no bundle written")
+            quantization = {**method, "parity_vs_pytorch": qparity}
+            current = q
+        shutil.move(str(current), str(tmp / MODEL))
+        shutil.rmtree(work)
+        self.tokenizer.save_pretrained(str(tmp))
+        self.model.generation_config.save_pretrained(str(tmp))
+        probe = self._probe(tmp)
+        manifest = {
+            "source": {"path": self.source, "kind": "full", "model": str(Path(self.folder).resolve())},
+            "kind": KIND,
+            "input_kind": "text",
+            "model_type": cfg.model_type,
+            "max_positions": getattr(cfg, "max_position_embeddings", None)
+            or getattr(cfg, "n_positions", None),
+            "vocab_size": int(cfg.vocab_size),
+            "cache": {"layers": layout.layers, "kv_heads": layout.kv_heads, "head_dim": layout.head_dim},
+            "eos_token_id": self.eos,
+            "pad_token_id": self.pad_id,
+            "chat_template": bool(getattr(self.tokenizer, "chat_template", None)),
+            "dtype": "fp32",
+            "opset": opts.opset,
+            "exporter": f"torch.onnx TorchScript exporter, torch {torch.__version__} (pmserve.causal_lm)",
+            **graph_io(tmp / MODEL),
+            "quantization": quantization,
+            "parity": {**parity, "greedy_vs_hf_generate": greedy, "prompts": GATE_PROMPTS},
+            "probe": probe,
+            "versions": _versions(),
+        }
+        (tmp / "README.md").write_text(decoder_card(manifest))
+        return write_manifest(tmp, manifest)
+
+    def _probe(self, tmp: Path) -> dict:
+        """probe.json: the gate prompts, PyTorch's logits after each (alone), its greedy tokens, and the tolerance
+        a server holds the bundle to on them: the fp32 gate's, or for a quantised graph twice what it measured."""
+        torch_dec, ort_dec = TorchDecoder(self.model), OrtDecoder(tmp / MODEL, "cpu")
+        ref, got = [], []
+        for r in self.reference["rows"]:
+            feed = left_pad([r], self.pad_id)
+            ref.append(torch_dec(*feed, torch_dec.empty_past(1))[0][:, -1])
+            got.append(ort_dec(*feed, ort_dec.empty_past(1))[0][:, -1])
+        ref, got = np.concatenate(ref), np.concatenate(got)
+        diff = float(np.abs(ref - got).max())
+        tolerance = REL_TOL * float(np.abs(ref).max())
+        if self.opts.quantize:
+            tolerance = max(2 * diff, tolerance)
+        elif diff > tolerance:
+            raise PMError(
+                f"probe: max |ONNX Runtime - PyTorch| = {diff:.3g} (tolerance {tolerance:.3g}); no bundle written"
+            )
+        entry = write_probe(tmp, "text", GATE_PROMPTS, ref, tolerance, output="logits")
+        return {**entry, "greedy_tokens": self.reference["hf_greedy"]}
+
+
+def quantize_nbits(path: Path, dst: Path, bits: int, block_size: int) -> None:
+    """Weight-only BITS-bit (8 or 4) quantisation of every MatMul with a constant weight (MatMulNBits)."""
+    import logging
+
+    import onnx
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)
+    try:
+        q = MatMulNBitsQuantizer(
+            onnx.load(str(path)), bits=bits, block_size=block_size, is_symmetric=True, accuracy_level=4
+        )
+        q.process()
+        q.model.save_model_to_file(str(dst), use_external_data_format=False)
+    finally:
+        root.setLevel(level)
+
+
+def _line(parity: dict) -> str:
+    if "tolerance" in parity:
+        return (
+            f"max relative |ONNX Runtime - PyTorch| = {parity['max_rel_diff']:.3g} (tolerance {parity['tolerance']:g}) "
+            f"over the prompt and {parity['steps']} decode steps, top-1 agreement {parity['top1_agreement']:.4f}"
+        )
+    return (
+        f"top-1 agreement with PyTorch {parity['top1_agreement']:.4f} over {parity['positions']} positions "
+        f"(gate >= {parity['min_top1_agreement']:.2f}), max relative difference {parity['max_rel_diff']:.3g}"
+    )
+
+
+def decoder_card(m: dict) -> str:
+    """The bundle's README.md: what it is, how it was checked, how to run it."""
+    from .model_card import front_matter
+
+    q = m["quantization"]
+    weights = (
+        f"{q['method'].rsplit('.', 1)[-1]} ({'int4' if q.get('bits') == 4 else 'int8'})" if q else "fp32"
+    )
+    p = m["parity"]
+    return (
+        front_matter("onnxruntime", m["source"]["model"], {"pipeline_tag": "text-generation"})
+        + f"\n# {m['model_type']} decoder, ONNX Runtime bundle\n\n"
+        f"Exported by pmserve from `{m['source']['path']}`: one ONNX graph with a key/value cache "
+        f"({m['cache']['layers']} layers) that runs the prompt and every decode step; weights {weights}.\n\n"
+        f"Parity against PyTorch on the same weights: max relative logit difference {p['max_rel_diff']:.3g} over "
+        f"the prompt and {p['steps']} decode steps (fp32 graph); greedy generation identical to Hugging Face "
+        f"`generate`: {p['greedy_vs_hf_generate']['identical']}."
+        + (f" Quantised top-1 agreement: {q['parity_vs_pytorch']['top1_agreement']:.4f}." if q else "")
+        + '\n\n```\npmserve generate BUNDLE "prompt" --chat --max-new-tokens 64\n```\n'
+    )

@@ -1,0 +1,338 @@
+"""Text generation over an ONNX Runtime session of a decoder bundle (causal_lm's one-graph KV-cache decoder).
+
+Built for iteration-level batching from the start: a DecodeBatch holds the sequences running now and one KV
+cache for them (left-padded to a common length); between two decode steps a caller may add() new sequences (their
+prompts are run as one batch, and their caches merged in by padding) and finished or cancelled ones leave. Each
+Sequence carries its own sampling settings, random generator, stopping rule and text, so what one caller gets does
+not depend on who else is in the batch (greedy tokens are the same alone or batched; a seeded sample is the same
+alone or batched). `Generator.stream` is the simple loop over it that `pmserve generate` and the benchmark use; a
+server runs the same loop, adding arrivals before each step() and routing each Sequence's text deltas to its
+caller.
+
+Stop rules, as Hugging Face's generate and the OpenAI API have them: an EOS token of the generation config ends a
+sequence (and is not part of its text), a stop string ends it with the text cut before the string, and
+max_new_tokens ends it. Text is streamed as it becomes final: a tail that could still turn into a stop string, or
+half of a multi-byte character, is held back until the next token settles it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from . import defaults as D
+from .causal_lm import KVLayout
+from .errors import PMError
+
+
+@dataclass
+class SamplingParams:
+    """How one sequence is decoded and when it stops. temperature 0 is greedy (top_k / top_p unused)."""
+
+    max_new_tokens: int = D.GENERATE_MAX_NEW_TOKENS
+    temperature: float = D.GENERATE_TEMPERATURE
+    top_p: float = D.GENERATE_TOP_P
+    top_k: int = D.GENERATE_TOP_K
+    seed: int | None = D.GENERATE_SEED  # None: fresh entropy; prompt i of a batch uses seed + i
+    stop: tuple[str, ...] = field(default_factory=lambda: tuple(D.GENERATE_STOP))
+
+    def validate(self) -> None:
+        if self.max_new_tokens < 1:
+            raise PMError(f"--max-new-tokens: must be at least 1, got {self.max_new_tokens}")
+        if not self.temperature >= 0:
+            raise PMError(f"--temperature: must be >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise PMError(f"--top-p: must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise PMError(f"--top-k: must be >= 0 (0: no limit), got {self.top_k}")
+        if any(not s for s in self.stop):
+            raise PMError("--stop: a stop string must not be empty")
+
+
+def sample(logits: np.ndarray, p: SamplingParams, rng: np.random.Generator) -> int:
+    """The next token from one row of logits: argmax when greedy, else a draw from the softmax of logits /
+    temperature restricted to the top_k tokens and then to the smallest set whose probability reaches top_p."""
+    if p.temperature == 0:
+        return int(np.argmax(logits))
+    x = logits.astype(np.float64) / p.temperature
+    order = np.argsort(-x, kind="stable")
+    if p.top_k:
+        order = order[: p.top_k]
+    probs = np.exp(x[order] - x[order[0]])
+    probs /= probs.sum()
+    if p.top_p < 1:
+        keep = int(np.searchsorted(np.cumsum(probs), p.top_p)) + 1  # the token that crosses top_p stays
+        probs = probs[:keep] / probs[:keep].sum()
+        order = order[:keep]
+    cdf = np.cumsum(probs)
+    return int(order[min(int(np.searchsorted(cdf, rng.random() * cdf[-1], side="right")), len(order) - 1)])
+
+
+class Sequence:
+    """One request: its prompt ids, the tokens generated so far, its text, and why it finished (None while it
+    runs; "eos", "stop", "length" or "cancelled"). With tokenizer None it makes tokens only."""
+
+    def __init__(
+        self, prompt_ids: list[int], params: SamplingParams, tokenizer, eos_ids, seed_offset: int = 0
+    ):
+        if not prompt_ids:
+            raise PMError("prompt: empty after tokenisation")
+        self.prompt_ids = list(prompt_ids)
+        self.params = params
+        self.tokenizer = tokenizer
+        self.eos_ids = set(eos_ids)
+        self.rng = np.random.default_rng(None if params.seed is None else params.seed + seed_offset)
+        self.tokens: list[int] = []
+        self.text = ""
+        self.finish_reason: str | None = None
+        self._emitted = 0
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+    def cancel(self) -> None:
+        """Stop this sequence (a client went away); it leaves its batch before the next step."""
+        if not self.finished:
+            self.finish_reason = "cancelled"
+
+    def push(self, logits: np.ndarray) -> str:
+        """Choose the next token from LOGITS [vocab], apply the stop rules; returns the text now final."""
+        token = sample(logits, self.params, self.rng)
+        self.tokens.append(token)
+        if token in self.eos_ids:
+            self.finish_reason = "eos"
+            return self._delta()
+        if self.tokenizer is None:  # tokens only (a benchmark): no text, no stop strings
+            if len(self.tokens) >= self.params.max_new_tokens:
+                self.finish_reason = "length"
+            return ""
+        text = self.tokenizer.decode(self.tokens, skip_special_tokens=True)
+        cuts = [i for i in (text.find(s) for s in self.params.stop) if i >= 0]
+        if cuts:
+            self.text, self.finish_reason = text[: min(cuts)], "stop"
+        else:
+            self.text = text
+            if len(self.tokens) >= self.params.max_new_tokens:
+                self.finish_reason = "length"
+        return self._delta()
+
+    def _delta(self) -> str:
+        final = self.text
+        if not self.finished:
+            final = final.rstrip("\ufffd")  # half a multi-byte character
+            for s in self.params.stop:  # a tail that may yet become a stop string
+                for k in range(min(len(s) - 1, len(final)), 0, -1):
+                    if final.endswith(s[:k]):
+                        final = final[:-k]
+                        break
+        out = final[self._emitted :]
+        self._emitted = max(self._emitted, len(final))
+        return out
+
+
+class OrtDecoder:
+    """An ONNX Runtime session on a causal_lm graph: one call runs a prompt or a decode step."""
+
+    def __init__(self, path: Path | str, provider: str = "cpu", threads: int = 0, spinning: bool = True):
+        from .predict import ort_session
+
+        self.session = ort_session(path, provider, threads, spinning)
+        names = [i.name for i in self.session.get_inputs()]
+        past = [i for i in self.session.get_inputs() if i.name.startswith("past_key_values.")]
+        if names[:3] != ["input_ids", "attention_mask", "position_ids"] or not past:
+            raise PMError(f"{path}: not a KV-cache decoder graph (inputs {', '.join(names[:4])}, ...)")
+        shape = past[0].shape
+        self.layout = KVLayout(len(past) // 2, int(shape[1]), int(shape[3]))
+        self.cache_dtype = np.float16 if "float16" in past[0].type else np.float32
+
+    def empty_past(self, batch: int) -> list[np.ndarray]:
+        lay = self.layout
+        return [np.zeros((batch, lay.kv_heads, 0, lay.head_dim), self.cache_dtype) for _ in lay.past_names]
+
+    def __call__(self, ids: np.ndarray, mask: np.ndarray, pos: np.ndarray, past: list[np.ndarray]):
+        """(logits [batch, sequence, vocab] float32, present caches)."""
+        feed = {"input_ids": ids, "attention_mask": mask, "position_ids": pos}
+        feed.update(zip(self.layout.past_names, past))
+        out = self.session.run(None, feed)
+        return out[0].astype(np.float32, copy=False), out[1:]
+
+
+def left_pad(rows: list[list[int]], pad_id: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(input_ids, attention_mask, position_ids) of token rows padded on the left to one length."""
+    n = max(len(r) for r in rows)
+    ids = np.full((len(rows), n), pad_id, np.int64)
+    mask = np.zeros((len(rows), n), np.int64)
+    for i, r in enumerate(rows):
+        ids[i, n - len(r) :] = r
+        mask[i, n - len(r) :] = 1
+    pos = np.clip(mask.cumsum(-1) - 1, 0, None)
+    return ids, mask, pos
+
+
+def _pad_cache(past: list[np.ndarray], mask: np.ndarray, width: int):
+    """Caches and mask padded on the left (axis 2 / axis 1) to WIDTH."""
+    extra = width - mask.shape[1]
+    if extra == 0:
+        return past, mask
+    past = [np.pad(p, ((0, 0), (0, 0), (extra, 0), (0, 0))) for p in past]
+    return past, np.pad(mask, ((0, 0), (extra, 0)))
+
+
+class DecodeBatch:
+    """The sequences decoding together now and their one KV cache. add() joins new sequences (their prompts run
+    as one batch and yield each its first token), step() gives every running sequence one more token; finished
+    and cancelled sequences leave at the start of the next add() or step()."""
+
+    def __init__(self, decoder: OrtDecoder, pad_id: int = 0):
+        self.decoder = decoder
+        self.pad_id = pad_id
+        self.seqs: list[Sequence] = []
+        self.past: list[np.ndarray] = decoder.empty_past(0)
+        self.mask = np.zeros((0, 0), np.int64)
+
+    def __len__(self) -> int:
+        return len(self.seqs)
+
+    def add(self, seqs: list[Sequence]) -> list[tuple[Sequence, str]]:
+        """Run the prompts of SEQS, choose their first tokens and merge them into the batch."""
+        self._leave()
+        if not seqs:
+            return []
+        ids, mask, pos = left_pad([s.prompt_ids for s in seqs], self.pad_id)
+        logits, present = self.decoder(ids, mask, pos, self.decoder.empty_past(len(seqs)))
+        events = [(s, s.push(logits[i, -1])) for i, s in enumerate(seqs)]
+        if self.seqs:
+            width = max(mask.shape[1], self.mask.shape[1])
+            old, old_mask = _pad_cache(self.past, self.mask, width)
+            new, mask = _pad_cache(present, mask, width)
+            self.past = [np.concatenate([a, b]) for a, b in zip(old, new)]
+            self.mask = np.concatenate([old_mask, mask])
+        else:
+            self.past, self.mask = present, mask
+        self.seqs += seqs
+        return events
+
+    def step(self) -> list[tuple[Sequence, str]]:
+        """One decode step for every running sequence: (sequence, its new final text) for each."""
+        self._leave()
+        if not self.seqs:
+            return []
+        ids = np.array([[s.tokens[-1]] for s in self.seqs], np.int64)
+        pos = self.mask.sum(1, keepdims=True)  # positions count real tokens only (left padding is skipped)
+        self.mask = np.concatenate([self.mask, np.ones((len(self.seqs), 1), np.int64)], 1)
+        logits, self.past = self.decoder(ids, self.mask, pos, self.past)
+        return [(s, s.push(logits[i, -1])) for i, s in enumerate(self.seqs)]
+
+    def _leave(self) -> None:
+        """Drop finished rows, then the cache columns no remaining row uses."""
+        keep = [i for i, s in enumerate(self.seqs) if not s.finished]
+        if len(keep) == len(self.seqs):
+            return
+        self.seqs = [self.seqs[i] for i in keep]
+        self.past = [p[keep] for p in self.past]
+        self.mask = self.mask[keep]
+        used = np.flatnonzero(self.mask.any(0))
+        start = int(used[0]) if len(used) else self.mask.shape[1]
+        if start:
+            self.past = [p[:, :, start:] for p in self.past]
+            self.mask = self.mask[:, start:]
+
+
+class Generator:
+    """A decoder bundle's session, tokenizer and generation config: prompts in, text out (streamed)."""
+
+    def __init__(self, decoder: OrtDecoder, tokenizer, eos_ids: list[int], pad_id: int):
+        self.decoder = decoder
+        self.tokenizer = tokenizer
+        self.eos_ids = list(eos_ids)
+        self.pad_id = pad_id
+
+    @classmethod
+    def from_bundle(
+        cls, folder: Path | str, provider: str = "cpu", threads: int = 0, spinning: bool = True
+    ) -> Generator:
+        from transformers import AutoTokenizer
+
+        from .formats.bundle import MODEL
+
+        folder = Path(folder)
+        tokenizer = AutoTokenizer.from_pretrained(str(folder))
+        eos, pad = generation_ids(folder, tokenizer)
+        return cls(OrtDecoder(folder / MODEL, provider, threads, spinning), tokenizer, eos, pad)
+
+    def encode(self, prompt: str, chat: bool = False) -> list[int]:
+        """Token ids of PROMPT; with CHAT, as the user's message in the tokenizer's chat template."""
+        if chat:
+            if not getattr(self.tokenizer, "chat_template", None):
+                raise PMError("--chat: this bundle's tokenizer has no chat template")
+            text = self.tokenizer.apply_chat_template(
+                [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=False
+            )
+            return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+        return list(self.tokenizer(prompt)["input_ids"])
+
+    def sequences(self, prompts: list[str], params: SamplingParams, chat: bool = False) -> list[Sequence]:
+        params.validate()
+        return [
+            Sequence(self.encode(p, chat), params, self.tokenizer, self.eos_ids, seed_offset=i)
+            for i, p in enumerate(prompts)
+        ]
+
+    def stream(self, seqs: list[Sequence]) -> Iterator[tuple[int, str]]:
+        """Decode SEQS as one batch to the end: (index of the sequence, text delta) as each becomes final."""
+        index = {id(s): i for i, s in enumerate(seqs)}
+        batch = DecodeBatch(self.decoder, self.pad_id)
+        events = batch.add(seqs)
+        while True:
+            for s, delta in events:
+                if delta:
+                    yield index[id(s)], delta
+            if all(s.finished for s in seqs):
+                return
+            events = batch.step()
+
+    def generate(self, prompts: list[str], params: SamplingParams, chat: bool = False) -> list[Sequence]:
+        """The finished sequences of PROMPTS (text, tokens, finish_reason), decoded as one batch."""
+        seqs = self.sequences(prompts, params, chat)
+        for _ in self.stream(seqs):
+            pass
+        return seqs
+
+
+def generation_ids(folder: Path, tokenizer) -> tuple[list[int], int]:
+    """(EOS ids, pad id) from the folder's generation_config.json, else its tokenizer; pad falls back to EOS."""
+    from .formats import read_json
+
+    cfg = (
+        read_json(folder / "generation_config.json") if (folder / "generation_config.json").is_file() else {}
+    )
+    eos = cfg.get("eos_token_id", tokenizer.eos_token_id)
+    eos = [int(e) for e in (eos if isinstance(eos, list) else [eos]) if e is not None]
+    pad = cfg.get("pad_token_id", tokenizer.pad_token_id)
+    if pad is None:
+        pad = eos[0] if eos else 0
+    return eos, int(pad)
+
+
+def stream_bundle(
+    bundle: Path | str, prompt: str, params: SamplingParams, chat: bool = False, provider: str = "cpu"
+) -> Iterator[tuple[Sequence, str]]:
+    """`pmserve generate`: the bundle checked (hashes, kind), then PROMPT's (sequence, text delta) as they come."""
+    from .formats.bundle import verify_bundle
+
+    params.validate()
+    bundle = Path(bundle)
+    m = verify_bundle(bundle)
+    if m.get("kind") != "causal-lm":
+        raise PMError(
+            f"{bundle}: a {m.get('kind', 'classifier')} bundle; generate needs a decoder (causal-lm) bundle"
+        )
+    gen = Generator.from_bundle(bundle, provider)
+    (seq,) = gen.sequences([prompt], params, chat)
+    for _, delta in gen.stream([seq]):
+        yield seq, delta
+    yield seq, ""  # the finished sequence, even when it produced no text

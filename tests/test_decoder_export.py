@@ -1,0 +1,204 @@
+"""Decoder LMs: `pmserve export` to a KV-cache ONNX graph and generation from it, checked against PyTorch and
+Hugging Face generate on tiny random Llama and GPT-2 models."""
+
+import json
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+from tests.conftest import make_causal_lm
+from tests.test_cli import assert_one_line_error, pmserve
+
+PROMPTS = ["the cat sat on the mat", "a dog", "big red house and a small blue tree on the sky"]
+
+
+def hf_generate(folder, prompt_ids, n):
+    """Hugging Face generate's greedy tokens for one prompt, up to and including EOS (id 3)."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(folder)).eval()
+    ids = torch.tensor([prompt_ids])
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, do_sample=False)
+    toks = out[0, len(prompt_ids) :].tolist()
+    return toks[: toks.index(3) + 1] if 3 in toks else toks
+
+
+def generator(bundle):
+    from pmserve.generation import Generator
+
+    return Generator.from_bundle(bundle)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_export_parity_and_bundle(arch, tiny_llama, llama_bundle, tmp_path):
+    from pmserve.export import export_version
+    from pmserve.formats.bundle import verify_bundle
+
+    if arch == "llama":
+        bundle = llama_bundle
+    else:  # as the next version in a model repository, as encoders are
+        bundle, _ = export_version(make_causal_lm(tmp_path / "gpt2", "gpt2"), tmp_path / "repo" / "gpt2")
+        assert bundle == tmp_path / "repo" / "gpt2" / "1"
+    m = verify_bundle(bundle)
+    assert m["kind"] == "causal-lm" and m["model_type"] == arch
+    assert m["parity"]["passed"] and m["parity"]["max_rel_diff"] <= 1e-4
+    assert m["parity"]["greedy_vs_hf_generate"]["identical"]
+    names = [i["name"] for i in m["inputs"]]
+    assert names[:3] == ["input_ids", "attention_mask", "position_ids"]
+    assert names[3:5] == ["past_key_values.0.key", "past_key_values.0.value"]
+    assert [o["name"] for o in m["outputs"]][:2] == ["logits", "present.0.key"]
+    for f in ("model.onnx", "tokenizer.json", "generation_config.json", "probe.json", "README.md"):
+        assert f in m["files"], f
+    assert m["chat_template"]
+
+
+def test_greedy_equals_hf_generate_and_batch_equals_alone(tiny_llama, llama_bundle):
+    """Greedy ORT generation (alone and as one left-padded batch) gives exactly HF generate's tokens."""
+    from pmserve.generation import SamplingParams
+
+    gen = generator(llama_bundle)
+    params = SamplingParams(max_new_tokens=24)
+    batched = gen.generate(PROMPTS, params)
+    for p, seq in zip(PROMPTS, batched):
+        want = hf_generate(tiny_llama, gen.encode(p), 24)
+        assert seq.tokens == want
+        assert gen.generate([p], params)[0].tokens == want
+
+
+def test_sampling_reproducible_by_seed_and_alone_equals_batched(llama_bundle):
+    from pmserve.generation import SamplingParams
+
+    gen = generator(llama_bundle)
+    p = SamplingParams(max_new_tokens=20, temperature=1.0, top_p=0.95, top_k=10, seed=7)
+    a = gen.generate(PROMPTS, p)
+    b = gen.generate(PROMPTS, p)
+    assert [s.tokens for s in a] == [s.tokens for s in b]
+    # prompt i of a batch samples with seed + i: alone, with that seed, it draws the same tokens
+    alone = gen.generate([PROMPTS[1]], SamplingParams(20, 1.0, 0.95, 10, seed=8))[0]
+    assert alone.tokens == a[1].tokens
+    other = gen.generate(PROMPTS, SamplingParams(20, 1.0, 0.95, 10, seed=123))
+    assert [s.tokens for s in other] != [s.tokens for s in a]
+
+
+def test_sampler_against_softmax():
+    """top_k / top_p restrict the softmax as defined; draws follow the restricted distribution."""
+    from pmserve.generation import SamplingParams, sample
+
+    logits = np.log(np.array([0.5, 0.25, 0.15, 0.1]))
+    rng = np.random.default_rng(0)
+    draws = [sample(logits, SamplingParams(temperature=1.0, top_p=0.7), rng) for _ in range(3000)]
+    freq = np.bincount(draws, minlength=4) / len(draws)
+    # top_p 0.7: {0.5, 0.25} reaches 0.75 >= 0.7, so tokens 0 and 1, renormalised to 2/3 and 1/3
+    np.testing.assert_allclose(freq, [2 / 3, 1 / 3, 0, 0], atol=0.03)
+    draws = [sample(logits, SamplingParams(temperature=1.0, top_k=3), rng) for _ in range(3000)]
+    freq = np.bincount(draws, minlength=4) / len(draws)
+    np.testing.assert_allclose(freq, [0.5 / 0.9, 0.25 / 0.9, 0.15 / 0.9, 0], atol=0.03)
+    assert sample(logits, SamplingParams(temperature=1.0, top_k=1), rng) == 0
+
+
+def test_stop_strings_and_streaming(llama_bundle):
+    from pmserve.generation import SamplingParams
+
+    gen = generator(llama_bundle)
+    full = gen.generate([PROMPTS[0]], SamplingParams(max_new_tokens=24))[0]
+    words = full.text.split()
+    assert len(words) >= 3, full.text
+    stop = " ".join(words[1:3])
+    seqs = gen.sequences([PROMPTS[0]], SamplingParams(max_new_tokens=24, stop=(stop,)))
+    deltas = [d for _, d in gen.stream(seqs)]
+    seq = seqs[0]
+    assert seq.finish_reason == "stop"
+    assert seq.text == full.text[: full.text.index(stop)]
+    assert "".join(deltas) == seq.text  # the stream delivers exactly the final text, in order
+    assert stop not in "".join(deltas)
+
+
+def test_requests_join_and_leave_between_steps(llama_bundle):
+    """Iteration-level batching: a sequence added mid-way, and one cancelled, leave the others' tokens as alone."""
+    from pmserve.generation import DecodeBatch, SamplingParams, Sequence
+
+    gen = generator(llama_bundle)
+    params = SamplingParams(max_new_tokens=12)
+    alone = {p: gen.generate([p], params)[0].tokens for p in PROMPTS}
+
+    def seq(p):
+        return Sequence(gen.encode(p), params, gen.tokenizer, gen.eos_ids)
+
+    batch = DecodeBatch(gen.decoder, gen.pad_id)
+    a, b, c = seq(PROMPTS[0]), seq(PROMPTS[1]), seq(PROMPTS[2])
+    batch.add([a, b])
+    for _ in range(3):
+        batch.step()
+    batch.add([c])  # joins a running batch with a longer cache
+    b.cancel()
+    while not (a.finished and c.finished):
+        batch.step()
+    assert a.tokens == alone[PROMPTS[0]]
+    assert c.tokens == alone[PROMPTS[2]]
+    assert b.finish_reason == "cancelled"
+    batch.step()
+    assert len(batch) == 0
+
+
+@pytest.mark.parametrize("q", ["int8", "int4"])
+def test_quantized_export(q, tiny_llama, tmp_path):
+    from pmserve.decoder_export import MIN_TOP1
+    from pmserve.export import ExportOptions, export_bundle
+    from pmserve.generation import SamplingParams
+
+    m = export_bundle(tiny_llama, tmp_path / "b", ExportOptions(quantize=q))
+    qp = m["quantization"]["parity_vs_pytorch"]
+    assert qp["passed"] and qp["top1_agreement"] >= MIN_TOP1[q]
+    assert m["parity"]["passed"]  # the fp32 graph it came from passed the fp32 gate
+    seq = generator(tmp_path / "b").generate(["the cat"], SamplingParams(max_new_tokens=4))[0]
+    assert seq.tokens
+
+
+def test_generate_cli(llama_bundle, tiny_llama, tmp_path):
+    from pmserve.generation import Generator
+
+    res = pmserve("generate", llama_bundle, PROMPTS[0], "--max-new-tokens", "8")
+    assert res.returncode == 0, res.stderr
+    gen = Generator.from_bundle(llama_bundle)
+    want = gen.tokenizer.decode(hf_generate(tiny_llama, gen.encode(PROMPTS[0]), 8), skip_special_tokens=True)
+    assert res.stdout.strip() == want.strip()
+    res = pmserve("generate", llama_bundle, "the cat", "--chat", "--temperature", "0.8", "--seed", "1")
+    assert res.returncode == 0, res.stderr
+
+
+@pytest.mark.parametrize(
+    "kw, option",
+    [
+        ({"top_p": 1.5}, "--top-p"),
+        ({"max_new_tokens": 0}, "--max-new-tokens"),
+        ({"temperature": -1}, "--temperature"),
+    ],
+)
+def test_bad_sampling_params(kw, option):
+    from pmserve.errors import PMError
+    from pmserve.generation import SamplingParams
+
+    with pytest.raises(PMError, match=option):
+        SamplingParams(**kw).validate()
+
+
+def test_bad_input_one_line(tiny_model, llama_bundle, tmp_path):
+    assert_one_line_error(pmserve("generate", tmp_path / "nope", "hi"), "nope", "does not exist")
+    assert_one_line_error(pmserve("generate", llama_bundle, "the cat", "--top-p", "1.5"), "--top-p")
+    res = pmserve("export", tiny_model, "--out", tmp_path / "q", "--quantize", "int4")
+    assert_one_line_error(res, "--quantize int4")
+    assert not (tmp_path / "q").exists()
+    assert_one_line_error(pmserve("predict", llama_bundle, "the cat"), "decoder", "pmserve generate")
+    assert_one_line_error(pmserve("serve", llama_bundle, "--port", "0"), "decoder", "pmserve generate")
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "config.json").write_text(
+        json.dumps({"architectures": ["LlamaForCausalLM"], "model_type": "llama"})
+    )
+    res = pmserve("export", broken, "--out", tmp_path / "b")
+    assert_one_line_error(res, "broken")
+    assert not (tmp_path / "b").exists()
