@@ -178,3 +178,20 @@ def test_limits_answer_4xx(server):
         finally:
             for h in held:
                 h.__exit__(None, None, None)
+
+
+def test_the_openai_client(server, gen):
+    openai = pytest.importorskip("openai")
+    client = openai.OpenAI(base_url=f"{server}/v1", api_key="unused", max_retries=0)
+    want = alone(gen, PROMPTS[0], max_new_tokens=15)
+    out = client.completions.create(model=NAME, prompt=PROMPTS[0], max_tokens=15, temperature=0)
+    assert out.choices[0].text == want.text and out.usage.completion_tokens == len(want.tokens)
+
+    chat = alone(gen, PROMPTS[1], chat=True, ignore_eos=True, max_new_tokens=15, temperature=0.7, seed=3)
+    msg = [{"role": "user", "content": PROMPTS[1]}]
+    kw = {"model": NAME, "messages": msg, "max_tokens": 15, "temperature": 0.7, "seed": 3}
+    chunks = list(client.chat.completions.create(**kw, stream=True, extra_body={"ignore_eos": True}))
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == chat.text and chunks[-1].choices[0].finish_reason == "length"
+    with pytest.raises(openai.BadRequestError):
+        client.completions.create(model=NAME, prompt=PROMPTS[0], max_tokens=6000)
