@@ -195,3 +195,43 @@ def test_the_openai_client(server, gen):
     assert text == chat.text and chunks[-1].choices[0].finish_reason == "length"
     with pytest.raises(openai.BadRequestError):
         client.completions.create(model=NAME, prompt=PROMPTS[0], max_tokens=6000)
+
+
+def test_engine_failure_and_shutdown_end_every_stream(gen):
+    """In process: a model call that fails answers 500 to the requests running and the engine goes on; close()
+    ends what still runs as cancelled, with its slot freed."""
+    import asyncio
+
+    from pmserve.generation import Generator, SamplingParams
+    from pmserve.serving.config import ServeConfig
+    from pmserve.serving.engine import Engine
+    from pmserve.serving.protocol import RequestError
+
+    calls = {"n": 0}
+
+    def flaky(*args):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise RuntimeError("boom")
+        return gen.decoder(*args)
+
+    flaky.empty_past = gen.decoder.empty_past
+    engine = Engine(Generator(flaky, gen.tokenizer, gen.eos_ids, gen.pad_id), NAME, ServeConfig())
+    ids = gen.encode(PROMPTS[0])
+
+    async def scenario():
+        engine.start()
+        failed = engine.submit(ids, SamplingParams(max_new_tokens=50), ignore_eos=True)
+        with pytest.raises(RequestError, match="boom") as e:
+            await failed.text()
+        assert e.value.status == 500
+        ok = await engine.submit(ids, SamplingParams(max_new_tokens=8)).text()
+        assert ok == alone(gen, PROMPTS[0], max_new_tokens=8).text
+        held = engine.submit(ids, SamplingParams(max_new_tokens=1000), ignore_eos=True)
+        await anext(aiter(held))  # running
+        await asyncio.to_thread(engine.close)
+        await held.text()
+        return held
+
+    held = asyncio.run(scenario())
+    assert held.seq.finish_reason == "cancelled" and engine.active == 0
