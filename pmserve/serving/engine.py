@@ -123,16 +123,15 @@ class Engine:
                 new, self._arrivals = self._arrivals, []
             for s in new:
                 running[id(s.seq)] = s
-            try:
-                events = batch.add([s.seq for s in new if not s.seq.finished])
-                events += batch.step()
+            try:  # the arrivals' first tokens go out before the step: a step's wait is not their TTFT
+                self._deliver(batch.add([s.seq for s in new if not s.seq.finished]), running)
+                self._deliver(batch.step(), running)
             except Exception as e:  # noqa: BLE001 -- every request running is answered, the engine goes on
                 for s in running.values():
                     s.error = f"generation failed: {type(e).__name__}: {e}"
                     s.seq.cancel()
                 batch = DecodeBatch(self.gen.decoder, self.gen.pad_id)
-                events = []
-            self._deliver(events, running)
+                self._deliver([], running)
         for s in list(running.values()) + self._arrivals:
             s.seq.cancel()
             running[id(s.seq)] = s
