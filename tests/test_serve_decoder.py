@@ -235,3 +235,28 @@ def test_engine_failure_and_shutdown_end_every_stream(gen):
 
     held = asyncio.run(scenario())
     assert held.seq.finish_reason == "cancelled" and engine.active == 0
+
+
+def test_api_key_and_metrics(llama_bundle):
+    key = "k" * 16
+    proc, url = start(llama_bundle, "--name", NAME, "--api-key", key)
+    try:
+        body = {"prompt": PROMPTS[0], "max_tokens": 3, "ignore_eos": True}
+        assert httpx.post(f"{url}/v1/completions", json=body).status_code == 401
+        auth = {"authorization": f"Bearer {key}"}
+        out = httpx.post(f"{url}/v1/completions", json=body, headers=auth).json()
+        assert out["usage"]["completion_tokens"] == 3
+        from prometheus_client.parser import text_string_to_metric_families
+
+        samples = {
+            (s.name, s.labels.get("reason")): s.value
+            for f in text_string_to_metric_families(httpx.get(f"{url}/metrics", headers=auth).text)
+            for s in f.samples
+        }
+        assert samples[("pmserve_generated_tokens_total", None)] == 3
+        assert samples[("pmserve_prompt_tokens_total", None)] == out["usage"]["prompt_tokens"]
+        assert samples[("pmserve_time_to_first_token_seconds_count", None)] == 1
+        assert samples[("pmserve_sequences_finished_total", "length")] == 1
+    finally:
+        proc.kill()
+        proc.wait()
