@@ -260,3 +260,55 @@ def test_api_key_and_metrics(llama_bundle):
     finally:
         proc.kill()
         proc.wait()
+
+
+def test_many_streams_with_random_disconnects_leave_no_slot(server):
+    import random
+
+    before = metric(server, "pmserve_sequences_finished_total", model=NAME, reason="cancelled")
+    before += metric(server, "pmserve_sequences_finished_total", model=NAME, reason="length")
+    rng = random.Random(0)
+    plans = [(rng.choice(PROMPTS), rng.randint(5, 400), rng.random() < 0.5) for _ in range(30)]
+
+    def one(plan):
+        prompt, n, leave = plan
+        body = {"prompt": prompt, "max_tokens": n, "ignore_eos": True, "stream": True}
+        while True:  # a slot freed by a disconnect is freed between steps: a client retries a 429
+            with httpx.stream("POST", f"{server}/v1/completions", json=body, timeout=60) as r:
+                if r.status_code == 429:
+                    time.sleep(0.05)
+                    continue
+                lines = r.iter_lines()
+                if leave:
+                    next(lines)
+                    return
+                assert sse(lines)[-1] == "[DONE]"
+                return
+
+    with ThreadPoolExecutor(6) as pool:
+        list(pool.map(one, plans))
+    deadline = time.monotonic() + 30
+    while metric(server, "pmserve_active_sequences", model=NAME) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert metric(server, "pmserve_active_sequences", model=NAME) == 0
+    after = metric(server, "pmserve_sequences_finished_total", model=NAME, reason="cancelled")
+    after += metric(server, "pmserve_sequences_finished_total", model=NAME, reason="length")
+    assert after - before == len(plans)
+
+
+def test_curl(server, gen):
+    import shutil
+    import subprocess
+
+    if shutil.which("curl") is None:
+        pytest.skip("no curl")
+    want = alone(gen, PROMPTS[2], max_new_tokens=10)
+    body = json.dumps({"text_input": PROMPTS[2], "parameters": {"max_tokens": 10}})
+    out = subprocess.run(
+        ["curl", "-sN", f"{server}/v2/models/{NAME}/generate_stream", "-d", body],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    events = sse(out.splitlines())
+    assert "".join(e["text_output"] for e in events) == want.text
