@@ -78,6 +78,16 @@ def register(app: typer.Typer) -> None:
             help="With --repository: seconds a new version's check (in a child process) may take before it "
             "is refused.",
         ),
+        max_prompt_tokens: int = typer.Option(
+            D.SERVE_MAX_PROMPT_TOKENS, help="Decoder: most tokens in a prompt (400 past it)."
+        ),
+        max_new_tokens: int = typer.Option(
+            D.SERVE_MAX_NEW_TOKENS, help="Decoder: most tokens a request may ask to generate (400 past it)."
+        ),
+        max_sequences: int = typer.Option(
+            D.SERVE_MAX_SEQUENCES,
+            help="Decoder: most requests generating at once, all in one batch (429 past it).",
+        ),
         api_key: str = typer.Option(
             D.SERVE_API_KEY,
             envvar="PMSERVE_API_KEY",
@@ -97,7 +107,9 @@ def register(app: typer.Typer) -> None:
         POST /v2/models/NAME/infer takes a BYTES tensor `text` [N] (encoded images for image bundles) and returns
         `label` [N] and `scores` [N, classes], or `embedding` [N, dim] for an embedding bundle; POST /predict
         (classifiers) and POST /embed (embedding models) take {"inputs": [...]}; /metrics is Prometheus.
-        With --repository, POST /v2/repository/index, /v2/repository/models/NAME/load and .../unload too."""
+        With --repository, POST /v2/repository/index, /v2/repository/models/NAME/load and .../unload too.
+        A decoder (causal-lm) bundle is served alone: POST /v2/models/NAME/generate and .../generate_stream
+        (KServe v2 generate extension), and OpenAI's POST /v1/completions, /v1/chat/completions, GET /v1/models."""
         from pmserve.serving.config import ServeConfig
         from pmserve.serving.server import serve as run_server
 
@@ -115,6 +127,9 @@ def register(app: typer.Typer) -> None:
             max_image_bytes=max_image_bytes,
             body_timeout_s=body_timeout_s,
             load_timeout_s=load_timeout_s,
+            max_prompt_tokens=max_prompt_tokens,
+            max_new_tokens=max_new_tokens,
+            max_sequences=max_sequences,
             api_key=api_key or None,
             admin_key=admin_key or None,
         )

@@ -108,6 +108,9 @@ SERVE_MAX_IMAGE_BYTES = 2 << 20  # one encoded image; an image model's infer bod
 SERVE_BODY_TIMEOUT_S = 30.0  # a request body must arrive whole within this (slow clients hold memory)
 SERVE_LOAD_TIMEOUT_S = 300.0  # --repository: a candidate version's check in a child process
 SERVE_API_KEY = None  # no key: inference is open to whoever reaches the port (README, the threat model)
+SERVE_MAX_PROMPT_TOKENS = 4096  # a decoder's prompt, in tokens (400 past it)
+SERVE_MAX_NEW_TOKENS = 1024  # the most a generation request may ask for (400 past it)
+SERVE_MAX_SEQUENCES = 32  # a decoder's sequences running at once, queued or decoding (429 past it)
 SERVE_ADMIN_KEY = None  # no key: load and unload only when the server listens on loopback
 
 # pmserve bench: BenchConfig

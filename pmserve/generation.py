@@ -267,13 +267,16 @@ class Generator:
     def encode(self, prompt: str, chat: bool = False) -> list[int]:
         """Token ids of PROMPT; with CHAT, as the user's message in the tokenizer's chat template."""
         if chat:
-            if not getattr(self.tokenizer, "chat_template", None):
-                raise PMError("--chat: this bundle's tokenizer has no chat template")
-            text = self.tokenizer.apply_chat_template(
-                [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=False
-            )
-            return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+            return self.encode_chat([{"role": "user", "content": prompt}])
         return list(self.tokenizer(prompt)["input_ids"])
+
+    def encode_chat(self, messages: list[dict]) -> list[int]:
+        """Token ids of MESSAGES ({"role", "content"} each) in the tokenizer's chat template, ready for the
+        assistant's turn."""
+        if not getattr(self.tokenizer, "chat_template", None):
+            raise PMError("--chat: this bundle's tokenizer has no chat template")
+        text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
     def sequences(self, prompts: list[str], params: SamplingParams, chat: bool = False) -> list[Sequence]:
         params.validate()

@@ -65,8 +65,8 @@ def require_encoder(folder: Path, manifest: dict) -> None:
     """A decoder bundle has no scores to predict or serve over the encoder protocol: say what reads it."""
     if bundle_kind(manifest) == "causal-lm":
         raise PMError(
-            f"{folder}: a decoder (causal-lm) bundle; generate from it with `pmserve generate` "
-            "(predict, eval and serve read classifier and embedding bundles)"
+            f"{folder}: a decoder (causal-lm) bundle; generate from it with `pmserve generate` or serve it alone "
+            "with `pmserve serve` (predict and eval read classifier and embedding bundles)"
         )
 
 

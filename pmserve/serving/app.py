@@ -3,8 +3,9 @@ repository extension when a repository is handed in, /metrics, and the server's 
 
 Everything long-lived is built by the command and handed in (the models already loaded, the repository); the app
 builds the ModelTable the batchers live in and wires the routes to it. The routes only translate: the protocol's
-parsing and encoding are pmserve.serving.protocol's, the batching pmserve.serving.batcher's. A generation engine
-for decoders would add its routes here the same way the repository's are added.
+parsing and encoding are pmserve.serving.protocol's, the batching pmserve.serving.batcher's. A decoder's
+generation engine (pmserve.serving.engine) adds its routes (pmserve.serving.generate_routes) the same way the
+repository's are added.
 """
 
 from __future__ import annotations
@@ -121,12 +122,13 @@ class _Template:
     path: str  # what the metrics middleware labels a request by, as it reads a Starlette route's
 
 
-def create_app(models: list[Served], cfg: ServeConfig, repository=None, loopback: bool = False):
+def create_app(models: list[Served], cfg: ServeConfig, repository=None, loopback: bool = False, engine=None):
     """The FastAPI app serving `models` (already loaded); batchers start and drain with its lifespan. With a
     `repository` (pmserve.serving.repository.Repository, built by the command) the models change while it serves:
     the repository extension's endpoints are added and the repository polls for new versions. `loopback`: the
     server listens on a loopback address only, where loading and unloading need no --admin-key
-    (pmserve.serving.access)."""
+    (pmserve.serving.access). With an `engine` (pmserve.serving.engine.Engine, built by the command) its decoder
+    is served too: the generate and OpenAI-compatible routes, its thread started and stopped with the app."""
     from fastapi import FastAPI
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import JSONResponse, Response
@@ -147,12 +149,16 @@ def create_app(models: list[Served], cfg: ServeConfig, repository=None, loopback
             table.put(s)
         if repository is not None:
             repository.start(table, metrics)
+        if engine is not None:
+            engine.start(metrics)
         state["ready"] = True
         yield
         state["ready"] = False  # uvicorn has stopped accepting and waited for in-flight requests
         if repository is not None:
             await repository.stop()
         await table.close()
+        if engine is not None:
+            await asyncio.to_thread(engine.close)
 
     app = FastAPI(title="pmserve", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None)
 
@@ -195,6 +201,7 @@ def create_app(models: list[Served], cfg: ServeConfig, repository=None, loopback
     @app.get("/v2")
     async def server_metadata():
         extensions = ["binary_tensor_data"] + (["model_repository"] if repository is not None else [])
+        extensions += ["generate"] if engine is not None else []
         return {"name": "pmserve", "version": __version__, "extensions": extensions}
 
     @app.get("/v2/health/live")
@@ -208,12 +215,15 @@ def create_app(models: list[Served], cfg: ServeConfig, repository=None, loopback
     @app.get("/v2/models/{name}")
     @app.get("/v2/models/{name}/versions/{version}")
     async def model_metadata(name: str, version: str | None = None):
+        if engine is not None and name == engine.name and version in (None, "1"):
+            return engine.metadata()
         return table.lookup(name, version).served.metadata()
 
     @app.get("/v2/models/{name}/ready")
     @app.get("/v2/models/{name}/versions/{version}/ready")
     async def model_ready(name: str, version: str | None = None):
-        table.lookup(name, version)
+        if engine is None or name != engine.name or version not in (None, "1"):
+            table.lookup(name, version)
         return JSONResponse(
             {"name": name, "ready": state["ready"]}, status_code=200 if state["ready"] else 503
         )
@@ -285,6 +295,14 @@ def create_app(models: list[Served], cfg: ServeConfig, repository=None, loopback
 
     if repository is not None:
         _repository_routes(app, repository, cfg)
+    if engine is not None:
+        from .generate_routes import generation_routes
+
+        async def read_json(request: Request) -> dict:
+            body = await read_body(request.receive, request.headers, cfg.body_limit("text"))
+            return _json_object(body)
+
+        generation_routes(app, engine, read_json)
     app.state.metrics, app.state.table = metrics, table
     return app
 

@@ -5,7 +5,7 @@ per request, so a batcher per model gathers requests for at most --max-wait-ms (
 runs them in a worker thread: the event loop goes on parsing and answering while the model runs. A batch is padded
 to its longest input, so a gathered batch of texts of mixed lengths is split into groups of similar length first
 (`length_groups`), one model call each. The batcher knows nothing of HTTP: it takes model inputs and returns
-scores (a generation engine for decoders would sit beside it, with the same contract toward the model table).
+scores (a decoder's generation engine, pmserve.serving.engine, sits beside it).
 """
 
 from __future__ import annotations

@@ -30,6 +30,10 @@ class ServeConfig:
     max_image_bytes: int = D.SERVE_MAX_IMAGE_BYTES
     body_timeout_s: float = D.SERVE_BODY_TIMEOUT_S
     load_timeout_s: float = D.SERVE_LOAD_TIMEOUT_S
+    # decoders (pmserve.serving.engine)
+    max_prompt_tokens: int = D.SERVE_MAX_PROMPT_TOKENS
+    max_new_tokens: int = D.SERVE_MAX_NEW_TOKENS
+    max_sequences: int = D.SERVE_MAX_SEQUENCES
     # bearer tokens (pmserve.serving.access); never printed, so out of repr
     api_key: str | None = field(default=D.SERVE_API_KEY, repr=False)
     admin_key: str | None = field(default=D.SERVE_ADMIN_KEY, repr=False)
@@ -47,6 +51,9 @@ class ServeConfig:
             ("max-image-bytes", self.max_image_bytes, 1),
             ("body-timeout-s", self.body_timeout_s, 0.001),
             ("load-timeout-s", self.load_timeout_s, 0.001),
+            ("max-prompt-tokens", self.max_prompt_tokens, 1),
+            ("max-new-tokens", self.max_new_tokens, 1),
+            ("max-sequences", self.max_sequences, 1),
         ):
             if value < low:
                 raise PMError(f"--{opt}: must be at least {low}, got {value}")

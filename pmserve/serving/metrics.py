@@ -57,6 +57,31 @@ class Metrics:
             registry=r,
         )
 
+        # decoders (pmserve.serving.engine)
+        self.ttft = Histogram(
+            "pmserve_time_to_first_token_seconds",
+            "From a generation request's admission to its first token",
+            ["model"],
+            buckets=fine,
+            registry=r,
+        )
+        self.prompt_tokens = Counter(
+            "pmserve_prompt_tokens", "Prompt tokens of finished sequences", ["model"], registry=r
+        )
+        self.generated = Counter("pmserve_generated_tokens", "Tokens generated", ["model"], registry=r)
+        self.finished = Counter(
+            "pmserve_sequences_finished",
+            "Generated sequences by finish reason (eos, stop, length, cancelled)",
+            ["model", "reason"],
+            registry=r,
+        )
+        self.active = Gauge(
+            "pmserve_active_sequences",
+            "Sequences admitted and not finished (queued or decoding)",
+            ["model"],
+            registry=r,
+        )
+
     def render(self) -> tuple[bytes, str]:
         from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
