@@ -50,6 +50,8 @@ TRAIN_RIDGE_DIM = 2000
 TRAIN_RIDGE_LAMBDA = 0.0  # 0: chosen after every task by --ridge-select
 TRAIN_RIDGE_SELECT = "gcv"  # from the statistics of every class seen; runs from before it used "holdout"
 TRAIN_RIDGE_DRIFT = "linear"  # the map checked class by class; runs from before it used "none"
+TRAIN_REJECT = 0.0  # off: rejection keeps ~99% of in-scope answers at 0.99, a measurable cost (BENCHMARKS.md)
+TRAIN_GATE = False  # off until measured to pay (BENCHMARKS.md, issue 36)
 TRAIN_EVAL_HEADS: tuple[str, ...] = ()
 TRAIN_SEED = 0
 TRAIN_DEVICE = "auto"
@@ -93,7 +95,9 @@ SERVE_HOST = "127.0.0.1"
 SERVE_PORT = 8000
 SERVE_MAX_BATCH = 32
 SERVE_MAX_WAIT_MS = 5.0
-SERVE_BY_LENGTH = True  # split a gathered batch into groups of similar token counts (serving.batcher.length_groups)
+SERVE_BY_LENGTH = (
+    True  # split a gathered batch into groups of similar token counts (serving.batcher.length_groups)
+)
 SERVE_MAX_INPUTS = 256
 SERVE_MAX_TEXT_CHARS = 8192
 SERVE_PROVIDER = "auto"
