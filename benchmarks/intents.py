@@ -22,24 +22,30 @@ from pathlib import Path
 
 from harness import RESULTS, append_result, read_json
 
+ACCEPTS = (0.99, 0.98, 0.95)  # other in-scope acceptance targets, read from the same histogram
+
 
 def measure(learner, tests: list, oos) -> dict:
     """In-scope accuracy without / with rejection over `tests` (seen tasks' test splits, pooled), and the
-    out-of-scope recall on `oos` (a Split of out-of-scope requests), with the --head classifier."""
+    out-of-scope recall on `oos` (a Split of out-of-scope requests), with the --head classifier (ridge with
+    --reject); `by_accept`: the same at other acceptance targets, from the same calibration histogram."""
+    from pmserve.rejection import threshold
+
     clf = next(iter(learner.classifiers.values()))
-    t = clf.threshold() if hasattr(clf, "threshold") else None
-    hit = kept = total = 0
+    ok, best = [], []
     for split in tests:
         s = clf.scores(learner.features(split))
-        top, best = s.argmax(1).tolist(), s.max(1).values.tolist()
-        for k, b, y in zip(top, best, split.labels):
-            ok = clf.labels[k] == y
-            hit += ok
-            kept += ok and (t is None or b >= t)
-            total += 1
-    best = clf.scores(learner.features(oos)).max(1).values
-    recall = None if t is None else float((best < t).double().mean())
-    return {"acc": hit / total, "acc_reject": kept / total, "oos_recall": recall, "threshold": t}
+        ok += [clf.labels[k] == y for k, y in zip(s.argmax(1).tolist(), split.labels)]
+        best += s.max(1).values.tolist()
+    oos_best = clf.scores(learner.features(oos)).max(1).values
+
+    def at(t: float) -> dict:
+        kept = sum(o and b >= t for o, b in zip(ok, best)) / len(ok)
+        return {"acc_reject": kept, "oos_recall": float((oos_best < t).double().mean()), "threshold": t}
+
+    out = {"acc": sum(ok) / len(ok), **at(clf.threshold())}
+    out["by_accept"] = {str(a): at(threshold(clf.counts, a)) for a in ACCEPTS}
+    return out
 
 
 def main() -> None:
@@ -78,10 +84,16 @@ def main() -> None:
                 cfg.epochs, cfg.lr = 3, 5e-4
             per_task: list[dict] = []
 
-            def on_task(i: int, learner, tasks=tasks, per_task=per_task, method=method, seed=seed) -> None:
+            def on_task(
+                i: int, learner, tasks=tasks, per_task=per_task, method=method, seed=seed, label=label
+            ) -> None:
                 seen = tasks if method == "joint" else tasks[: i + 1]
                 per_task.append({"task": i, **measure(learner, [t.test for t in seen], oos)})
-                print(f"  {method} s{seed} task {i}: {per_task[-1]}", flush=True)
+                p = per_task[-1]
+                print(
+                    f"  {label} s{seed} task {i}: {p['acc']:.4f} {p['acc_reject']:.4f} {p['oos_recall']:.3f}",
+                    flush=True,
+                )
 
             out = args.out / f"{args.name}-{label}-s{seed}"
             r = train(cfg, out, progress=False, log=lambda *_: None, on_task=on_task)
