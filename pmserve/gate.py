@@ -48,6 +48,8 @@ def split_task(task: Task, seed: int, index: int) -> tuple[Task, Split]:
 def choose_scale(learner, index: int, previous: dict, fit: Split, held: Split) -> dict:
     """Scale the learner's merged update of this task (merged - previous) by the GATE_SCALES entry with the
     best held-out accuracy, leave the backbone there, and return the record: accuracy per scale and the scale."""
+    if not held.labels:  # too few rows to hold any out: nothing to judge by, so the update stays
+        return {"held_out": 0, "acc": {}, "scale": 1.0}
     merged = learner.merged
     base = next(iter(learner.classifiers.values()))
 
