@@ -2,13 +2,16 @@
 
     python benchmarks/quality.py --sequence nouns --seeds 0 1 2 --out /tmp/pmq
     python benchmarks/quality.py --report i17-nouns i17-long     # the stored results' tables, no training
-    python benchmarks/quality.py --paired wordnet-nouns-all-linear i17-nouns   # B - A by (method, seed)
+    python benchmarks/quality.py --paired i17-nouns i17-nouns-s34   # pm - frozen, - avg, - merge, / joint
+    python benchmarks/quality.py --versus wordnet-nouns-all-linear i17-nouns   # B - A by (method, seed)
     python benchmarks/quality.py --between avg pm i17class-nouns i17class-nouns-s34   # method B - A by seed
 Each (method, seed) is one `pmserve train` run that measures the linear training head and the prototype and
 ridge classifiers side by side (--eval-heads), so heads are compared on identical backbones; each seed draws its
 own class order. Results go to benchmarks/results/quality-<name>.json (appended run by run, so a long sweep can
 be read while it goes). The tables give, per method and head, the mean ± std over seeds and every seed's value,
 and per run the alphas (their minimum first), the ridge lambdas and how many sat at the end of their grid.
+Every comparison is paired by seed and reported as the mean difference with its 95% t interval
+(pmserve.metrics.paired_interval), in points.
 """
 
 from __future__ import annotations
@@ -19,6 +22,8 @@ import statistics
 from pathlib import Path
 
 from harness import RESULTS, append_result, read_json
+
+from pmserve.metrics import paired_interval
 
 METHODS = ["pm", "merge", "seq", "frozen", "joint", "avg"]
 SEQUENCES = {  # --sequence: the sequences issue 17's targets are stated on
@@ -33,6 +38,43 @@ def _mean_std(vals: list[float]) -> str:
         return "-"
     sd = statistics.stdev(vals) if len(vals) > 1 else 0.0
     return f"{statistics.mean(vals):.3f} ± {sd:.3f}"
+
+
+COMPARISONS = [  # (B, A, how): the targets of issue 36, B - A in points or B / A
+    ("pm", "frozen", "-"),
+    ("pm", "avg", "-"),
+    ("pm", "merge", "-"),
+    ("pm", "joint", "/"),
+    ("pm+gate", "frozen", "-"),
+    ("pm+gate", "pm", "-"),
+]
+
+
+def interval(d: list[float], unit: str = "") -> str:
+    """'mean [low, high]' of paired differences: the 95% t interval over seeds."""
+    m, lo, hi = paired_interval(d)
+    f = ".2f" if unit == "%" else "+.2f"  # a ratio has no sign
+    return f"{m:{f}}{unit} [{lo:{f}}, {hi:{f}}]" if len(d) > 1 else f"{m:{f}}{unit} (one seed: no interval)"
+
+
+def comparisons(results: list[dict], head: str = "ridge") -> str:
+    """Every COMPARISONS pair the results hold: per seed, and the mean with its 95% t interval. B - A in
+    points of ACC; B / A as a percentage of A."""
+    acc = {(r["method"], _seed(r)): r["by_head"][head]["ACC"] for r in results}
+    rows = ["| comparison | seeds | per seed | mean [95% t interval] |", "|---|---|---|---|"]
+    for b, a, how in COMPARISONS:
+        seeds = sorted(s for m, s in acc if m == b and (a, s) in acc)
+        if not seeds:
+            continue
+        if how == "-":
+            d = [100 * (acc[b, s] - acc[a, s]) for s in seeds]
+            name, unit = f"{b} - {a} (points)", ""
+        else:
+            d = [100 * acc[b, s] / acc[a, s] for s in seeds]
+            name, unit = f"{b} / {a} (%)", "%"
+        per = ", ".join(f"s{s} {x:+.2f}" if how == "-" else f"s{s} {x:.2f}" for s, x in zip(seeds, d))
+        rows.append(f"| {name} | {len(seeds)} | {per} | {interval(d, unit)} |")
+    return "\n".join(rows)
 
 
 def _seed(r: dict) -> int:
@@ -108,7 +150,8 @@ def paired(a: list[dict], b: list[dict], a_name: str, b_name: str, head: str = "
         )
     for m, d in diffs.items():
         wins = sum(v > 0 for v in d)
-        rows.append(f"| {m} | mean | | | {statistics.mean(d):+.3f} | {wins} of {len(d)} seeds up |")
+        ci = interval([100 * v for v in d])
+        rows.append(f"| {m} | mean (points, 95% t) | | | {ci} | {wins} of {len(d)} seeds up |")
     return "\n".join(rows)
 
 
@@ -122,12 +165,15 @@ def between(results: list[dict], a: str, b: str, head: str = "ridge") -> str:
     d = [100 * (runs[b, s] - runs[a, s]) for s in seeds]
     rows += [f"| {s} | {runs[a, s]:.3f} | {runs[b, s]:.3f} | {x:+.1f} |" for s, x in zip(seeds, d)]
     if len(d) > 1:
-        se = statistics.stdev(d) / len(d) ** 0.5
         ahead = sum(x >= -1e-9 for x in d)
-        rows.append(
-            f"| mean | | | {statistics.mean(d):+.2f} ± {se:.2f} (se); {b} >= {a} on {ahead} of {len(d)} |"
-        )
+        rows.append(f"| mean [95% t] | | | {interval(d)}; {b} >= {a} on {ahead} of {len(d)} |")
     return "\n".join(rows)
+
+
+def _results_file(name: str) -> Path:
+    """quality-NAME.json, else intents-NAME.json (benchmarks/intents.py writes the same fields)."""
+    q = RESULTS / f"quality-{name}.json"
+    return q if q.exists() else RESULTS / f"intents-{name}.json"
 
 
 def main() -> None:
@@ -143,7 +189,14 @@ def main() -> None:
     ap.add_argument("--name", default=None, help="results file quality-NAME.json (default: the sequence's)")
     ap.add_argument("--report", nargs="+", metavar="NAME", help="print the tables of stored results and stop")
     ap.add_argument(
-        "--paired", nargs=2, metavar=("A", "B"), help="ridge ACC of B - A by (method, seed), and stop"
+        "--paired",
+        nargs="+",
+        metavar="NAME",
+        help="pm - frozen, - avg, - merge and / joint (ridge ACC), paired by seed with 95%% t intervals, over "
+        "the NAMEd results files pooled (quality-NAME.json or intents-NAME.json), and stop",
+    )
+    ap.add_argument(
+        "--versus", nargs=2, metavar=("A", "B"), help="ridge ACC of B - A by (method, seed), and stop"
     )
     ap.add_argument(
         "--between",
@@ -157,8 +210,12 @@ def main() -> None:
     args = ap.parse_args()
     heads = [args.train_head, "prototype", "ridge"]
     if args.paired:
-        a, b = (read_json(RESULTS / f"quality-{n}.json") for n in args.paired)
-        print(paired(a, b, *args.paired))
+        pooled = [r for n in args.paired for r in read_json(_results_file(n))]
+        print(comparisons(pooled))
+        return
+    if args.versus:
+        a, b = (read_json(RESULTS / f"quality-{n}.json") for n in args.versus)
+        print(paired(a, b, *args.versus))
         return
     if args.between:
         if len(args.between) < 3:

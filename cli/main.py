@@ -119,6 +119,17 @@ def train(
         help="linear: after every merge, ridge's stored statistics follow the backbone through the drift seen on "
         "the new task's features, as far as it carries from class to class | none: they stay as computed.",
     ),
+    reject: float = typer.Option(
+        D.TRAIN_REJECT,
+        help="Out-of-scope rejection (--head ridge): answer '<out of scope>' below a top-score threshold that "
+        "keeps this share of each task's in-scope training answers (leave-one-out), e.g. 0.99; 0 turns it off.",
+    ),
+    gate: bool = typer.Option(
+        D.TRAIN_GATE,
+        "--gate/--no-gate",
+        help="Hold out 20% of each task's training data and keep the task's update (scaled 1, 0.5 or 0) only "
+        "as far as it pays there; the choice goes into the task's task.json.",
+    ),
     eval_heads: str = typer.Option(
         joined(D.TRAIN_EVAL_HEADS),
         help="More inference classifiers to measure side by side, e.g. prototype,ridge.",

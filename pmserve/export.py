@@ -215,6 +215,7 @@ def _export_into(tmp, src, model, prep, batches, tasks, tasks_note, opts: Export
             "classes": len(src.labels),
             "labels": src.labels,
             "head": src.head,
+            "reject": _reject(src),
             "scores": src.scores,
             "pooling": src.pooling,
             "normalize": src.normalize,
@@ -235,6 +236,16 @@ def _export_into(tmp, src, model, prep, batches, tasks, tasks_note, opts: Export
 
 
 # ---------------------------------------------------------------- steps
+
+
+def _reject(src) -> dict | None:
+    """The manifest's out-of-scope rule: predict and the server answer `label` where the top score is below
+    `threshold` (pmserve.rejection); None where the source's classifier does not reject."""
+    from .merged_model import saved_threshold
+    from .rejection import OUT_OF_SCOPE
+
+    t = saved_threshold(src)
+    return None if t is None else {"threshold": t, "label": OUT_OF_SCOPE, "score": "top class score"}
 
 
 def trace_onnx(model: InferenceModel, batch: dict[str, torch.Tensor], path: Path, opset: int) -> None:

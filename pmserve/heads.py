@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import rejection
 from .errors import PMError
 
 HEADS = ("linear", "cosine", "prototype", "ridge")
@@ -245,10 +246,18 @@ class Ridge:
 
     State: G = sum h h^T (size x size), Q = sum h y^T (size x classes) and n, the number of rows added;
     weights = (G + lambda I)^-1 Q. `select` is how lambda is chosen when it is not fixed (RIDGE_SELECT).
+    `reject` (0: off) is the share of in-scope rows out-of-scope rejection keeps: then `counts` holds the
+    histogram its threshold is read from (pmserve.rejection).
     """
 
     def __init__(
-        self, dim: int, size: int = 2000, seed: int = 0, lam: float | None = None, select: str = "gcv"
+        self,
+        dim: int,
+        size: int = 2000,
+        seed: int = 0,
+        lam: float | None = None,
+        select: str = "gcv",
+        reject: float = 0.0,
     ):
         need = size * size * 8 * 3 / 2**30  # G, its solve copy and Cholesky factor, float64
         if size < 1:
@@ -270,6 +279,8 @@ class Ridge:
         self.Q = torch.zeros(size, 0, dtype=torch.float64)
         self.lam = lam if lam is not None else RIDGE_LAMBDAS[0]
         self.W: torch.Tensor | None = None
+        self.reject = reject
+        self.counts = torch.zeros(rejection.BINS, dtype=torch.float64)
 
     def project(self, feats: torch.Tensor) -> torch.Tensor:
         return torch.relu(feats.detach().cpu().float() @ self.P).double()  # the features G and Q are sums of
@@ -343,7 +354,15 @@ class Ridge:
             self.update(feats, labels)
             self.lam = self.fixed_lam if self.fixed_lam is not None else self.lam
         self.W = self.solve(self.lam)
+        if self.reject:
+            h, y = self.project(feats), self._targets(labels)
+            loo = rejection.loo_ridge_scores(h, y, self.G, self.lam, self.W)
+            self.counts += rejection.calibration_counts(loo, y.argmax(1))
         return self.lam
+
+    def threshold(self) -> float | None:
+        """The top score below which a request is out of scope (None: rejection is off)."""
+        return rejection.threshold(self.counts, self.reject) if self.reject else None
 
     def scores(self, feats: torch.Tensor) -> torch.Tensor:
         if self.W is None:
@@ -351,13 +370,16 @@ class Ridge:
         return ridge_scores(feats.detach().cpu().float(), self.P, self.W).to(feats.device, torch.float32)
 
     def state(self) -> dict[str, torch.Tensor]:
-        return {"G": self.G, "Q": self.Q, "n": torch.tensor([self.n], dtype=torch.float64)}
+        out = {"G": self.G, "Q": self.Q, "n": torch.tensor([self.n], dtype=torch.float64)}
+        return out | ({"reject_counts": self.counts} if self.reject else {})
 
     def load(self, state: dict[str, torch.Tensor], labels: list[str], lam: float) -> None:
         """A saved classifier; one saved before n was kept (holdout only) counts n as 0."""
         self.labels, self.lam = list(labels), lam
         self.G, self.Q = state["G"].double(), state["Q"].double()
         self.n = float(state["n"]) if "n" in state else 0.0
+        if self.reject:
+            self.counts = state["reject_counts"].double()
         self.W = self.solve(lam)
 
 
@@ -395,6 +417,8 @@ def save_scorer(scorer: Scorer, folder, prefix: str = "classifier") -> None:
             fixed_lambda=scorer.fixed_lam is not None,
             select=scorer.select,
         )
+        if scorer.reject:
+            meta.update(reject=scorer.reject, reject_threshold=scorer.threshold())
     save_file({k: v.contiguous() for k, v in scorer.state().items()}, str(folder / f"{prefix}.safetensors"))
     (folder / f"{prefix}.json").write_text(json.dumps(meta, indent=2))
 
@@ -425,8 +449,12 @@ def load_scorer(folder, prefix: str = "classifier") -> Scorer:
         rows = s.sums.shape
     elif kind == "ridge":
         fixed = meta["lambda_"] if meta.get("fixed_lambda") else None
-        s = Ridge(dim, meta["size"], meta["seed"], fixed, meta.get("select", "holdout"))  # older: holdout
-        s.load(state, labels, meta["lambda_"])
+        s = Ridge(
+            dim, meta["size"], meta["seed"], fixed, meta.get("select", "holdout"), meta.get("reject", 0.0)
+        )
+        if s.reject and "reject_counts" not in state:
+            raise PMError(f"{tensor_path}: no reject_counts, but {meta_path} says rejection is on")
+        s.load(state, labels, meta["lambda_"])  # a select missing (older classifiers): holdout
         rows = (s.Q.shape[1], dim)
     else:
         raise PMError(f"{meta_path}: unknown classifier kind {kind!r}")

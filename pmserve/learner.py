@@ -96,6 +96,8 @@ class TrainConfig:
     ridge_lambda: float = D.TRAIN_RIDGE_LAMBDA  # 0 = choose after every task by ridge_select
     ridge_select: str = D.TRAIN_RIDGE_SELECT  # gcv (every class seen) | holdout (this task's data)
     ridge_drift: str = D.TRAIN_RIDGE_DRIFT  # none | linear (stored statistics follow the backbone)
+    reject: float = D.TRAIN_REJECT  # 0 = off; else the share of in-scope answers out-of-scope rejection keeps
+    gate: bool = D.TRAIN_GATE  # keep each task's update only as far as it pays on its held-out rows (gate.py)
     eval_heads: list[str] = field(default_factory=lambda: list(D.TRAIN_EVAL_HEADS))  # measured side by side
     seed: int = D.TRAIN_SEED
     device: str = D.TRAIN_DEVICE
@@ -165,6 +167,22 @@ class TrainConfig:
         need(self.head_lr > 0, "head-lr", f"must be > 0, got {self.head_lr}")
         need(self.max_length >= 2, "max-length", f"must be at least 2, got {self.max_length}")
         need(self.fisher_samples >= 1, "fisher-samples", f"must be at least 1, got {self.fisher_samples}")
+        need(
+            self.reject == 0 or 0.5 <= self.reject < 1,
+            "reject",
+            f"must be 0 (off) or in [0.5, 1), got {self.reject}",
+        )
+        need(
+            not self.reject or self.head == "ridge",
+            "reject",
+            "needs --head ridge (its scores set the threshold)",
+        )
+        need(
+            not self.gate
+            or (self.head in ("ridge", "prototype") and self.method in ("pm", "merge", "seq", "avg")),
+            "gate",
+            "needs --head ridge or prototype and a method that merges (pm, merge, seq, avg)",
+        )
         need(self.ridge_lambda >= 0, "ridge-lambda", f"must be > 0, got {self.ridge_lambda}")
         for h in self.eval_heads:
             need(h in HEADS, "eval-heads", f"unknown head {h!r} (choose from {', '.join(HEADS)})")
@@ -217,7 +235,9 @@ class Learner:
             self.classifiers[h] = (
                 Prototypes(dim)
                 if h == "prototype"
-                else Ridge(dim, cfg.ridge_dim, cfg.seed, cfg.ridge_lambda or None, cfg.ridge_select)
+                else Ridge(
+                    dim, cfg.ridge_dim, cfg.seed, cfg.ridge_lambda or None, cfg.ridge_select, cfg.reject
+                )
                 if h == "ridge"
                 else self.head
             )

@@ -142,6 +142,14 @@ def _classifier(src: MergedSource, dim: int) -> nn.Module:
     return scorer_module(scorer)
 
 
+def saved_threshold(src: MergedSource) -> float | None:
+    """The out-of-scope threshold of the source's classifier (pmserve.rejection); None: no rejection."""
+    if src.classifier_dir is None or src.head != "ridge":
+        return None
+    scorer = load_scorer(src.classifier_dir)
+    return scorer.threshold() if isinstance(scorer, Ridge) else None
+
+
 def _after_encoder(src: MergedSource, encoder: Encoder) -> nn.Module | None:
     """What turns the encoder's output into the model's: pmserve's classifier, a softmax over the model's own
     logits, or nothing (logits as they are; embeddings)."""

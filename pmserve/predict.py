@@ -23,7 +23,8 @@ from .errors import PMError
 from .formats import run as run_files
 from .formats.bundle import MODEL, is_bundle, require_encoder, verify_bundle
 from .formats.merged import MergedSource, inspect_merged
-from .merged_model import InferenceModel, load_inference_model
+from .merged_model import InferenceModel, load_inference_model, saved_threshold
+from .rejection import top_labels
 
 PROVIDERS = ("auto", "cpu", "cuda")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
@@ -92,6 +93,7 @@ class Model:
     columns, or `embedding` [n, dim] (no labels)."""
 
     backend = ""
+    reject: float | None = None  # the out-of-scope threshold on the top score (pmserve.rejection); None: off
 
     def __init__(
         self,
@@ -111,6 +113,10 @@ class Model:
 
     def run(self, batch: dict[str, torch.Tensor]) -> np.ndarray:
         raise NotImplementedError
+
+    def top_labels(self, scores: np.ndarray) -> list[str]:
+        """Each row's answer: its top label, or the out-of-scope label where the model rejects it."""
+        return top_labels(scores, self.labels, self.reject)
 
     def encode(self, inputs: list):
         """Inputs tokenized (or pixel values), not padded: one encoding serves several calls (`score_rows`)."""
@@ -160,6 +166,7 @@ class OrtModel(Model):
         prep = Preprocessor(path, m["input_kind"], int(m.get("max_length", D.UNKNOWN_MAX_LENGTH)))
         model = cls(path / MODEL, prep, m["labels"], m["input_kind"], provider, threads, spinning)
         model.manifest = m
+        model.reject = (m.get("reject") or {}).get("threshold")
         return model
 
     def run(self, batch: dict[str, torch.Tensor]) -> np.ndarray:
@@ -180,7 +187,9 @@ class TorchModel(Model):
         src = src if isinstance(src, MergedSource) else inspect_merged(src)
         model, prep = load_inference_model(src)
         model.source = src
-        return cls(model, prep, src.input_kind, torch_device(provider))
+        out = cls(model, prep, src.input_kind, torch_device(provider))
+        out.reject = saved_threshold(src)
+        return out
 
     @torch.inference_mode()
     def run(self, batch: dict[str, torch.Tensor]) -> np.ndarray:
@@ -306,12 +315,12 @@ def predict(
     if model.kind == "embedding":
         return [{"input": x, "embedding": e.tolist()} for x, e in zip(xs, scores)], model
     rows = []
-    for x, s in zip(xs, scores):
+    for x, s, label in zip(xs, scores, model.top_labels(scores)):
         top = np.argsort(-s, kind="stable")[:top_k]
         rows.append(
             {
                 "input": x,
-                "label": model.labels[top[0]],
+                "label": label,
                 "score": float(s[top[0]]),
                 "top": [(model.labels[i], float(s[i])) for i in top],
             }

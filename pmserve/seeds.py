@@ -10,11 +10,12 @@ from __future__ import annotations
 import torch
 
 # the generator streams of task t (stream_generator)
-HEAD_INIT, SHUFFLE, FISHER = 1, 2, 3
+HEAD_INIT, SHUFFLE, FISHER, GATE = 1, 2, 3, 4
 
 
 def stream_generator(seed: int, task: int, stream: int) -> torch.Generator:
-    """The generator of one stream of task `task`: head rows, batch order, Fisher samples and labels."""
+    """The generator of one stream of task `task`: head rows, batch order, Fisher samples and labels, the
+    adaptation gate's held-out rows."""
     return torch.Generator().manual_seed(seed * 1_000_003 + task * 101 + stream)
 
 

@@ -250,10 +250,14 @@ def check_tasks(tasks: list[Task], kind: str | None = None, seen: list[str] = ()
     if kind is not None and kinds != {kind}:
         t = next(t for t in tasks if t.kind != kind)
         raise PMError(f"task {t.name}: holds {t.kind} examples, but the RUN's tasks are {kind}")
+    from .rejection import OUT_OF_SCOPE
+
     seen = set(seen)
     for t in tasks:
         if t.kind == "generative":
             continue
+        if OUT_OF_SCOPE in t.train.labels:
+            raise PMError(f"task {t.name}: the label {OUT_OF_SCOPE!r} is reserved for out-of-scope answers")
         seen.update(t.train.labels)
         unseen = sorted(set(t.test.labels) - seen)
         if unseen:

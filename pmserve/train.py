@@ -28,6 +28,7 @@ from .errors import PMError
 from .formats import MODEL_CARD, atomic_dir, read_json, write_json
 from .formats import run as run_files
 from .formats.peft import save_adapter
+from .gate import choose_scale, split_task
 from .learner import (
     EXECUTION_ONLY,
     Learner,
@@ -226,10 +227,13 @@ def open_run(run: Path, device: str = "cpu") -> tuple[TrainConfig, list[Task], L
     return cfg, tasks, learner, snap.finished
 
 
-def train(cfg: TrainConfig, out: Path | str, resume: bool = False, progress=True, log=print) -> dict:
+def train(
+    cfg: TrainConfig, out: Path | str, resume: bool = False, progress=True, log=print, on_task=None
+) -> dict:
     """Run (or resume) continual training into `out`; returns the metrics dict also written to metrics.json.
 
     progress: True (bars on a terminal, else a line per epoch), False, or a TrainProgress mode.
+    on_task: called as on_task(index, learner) after each task is on disk (benchmarks measure there).
     Under torchrun every rank calls this: rank 0 writes and logs, and a restart by torchrun resumes.
     """
     cfg.data = _absolute_data(cfg.data)
@@ -255,7 +259,7 @@ def train(cfg: TrainConfig, out: Path | str, resume: bool = False, progress=True
             if not plan:
                 plan = _data_plan(cfg, tasks)
                 distributed.on_main(lambda: run_files.write_plan(out, plan))
-            return _continue(cfg, out, plan, loaded, backbone, device, progress, log)
+            return _continue(cfg, out, plan, loaded, backbone, device, progress, log, on_task)
 
 
 def add_tasks(
@@ -343,6 +347,7 @@ def _continue(
     device: torch.device,
     progress,
     log,
+    on_task=None,
 ) -> dict:
     """Train the RUN's planned tasks that are not finished, after restoring the state of the finished ones."""
     main = distributed.is_main()
@@ -383,14 +388,15 @@ def _continue(
         for i, current, epochs in todo:
             t0 = time.perf_counter()
             bar.task_started(current.name, epochs * -(-len(current.train.labels) // cfg.batch_size))
+            fit, held = split_task(current, cfg.seed, i) if cfg.gate else (current, None)
             before = learner.features_before(current)
-            peft_model, delta, fisher, scaled = learner.train_task(current, i, epochs, bar)
+            peft_model, delta, fisher, scaled = learner.train_task(fit, i, epochs, bar)
             labels += [y for y in current.classes if y not in labels]
             folder = run_files.task_dir(out, i, current.name)
             # only rank 0 writes; readers see the task folder and its state appear together (run_files.snapshot)
             with ExitStack() as swap:
                 with atomic_dir(folder) if main else nullcontext() as tmp:
-                    alpha = None
+                    alpha, gated, previous = None, None, learner.merged
                     if peft_model is not None:
                         if main:
                             meta = {
@@ -407,6 +413,8 @@ def _continue(
                         alpha = learner.merge(
                             i + 1, delta, fisher
                         )  # the same on every rank: the Fisher was summed
+                        if held is not None:
+                            gated = choose_scale(learner, i, previous, fit.train, held)
                     lam = learner.update_classifiers(current, i, before)
                     seen = range(len(plan)) if joint else range(i + 1)
                     for j in seen:  # read an earlier task's test split once per call, not once per new task
@@ -424,6 +432,8 @@ def _continue(
                         "ridge_lambda": lam,
                         "ridge_lambda_on_edge": learner.ridge_on_edge(),
                         "ridge_drift_mu": learner.drift_mu,
+                        "gate": gated,
+                        "reject_threshold": learner.classifiers[cfg.head].threshold() if cfg.reject else None,
                         "epochs": epochs,
                         "device": str(device),
                         "seconds": time.perf_counter() - t0,
@@ -450,6 +460,8 @@ def _continue(
                 if main:  # the task folder is in place (atomic_dir's rename): its state follows at once
                     run_files.promote_state(out)
             done.append(info)
+            if on_task is not None:
+                on_task(i, learner)
             row = " ".join("-" if a is None else f"{a:.3f}" for a in info["acc"][cfg.head])
             edge = "  (ridge lambda at its grid's end)" if info["ridge_lambda_on_edge"] else ""
             bar.task_done(

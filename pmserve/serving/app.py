@@ -274,11 +274,11 @@ def create_app(models: list[Served], cfg: ServeConfig, repository=None, loopback
     async def predict(request: Request):
         """For curl: {"inputs": [...], "model": NAME (optional)} -> the top label and score of each input."""
         served, scores = await plain_rows(request, embedding=False)
-        top = scores.argmax(1).tolist()
+        top = scores.max(1).tolist()
         return {
             "model": served.name,
             "predictions": [
-                {"label": served.labels[k], "score": float(s[k])} for k, s in zip(top, scores.tolist())
+                {"label": y, "score": float(s)} for y, s in zip(served.model.top_labels(scores), top)
             ],
         }
 

@@ -199,7 +199,7 @@ def requested_outputs(req: dict, names: tuple[str, ...] = ("label", "scores")) -
 def infer_response(served: Served, req: dict, scores: np.ndarray) -> tuple[dict, bytes]:
     """The v2 response header and the binary data that follows it (empty when every output is JSON).
     `scores` is the model's output: class scores, or embeddings for an embedding model."""
-    labels = [] if served.embedding else [served.labels[i] for i in scores.argmax(1).tolist()]
+    labels = [] if served.embedding else served.model.top_labels(scores)
     outputs, chunks = [], []
     for name, binary in requested_outputs(req, served.outputs):
         if name == "label":

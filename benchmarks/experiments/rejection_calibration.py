@@ -1,0 +1,59 @@
+"""Which calibration rule keeps its promise as tasks accumulate? Frozen MiniLM features (exact for frozen),
+CLINC150 seed 0 default tasks; judged on CLINC150's *validation* split (in scope) and oos_val, never test.
+
+    python benchmarks/experiments/rejection_calibration.py > benchmarks/results/rejection_calibration-val-s0.jsonl
+
+Per task: the share of the in-scope validation accuracy kept and the oos_val recall, for thresholds read from
+the leave-one-out histogram of every task so far (pooled, what pmserve does), of tasks decayed by 0.5 per
+task, or of the current task only, at acceptance 0.99 and 0.98.
+"""
+
+import json
+
+import torch
+
+from pmserve import rejection
+from pmserve.backbone import load_encoder, split_features
+from pmserve.heads import Ridge
+from pmserve.tasks import Split, builtin_tasks, clinc150_records
+
+torch.set_num_threads(1)
+tasks = builtin_tasks("builtin:clinc150", 0)
+enc, prep, _ = load_encoder("builtin:minilm", "text", 64)
+dev = torch.device("cpu")
+
+
+def feat(sp):
+    return split_features(enc, prep, sp, dev, 128)
+
+
+val = [r for r in clinc150_records("val")]
+oos = [r.text for r in clinc150_records("oos_val")]
+F_oos = feat(Split(oos, ["oos"] * len(oos)))
+rows = []
+clf = Ridge(enc.hidden_size, 2000, 0, None, "gcv", 0.99)
+per_task_loo = []  # the top LOO scores of the correct rows of each task, under the classifier of its time
+for i, t in enumerate(tasks):
+    f = feat(t.train)
+    clf.fit(f, t.train.labels, seed=0)
+    h, y = clf.project(f), clf._targets(t.train.labels)
+    loo = rejection.loo_ridge_scores(h, y, clf.G, clf.lam, clf.W)
+    top, pred = loo.max(1)
+    per_task_loo.append(top[pred == y.argmax(1)])
+    seen = set(clf.labels)
+    vs = [r for r in val if r.intent in seen]
+    Fv = feat(Split([r.text for r in vs], [r.intent for r in vs]))
+    s = clf.scores(Fv)
+    ok = torch.tensor([clf.labels[k] == r.intent for k, r in zip(s.argmax(1).tolist(), vs)])
+    best = s.max(1).values
+    ob = clf.scores(F_oos).max(1).values
+    out = {"task": i, "acc": float(ok.double().mean())}
+    for a in (0.99, 0.98):
+        for name, d in (("pooled", 1.0), ("decay0.5", 0.5), ("current", 0.0)):
+            counts = torch.zeros(rejection.BINS, dtype=torch.float64)
+            for j, top_j in enumerate(per_task_loo):
+                counts = d * counts + rejection.histogram(top_j) if j else rejection.histogram(top_j)
+            th = rejection.threshold(counts, a)
+            kept = float((ok & (best >= th)).double().mean()) / out["acc"]
+            out[f"{name}@{a}"] = (round(kept, 4), round(float((ob < th).double().mean()), 3))
+    print(json.dumps(out), flush=True)

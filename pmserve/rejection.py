@@ -1,0 +1,79 @@
+"""Out-of-scope rejection: answer OUT_OF_SCOPE when no known class fits a request, exemplar-free.
+
+An intent classifier meets requests that are none of its intents. The ridge head (RanPAC) scores every class
+seen; a request whose top score is below a threshold is rejected. The threshold is set from in-scope data only,
+so the default needs no out-of-scope examples: when a task is trained, each of its own training rows gets the
+top score ridge would give it had the row been left out of the fit (exact in closed form, `loo_ridge_scores`,
+so no split of the task is lost to calibration), and the top scores of the rows that leave-one-out still
+classifies right are added to a fixed histogram (BINS counts, constant in the number of tasks). The threshold
+is the score that keeps `accept` of those rows: rejection then costs about 1 - accept of the in-scope
+accuracy, by construction, and rejects whatever scores below what known intents score.
+
+The histogram is part of ridge's saved state (classifier.safetensors), so it is carried bitwise across merges,
+--resume and --add, and `pmserve export` writes the threshold into the bundle's manifest, where predict and the
+server read it. Old tasks' rows were scored by the classifier of their time; the histogram keeps them as they
+were (it cannot rescore them without their data).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+OUT_OF_SCOPE = "<out of scope>"  # angle brackets: no task's label can be it (tasks.check_tasks refuses it)
+BINS, LOW, HIGH = (
+    1500,
+    -1.0,
+    2.0,
+)  # top ridge scores sit near [0, 1]; outside the range they count at its ends
+ACCEPT_ALL = -1e30  # the threshold where no bin can be rejected (finite: JSON has no infinity)
+
+
+def loo_ridge_scores(
+    H: torch.Tensor, Y: torch.Tensor, G: torch.Tensor, lam: float, W: torch.Tensor
+) -> torch.Tensor:
+    """Leave-one-out scores of rows H (targets Y, one-hot) that are part of the ridge fit W = (G + lam I)^-1 Q.
+
+    With leverage l_i = h_i^T (G + lam I)^-1 h_i, the fit without row i predicts
+    y_i - (y_i - h_i W) / (1 - l_i) (the leave-one-out identity of least squares; Allen 1974), so every row's
+    held-out score costs one solve, not one refit per row.
+    """
+    A = G + lam * torch.eye(G.shape[0], dtype=G.dtype)
+    lev = (H * torch.linalg.solve(A, H.T).T).sum(1, keepdim=True)
+    fit = H @ W
+    return Y - (Y - fit) / (1 - lev).clamp_min(1e-12)
+
+
+def histogram(top: torch.Tensor) -> torch.Tensor:
+    """Counts of `top` scores in BINS equal bins over [LOW, HIGH] (values outside count at the ends)."""
+    k = ((top.double() - LOW) / (HIGH - LOW) * BINS).floor().clamp(0, BINS - 1).long()
+    return torch.bincount(k, minlength=BINS).double()
+
+
+def calibration_counts(loo: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """The histogram of the top leave-one-out scores of the rows leave-one-out classifies right (`targets`:
+    their class indices): the in-scope rows whose acceptance rejection must keep."""
+    top, pred = loo.max(1)
+    return histogram(top[pred == targets])
+
+
+def threshold(counts: torch.Tensor, accept: float) -> float:
+    """The lower edge of the bin where the scores below it first exceed 1 - accept of the rows: scores at or
+    above it are accepted, so at least `accept` of the calibration rows are (to the bins' resolution)."""
+    total = float(counts.sum())
+    if total == 0:
+        return ACCEPT_ALL
+    below = torch.cumsum(counts, 0) - counts  # rows in the bins strictly below each bin
+    k = int((below <= (1 - accept) * total + 1e-9).nonzero().max())  # 1 - 0.8 is 0.19999...
+    return (
+        ACCEPT_ALL if k == 0 else LOW + (HIGH - LOW) * k / BINS - 1e-12
+    )  # below the edge: its bin's rows pass
+
+
+def top_labels(scores: np.ndarray, labels: list[str], reject: float | None) -> list[str]:
+    """Each row's top label, or OUT_OF_SCOPE where its top score is below `reject` (None: never)."""
+    top = scores.argmax(1)
+    if reject is None:
+        return [labels[k] for k in top.tolist()]
+    best = scores[np.arange(len(top)), top]
+    return [labels[k] if s >= reject else OUT_OF_SCOPE for k, s in zip(top.tolist(), best.tolist())]

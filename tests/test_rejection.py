@@ -1,0 +1,169 @@
+"""Out-of-scope rejection (pmserve.rejection), the adaptation gate (pmserve.gate) and the paired t interval
+(pmserve.metrics), each against an independent reference: refits row by row, hand-computed quantiles and
+intervals, a class the run never saw, and a run trained at once."""
+
+import json
+import math
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from pmserve import rejection
+from pmserve.gate import GATE_SCALES
+from pmserve.metrics import paired_interval, t_quantile
+from pmserve.train import TrainConfig, add_tasks, train
+from tests.conftest import make_texts, write_tasks
+
+QUIET = dict(progress=False, log=lambda *_: None)
+
+
+def test_leave_one_out_scores_equal_refits_without_the_row():
+    g = torch.Generator().manual_seed(0)
+    H = torch.randn(12, 5, generator=g, dtype=torch.float64)
+    Y = torch.nn.functional.one_hot(torch.arange(12) % 3, 3).double()
+    lam = 0.7
+    G = H.T @ H
+    W = torch.linalg.solve(G + lam * torch.eye(5, dtype=torch.float64), H.T @ Y)
+    loo = rejection.loo_ridge_scores(H, Y, G, lam, W)
+    for i in range(12):
+        keep = torch.arange(12) != i
+        Hr, Yr = H[keep], Y[keep]
+        Wr = torch.linalg.solve(Hr.T @ Hr + lam * torch.eye(5, dtype=torch.float64), Hr.T @ Yr)
+        torch.testing.assert_close(loo[i], H[i] @ Wr)
+
+
+def test_threshold_keeps_the_asked_share_of_rows():
+    scores = torch.tensor([0.05, 0.21, 0.33, 0.5, 0.61, 0.7, 0.8, 0.9, 0.95, 0.99], dtype=torch.float64)
+    counts = rejection.histogram(scores)
+    assert counts.sum() == 10
+    t = rejection.threshold(counts, 0.8)  # keep 8 of 10: the two lowest go
+    assert 0.21 < t <= 0.33
+    assert int((scores >= t).sum()) == 8
+    assert rejection.threshold(counts, 0.999) <= 0.05  # keep all ten
+    assert rejection.threshold(torch.zeros(rejection.BINS, dtype=torch.float64), 0.99) == rejection.ACCEPT_ALL
+    s = np.array([[0.9, 0.1], [0.2, 0.3]], dtype=np.float32)
+    assert rejection.top_labels(s, ["a", "b"], 0.5) == ["a", rejection.OUT_OF_SCOPE]
+    assert rejection.top_labels(s, ["a", "b"], None) == ["a", "b"]
+
+
+def test_t_quantiles_and_the_paired_interval_by_hand():
+    # Student's t 0.975 quantiles as printed in every table
+    for df, want in ((1, 12.7062), (2, 4.3027), (3, 3.1824), (4, 2.7764), (10, 2.2281), (30, 2.0423)):
+        assert t_quantile(0.975, df) == pytest.approx(want, abs=1e-4)
+    # differences 1, 2, 3, 4: mean 2.5, sd sqrt(5/3), se sd / 2, half width 3.182446 * se
+    mean, lo, hi = paired_interval([1.0, 2.0, 3.0, 4.0])
+    half = 3.182446305 * math.sqrt(5 / 3) / 2
+    assert (
+        mean == 2.5
+        and lo == pytest.approx(2.5 - half, abs=1e-6)
+        and hi == pytest.approx(2.5 + half, abs=1e-6)
+    )
+    assert paired_interval([0.3]) == (0.3, -math.inf, math.inf)
+
+
+def config(data, model, **kw):
+    base = dict(
+        data=str(data),
+        model=str(model),
+        epochs=2,
+        batch_size=8,
+        rank=2,
+        fisher_samples=16,
+        seed=1,
+        lr=3e-2,
+        head_lr=5e-2,
+        head="ridge",
+        ridge_dim=64,
+        reject=0.9,
+        gate=True,
+    )
+    return TrainConfig(**{**base, **kw})
+
+
+@pytest.fixture(scope="module")
+def runs(tiny_model, tmp_path_factory):
+    """(a 3-task run with rejection and the gate, the same grown from 2 tasks by --add, the data root)."""
+    root = tmp_path_factory.mktemp("reject")
+    data = write_tasks(root / "data", [["animal", "food"], ["tool", "place"], ["animal", "tool"]], 16, 8)
+    once = root / "once"
+    train(config(data, tiny_model), once, **QUIET)
+    first = root / "first"
+    for t in ("t0", "t1"):
+        shutil.copytree(data / t, first / t)
+    grown = root / "grown"
+    train(config(first, tiny_model), grown, **QUIET)
+    add_tasks(grown, [data / "t2"], **QUIET)
+    return once, grown, root
+
+
+def test_rejection_statistics_and_gated_weights_survive_add_bitwise(runs):
+    once, grown, _ = runs
+    for name in ("classifier", "merged", "fisher_sums"):
+        a = load_file(str(once / "state" / f"{name}.safetensors"))
+        b = load_file(str(grown / "state" / f"{name}.safetensors"))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+    counts = load_file(str(once / "state" / "classifier.safetensors"))["reject_counts"]
+    meta = json.loads((once / "state" / "classifier.json").read_text())
+    assert meta["reject"] == 0.9 and meta["reject_threshold"] == rejection.threshold(counts, 0.9)
+    assert counts.numel() == rejection.BINS  # the same size after any number of tasks
+
+
+def test_gate_records_its_choice_in_each_task(runs):
+    once, grown, _ = runs
+    for folder in sorted((once / "tasks").iterdir()):
+        info = json.loads((folder / "task.json").read_text())
+        gate = info["gate"]
+        assert gate["held_out"] == int(32 * 0.2)  # 2 classes x 16 training rows
+        assert set(gate["acc"]) == {str(c) for c in GATE_SCALES} and gate["scale"] in GATE_SCALES
+        best = max(gate["acc"].values())
+        assert gate["acc"][str(gate["scale"])] == best  # the best held-out accuracy, ties to the larger
+        assert all(float(c) <= gate["scale"] for c, a in gate["acc"].items() if a == best)
+        assert info["reject_threshold"] is not None
+        other = json.loads((grown / "tasks" / folder.name / "task.json").read_text())
+        assert other["gate"] == gate
+
+
+def test_an_unseen_class_is_rejected_more_often_than_a_known_one(runs):
+    import random
+
+    from pmserve.predict import predict
+
+    once, _, root = runs
+    rng = random.Random(5)
+    known, unseen = make_texts("food", 40, rng), make_texts("feeling", 40, rng)
+    (root / "known.txt").write_text("\n".join(known))
+    rows, _ = predict(once, known, provider="cpu")
+    rejected_known = sum(r["label"] == rejection.OUT_OF_SCOPE for r in rows)
+    rows, _ = predict(once, unseen, provider="cpu")
+    rejected_unseen = sum(r["label"] == rejection.OUT_OF_SCOPE for r in rows)
+    assert rejected_unseen > rejected_known
+
+
+def test_bundle_carries_the_threshold_and_predict_returns_out_of_scope(runs, tmp_path):
+    import random
+
+    from pmserve.export import export_bundle
+    from pmserve.predict import OrtModel, predict
+
+    once, _, _ = runs
+    bundle = tmp_path / "bundle"
+    manifest = export_bundle(once, bundle)
+    meta = json.loads((once / "state" / "classifier.json").read_text())
+    assert manifest["reject"] == {
+        "threshold": meta["reject_threshold"],
+        "label": rejection.OUT_OF_SCOPE,
+        "score": "top class score",
+    }
+    texts = make_texts("feeling", 20, random.Random(2)) + make_texts("tool", 20, random.Random(3))
+    from_run, _ = predict(once, texts, provider="cpu")
+    from_bundle, model = predict(bundle, texts, provider="cpu")
+    assert [r["label"] for r in from_bundle] == [r["label"] for r in from_run]
+    assert any(r["label"] == rejection.OUT_OF_SCOPE for r in from_bundle)
+    # the label is the rule applied to the bundle's own scores
+    scores = OrtModel.from_bundle(bundle, "cpu").scores(texts)
+    assert [r["label"] for r in from_bundle] == rejection.top_labels(
+        scores, model.labels, meta["reject_threshold"]
+    )
