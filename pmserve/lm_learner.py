@@ -19,6 +19,7 @@ per-token NLL of the reference responses.
 from __future__ import annotations
 
 import string
+import time
 from dataclasses import asdict
 from pathlib import Path
 
@@ -215,6 +216,7 @@ class DecoderLearner(Learner):
         self._adapt(cfg, decoder, fmt, device)
         self.classifiers = {}
         self.drift_mu = None
+        self.timing: dict[str, float] = {}  # the last task's seconds in steps, Fisher and profile (task.json)
 
     @property
     def measures(self) -> list[str]:
@@ -230,6 +232,8 @@ class DecoderLearner(Learner):
     ) -> tuple[nn.Module | None, Tensors, Tensors, dict | None]:
         """Train task i (Learner.train_task's contract): LoRA on the response loss, the branch perturbed."""
         cfg = self.cfg
+        self.timing = {}
+        t0 = time.perf_counter()
         if cfg.method == "frozen":  # the base model as it is (zero-shot)
             for epoch in range(epochs):
                 progress.epoch_done(epoch + 1, epochs)
@@ -275,11 +279,16 @@ class DecoderLearner(Learner):
         del net
         if pert is not None:
             pert.remove()
+        self.timing["steps"] = time.perf_counter() - t0
         delta, scaled = task_vectors(peft_model), None
         weighs = cfg.method in ("pm", "merge")
+        t0 = time.perf_counter()
         fisher = self._fisher(task, i, layers) if weighs or cfg.keep_fisher else {}
+        self.timing["fisher"] = time.perf_counter() - t0
         if cfg.curvature == "profile" and weighs:
+            t0 = time.perf_counter()
             losses = self._profile(task, i, layers)
+            self.timing["profile"] = time.perf_counter() - t0
             c = profile_curvature(PROFILE_POINTS, losses)
             fisher, k = rescale(fisher, delta, c)
             scaled = {"points": list(PROFILE_POINTS), "losses": losses, "curvature": c, "fisher_scale": k}

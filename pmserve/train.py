@@ -434,7 +434,9 @@ def _continue(
                         if j not in old_tests and j not in loaded:
                             old_tests[j] = _test_of(out, j, plan[j], cfg.seed)
                     tests = [loaded[j].test if j in loaded else old_tests[j] for j in seen]
+                    t_eval = time.perf_counter()
                     accs = [None if t is None else learner.accuracy(t) for t in tests]
+                    t_eval = time.perf_counter() - t_eval
                     info = {
                         "index": i,
                         "name": current.name,
@@ -448,6 +450,8 @@ def _continue(
                         "epochs": epochs,
                         "device": str(device),
                         "seconds": time.perf_counter() - t0,
+                        "seconds_evaluating": t_eval,  # of "seconds": the evaluation on every test set so far
+                        "timing": getattr(learner, "timing", None),  # a decoder's steps, Fisher, profile
                         "data": {k: plan[i][k] for k in ("source", "sha256", "examples")}
                         if not joint
                         else None,

@@ -145,3 +145,16 @@ def digits(tiny_vit, tmp_path_factory):
 # TRITON_INTERPRET as pytest found it, before any test module was imported: tests/test_kernels_env.py checks the
 # kernel tests (which need it set, in their child processes only) left this process's environment alone.
 TRITON_INTERPRET_AT_START = os.environ.get("TRITON_INTERPRET")
+
+
+@pytest.fixture(scope="session")
+def smollm2_cache(tmp_path_factory):
+    """A cache of its own for the session: the one real conversion of the shipped GGUF file (about 40 s),
+    shared by the tests that use builtin:smollm2."""
+    old = os.environ.get("PMSERVE_CACHE")
+    os.environ["PMSERVE_CACHE"] = str(tmp_path_factory.mktemp("pmserve-cache"))
+    yield Path(os.environ["PMSERVE_CACHE"])
+    if old is None:
+        del os.environ["PMSERVE_CACHE"]
+    else:
+        os.environ["PMSERVE_CACHE"] = old

@@ -366,3 +366,34 @@ def test_decoder_defaults_apply_where_options_are_left_alone(gpt2):
         D.TRAIN_DECODER_MAX_LENGTH,
     )
     assert cfg.rank == 4 and decoder_config(TrainConfig(data="x", lr=0.1)).lr == 0.1
+
+
+# ---------------------------------------------------------------- the real model
+
+
+def test_smollm2_trains_one_tiny_task_end_to_end(smollm2_cache, tmp_path):
+    """builtin:smollm2 through the whole path (template, LoRA on its 210 linear layers, the sampled Fisher, the
+    profile, the merge, generation), kept small: one task of 2 intents, 8 requests, one step."""
+    from pmserve import defaults as D
+    from pmserve.train import TrainConfig, train
+
+    cfg = TrainConfig(
+        data="builtin:clinc150-gen:tasks=1,classes=2,train=4,test=2",
+        model="builtin:smollm2",
+        epochs=1,
+        fisher_samples=2,
+        rank=2,
+    )
+    res = train(cfg, tmp_path / "run", **QUIET)
+    assert res["head"] == "exact" and res["alphas"] == [1.0]
+    assert 0.0 <= res["ACC"] <= 1.0 and 0.0 < res["nll_matrix"][0][0] < 10.0
+    assert res["curvatures"][0]["curvature"] >= 0.0
+    saved = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert (saved["batch_size"], saved["lr"], saved["max_length"]) == (  # the decoder defaults
+        D.TRAIN_DECODER_BATCH_SIZE,
+        D.TRAIN_DECODER_LR,
+        D.TRAIN_DECODER_MAX_LENGTH,
+    )
+    assert sorted(saved["target_modules"]) == sorted(
+        ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    )

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 from pathlib import Path
 
 import pytest
@@ -197,18 +196,6 @@ def test_clinc150_gen_lists_the_current_tasks_intents_only_when_asked():
 
 
 # ---------------------------------------------------------------- builtin:smollm2
-
-
-@pytest.fixture(scope="session")
-def smollm2_cache(tmp_path_factory):
-    """A cache of its own for the session: the one real conversion of the shipped GGUF file (about 40 s)."""
-    old = os.environ.get("PMSERVE_CACHE")
-    os.environ["PMSERVE_CACHE"] = str(tmp_path_factory.mktemp("pmserve-cache"))
-    yield Path(os.environ["PMSERVE_CACHE"])
-    if old is None:
-        del os.environ["PMSERVE_CACHE"]
-    else:
-        os.environ["PMSERVE_CACHE"] = old
 
 
 def test_smollm2_converts_once_to_a_folder_that_answers_a_chat_prompt(smollm2_cache, monkeypatch):
