@@ -107,6 +107,7 @@ def decoder_main(args) -> None:
     for _ in range(args.repeats):
         plain.append(run(False))
         pm.append(run(True))
+        print(f"step s: plain {plain[-1]:.2f}  pm {pm[-1]:.2f}", flush=True)
     pert.off()
     fishers, profiles = [], []
     for _ in range(max(1, args.repeats // 2)):
@@ -116,6 +117,7 @@ def decoder_main(args) -> None:
         t0 = time.perf_counter()
         learner._profile(task, 0, layers)
         profiles.append(time.perf_counter() - t0)
+        print(f"fisher s {fishers[-1]:.1f}  profile s {profiles[-1]:.1f}", flush=True)
     step = statistics.median(plain)
     out = {
         "machine": machine(),

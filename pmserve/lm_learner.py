@@ -320,7 +320,7 @@ class DecoderLearner(Learner):
             part = glob[rows]
             if part:
                 batch = {kk: v.to(self.device) for kk, v in pad_batch(part, self.prep.pad_id).items()}
-                yield batch, u[rows, : batch["input_ids"].shape[1] - 1]
+                yield batch, u[rows, : batch["input_ids"].shape[1] - 1].to(self.device)
 
     def _fisher(self, task: Task, i: int, layers) -> Tensors:
         """The diagonal Fisher of each sequence's summed response loss at theta*_t, no perturbation; labels

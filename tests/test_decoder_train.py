@@ -322,6 +322,12 @@ def test_merge_of_the_run_adapters_is_its_state_and_peft_merge(llama, llama_run,
     assert ours.keys() == theirs.keys()
     for k in theirs:
         torch.testing.assert_close(ours[k], theirs[k], rtol=0, atol=1e-6)
+    # --format full: a model folder transformers loads as the causal LM, holding W_0 + D
+    merge_adapters([out], tmp_path / "full", options=MergeOptions("pm", "full"), log=lambda *_: None)
+    full = dict(AutoModelForCausalLM.from_pretrained(str(tmp_path / "full")).named_modules())
+    start = dict(AutoModelForCausalLM.from_pretrained(str(llama)).named_modules())
+    for k, d in theirs.items():
+        torch.testing.assert_close(full[k].weight, start[k].weight + d, rtol=0, atol=1e-6)
     # the first task alone (alpha_1 = 1): W_0 + D_1 is PEFT's merge_and_unload of its saved adapter
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -397,3 +403,45 @@ def test_smollm2_trains_one_tiny_task_end_to_end(smollm2_cache, tmp_path):
     assert sorted(saved["target_modules"]) == sorted(
         ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     )
+
+
+def test_two_ranks_give_one_process_results(llama, tmp_path):
+    """torchrun, two gloo ranks: the same global batches (10 examples in batches of 4: the last splits 1 + 1),
+    per-sample perturbation draws and sampled Fisher labels as one process."""
+    import os
+    import subprocess
+    import sys
+
+    from pmserve.train import train
+
+    data = write_gen_tasks(tmp_path / "data", [["animal", "food"], ["tool", "place"]], n_train=5, n_test=2)
+    opts = dict(epochs=2, batch_size=4, rank=2, fisher_samples=6, lr=2e-2, seed=1, perturb_per="sample")
+    one = train(config(data, llama, **opts), tmp_path / "one", **QUIET)
+    argv = [
+        sys.executable,
+        "-m",
+        "pmserve",
+        "train",
+        str(data),
+        "--model",
+        str(llama),
+        "--out",
+        str(tmp_path / "two"),
+    ]
+    argv += [x for k, v in opts.items() for x in (f"--{k.replace('_', '-')}", str(v))]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        [*argv, "--quiet", "--nproc", "2"], capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path
+    )
+    assert proc.returncode == 0, proc.stderr
+    two = json.loads((tmp_path / "two" / "metrics.json").read_text())
+    assert two["alphas"] == pytest.approx(one["alphas"], abs=1e-5)
+    assert two["nll_matrix"] == pytest.approx(one["nll_matrix"], rel=1e-3)
+    a = load_file(str(tmp_path / "one" / "state" / "merged.safetensors"))
+    b = load_file(str(tmp_path / "two" / "state" / "merged.safetensors"))
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-3, atol=1e-5)
+    fa = load_file(str(tmp_path / "one" / "state" / "fisher_sums.safetensors"))
+    fb = load_file(str(tmp_path / "two" / "state" / "fisher_sums.safetensors"))
+    for k in fa:
+        torch.testing.assert_close(fa[k], fb[k], rtol=1e-3, atol=1e-7)
