@@ -78,6 +78,8 @@ def decoder_config(cfg: TrainConfig) -> TrainConfig:
                 f"--{k.replace('_', '-')}: applies to encoders only; a decoder run has no classifier "
                 "(it is measured by exact match and NLL)"
             )
+    if cfg.kernel == "triton":
+        raise PMError("--kernel: triton is not supported for decoders yet (they train through PEFT's layers)")
     for k, (encoder_default, decoder_default) in DECODER_DEFAULTS.items():
         if getattr(cfg, k) == encoder_default:
             setattr(cfg, k, decoder_default)
