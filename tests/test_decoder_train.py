@@ -449,7 +449,9 @@ def test_two_ranks_give_one_process_results(llama, tmp_path):
     fa = load_file(str(tmp_path / "one" / "state" / "fisher_sums.safetensors"))
     fb = load_file(str(tmp_path / "two" / "state" / "fisher_sums.safetensors"))
     for k in fa:
-        torch.testing.assert_close(fa[k], fb[k], rtol=1e-3, atol=1e-7)
+        torch.testing.assert_close(
+            fa[k], fb[k], rtol=1e-2, atol=1e-6
+        )  # sums of squares, reduced in two orders
 
 
 def test_encoder_commands_refuse_a_decoder_run_in_one_line(llama):
