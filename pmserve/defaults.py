@@ -58,6 +58,13 @@ TRAIN_DEVICE = "auto"
 TRAIN_KEEP_TEST = True
 TRAIN_KEEP_FISHER = False
 TRAIN_KERNEL = "torch"  # measured faster than the fused kernel at the shapes pmserve trains (BENCHMARKS.md)
+# A decoder run's (causal LM, generative tasks) own defaults, where the encoders' above do not suit SmolLM2-135M;
+# the run uses these when the option is left at its encoder default (pmserve.lm_learner.decoder_config)
+TRAIN_DECODER_LR = 5e-4
+TRAIN_DECODER_EPOCHS = 2
+TRAIN_DECODER_BATCH_SIZE = 8
+TRAIN_DECODER_MAX_LENGTH = 96
+TRAIN_DECODER_FISHER_SAMPLES = 64
 
 # pmserve merge: MergeOptions. None means "decided from the inputs" (see MergeOptions).
 MERGE_METHOD = "pm"

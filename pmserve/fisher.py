@@ -65,7 +65,13 @@ def diagonal_fisher(
     return the SUM of per-sample losses so that each sample's gradient is its own.
     """
     cap = _Capture(layers)
-    total: Tensors = {name: torch.zeros_like(m.weight, dtype=torch.float32) for name, m in layers.items()}
+    # out x in, as g^T x gives it; a layer that stores its weight as in x out (GPT-2's Conv1D, PEFT's
+    # fan_in_fan_out) gets it transposed at the end, so the Fisher is in the weight's layout as Delta is
+    flipped = {name for name, m in layers.items() if is_transposed(m)}
+    total: Tensors = {
+        name: torch.zeros_like(m.weight.T if name in flipped else m.weight, dtype=torch.float32)
+        for name, m in layers.items()
+    }
     n = 0
     try:
         for batch, targets in batches:
@@ -84,4 +90,13 @@ def diagonal_fisher(
     for v in total.values():
         distributed.all_reduce_sum(v)
     n = int(distributed.all_reduce_sum(torch.tensor(n, device=next(iter(total.values())).device)).item())
-    return {k: (v / max(n, 1)).cpu() for k, v in total.items()}
+    return {k: (v.T.contiguous() if k in flipped else v).div(max(n, 1)).cpu() for k, v in total.items()}
+
+
+def is_transposed(module: nn.Module) -> bool:
+    """Whether a (LoRA-wrapped or plain) layer stores its weight as in x out: transformers' Conv1D (GPT-2)."""
+    if getattr(module, "fan_in_fan_out", False):
+        return True
+    from transformers.pytorch_utils import Conv1D
+
+    return isinstance(module, Conv1D)

@@ -219,14 +219,10 @@ def _device(spec: str) -> torch.device:
 class Learner:
     """The backbone, its merged deltas, the training head and the inference classifier of one run."""
 
+    losses: tuple[str, ...] = ()  # what accuracy() measures besides accuracies (a decoder's "nll")
+
     def __init__(self, cfg: TrainConfig, encoder: Encoder, prep: Preprocessor, device: torch.device):
-        self.cfg, self.encoder, self.prep, self.device = cfg, encoder.to(device), prep, device
-        cfg.target_modules = resolve_targets(encoder.model, cfg.target_modules)
-        self.names = _adapted_names(encoder.model, cfg.target_modules) if cfg.method != "frozen" else []
-        mods = dict(encoder.model.named_modules())
-        self.base: Tensors = {n: mods[n].weight.detach().cpu().clone() for n in self.names}
-        self.merged: Tensors = {n: torch.zeros_like(w, dtype=torch.float32) for n, w in self.base.items()}
-        self.sums = FisherSums()
+        self._adapt(cfg, encoder, prep, device)
         dim = encoder.hidden_size
         self.head = LabelHead(dim, cfg.train_head, cfg.cosine_scale).to(device)
         # inference classifiers by name; the first is --head, the rest are --eval-heads
@@ -242,6 +238,22 @@ class Learner:
                 else self.head
             )
         self.drift_mu: float | None = None  # the last task's carried drift map's penalty (update_classifiers)
+
+    def _adapt(self, cfg: TrainConfig, encoder: nn.Module, prep, device: torch.device) -> None:
+        """The backbone on its device, the matrices LoRA adapts, their W_0, the merged deltas D and the P&M
+        accumulators: what every learner (encoder or decoder) keeps."""
+        self.cfg, self.encoder, self.prep, self.device = cfg, encoder.to(device), prep, device
+        cfg.target_modules = resolve_targets(encoder.model, cfg.target_modules)
+        self.names = _adapted_names(encoder.model, cfg.target_modules) if cfg.method != "frozen" else []
+        mods = dict(encoder.model.named_modules())
+        self.base: Tensors = {n: mods[n].weight.detach().cpu().clone() for n in self.names}
+        self.merged: Tensors = {n: torch.zeros_like(w, dtype=torch.float32) for n, w in self.base.items()}
+        self.sums = FisherSums()
+
+    @property
+    def measures(self) -> list[str]:
+        """The accuracies accuracy() gives, the first the RUN's own (acc_matrix): one per inference classifier."""
+        return list(self.classifiers)
 
     # ---- batches
 
@@ -419,10 +431,13 @@ class Learner:
             sums = {f"S_F.{k}": v for k, v in self.sums.S_F.items()}
             sums |= {f"S_Ft.{k}": v for k, v in self.sums.S_Ft.items()}
             save_file(sums, str(folder / run_files.FISHER_SUMS))
+        self._save_heads(folder)
+        write_json(folder / run_files.STATE_INFO, {"tasks": tasks, "labels": labels, "kind": kind})
+
+    def _save_heads(self, folder: Path) -> None:
         save_scorer(self.head, folder, run_files.HEAD)
         for k, (name, clf) in enumerate(self.classifiers.items()):
             save_scorer(clf, folder, run_files.CLASSIFIER if k == 0 else f"eval-{name}")
-        write_json(folder / run_files.STATE_INFO, {"tasks": tasks, "labels": labels, "kind": kind})
 
     def load_state(self, folder: Path) -> None:
         """The state save_state wrote (or a format-1 task folder's, which has no accumulators). A state that lacks
@@ -444,6 +459,9 @@ class Learner:
                 {k.removeprefix("S_F."): v for k, v in sums.items() if k.startswith("S_F.")},
                 {k.removeprefix("S_Ft."): v for k, v in sums.items() if k.startswith("S_Ft.")},
             )
+        self._load_heads(folder)
+
+    def _load_heads(self, folder: Path) -> None:
         self.head = load_scorer(folder, run_files.HEAD).to(self.device)
         for k, name in enumerate(list(self.classifiers)):
             clf = load_scorer(folder, run_files.CLASSIFIER if k == 0 else f"eval-{name}")
@@ -480,7 +498,7 @@ def resolve_targets(model: nn.Module, targets: list[str]) -> list[str]:
     query, key, value, dense), else full names, so config.json stays readable and PEFT adapts exactly these."""
     if targets not in (["all-linear"], ["key-value"], []):
         return list(targets)
-    linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    linears = [n for n, m in model.named_modules() if is_linear(m)]
     leaves = {n: n.rsplit(".", 1)[-1] for n in linears}
     if targets == ["key-value"]:
         for pair in KEY_VALUE_NAMES:
@@ -518,12 +536,20 @@ def bucketed_batches(
     return [batches[i] for i in torch.randperm(len(batches), generator=generator).tolist()]
 
 
+def is_linear(module: nn.Module) -> bool:
+    """A layer LoRA adapts as a matrix: torch's Linear, or transformers' Conv1D (GPT-2: a linear layer whose
+    weight is stored in x out; PEFT adapts it with fan_in_fan_out)."""
+    from transformers.pytorch_utils import Conv1D
+
+    return isinstance(module, (nn.Linear, Conv1D))
+
+
 def _adapted_names(model: nn.Module, targets: list[str]) -> list[str]:
     """Linear modules PEFT will adapt: a name equal to a target or ending in '.target'."""
     names = [
         n
         for n, m in model.named_modules()
-        if isinstance(m, nn.Linear) and any(n == t or n.endswith("." + t) for t in targets)
+        if is_linear(m) and any(n == t or n.endswith("." + t) for t in targets)
     ]
     if not names:
         raise PMError(f"--target-modules: no linear module of the model is named {', '.join(targets)}")

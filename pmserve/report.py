@@ -20,11 +20,18 @@ def _fmt(v, digits=3) -> str:
     return "-" if v is None else f"{v:.{digits}f}"
 
 
+def _mean(xs) -> float | None:
+    xs = [x for x in xs if x is not None]
+    return sum(xs) / len(xs) if xs else None
+
+
 def print_run(result: dict, console: Console | None = None) -> None:
     console = console or Console()
     acc = result["acc_matrix"]
     names = result["tasks"]
-    t = Table(title=f"{result['method']} / {result.get('head', 'linear')} head: accuracy after each task")
+    head = result.get("head", "linear")
+    what = "exact-match accuracy" if head == "exact" else f"{head} head: accuracy"  # a decoder run: exact
+    t = Table(title=f"{result['method']} / {what} after each task")
     t.add_column("after")
     for n in names:
         t.add_column(n, justify="right")
@@ -42,6 +49,8 @@ def print_run(result: dict, console: Console | None = None) -> None:
         f"ACC {_fmt(result['ACC'])}   AAA {_fmt(result['AAA'])}   forgetting {_fmt(result['forgetting'])}   "
         f"{result['seconds']:.0f} s"
     )
+    if result.get("nll_matrix"):  # a decoder run: the reference responses' NLL per token, after the last task
+        console.print(f"NLL per response token after the last task: {_fmt(_mean(result['nll_matrix'][-1]))}")
     for h, m in result.get("by_head", {}).items():
         if h != result.get("head"):
             console.print(

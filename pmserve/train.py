@@ -210,6 +210,23 @@ def _prepare_out(out: Path, cfg: TrainConfig, resume: bool, model: nn.Module) ->
     run_files.write_config(out, asdict(cfg))
 
 
+def load_backbone(spec: str, kind: str, max_length: int) -> tuple:
+    """(backbone, its preprocessor, its folder) for a RUN's kind of task: a decoder for generative tasks."""
+    if kind == "generative":
+        from .lm_learner import load_decoder
+
+        return load_decoder(spec, max_length)
+    return load_encoder(spec, kind, max_length)
+
+
+def make_learner(cfg: TrainConfig, backbone: tuple, device: torch.device) -> Learner:
+    """The learner of the backbone's kind: pmserve.learner's for encoders, lm_learner's for decoders."""
+    from .lm_learner import Decoder, DecoderLearner
+
+    model, prep, _ = backbone
+    return (DecoderLearner if isinstance(model, Decoder) else Learner)(cfg, model, prep, device)
+
+
 def open_run(run: Path, device: str = "cpu") -> tuple[TrainConfig, list[Task], Learner, list[Path]]:
     """A finished RUN for measurements: its config, tasks, a Learner in the state after its last task, and its
     task folders in order. Keys a newer TrainConfig does not know are ignored."""
@@ -220,8 +237,7 @@ def open_run(run: Path, device: str = "cpu") -> tuple[TrainConfig, list[Task], L
         if plan
         else load_tasks(cfg.data, cfg.seed)
     )
-    encoder, prep, _ = load_encoder(cfg.model, tasks[0].kind, cfg.max_length)
-    learner = Learner(cfg, encoder, prep, torch.device(device))
+    learner = make_learner(cfg, load_backbone(cfg.model, tasks[0].kind, cfg.max_length), torch.device(device))
     snap = run_files.snapshot(run)
     learner.load_state(snap.state)
     return cfg, tasks, learner, snap.finished
@@ -247,8 +263,13 @@ def train(
         if not plan:  # a new run (or one killed before its plan was written): bad data fails before any write
             tasks = load_tasks(cfg.data, cfg.seed)
             loaded = dict(enumerate(tasks))
+        kind = plan[0]["kind"] if plan else tasks[0].kind
+        if kind == "generative":  # a decoder's own defaults; encoder-only options refused
+            from .lm_learner import decoder_config
+
+            decoder_config(cfg).validate()
         # a model that does not load fails before any write too
-        backbone = load_encoder(cfg.model, plan[0]["kind"] if plan else tasks[0].kind, cfg.max_length)
+        backbone = load_backbone(cfg.model, kind, cfg.max_length)
         # config.json records the modules adapted, not the rule that chose them
         cfg.target_modules = resolve_targets(backbone[0].model, cfg.target_modules)
         with ExitStack() as held:
@@ -296,7 +317,7 @@ def add_tasks(
     check_tasks(new, kind=kind, seen=[y for e in planned for y in e["labels"]])
     device = training_device(cfg)
     with distributed.session(device), ExitStack() as held:
-        backbone = load_encoder(cfg.model, kind, cfg.max_length)
+        backbone = load_backbone(cfg.model, kind, cfg.max_length)
         _hold_writer(out, held)
         plan, first = distributed.on_main(lambda: _grow_plan(out, entries, folders))
         loaded = {first + k: t for k, t in enumerate(new)}
@@ -354,8 +375,8 @@ def _continue(
     if not main:
         progress, log = False, lambda *_: None
     kind = plan[0]["kind"]
-    encoder, prep, model_dir = backbone
-    learner = Learner(cfg, encoder, prep, device)
+    model_dir = backbone[2]
+    learner = make_learner(cfg, backbone, device)
     fingerprint = base_fingerprint(model_dir)
     joint = cfg.method == "joint"
 
@@ -421,7 +442,9 @@ def _continue(
                         if j not in old_tests and j not in loaded:
                             old_tests[j] = _test_of(out, j, plan[j], cfg.seed)
                     tests = [loaded[j].test if j in loaded else old_tests[j] for j in seen]
+                    t_eval = time.perf_counter()
                     accs = [None if t is None else learner.accuracy(t) for t in tests]
+                    t_eval = time.perf_counter() - t_eval
                     info = {
                         "index": i,
                         "name": current.name,
@@ -437,11 +460,15 @@ def _continue(
                         "epochs": epochs,
                         "device": str(device),
                         "seconds": time.perf_counter() - t0,
+                        "seconds_evaluating": t_eval,  # of "seconds": the evaluation on every test set so far
+                        "timing": getattr(learner, "timing", None),  # a decoder's steps, Fisher, profile
                         "data": {k: plan[i][k] for k in ("source", "sha256", "examples")}
                         if not joint
                         else None,
-                        "acc": {h: [None if a is None else a[h] for a in accs] for h in learner.classifiers},
+                        "acc": {h: [None if a is None else a[h] for a in accs] for h in learner.measures},
                     }
+                    for k in learner.losses:  # a decoder's NLL of the reference responses
+                        info[k] = [None if a is None else a[k] for a in accs]
                     if main:
                         if peft_model is not None and cfg.keep_fisher:
                             save_file(fisher, str(tmp / run_files.FISHER))
@@ -462,20 +489,24 @@ def _continue(
             done.append(info)
             if on_task is not None:
                 on_task(i, learner)
-            row = " ".join("-" if a is None else f"{a:.3f}" for a in info["acc"][cfg.head])
+            row = " ".join("-" if a is None else f"{a:.3f}" for a in info["acc"][learner.measures[0]])
             edge = "  (ridge lambda at its grid's end)" if info["ridge_lambda_on_edge"] else ""
             bar.task_done(
                 f"{current.name}: alpha {alpha if alpha is None else round(alpha, 4)}  acc {row}{edge}"
             )
 
-    result = _result(cfg, plan, done, list(learner.classifiers))
+    result = _result(cfg, plan, done, learner.measures, learner.losses)
     if main:
         write_json(out / run_files.METRICS, result)
     distributed.barrier()  # every rank returns once the run is on disk
     return result
 
 
-def _result(cfg: TrainConfig, plan: list[dict], done: list[dict], heads: list[str]) -> dict:
+def _result(
+    cfg: TrainConfig, plan: list[dict], done: list[dict], heads: list[str], losses: tuple[str, ...] = ()
+) -> dict:
+    """metrics.json: acc_matrix and its summary for the RUN's own measure (heads[0]: the --head, or a
+    decoder's "exact"), every measure's in by_head, and a decoder's NLL matrix."""
     by_head = {}
     for h in heads:
         acc = [d["acc"][h] for d in done]
@@ -484,10 +515,11 @@ def _result(cfg: TrainConfig, plan: list[dict], done: list[dict], heads: list[st
             by_head[h].update(AAA=None, forgetting=None)
     return {
         "method": cfg.method,
-        "head": cfg.head,
+        "head": heads[0],
         "tasks": [e["name"] for e in plan],
         "task_labels": [e["labels"] for e in plan],
-        **by_head[cfg.head],
+        **by_head[heads[0]],
+        **{f"{k}_matrix": [d.get(k) for d in done] for k in losses},
         "alphas": [d["alpha"] for d in done],
         "curvatures": [d.get("curvature") for d in done],
         "ridge_lambdas": [d["ridge_lambda"] for d in done],

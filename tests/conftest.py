@@ -206,3 +206,16 @@ def llama_bundle(tiny_llama, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("llama-bundle") / "bundle"
     export_bundle(tiny_llama, out)
     return out
+
+
+@pytest.fixture(scope="session")
+def smollm2_cache(tmp_path_factory):
+    """A cache of its own for the session: the one real conversion of the shipped GGUF file (about 40 s),
+    shared by the tests that use builtin:smollm2."""
+    old = os.environ.get("PMSERVE_CACHE")
+    os.environ["PMSERVE_CACHE"] = str(tmp_path_factory.mktemp("pmserve-cache"))
+    yield Path(os.environ["PMSERVE_CACHE"])
+    if old is None:
+        del os.environ["PMSERVE_CACHE"]
+    else:
+        os.environ["PMSERVE_CACHE"] = old

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 from pathlib import Path
 
 import pytest
@@ -199,18 +198,6 @@ def test_clinc150_gen_lists_the_current_tasks_intents_only_when_asked():
 # ---------------------------------------------------------------- builtin:smollm2
 
 
-@pytest.fixture(scope="session")
-def smollm2_cache(tmp_path_factory):
-    """A cache of its own for the session: the one real conversion of the shipped GGUF file (about 40 s)."""
-    old = os.environ.get("PMSERVE_CACHE")
-    os.environ["PMSERVE_CACHE"] = str(tmp_path_factory.mktemp("pmserve-cache"))
-    yield Path(os.environ["PMSERVE_CACHE"])
-    if old is None:
-        del os.environ["PMSERVE_CACHE"]
-    else:
-        os.environ["PMSERVE_CACHE"] = old
-
-
 def test_smollm2_converts_once_to_a_folder_that_answers_a_chat_prompt(smollm2_cache, monkeypatch):
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
@@ -238,7 +225,7 @@ def test_smollm2_converts_once_to_a_folder_that_answers_a_chat_prompt(smollm2_ca
         out = model.generate(**batch, max_new_tokens=8, do_sample=False)
     assert "Paris" in tok.decode(out[0, batch["input_ids"].shape[1] :], skip_special_tokens=True)
     # the converted folder, given as a folder, is refused as an encoder too
-    with pytest.raises(PMError, match="a decoder .llama.; training a decoder .* not supported yet"):
+    with pytest.raises(PMError, match="a decoder .llama.; a decoder .* trains on generative tasks"):
         load_encoder(str(folder), "text")
 
 
@@ -256,7 +243,9 @@ def test_smollm2_not_installed_names_the_install_command(monkeypatch):
     assert "\n" not in str(e.value)
 
 
-def test_training_a_decoder_or_generative_tasks_is_one_line_error(tmp_path, tiny_model):
+def test_a_decoder_on_classification_or_an_encoder_on_generative_tasks_is_one_line_error(
+    tmp_path, tiny_model
+):
     from tests.test_cli import assert_one_line_error, pmserve
 
     out, cache = tmp_path / "run", tmp_path / "cache"
@@ -270,10 +259,10 @@ def test_training_a_decoder_or_generative_tasks_is_one_line_error(tmp_path, tiny
         "--quiet",
         PMSERVE_CACHE=cache,
     )
-    assert_one_line_error(res, "builtin:smollm2", "decoder", "not supported yet")
+    assert_one_line_error(res, "builtin:smollm2", "decoder", "trains on generative tasks")
     assert not cache.exists()  # refused before converting anything
     for split in ("train", "test"):
         _jsonl(tmp_path / "data" / "t0" / f"{split}.jsonl", [{"prompt": p, "response": r} for p, r in PAIRS])
     res = pmserve("train", tmp_path / "data", "--model", tiny_model, "--out", out, "--quiet")
-    assert_one_line_error(res, "generative tasks need a decoder", "not supported yet")
+    assert_one_line_error(res, "generative tasks need a decoder", str(tiny_model))
     assert not out.exists()

@@ -115,7 +115,8 @@ def outcome(run: Path) -> dict:
                 out[rel] = {**cfg, "target_modules": sorted(cfg["target_modules"])}
     for p in sorted(run.glob("tasks/*/task.json")):
         info = json.loads(p.read_text())
-        out[str(p.relative_to(run))] = {k: v for k, v in info.items() if k != "seconds"}
+        clock = ("seconds", "seconds_evaluating", "timing")  # wall-clock times
+        out[str(p.relative_to(run))] = {k: v for k, v in info.items() if k not in clock}
     return out
 
 
