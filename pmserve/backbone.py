@@ -256,10 +256,12 @@ def load_encoder(
 
 
 def is_decoder(config) -> bool:
-    """Whether a model's config.json declares a causal language model (LlamaForCausalLM, GPT2LMHeadModel):
+    """Whether a model's config (its config.json, read or as a dict) declares a causal language model (LlamaForCausalLM, GPT2LMHeadModel):
     its last token, not a pooled one, sees the whole input, and it is trained by generating."""
-    archs = getattr(config, "architectures", None) or []
-    return bool(archs) and all(a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs)
+    archs = (
+        config.get("architectures") if isinstance(config, dict) else getattr(config, "architectures", None)
+    ) or []
+    return bool(archs) and all(str(a).endswith(("ForCausalLM", "LMHeadModel")) for a in archs)
 
 
 def _load_head_model(path: Path, config, kind: str) -> nn.Module:

@@ -22,9 +22,9 @@ from pathlib import Path
 
 import torch
 
+from .backbone import is_decoder
 from .errors import PMError
 
-ARCH_SUFFIXES = ("ForCausalLM", "LMHeadModel")
 OPSETS = range(14, 21)
 
 
@@ -39,10 +39,10 @@ def is_causal_lm(path: Path | str) -> bool:
     if not cfg.is_file():
         return False
     try:
-        archs = json.loads(cfg.read_text()).get("architectures") or []
+        config = json.loads(cfg.read_text())
     except (OSError, json.JSONDecodeError):
         return False
-    return bool(archs) and all(str(a).endswith(ARCH_SUFFIXES) for a in archs)
+    return isinstance(config, dict) and is_decoder(config)
 
 
 @dataclass(frozen=True)
