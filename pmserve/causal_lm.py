@@ -16,7 +16,6 @@ past, so no branch that holds only for unpadded or empty-cache inputs is baked i
 from __future__ import annotations
 
 import json
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,6 +23,7 @@ import torch
 
 from .backbone import is_decoder
 from .errors import PMError
+from .onnx_trace import export_graph
 
 OPSETS = range(14, 21)
 
@@ -144,24 +144,15 @@ def trace_decoder(model: torch.nn.Module, path: Path, opset: int) -> KVLayout:
         **{n: {0: "batch", 2: "past_sequence"} for n in lay.past_names},
         **{n: {0: "batch", 2: "total_sequence"} for n in lay.present_names},
     }
-    with warnings.catch_warnings(), torch.no_grad():
-        warnings.simplefilter("ignore")
-        try:
-            torch.onnx.export(
-                wrapper,
-                (ids, mask, pos, *kv),
-                str(path),
-                dynamo=False,
-                input_names=lay.input_names,
-                output_names=lay.output_names,
-                dynamic_axes=axes,
-                opset_version=opset,
-                do_constant_folding=True,
-            )
-        except Exception as e:  # noqa: BLE001 -- the exporter raises many types; the user needs the first line
-            raise PMError(
-                f"ONNX export of {model.config.model_type} (causal LM) failed at opset {opset} "
-                f"({str(e).splitlines()[0][:200]})"
-            ) from None
+    export_graph(
+        wrapper,
+        (ids, mask, pos, *kv),
+        path,
+        lay.input_names,
+        lay.output_names,
+        axes,
+        opset,
+        f"{model.config.model_type} (causal LM)",
+    )
     model.eval()  # the exporter restores the wrapper's mode onto the model; keep dropout off whatever it was
     return lay

@@ -53,6 +53,7 @@ from .formats.bundle import MODEL, write_labels, write_manifest, write_probe
 from .formats.merged import MergedSource, inspect_merged, source_hashes
 from .formats.repository import check_model_dir, new_version
 from .merged_model import InferenceModel, load_inference_model
+from .onnx_trace import export_graph
 
 DTYPES = ("fp32", "fp16")
 QUANTIZATIONS = ("int8", "int4")  # int4: decoders only (decoder_export)
@@ -254,25 +255,17 @@ def trace_onnx(model: InferenceModel, batch: dict[str, torch.Tensor], path: Path
     names = model.input_names
     axes = {n: ({0: "batch", 1: "sequence"} if n != "pixel_values" else {0: "batch"}) for n in names}
     axes[model.output] = {0: "batch"}
-    with warnings.catch_warnings(), torch.no_grad():
-        warnings.simplefilter("ignore")
-        try:
-            torch.onnx.export(
-                model,
-                tuple(batch[n] for n in names),
-                str(path),
-                dynamo=False,
-                input_names=names,
-                output_names=[model.output],
-                dynamic_axes=axes,
-                opset_version=opset,
-                do_constant_folding=True,
-            )
-        except Exception as e:  # noqa: BLE001 -- the exporter raises many types; the user needs the first line
-            raise PMError(
-                f"ONNX export of {model.encoder.model.config.model_type} failed at opset {opset} "
-                f"({str(e).splitlines()[0][:200]})"
-            ) from None
+    export_graph(
+        model,
+        tuple(batch[n] for n in names),
+        path,
+        names,
+        [model.output],
+        axes,
+        opset,
+        model.encoder.model.config.model_type,
+    )
+    with torch.no_grad():
         width = int(model.scores(batch).shape[1])
     _static_width(path, model.output, width)
 
