@@ -108,8 +108,8 @@ def register(app: typer.Typer) -> None:
         `label` [N] and `scores` [N, classes], or `embedding` [N, dim] for an embedding bundle; POST /predict
         (classifiers) and POST /embed (embedding models) take {"inputs": [...]}; /metrics is Prometheus.
         With --repository, POST /v2/repository/index, /v2/repository/models/NAME/load and .../unload too.
-        A decoder (causal-lm) bundle is served alone: POST /v2/models/NAME/generate and .../generate_stream
-        (KServe v2 generate extension), and OpenAI's POST /v1/completions, /v1/chat/completions, GET /v1/models."""
+        A decoder (causal-lm) bundle answers POST /v2/models/NAME/generate and .../generate_stream (KServe v2
+        generate extension), and OpenAI's POST /v1/completions, /v1/chat/completions, GET /v1/models."""
         from pmserve.serving.config import ServeConfig
         from pmserve.serving.server import serve as run_server
 

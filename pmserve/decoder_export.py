@@ -39,7 +39,7 @@ import torch
 from .causal_lm import load_causal_lm, trace_decoder
 from .errors import PMError
 from .formats.bundle import MODEL, write_manifest, write_probe
-from .generation import Generator, OrtDecoder, SamplingParams, Sequence, generation_ids, left_pad
+from .generation import Generator, OrtDecoder, generation_ids, left_pad
 
 KIND = "causal-lm"
 DECODE_STEPS = 16
@@ -150,17 +150,9 @@ def check_greedy(onnx_path: Path, reference: dict) -> dict:
     gen = Generator(
         OrtDecoder(onnx_path, "cpu"), reference["tokenizer"], reference["eos"], reference["pad_id"]
     )
-    params = SamplingParams(max_new_tokens=DECODE_STEPS)
-
-    def run(rows):
-        seqs = [Sequence(r, params, gen.tokenizer, gen.eos_ids) for r in rows]
-        for _ in gen.stream(seqs):
-            pass
-        return [s.tokens for s in seqs]
-
     rows, want = reference["rows"], reference["hf_greedy"]
-    alone = [run([r])[0] for r in rows]
-    batched = run(rows)
+    alone = [gen.greedy([r], DECODE_STEPS)[0] for r in rows]
+    batched = gen.greedy(rows, DECODE_STEPS)
     bad = [i for i in range(len(rows)) if alone[i] != want[i] or batched[i] != want[i]]
     return {"prompts": len(rows), "new_tokens": DECODE_STEPS, "identical": not bad, "differs_on": bad}
 

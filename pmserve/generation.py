@@ -150,8 +150,7 @@ class OrtDecoder:
         self.cache_dtype = np.float16 if "float16" in past[0].type else np.float32
 
     def empty_past(self, batch: int) -> list[np.ndarray]:
-        lay = self.layout
-        return [np.zeros((batch, lay.kv_heads, 0, lay.head_dim), self.cache_dtype) for _ in lay.past_names]
+        return empty_past(self.layout, batch, self.cache_dtype)
 
     def __call__(self, ids: np.ndarray, mask: np.ndarray, pos: np.ndarray, past: list[np.ndarray]):
         """(logits [batch, sequence, vocab] float32, present caches)."""
@@ -159,6 +158,20 @@ class OrtDecoder:
         feed.update(zip(self.layout.past_names, past))
         out = self.session.run(None, feed)
         return out[0].astype(np.float32, copy=False), out[1:]
+
+
+def empty_past(layout: KVLayout, batch: int, dtype=np.float32) -> list[np.ndarray]:
+    """The cache of BATCH sequences that have read nothing yet (length 0)."""
+    return [np.zeros((batch, layout.kv_heads, 0, layout.head_dim), dtype) for _ in layout.past_names]
+
+
+def prompt_feed(manifest: dict, rows: list[list[int]], pad_id: int) -> dict[str, np.ndarray]:
+    """The graph's inputs for the prompts ROWS (left-padded, empty cache), from the bundle's manifest alone: what
+    a child process checks a served candidate on before the server opens its graph (pmserve.serving.candidate)."""
+    c = manifest["cache"]
+    layout = KVLayout(int(c["layers"]), int(c["kv_heads"]), int(c["head_dim"]))
+    feed = dict(zip(("input_ids", "attention_mask", "position_ids"), left_pad(rows, pad_id)))
+    return feed | dict(zip(layout.past_names, empty_past(layout, len(rows))))
 
 
 def left_pad(rows: list[list[int]], pad_id: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -251,6 +264,10 @@ class Generator:
         self.eos_ids = list(eos_ids)
         self.pad_id = pad_id
 
+    @property
+    def providers(self) -> list[str]:
+        return self.decoder.session.get_providers()
+
     @classmethod
     def from_bundle(
         cls, folder: Path | str, provider: str = "cpu", threads: int = 0, spinning: bool = True
@@ -297,6 +314,17 @@ class Generator:
             if all(s.finished for s in seqs):
                 return
             events = batch.step()
+
+    def greedy(self, rows: list[list[int]], max_new_tokens: int) -> list[list[int]]:
+        """Greedy tokens (an EOS included) of the prompts ROWS decoded as one batch: what the export gate and a
+        server's load check compare with Hugging Face generate's."""
+        seqs = [
+            Sequence(r, SamplingParams(max_new_tokens=max_new_tokens), self.tokenizer, self.eos_ids)
+            for r in rows
+        ]
+        for _ in self.stream(seqs):
+            pass
+        return [s.tokens for s in seqs]
 
     def generate(self, prompts: list[str], params: SamplingParams, chat: bool = False) -> list[Sequence]:
         """The finished sequences of PROMPTS (text, tokens, finish_reason), decoded as one batch."""

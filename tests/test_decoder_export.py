@@ -194,7 +194,7 @@ def test_bad_input_one_line(tiny_model, llama_bundle, tmp_path):
     assert not (tmp_path / "q").exists()
     assert_one_line_error(pmserve("predict", llama_bundle, "the cat"), "decoder", "pmserve generate")
     res = pmserve("serve", llama_bundle, llama_bundle, "--port", "0")
-    assert_one_line_error(res, "decoder", "served alone")
+    assert_one_line_error(res, "--name", "names two bundles")
     broken = tmp_path / "broken"
     broken.mkdir()
     (broken / "config.json").write_text(

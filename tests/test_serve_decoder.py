@@ -1,15 +1,20 @@
 """`pmserve serve` of a decoder bundle as a real process: the v2 generate extension and the OpenAI-compatible
 routes give what pmserve.generation gives for the same prompt alone (greedy and seeded), streams arrive as deltas
 that add up to the same text, concurrent requests do not change each other's output, a client that goes away frees
-its slot, and the limits answer 4xx."""
+its slot, and the limits answer 4xx. Decoders are served beside encoders and each other, from a repository too,
+where a new version swaps in while a stream on the old one goes on to its end."""
 
 import json
+import os
+import shutil
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import httpx
 import pytest
 
+from tests.test_export import bundle, run  # noqa: F401 -- a tiny classifier bundle to serve beside decoders
 from tests.test_serve import start, stderr
 
 NAME = "llama"
@@ -31,6 +36,26 @@ def gen(llama_bundle):
     from pmserve.generation import Generator
 
     return Generator.from_bundle(llama_bundle)
+
+
+@pytest.fixture(scope="module")
+def other_llama(tiny_llama, tmp_path_factory):
+    """A second decoder bundle: the tiny Llama with other weights (a new version of a model, or another model)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from pmserve.export import export_bundle
+
+    root = tmp_path_factory.mktemp("other-llama")
+    shutil.copytree(tiny_llama, root / "model")
+    model = AutoModelForCausalLM.from_pretrained(root / "model")
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for w in model.parameters():
+            w.add_(0.5 * w.std() * torch.randn_like(w))
+    model.save_pretrained(root / "model")
+    export_bundle(root / "model", root / "bundle")
+    return root / "bundle"
 
 
 def alone(gen, prompt: str, chat: bool = False, ignore_eos: bool = False, **params):
@@ -205,6 +230,7 @@ def test_engine_failure_and_shutdown_end_every_stream(gen):
     from pmserve.generation import Generator, SamplingParams
     from pmserve.serving.config import ServeConfig
     from pmserve.serving.engine import Engine
+    from pmserve.serving.model import Served
     from pmserve.serving.protocol import RequestError
 
     calls = {"n": 0}
@@ -216,7 +242,8 @@ def test_engine_failure_and_shutdown_end_every_stream(gen):
         return gen.decoder(*args)
 
     flaky.empty_past = gen.decoder.empty_past
-    engine = Engine(Generator(flaky, gen.tokenizer, gen.eos_ids, gen.pad_id), NAME, ServeConfig())
+    flaky_gen = Generator(flaky, gen.tokenizer, gen.eos_ids, gen.pad_id)
+    engine = Engine(Served(NAME, Path("."), flaky_gen), ServeConfig())
     ids = gen.encode(PROMPTS[0])
 
     async def scenario():
@@ -229,7 +256,7 @@ def test_engine_failure_and_shutdown_end_every_stream(gen):
         assert ok == alone(gen, PROMPTS[0], max_new_tokens=8).text
         held = engine.submit(ids, SamplingParams(max_new_tokens=1000), ignore_eos=True)
         await anext(aiter(held))  # running
-        await asyncio.to_thread(engine.close)
+        await engine.close()
         await held.text()
         return held
 
@@ -312,3 +339,119 @@ def test_curl(server, gen):
     ).stdout
     events = sse(out.splitlines())
     assert "".join(e["text_output"] for e in events) == want.text
+
+
+def test_a_whole_answer_whose_client_goes_away_frees_its_slot(server):
+    before = metric(server, "pmserve_sequences_finished_total", model=NAME, reason="cancelled")
+    body = {"prompt": PROMPTS[0], "max_tokens": 5000, "ignore_eos": True}  # not streamed
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(f"{server}/v1/completions", json=body, timeout=httpx.Timeout(10, read=0.5))
+    deadline = time.monotonic() + 30
+    while metric(server, "pmserve_active_sequences", model=NAME) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert metric(server, "pmserve_active_sequences", model=NAME) == 0
+    assert metric(server, "pmserve_sequences_finished_total", model=NAME, reason="cancelled") == before + 1
+
+
+def test_decoders_beside_each_other_and_an_encoder(llama_bundle, other_llama, bundle, gen):  # noqa: F811
+    from pmserve.generation import Generator
+
+    other = Generator.from_bundle(other_llama)
+    want_a, want_b = (alone(g, PROMPTS[0], max_new_tokens=12).text for g in (gen, other))
+    assert want_a != want_b  # the two decoders are told apart by their answers
+    proc, url = start(llama_bundle, other_llama, bundle, *"--name a --name b --name cls".split())
+    try:
+        assert [m["id"] for m in httpx.get(f"{url}/v1/models").json()["data"]] == ["a", "b"]
+        for name, want in (("a", want_a), ("b", want_b), (None, want_a)):  # no model: the first decoder
+            body = {"prompt": PROMPTS[0], "max_tokens": 12} | ({"model": name} if name else {})
+            out = httpx.post(f"{url}/v1/completions", json=body, timeout=60).json()
+            assert out["choices"][0]["text"] == want and out["model"] == (name or "a")
+        r = httpx.post(
+            f"{url}/v2/models/b/generate", json={"text_input": PROMPTS[0], "parameters": {"max_tokens": 12}}
+        )
+        assert r.json()["text_output"] == want_b and r.json()["model_version"] == "1"
+        meta = httpx.get(f"{url}/v2/models/b").json()
+        assert meta["parameters"]["kind"] == "causal-lm" and meta["parameters"]["max_sequences"] > 0
+        assert httpx.get(f"{url}/v2/models/cls").json()["parameters"]["kind"] == "classifier"
+        assert httpx.post(f"{url}/predict", json={"inputs": ["dog"]}).json()["model"] == "cls"
+        for path, body, needle in (
+            (
+                "/v2/models/a/infer",
+                {"inputs": [{"name": "text", "datatype": "BYTES", "shape": [1], "data": ["x"]}]},
+                "decoder",
+            ),
+            ("/predict", {"inputs": ["dog"], "model": "b"}, "decoder"),
+            ("/v2/models/cls/generate", {"text_input": "x"}, "not a decoder"),
+            ("/v1/completions", {"model": "cls", "prompt": "x"}, "not a decoder"),
+            ("/v1/completions", {"model": "nope", "prompt": "x"}, "unknown model"),
+        ):
+            r = httpx.post(f"{url}{path}", json=body)
+            assert r.status_code in (400, 404) and needle in r.json()["error"], (path, r.text)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert "Traceback" not in stderr(proc)
+
+
+def test_a_new_decoder_version_swaps_in_while_a_stream_on_the_old_one_goes_on(
+    llama_bundle, other_llama, gen, tmp_path
+):
+    from pmserve.generation import Generator
+
+    repo = tmp_path / "repo"
+    shutil.copytree(llama_bundle, repo / NAME / "1")
+    old = alone(gen, PROMPTS[0], ignore_eos=True, max_new_tokens=300).text
+    new = alone(Generator.from_bundle(other_llama), PROMPTS[1], max_new_tokens=12).text
+    proc, url = start(None, "--repository", repo, "--poll-s", "0.2", "--max-new-tokens", "20000")
+    try:
+        body = {"prompt": PROMPTS[0], "max_tokens": 20000, "ignore_eos": True, "stream": True}
+        with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=60) as r:
+            events = (json.loads(x[6:]) for x in r.iter_lines() if x.startswith("data: {"))
+            got = next(events)["choices"][0]["text"]
+            tmp = (
+                repo / NAME / ".2.tmp"
+            )  # written whole, then renamed, as `pmserve export --new-version` does
+            shutil.copytree(other_llama, tmp)
+            os.rename(tmp, repo / NAME / "2")
+            deadline = time.monotonic() + 60
+            while httpx.get(f"{url}/v2/models/{NAME}").json()["versions"] != ["2"]:
+                assert time.monotonic() < deadline, "version 2 never served"
+                time.sleep(0.1)
+            assert metric(url, "pmserve_active_sequences", model=NAME) == 1  # the old stream still runs
+            out = httpx.post(f"{url}/v1/completions", json={"prompt": PROMPTS[1], "max_tokens": 12}).json()
+            assert out["choices"][0]["text"] == new  # a request after the swap: version 2
+            for _ in range(50):  # the old stream goes on, on version 1, then its client leaves
+                got += next(events)["choices"][0]["text"]
+        assert old.startswith(got) if len(got) <= len(old) else got.startswith(old)
+        deadline = time.monotonic() + 30
+        while metric(url, "pmserve_active_sequences", model=NAME) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert metric(url, "pmserve_active_sequences", model=NAME) == 0
+        assert metric(url, "pmserve_sequences_finished_total", model=NAME, reason="cancelled") == 1
+    finally:
+        proc.kill()
+        proc.wait()
+    assert "Traceback" not in stderr(proc)
+
+
+def test_a_decoder_that_fails_its_probe_does_not_serve(llama_bundle, tmp_path):
+    from pmserve.errors import PMError
+    from pmserve.formats.bundle import MANIFEST, PROBE, read_manifest, write_manifest
+    from pmserve.serving.config import ServeConfig
+    from pmserve.serving.model import load_bundle
+
+    for case in ("logits", "tokens"):
+        b = tmp_path / case
+        shutil.copytree(llama_bundle, b)
+        m = read_manifest(b)
+        if case == "logits":
+            probe = json.loads((b / PROBE).read_text())
+            probe["scores"][0][5] += 0.1
+            (b / PROBE).write_text(json.dumps(probe))
+        else:
+            m["probe"]["greedy_tokens"][1][0] += 1
+        (b / MANIFEST).unlink()
+        write_manifest(b, {k: v for k, v in m.items() if k not in ("files", "format", "version")})
+        with pytest.raises(PMError, match="parity probe failed"):
+            load_bundle(b, "x", ServeConfig())
+    assert load_bundle(llama_bundle, "x", ServeConfig()).causal

@@ -65,7 +65,7 @@ def require_encoder(folder: Path, manifest: dict) -> None:
     """A decoder bundle has no scores to predict or serve over the encoder protocol: say what reads it."""
     if bundle_kind(manifest) == "causal-lm":
         raise PMError(
-            f"{folder}: a decoder (causal-lm) bundle; generate from it with `pmserve generate` or serve it alone "
+            f"{folder}: a decoder (causal-lm) bundle; generate from it with `pmserve generate` or serve it "
             "with `pmserve serve` (predict and eval read classifier and embedding bundles)"
         )
 

@@ -9,11 +9,11 @@
 - inputs: texts checked, images decoded;
 - batcher: dynamic batching of one model's requests into padded model calls (no HTTP);
 - engine: a decoder's generation thread, iteration-level batching over pmserve.generation (no HTTP);
-- model_table: name -> the version served and its batcher; swaps that drop nothing;
+- model_table: name -> the version served and its batcher (encoder) or engine (decoder); swaps that drop nothing;
 - repository: which version of each model serves while a model repository changes;
-- generate_routes: a decoder's routes (KServe v2 generate, OpenAI-compatible completions), added by app;
+- generate_routes: the decoders' routes (KServe v2 generate, OpenAI-compatible completions), added by app;
 - app: the FastAPI app and its routes, built from objects handed in;
 - server: the command's entry (`serve`): builds the models, the repository and the app, and runs uvicorn.
 
-A decoder bundle is served alone: the command builds its engine instead of the model table's models.
+Encoders and decoders are served side by side, from bundles or a repository, with the same checks and swaps.
 """

@@ -2,10 +2,9 @@
 repository extension when a repository is handed in, /metrics, and the server's lifespan.
 
 Everything long-lived is built by the command and handed in (the models already loaded, the repository); the app
-builds the ModelTable the batchers live in and wires the routes to it. The routes only translate: the protocol's
-parsing and encoding are pmserve.serving.protocol's, the batching pmserve.serving.batcher's. A decoder's
-generation engine (pmserve.serving.engine) adds its routes (pmserve.serving.generate_routes) the same way the
-repository's are added.
+builds the ModelTable the batchers and engines live in and wires the routes to it. The routes only translate: the
+protocol's parsing and encoding are pmserve.serving.protocol's, the batching pmserve.serving.batcher's (encoders)
+and pmserve.serving.engine's (decoders, whose routes are pmserve.serving.generate_routes').
 """
 
 from __future__ import annotations
@@ -25,6 +24,7 @@ from starlette.datastructures import Headers
 from .. import __version__
 from .access import Access
 from .config import ServeConfig
+from .generate_routes import generation_routes
 from .inputs import model_inputs
 from .metrics import Metrics
 from .model import Served
@@ -122,13 +122,13 @@ class _Template:
     path: str  # what the metrics middleware labels a request by, as it reads a Starlette route's
 
 
-def create_app(models: list[Served], cfg: ServeConfig, repository=None, loopback: bool = False, engine=None):
-    """The FastAPI app serving `models` (already loaded); batchers start and drain with its lifespan. With a
+def create_app(models: list[Served], cfg: ServeConfig, repository=None, loopback: bool = False):
+    """The FastAPI app serving `models` (already loaded, encoders and decoders); their batchers and engines start
+    and drain with its lifespan. With a
     `repository` (pmserve.serving.repository.Repository, built by the command) the models change while it serves:
     the repository extension's endpoints are added and the repository polls for new versions. `loopback`: the
     server listens on a loopback address only, where loading and unloading need no --admin-key
-    (pmserve.serving.access). With an `engine` (pmserve.serving.engine.Engine, built by the command) its decoder
-    is served too: the generate and OpenAI-compatible routes, its thread started and stopped with the app."""
+    (pmserve.serving.access)."""
     from fastapi import FastAPI
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import JSONResponse, Response
@@ -149,16 +149,12 @@ def create_app(models: list[Served], cfg: ServeConfig, repository=None, loopback
             table.put(s)
         if repository is not None:
             repository.start(table, metrics)
-        if engine is not None:
-            engine.start(metrics)
         state["ready"] = True
         yield
         state["ready"] = False  # uvicorn has stopped accepting and waited for in-flight requests
         if repository is not None:
             await repository.stop()
         await table.close()
-        if engine is not None:
-            await asyncio.to_thread(engine.close)
 
     app = FastAPI(title="pmserve", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None)
 
@@ -192,16 +188,22 @@ def create_app(models: list[Served], cfg: ServeConfig, repository=None, loopback
 
     async def scores_for(slot: Slot, elements: list) -> np.ndarray:
         served = slot.served
+        if served.causal:
+            raise RequestError(
+                400,
+                f"model {served.name!r} is a decoder (causal-lm): POST /v2/models/{served.name}/generate or "
+                "/v1/completions",
+            )
         if served.kind == "text":
             inputs = model_inputs(served, elements, cfg)
         else:  # decoding images takes milliseconds each: not on the event loop
             inputs = await asyncio.to_thread(model_inputs, served, elements, cfg)
-        return await slot.batcher.infer(inputs)
+        return await slot.runner.infer(inputs)
 
     @app.get("/v2")
     async def server_metadata():
-        extensions = ["binary_tensor_data"] + (["model_repository"] if repository is not None else [])
-        extensions += ["generate"] if engine is not None else []
+        extensions = ["binary_tensor_data", "generate"]
+        extensions += ["model_repository"] if repository is not None else []
         return {"name": "pmserve", "version": __version__, "extensions": extensions}
 
     @app.get("/v2/health/live")
@@ -215,15 +217,20 @@ def create_app(models: list[Served], cfg: ServeConfig, repository=None, loopback
     @app.get("/v2/models/{name}")
     @app.get("/v2/models/{name}/versions/{version}")
     async def model_metadata(name: str, version: str | None = None):
-        if engine is not None and name == engine.name and version in (None, "1"):
-            return engine.metadata()
-        return table.lookup(name, version).served.metadata()
+        served = table.lookup(name, version).served
+        meta = served.metadata()
+        if served.causal:  # what a request may ask of it here
+            meta["parameters"].update(
+                max_prompt_tokens=cfg.max_prompt_tokens,
+                max_new_tokens=cfg.max_new_tokens,
+                max_sequences=cfg.max_sequences,
+            )
+        return meta
 
     @app.get("/v2/models/{name}/ready")
     @app.get("/v2/models/{name}/versions/{version}/ready")
     async def model_ready(name: str, version: str | None = None):
-        if engine is None or name != engine.name or version not in (None, "1"):
-            table.lookup(name, version)
+        table.lookup(name, version)
         return JSONResponse(
             {"name": name, "ready": state["ready"]}, status_code=200 if state["ready"] else 503
         )
@@ -238,6 +245,8 @@ def create_app(models: list[Served], cfg: ServeConfig, repository=None, loopback
             req, binary = parse_infer_request(body, headers.get(HEADER_LENGTH))
         del body
         with table.use(name, version) as slot:  # this request is answered by the version it looked up
+            if slot.served.causal:
+                await scores_for(slot, [])  # the decoder's 400
             elements = infer_elements(req, binary, slot.served.kind, cfg.max_inputs)
             requested_outputs(req, slot.served.outputs)  # a bad 'outputs' is a 400 before the model runs
             head, tail = infer_response(slot.served, req, await scores_for(slot, elements))
@@ -256,7 +265,7 @@ def create_app(models: list[Served], cfg: ServeConfig, repository=None, loopback
         """The model a /predict (classifier) or /embed (embedding) request names, else the first of its kind."""
         if "model" in req:
             return str(req["model"])
-        first = [s.name for s in table.served() if s.embedding == embedding]
+        first = [s.name for s in table.served() if s.embedding == embedding and not s.causal]
         return first[0] if first else (table.names() or [""])[0]
 
     async def plain_rows(request: Request, embedding: bool) -> tuple[Served, np.ndarray]:
@@ -265,7 +274,7 @@ def create_app(models: list[Served], cfg: ServeConfig, repository=None, loopback
         inputs = plain_inputs(req, cfg.max_inputs)
         with table.use(plain_model(req, embedding)) as slot:
             served = slot.served
-            if served.embedding != embedding:
+            if served.embedding != embedding and not served.causal:
                 what, other = ("a classifier", "/predict") if embedding else ("an embedding model", "/embed")
                 raise RequestError(400, f"model {served.name!r} is {what}: POST {other}")
             return served, await scores_for(slot, inputs)
@@ -295,14 +304,11 @@ def create_app(models: list[Served], cfg: ServeConfig, repository=None, loopback
 
     if repository is not None:
         _repository_routes(app, repository, cfg)
-    if engine is not None:
-        from .generate_routes import generation_routes
 
-        async def read_json(request: Request) -> dict:
-            body = await read_body(request.receive, request.headers, cfg.body_limit("text"))
-            return _json_object(body)
+    async def read_json(request: Request) -> dict:
+        return _json_object(await read_body(request.receive, request.headers, cfg.body_limit("text")))
 
-        generation_routes(app, engine, read_json)
+    generation_routes(app, table, cfg, read_json)
     app.state.metrics, app.state.table = metrics, table
     return app
 

@@ -14,12 +14,12 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from pathlib import Path
 
 from ..errors import PMError
 from ..generation import DecodeBatch, Generator, SamplingParams, Sequence
 from .config import ServeConfig
 from .metrics import Metrics
+from .model import Served
 from .protocol import RequestError
 
 
@@ -53,29 +53,30 @@ class Stream:
 
 
 class Engine:
-    """A decoder served by one engine thread; `start` and `close` with the app's lifespan."""
+    """A decoder served by one engine thread: what a ModelTable slot runs a causal-lm version with (a Batcher
+    runs an encoder's). `start` when the version starts serving, `close` once its last request is answered."""
 
-    def __init__(self, gen: Generator, name: str, cfg: ServeConfig, path: Path | None = None):
-        self.gen, self.name, self.cfg, self.path = gen, name, cfg, path
-        self.metrics: Metrics | None = None
+    def __init__(self, served: Served, cfg: ServeConfig, metrics: Metrics | None = None):
+        self.served, self.cfg, self.metrics = served, cfg, metrics
+        self.gen: Generator = served.model
+        self.name = served.name
         self.active = 0  # sequences admitted and not yet finished (queued or in the batch)
         self._arrivals: list[Stream] = []
         self._cond = threading.Condition()
         self._closed = False
         self._thread: threading.Thread | None = None
 
-    def start(self, metrics: Metrics | None = None) -> None:
-        self.metrics = metrics
+    def start(self) -> None:
         self._thread = threading.Thread(target=self._run, name=f"pmserve-engine-{self.name}", daemon=True)
         self._thread.start()
 
-    def close(self) -> None:
-        """Stop the thread; whatever still runs ends as cancelled (uvicorn has drained requests before this)."""
+    async def close(self) -> None:
+        """Stop the thread; whatever still runs ends as cancelled (requests have been answered or drained)."""
         with self._cond:
             self._closed = True
             self._cond.notify()
         if self._thread is not None:
-            self._thread.join()
+            await asyncio.to_thread(self._thread.join)
 
     def submit(self, prompt_ids: list[int], params: SamplingParams, ignore_eos: bool = False) -> Stream:
         """A new request's stream, after the limits: 400 for a bad or too long request, 429 when
@@ -109,6 +110,8 @@ class Engine:
             self.active += 1
             self._arrivals.append(stream)
             self._cond.notify()
+        if self.metrics is not None:
+            self.metrics.active.labels(self.name).inc()
         return stream
 
     def _run(self) -> None:
@@ -158,35 +161,5 @@ class Engine:
                 m.finished.labels(self.name, s.seq.finish_reason).inc()
             with self._cond:
                 self.active -= 1
-            if m is not None:
-                m.active.labels(self.name).set(self.active)
-        if m is not None and events:
-            m.active.labels(self.name).set(self.active)
-
-    def metadata(self) -> dict:
-        """The v2 model metadata of a decoder: the generate extension's text_input and text_output."""
-        return {
-            "name": self.name,
-            "versions": ["1"],
-            "platform": "onnxruntime_onnx",
-            "inputs": [{"name": "text_input", "datatype": "BYTES", "shape": [1]}],
-            "outputs": [{"name": "text_output", "datatype": "BYTES", "shape": [1]}],
-            "parameters": {
-                "kind": "causal-lm",
-                "max_prompt_tokens": self.cfg.max_prompt_tokens,
-                "max_new_tokens": self.cfg.max_new_tokens,
-                "max_sequences": self.cfg.max_sequences,
-                "chat_template": bool(getattr(self.gen.tokenizer, "chat_template", None)),
-            },
-        }
-
-
-def load_engine(path: Path, name: str, cfg: ServeConfig) -> Engine:
-    """A decoder bundle checked (hashes, kind) and opened; its engine thread starts with the app."""
-    from ..formats.bundle import bundle_kind, verify_bundle
-
-    m = verify_bundle(path)
-    if bundle_kind(m) != "causal-lm":
-        raise PMError(f"{path}: a {bundle_kind(m)} bundle, not a decoder (causal-lm) bundle")
-    gen = Generator.from_bundle(path, cfg.provider, cfg.threads, spinning=False)
-    return Engine(gen, name, cfg, path)
+            if m is not None:  # inc/dec, not set: across a swap two versions' engines share the gauge
+                m.active.labels(self.name).dec()

@@ -1,6 +1,7 @@
 """A bundle as the server holds it (`Served`), and the checks every bundle passes before it serves (`load_bundle`):
 its files' hashes, an ONNX Runtime session, and the bundle's parity probe. The same checks guard a server's first
-models and every version a repository swaps in later.
+models and every version a repository swaps in later, encoders (an OrtModel) and decoders (a generation.Generator)
+alike.
 """
 
 from __future__ import annotations
@@ -13,7 +14,8 @@ import numpy as np
 from .. import defaults as D
 from ..backbone import Preprocessor
 from ..errors import PMError
-from ..formats.bundle import read_manifest, read_probe, require_encoder, verify_bundle
+from ..formats.bundle import bundle_kind, read_manifest, read_probe, verify_bundle
+from ..generation import Generator, left_pad
 from ..predict import OrtModel
 from .config import ServeConfig
 
@@ -29,12 +31,22 @@ class Served:
 
     name: str
     path: Path
-    model: OrtModel
+    model: OrtModel | Generator
     version: str = VERSION
 
     @property
+    def causal(self) -> bool:
+        """A decoder (causal-lm): generated from through the generate and OpenAI routes, not the infer route."""
+        return isinstance(self.model, Generator)
+
+    @property
     def kind(self) -> str:
-        return self.model.input_kind
+        """The input kind (text or image): what bounds a request's body."""
+        return "text" if self.causal else self.model.input_kind
+
+    @property
+    def providers(self) -> list[str]:
+        return self.model.providers
 
     @property
     def labels(self) -> list[str]:
@@ -42,7 +54,7 @@ class Served:
 
     @property
     def embedding(self) -> bool:
-        return self.model.kind == "embedding"
+        return not self.causal and self.model.kind == "embedding"
 
     @property
     def outputs(self) -> tuple[str, ...]:
@@ -51,7 +63,21 @@ class Served:
 
     def metadata(self) -> dict:
         """The v2 model metadata; `parameters.labels` names the columns of `scores` (a classifier), and
-        `parameters.kind` says whether the model classifies or embeds."""
+        `parameters.kind` says whether the model classifies, embeds or generates (the generate extension's
+        text_input and text_output)."""
+        if self.causal:
+            return {
+                "name": self.name,
+                "versions": [self.version],
+                "platform": "onnxruntime_onnx",
+                "inputs": [{"name": "text_input", "datatype": "BYTES", "shape": [1]}],
+                "outputs": [{"name": "text_output", "datatype": "BYTES", "shape": [1]}],
+                "parameters": {
+                    "kind": "causal-lm",
+                    "chat_template": bool(getattr(self.model.tokenizer, "chat_template", None)),
+                    "providers": self.providers,
+                },
+            }
         m = self.model.manifest
         if self.embedding:
             dim = m["outputs"][0]["shape"][-1]
@@ -70,7 +96,7 @@ class Served:
             "platform": "onnxruntime_onnx",
             "inputs": [{"name": self.kind, "datatype": "BYTES", "shape": [-1]}],
             "outputs": outputs,
-            "parameters": {**params, "providers": self.model.providers},
+            "parameters": {**params, "providers": self.providers},
         }
 
 
@@ -79,7 +105,10 @@ def load_bundle(path: Path, name: str, cfg: ServeConfig, version: str = VERSION)
     exported before probes, run once): a bundle that cannot serve, or does not score as it did at export, is a
     PMError here, before any request reaches it."""
     path = Path(path)
-    read_manifest(path)  # "not a bundle" in the bundle's words before anything else
+    if (
+        bundle_kind(read_manifest(path)) == "causal-lm"
+    ):  # "not a bundle" in the bundle's words before anything else
+        return Served(name, path, load_decoder(path, cfg), version)
     # checks every file's sha256; no spinning: ORT's idle threads would take the cores requests are parsed on
     model = OrtModel.from_bundle(path, cfg.provider, cfg.threads, spinning=False)
     probe = read_probe(path, model.manifest)
@@ -105,6 +134,41 @@ def load_bundle(path: Path, name: str, cfg: ServeConfig, version: str = VERSION)
     return Served(name, path, model, version)
 
 
+def load_decoder(path: Path, cfg: ServeConfig) -> Generator:
+    """A decoder bundle verified (hashes), opened, and run on its probe: the logits after each probe prompt within
+    the probe's tolerance of PyTorch's at export and, for an fp32 graph, greedy generation giving exactly the tokens
+    Hugging Face generate gave then (pmserve.decoder_export's gate, replayed on the machine that serves)."""
+    m = verify_bundle(path)
+    gen = Generator.from_bundle(path, cfg.provider, cfg.threads, spinning=False)
+    probe = read_probe(path, m)
+    if probe is None:
+        raise PMError(f"{path}: a decoder bundle without a parity probe (export it again)")
+    rows = [gen.encode(p) for p in probe["inputs"]]
+    try:
+        logits = [gen.decoder(*left_pad([r], gen.pad_id), gen.decoder.empty_past(1))[0][0, -1] for r in rows]
+    except Exception as e:  # noqa: BLE001 -- any failure here means the bundle cannot serve
+        raise PMError(f"{path}: the model does not run ({str(e).splitlines()[0][:200]})") from None
+    logits = np.stack(logits)
+    if logits.shape != probe["scores"].shape:
+        raise PMError(
+            f"{path}: parity probe: logits of shape {list(logits.shape)}, export recorded "
+            f"{list(probe['scores'].shape)}"
+        )
+    diff = float(np.abs(logits - probe["scores"]).max())
+    cpu = gen.providers[0] == "CPUExecutionProvider"
+    tol = probe["tolerance"] if cpu else max(probe["tolerance"], GPU_PROBE_TOL)
+    if not diff <= tol:  # NaN fails too
+        raise PMError(
+            f"{path}: parity probe failed: max |logit - export's PyTorch logit| = {diff:.3g} (tolerance {tol:g})"
+        )
+    want = m["probe"].get("greedy_tokens")
+    if want and not m.get("quantization") and cpu and gen.greedy(rows, max(map(len, want))) != want:
+        raise PMError(
+            f"{path}: parity probe failed: greedy tokens differ from Hugging Face generate's at export"
+        )
+    return gen
+
+
 def _probe_inputs(kind: str, probe: dict | None) -> list:
     """The inputs a bundle is checked on: its parity probe's, or one plain input for a bundle from before probes."""
     if probe is None:
@@ -118,9 +182,17 @@ def probe_feed(path: Path) -> dict[str, np.ndarray]:
     process never opens a graph that has not run once elsewhere."""
     path = Path(path)
     m = verify_bundle(path)
-    require_encoder(path, m)
+    probe = read_probe(path, m)
+    if bundle_kind(m) == "causal-lm":  # the probe prompts, left-padded, with an empty cache
+        from transformers import AutoTokenizer
+
+        from ..generation import generation_ids, prompt_feed
+
+        tok = AutoTokenizer.from_pretrained(str(path))
+        rows = [list(tok(p)["input_ids"]) for p in (probe or {"inputs": ["warm up"]})["inputs"]]
+        return prompt_feed(m, rows, generation_ids(path, tok)[1])
     prep = Preprocessor(path, m["input_kind"], int(m.get("max_length", D.UNKNOWN_MAX_LENGTH)))
-    batch = prep(_probe_inputs(m["input_kind"], read_probe(path, m)))
+    batch = prep(_probe_inputs(m["input_kind"], probe))
     return {k: v.numpy() for k, v in batch.items()}
 
 

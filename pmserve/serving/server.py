@@ -47,24 +47,6 @@ def is_loopback(sock: socket.socket) -> bool:
         return False
 
 
-def decoder_engine(bundles: list[Path], names: list[str], cfg: ServeConfig):
-    """The engine of a decoder (causal-lm) bundle when that is what BUNDLES is, else None (encoders). A decoder is
-    served alone: its engine thread and the encoders' batchers would share the same cores without a scheduler
-    between them."""
-    from ..formats.bundle import bundle_kind, read_manifest
-    from .engine import load_engine
-
-    decoders = [b for b in bundles if bundle_kind(read_manifest(Path(b))) == "causal-lm"]
-    if not decoders:
-        return None
-    if len(bundles) > 1:
-        raise PMError(f"{decoders[0]}: a decoder (causal-lm) bundle is served alone (one BUNDLE)")
-    name = names[0] if names else Path(bundles[0]).resolve().name
-    if len(names) > 1 or not name or "/" in name:
-        raise PMError(f"--name: give one name without '/' for the one bundle, got {names}")
-    return load_engine(Path(bundles[0]), name, cfg)
-
-
 def serve(
     bundles: list[Path],
     names: list[str],
@@ -80,7 +62,7 @@ def serve(
     import uvicorn
 
     cfg.check()
-    repo = engine = None
+    repo = None
     if repository is not None:
         if bundles or names:
             raise PMError(
@@ -91,11 +73,10 @@ def serve(
     elif not bundles:
         raise PMError("BUNDLE: give one or more bundles, or --repository REPO")
     else:
-        engine = decoder_engine(bundles, names, cfg)
-        models = [] if engine is not None else load_models(bundles, names, cfg)
+        models = load_models(bundles, names, cfg)
     sock = listen(host, port)
     loopback = is_loopback(sock)
-    app = create_app(models, cfg, repo, loopback, engine)
+    app = create_app(models, cfg, repo, loopback)
     # torch, transformers and the models leave some 400k objects for the cyclic GC; a full collection walks them
     # all (0.15 to 0.3 s on 2 CPU cores), a pause that every request in flight pays: it was the p99 under load
     # (250 ms against a p50 of 60). Loaded once, they live as long as the server: move them out of the collector's
@@ -104,12 +85,8 @@ def serve(
     gc.collect()
     gc.freeze()
     for s in models:
-        what = "embedding" if s.embedding else f"{len(s.labels)} classes"
-        log(f"model {s.name}: {s.path} ({s.kind}, {what}, {', '.join(s.model.providers)})")
-    if engine is not None:
-        log(
-            f"model {engine.name}: {engine.path} (causal-lm, {', '.join(engine.gen.decoder.session.get_providers())})"
-        )
+        what = "causal-lm" if s.causal else "embedding" if s.embedding else f"{len(s.labels)} classes"
+        log(f"model {s.name}: {s.path} ({s.kind}, {what}, {', '.join(s.providers)})")
     bound = sock.getsockname()[1]
     log(f"listening on http://{host}:{bound} (Open Inference Protocol v2 at /v2, metrics at /metrics)")
     if cfg.api_key is None and not loopback:
