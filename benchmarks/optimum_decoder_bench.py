@@ -48,16 +48,73 @@ for line in sys.stdin:
 """
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--bundle", required=True)
-    ap.add_argument("--venv", required=True)
-    ap.add_argument("--work", default="/tmp/pmserve-optimum-decoder")
+def timing_options(ap: argparse.ArgumentParser, work: str) -> None:
+    """The options of side_by_side, and the folder the peer's export goes to."""
+    ap.add_argument("--work", default=work)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--batch-sizes", default="1,8")
     ap.add_argument("--prompt", type=int, default=128)
     ap.add_argument("--new-tokens", type=int, default=128)
+
+
+def peer(python: str, script: str, *argv):
+    """A worker process of a peer's environment running SCRIPT (prints "ready", then answers one JSON line of
+    {"prompts", "new"} with [TTFT s, seconds after the first token]); returns (runner, process)."""
+    worker = subprocess.Popen(
+        [python, "-c", script, *map(str, argv)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        env=clean_env(),
+        cwd="/tmp",
+    )
+    while worker.stdout.readline().strip() != "ready":
+        pass
+
+    def run(prompts, new):
+        worker.stdin.write(json.dumps({"prompts": prompts.tolist(), "new": new}) + "\n")
+        worker.stdin.flush()
+        return tuple(json.loads(worker.stdout.readline()))
+
+    return run, worker
+
+
+def side_by_side(runners: dict, vocab: int, args) -> list[dict]:
+    """Each runner (prompts [batch, prompt] -> (TTFT s, seconds after the first token)) on the same random
+    prompts, in a fresh random order every round; medians over --runs rounds, per batch size."""
+    g, order = np.random.default_rng(0), np.random.default_rng(1)
+    results = []
+    for b in map(int, args.batch_sizes.split(",")):
+        prompts = g.integers(100, vocab, (b, args.prompt), dtype=np.int64)
+        for r in runners.values():
+            r(prompts, 8)
+        times = {n: [] for n in runners}
+        for _ in range(args.runs):
+            for j in order.permutation(len(runners)):
+                name = list(runners)[j]
+                times[name].append(runners[name](prompts, args.new_tokens))
+        for name, ts in times.items():
+            results.append(
+                {
+                    "backend": name,
+                    "batch": b,
+                    "prompt": args.prompt,
+                    "new_tokens": args.new_tokens,
+                    "ttft_p50_ms": float(np.median([t[0] for t in ts]) * 1e3),
+                    "decode_tokens_s_p50": float(np.median([b * (args.new_tokens - 1) / t[1] for t in ts])),
+                    "n": len(ts),
+                }
+            )
+            print(json.dumps(results[-1]), flush=True)
+    return results
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--bundle", required=True)
+    ap.add_argument("--venv", required=True)
+    timing_options(ap, "/tmp/pmserve-optimum-decoder")
     args = ap.parse_args()
     from pmserve.decoder_bench import _OrtRun
     from pmserve.formats.bundle import MODEL, verify_bundle
@@ -84,48 +141,9 @@ def main() -> None:
             env=clean_env(),
         )
         export_s = time.perf_counter() - t0
-    worker = subprocess.Popen(
-        [py, "-c", WORKER, str(out), str(args.threads)],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        text=True,
-        env=clean_env(),
-        cwd="/tmp",
-    )
-    while worker.stdout.readline().strip() != "ready":
-        pass
-
-    def optimum(prompts, new):
-        worker.stdin.write(json.dumps({"prompts": prompts.tolist(), "new": new}) + "\n")
-        worker.stdin.flush()
-        return tuple(json.loads(worker.stdout.readline()))
-
+    optimum, worker = peer(py, WORKER, out, args.threads)
     runners = {"pmserve": _OrtRun(Path(args.bundle) / MODEL, args.threads), "optimum": optimum}
-    g, order = np.random.default_rng(0), np.random.default_rng(1)
-    vocab = int(manifest["vocab_size"])
-    results = []
-    for b in map(int, args.batch_sizes.split(",")):
-        prompts = g.integers(100, vocab, (b, args.prompt), dtype=np.int64)
-        for r in runners.values():
-            r(prompts, 8)
-        times = {n: [] for n in runners}
-        for _ in range(args.runs):
-            for j in order.permutation(len(runners)):
-                name = list(runners)[j]
-                times[name].append(runners[name](prompts, args.new_tokens))
-        for name, ts in times.items():
-            results.append(
-                {
-                    "backend": name,
-                    "batch": b,
-                    "prompt": args.prompt,
-                    "new_tokens": args.new_tokens,
-                    "ttft_p50_ms": float(np.median([t[0] for t in ts]) * 1e3),
-                    "decode_tokens_s_p50": float(np.median([b * (args.new_tokens - 1) / t[1] for t in ts])),
-                    "n": len(ts),
-                }
-            )
-            print(json.dumps(results[-1]), flush=True)
+    results = side_by_side(runners, int(manifest["vocab_size"]), args)
     worker.stdin.close()
     worker.wait()
     write_json(
