@@ -22,7 +22,9 @@ def register(app: typer.Typer) -> None:
         ),
         out: Path = typer.Option(..., "--out", "-o", help="Folder to write (must not exist)."),
         base: str = typer.Option(
-            "", "--base", help="Base model folder or builtin:minilm (default: the one the adapters name)."
+            "",
+            "--base",
+            help="Base model folder, builtin:minilm or builtin:smollm2 (default: the one the adapters name).",
         ),
         method: str = typer.Option(
             D.MERGE_METHOD, help="pm | avg | linear | task-arithmetic | ties | dare-linear | dare-ties."
