@@ -42,7 +42,8 @@ def register(app: typer.Typer) -> None:
             "(made when missing; no version is ever overwritten), for `pmserve serve --repository`.",
         ),
         dtype: str = typer.Option(
-            D.EXPORT_DTYPE, help="fp32 | fp16 (fp16 for GPUs; the classifier stays fp32)."
+            D.EXPORT_DTYPE,
+            help="fp32 | fp16 (fp16 for GPUs; the classifier stays fp32; a decoder's cache is fp16 too, its logits fp32).",
         ),
         opset: int = typer.Option(D.EXPORT_OPSET, help="ONNX opset, 14..20."),
         optimize: bool = typer.Option(
