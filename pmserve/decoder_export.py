@@ -2,8 +2,9 @@
 adapters, `builtin:smollm2`): the one-graph KV-cache decoder of causal_lm, parity-gated, in a bundle that carries
 what generation needs.
 
-The bundle (kind "causal-lm"): model.onnx (and model.onnx.data past 2 GB), the tokenizer files (with the chat template), generation_config.json
-(EOS, pad), probe.json, README.md (a model card) and manifest.json with every file's sha256.
+The bundle (kind "causal-lm"): model.onnx (and model.onnx.data past 2 GB), the tokenizer files (with the chat
+template), generation_config.json (EOS, pad), probe.json, README.md (a model card) and manifest.json with every
+file's sha256.
 
 Choices, and why:
 - Parity gate, teacher-forced: PyTorch (fp32, the same merged weights, its own KV cache) and ONNX Runtime read the
