@@ -275,7 +275,12 @@ def test_fp16_export_generates_like_fp32(tiny_llama, llama_bundle, tmp_path):
     assert res.returncode == 0 and res.stdout.strip(), res.stderr
 
 
-def test_fp16_with_quantize_refused(tiny_llama, tmp_path):
+def test_fp16_cli(tiny_llama, tmp_path):
+    """`pmserve export --dtype fp16` of a decoder says what it wrote; with --quantize it is one line of refusal."""
+    res = pmserve("export", tiny_llama, "--out", tmp_path / "f16", "--dtype", "fp16", cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    assert "(causal-lm, fp16)" in res.stdout
+    assert json.loads((tmp_path / "f16" / "manifest.json").read_text())["dtype"] == "fp16"
     res = pmserve(
         "export", tiny_llama, "--out", tmp_path / "b", "--dtype", "fp16", "--quantize", "int8", cwd=tmp_path
     )
