@@ -98,6 +98,10 @@ def save_graph(model, path: Path) -> None:
         location=data.name,
         size_threshold=1024,
     )
+    if (
+        data.exists()
+    ):  # onnx 1.23 creates it owner-only (0600): a server run as another user could not read it
+        data.chmod(path.stat().st_mode & 0o777)
 
 
 def move_graph(src: Path, dst: Path) -> None:

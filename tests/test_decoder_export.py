@@ -332,9 +332,9 @@ def test_external_data_past_the_limit(dtype, quantize, tiny_llama, llama_bundle,
     assert _candidate_check(out) is None  # the child opens model.onnx by path: its data file resolves
 
     data = out / "model.onnx.data"
+    assert data.stat().st_mode == (out / "model.onnx").stat().st_mode  # as readable as the graph
     raw = bytearray(data.read_bytes())
     raw[len(raw) // 2] ^= 0xFF
-    data.chmod(0o644)
     data.write_bytes(bytes(raw))
     with pytest.raises(PMError, match="model.onnx.data: altered"):
         verify_bundle(out)
