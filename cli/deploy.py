@@ -42,7 +42,8 @@ def register(app: typer.Typer) -> None:
             "(made when missing; no version is ever overwritten), for `pmserve serve --repository`.",
         ),
         dtype: str = typer.Option(
-            D.EXPORT_DTYPE, help="fp32 | fp16 (fp16 for GPUs; the classifier stays fp32)."
+            D.EXPORT_DTYPE,
+            help="fp32 | fp16 (fp16 for GPUs; the classifier stays fp32; a decoder's cache is fp16 too, its logits fp32).",
         ),
         opset: int = typer.Option(D.EXPORT_OPSET, help="ONNX opset, 14..20."),
         optimize: bool = typer.Option(
@@ -108,10 +109,13 @@ def register(app: typer.Typer) -> None:
             m = export_bundle(merged, out, opts, log=log)
         size = m["files"]["model.onnx"]["bytes"] / 2**20
         if m["kind"] == "causal-lm":
-            q = m["quantization"]
-            weights = "fp32" if not q else ("int4" if q.get("bits") == 4 else "int8")
+            q, data = m["quantization"], m["files"].get("model.onnx.data")
+            weights = m["dtype"] if not q else ("int4" if q.get("bits") == 4 else "int8")
+            graph = f"model.onnx {size:.1f} MiB" + (
+                f" + model.onnx.data {data['bytes'] / 2**20:.1f} MiB" if data else ""
+            )
             typer.echo(
-                f"wrote {out}: model.onnx {size:.1f} MiB (causal-lm, {weights}), input_ids, attention_mask, "
+                f"wrote {out}: {graph} (causal-lm, {weights}), input_ids, attention_mask, "
                 f"position_ids and a {m['cache']['layers']}-layer KV cache -> logits, present"
             )
             return

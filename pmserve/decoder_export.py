@@ -2,8 +2,9 @@
 adapters, `builtin:smollm2`): the one-graph KV-cache decoder of causal_lm, parity-gated, in a bundle that carries
 what generation needs.
 
-The bundle (kind "causal-lm"): model.onnx, the tokenizer files (with the chat template), generation_config.json
-(EOS, pad), probe.json, README.md (a model card) and manifest.json with every file's sha256.
+The bundle (kind "causal-lm"): model.onnx (and model.onnx.data past 2 GB), the tokenizer files (with the chat
+template), generation_config.json (EOS, pad), probe.json, README.md (a model card) and manifest.json with every
+file's sha256.
 
 Choices, and why:
 - Parity gate, teacher-forced: PyTorch (fp32, the same merged weights, its own KV cache) and ONNX Runtime read the
@@ -22,14 +23,35 @@ Choices, and why:
   the kernel, its fast CPU path), 8 or 4 bits. Not quantize_dynamic, which encoders use: per-tensor int8 scales
   kept 0.73 top-1 agreement on SmolLM2 (a decoder's weights have outlier columns), and its per-channel mode gave
   0.04 with these versions (onnxruntime 1.31.1).
-- fp16 is not offered for decoders yet: the cache would have to change type too, and no GPU here can check it.
+- fp16 (--dtype fp16, for GPUs) is export.to_fp16 (onnxruntime.transformers' float16 converter, the encoders'
+  code path) on the fp32 graph after it passed its gate: weights, activations and the KV cache (past_key_values.*
+  inputs, present.* outputs) in float16, so a GPU's cache holds half the bytes; `logits` stays float32 (sampling
+  and the probe read it; the converter casts the last MatMul's output) and the ids int64. ONNX Runtime's CPU
+  provider runs every node of the converted Llama and GPT-2 graphs (the converter's default op block list, ops
+  such as Range and ArgMax, stays fp32), so the gate runs on the CPU with no node kept in fp32. The gate is
+  top-1 agreement with PyTorch over the same teacher-forced positions, at least FP16_MIN_TOP1 = 0.95, with the
+  max relative difference recorded. Measured (CPUExecutionProvider, onnxruntime 1.31.1, the 85 gate positions):
+  SmolLM2-135M (builtin:smollm2) top-1 1.0, max relative logit difference 8.9e-4 (trace 16 s, conversion 17 s,
+  fp16 gate 32 s on 2 shared cores); the tiny test Llama 1.0 and 6.9e-3, GPT-2 1.0 and 3.9e-4. 0.95 leaves room
+  for near-ties that fp16 rounding flips on other models (4 of 85 positions) while an fp16 overflow or a broken
+  conversion (agreement near chance) cannot pass. A randomly initialised 604M-parameter Llama (22-token vocabulary,
+  so its logits are near-ties) measured 0.965 and 1.7e-2: the gate's floor is near what random weights give. A GPU's fp16 kernels round differently from the CPU's; the
+  server's probe check allows GPU_PROBE_TOL there.
+- Graphs past 2 GB (protobuf's limit): every graph of the export (the trace, the fp16 or quantised conversion,
+  the move into the bundle) is written by onnx_trace.save_graph / move_graph, which put tensors in one external
+  data file, model.onnx.data, past EXTERNAL_DATA_BYTES; the manifest lists and hashes it. Measured once, that
+  604M Llama (2.4 GB of fp32 weights, no download): the fp32 bundle in 218 s on 2 shared cores, peak RSS 5.2 GiB,
+  model.onnx 1.1 MB + model.onnx.data 2.4 GB; --dtype fp16 in 235 s, peak RSS 11 GiB (the converter and its
+  shape inference hold copies of the graph), one 1.2 GB model.onnx.
 - The probe: the gate prompts' PyTorch logits after the prompt and the greedy tokens PyTorch chose; a server that
-  loads the bundle checks both before it serves (tokens exactly for fp32, top-1 agreement for quantised).
+  loads the bundle checks both before it serves (logits within the fp32 tolerance and tokens exactly for fp32;
+  for quantised and fp16 graphs logits within twice the difference measured at export, tokens not compared).
 """
 
 from __future__ import annotations
 
 import shutil
+import time
 import warnings
 from pathlib import Path
 
@@ -40,11 +62,15 @@ from .causal_lm import load_causal_lm, trace_decoder
 from .errors import PMError
 from .formats.bundle import MODEL, write_manifest, write_probe
 from .generation import Generator, OrtDecoder, generation_ids, left_pad
+from .onnx_trace import move_graph, save_graph
 
 KIND = "causal-lm"
+FP16_MIN_TOP1 = 0.95  # SmolLM2-135M measured 1.0, max relative difference 8.9e-4 (module docstring)
+FP16_KEEP_FP32 = ["logits"]  # the fp16 graph's one float32 input or output: what sampling and the probe read
 DECODE_STEPS = 16
 REL_TOL = 1e-4
-MIN_TOP1 = {"int8": 0.90, "int4": 0.60}  # measured on SmolLM2-135M: 0.956 and 0.66 (module docstring)
+# the top-1 gates of the graphs that cannot meet REL_TOL, measured on SmolLM2-135M (module docstring)
+MIN_TOP1 = {"int8": 0.90, "int4": 0.60, "fp16": FP16_MIN_TOP1}
 GATE_PROMPTS = [
     "The capital of France is",
     "Once upon a time, there was a",
@@ -91,9 +117,9 @@ def teacher_forced(decoder, rows: list[list[int]], pad_id: int, steps: int, toke
     return np.stack(seen), np.stack(chosen, 1) if chosen else np.zeros((len(rows), 0), np.int64)
 
 
-def check_decoder_parity(onnx_path: Path, reference: dict, quantized: str | None) -> dict:
-    """ONNX Runtime against the PyTorch reference (teacher_forced) for every batch; the fp32 gate or the top-1
-    gate of QUANTIZED."""
+def check_decoder_parity(onnx_path: Path, reference: dict, reduced: str | None) -> dict:
+    """ONNX Runtime against the PyTorch reference (teacher_forced) for every batch; the fp32 gate, or the top-1
+    gate of REDUCED (int8, int4 or fp16: a key of MIN_TOP1)."""
     dec = OrtDecoder(onnx_path, "cpu")
     rel, agree, total = 0.0, 0, 0
     for case in reference["cases"]:
@@ -109,9 +135,9 @@ def check_decoder_parity(onnx_path: Path, reference: dict, quantized: str | None
         "steps": DECODE_STEPS,
         "provider": "CPUExecutionProvider",
     }
-    if quantized:
-        out["min_top1_agreement"] = MIN_TOP1[quantized]
-        out["passed"] = out["top1_agreement"] >= MIN_TOP1[quantized]
+    if reduced:
+        out["min_top1_agreement"] = MIN_TOP1[reduced]
+        out["passed"] = out["top1_agreement"] >= MIN_TOP1[reduced]
     else:
         out["tolerance"] = REL_TOL
         out["passed"] = rel <= REL_TOL and agree == total
@@ -186,7 +212,7 @@ class DecoderExport:
         }
 
     def write(self, tmp: Path) -> dict:
-        from .export import _versions, graph_io
+        from .export import _versions, graph_io, to_fp16
 
         opts, log = self.opts, self.log
         work = tmp / ".work"
@@ -206,7 +232,20 @@ class DecoderExport:
         )
         if not greedy["identical"]:
             raise PMError("greedy generation differs from Hugging Face generate; no bundle written")
-        current, quantization = raw, None
+        current, quantization, fp16 = raw, None, None
+        if opts.dtype == "fp16":  # ExportOptions.validate refused --quantize with it
+            start = time.perf_counter()
+            current = to_fp16(raw, work / "fp16.onnx", keep_io_types=FP16_KEEP_FP32, keep_prefix=None)
+            fparity = check_decoder_parity(current, self.reference, "fp16")
+            log(f"parity (fp16): {_line(fparity)}")
+            if not fparity["passed"]:
+                raise PMError(f"fp16 parity check failed: {_line(fparity)}; no bundle written")
+            fp16 = {
+                "method": "onnxruntime.transformers OnnxModel.convert_float_to_float16",
+                "float32_io": FP16_KEEP_FP32,
+                "seconds": round(time.perf_counter() - start, 1),
+                "parity_vs_pytorch": fparity,
+            }
         if opts.quantize:
             q = work / f"{opts.quantize}.onnx"
             bits = 8 if opts.quantize == "int8" else 4
@@ -224,7 +263,7 @@ class DecoderExport:
                 raise PMError(f"{opts.quantize} parity check failed: {_line(qparity)}; no bundle written")
             quantization = {**method, "parity_vs_pytorch": qparity}
             current = q
-        shutil.move(str(current), str(tmp / MODEL))
+        move_graph(current, tmp / MODEL)
         shutil.rmtree(work)
         self.tokenizer.save_pretrained(str(tmp))
         self.model.generation_config.save_pretrained(str(tmp))
@@ -241,11 +280,12 @@ class DecoderExport:
             "eos_token_id": self.eos,
             "pad_token_id": self.pad_id,
             "chat_template": bool(getattr(self.tokenizer, "chat_template", None)),
-            "dtype": "fp32",
+            "dtype": opts.dtype,
             "opset": opts.opset,
             "exporter": f"torch.onnx TorchScript exporter, torch {torch.__version__} (pmserve.causal_lm)",
             **graph_io(tmp / MODEL),
             "quantization": quantization,
+            "fp16": fp16,
             "parity": {**parity, "greedy_vs_hf_generate": greedy, "prompts": GATE_PROMPTS},
             "probe": probe,
             "versions": _versions(),
@@ -255,7 +295,8 @@ class DecoderExport:
 
     def _probe(self, tmp: Path) -> dict:
         """probe.json: the gate prompts, PyTorch's logits after each (alone), its greedy tokens, and the tolerance
-        a server holds the bundle to on them: the fp32 gate's, or for a quantised graph twice what it measured."""
+        a server holds the bundle to on them: the fp32 gate's, or for a quantised or fp16 graph twice what it
+        measured."""
         torch_dec, ort_dec = TorchDecoder(self.model), OrtDecoder(tmp / MODEL, "cpu")
         ref, got = [], []
         for r in self.reference["rows"]:
@@ -265,7 +306,7 @@ class DecoderExport:
         ref, got = np.concatenate(ref), np.concatenate(got)
         diff = float(np.abs(ref - got).max())
         tolerance = REL_TOL * float(np.abs(ref).max())
-        if self.opts.quantize:
+        if self.opts.quantize or self.opts.dtype == "fp16":
             tolerance = max(2 * diff, tolerance)
         elif diff > tolerance:
             raise PMError(
@@ -290,7 +331,8 @@ def quantize_nbits(path: Path, dst: Path, bits: int, block_size: int) -> None:
             onnx.load(str(path)), bits=bits, block_size=block_size, is_symmetric=True, accuracy_level=4
         )
         q.process()
-        q.model.save_model_to_file(str(dst), use_external_data_format=False)
+        q.model.topological_sort()
+        save_graph(q.model.model, dst)
     finally:
         root.setLevel(level)
 
@@ -311,10 +353,12 @@ def decoder_card(m: dict) -> str:
     """The bundle's README.md: what it is, how it was checked, how to run it."""
     from .model_card import front_matter
 
-    q = m["quantization"]
+    q, h = m["quantization"], m.get("fp16")
     weights = (
-        f"{q['method'].rsplit('.', 1)[-1]} ({'int4' if q.get('bits') == 4 else 'int8'})" if q else "fp32"
+        f"{q['method'].rsplit('.', 1)[-1]} ({'int4' if q.get('bits') == 4 else 'int8'})" if q else m["dtype"]
     )
+    if h:
+        weights += " (and the key/value cache; logits float32)"
     p = m["parity"]
     return (
         front_matter("onnxruntime", m["source"]["model"], {"pipeline_tag": "text-generation"})
@@ -325,5 +369,11 @@ def decoder_card(m: dict) -> str:
         f"the prompt and {p['steps']} decode steps (fp32 graph); greedy generation identical to Hugging Face "
         f"`generate`: {p['greedy_vs_hf_generate']['identical']}."
         + (f" Quantised top-1 agreement: {q['parity_vs_pytorch']['top1_agreement']:.4f}." if q else "")
+        + (
+            f" fp16 top-1 agreement: {h['parity_vs_pytorch']['top1_agreement']:.4f} (max relative logit "
+            f"difference {h['parity_vs_pytorch']['max_rel_diff']:.3g}); made for GPUs, checked on the CPU."
+            if h
+            else ""
+        )
         + '\n\n```\npmserve generate BUNDLE "prompt" --chat --max-new-tokens 64\n```\n'
     )

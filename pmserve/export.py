@@ -53,7 +53,7 @@ from .formats.bundle import MODEL, write_labels, write_manifest, write_probe
 from .formats.merged import MergedSource, inspect_merged, source_hashes
 from .formats.repository import check_model_dir, new_version
 from .merged_model import InferenceModel, load_inference_model
-from .onnx_trace import export_graph
+from .onnx_trace import export_graph, move_graph
 
 DTYPES = ("fp32", "fp16")
 QUANTIZATIONS = ("int8", "int4")  # int4: decoders only (decoder_export)
@@ -134,8 +134,6 @@ def _prepare(source, opts: ExportOptions, log):
     if is_causal_lm(source):  # a decoder LM: the KV-cache graph and its own gate (decoder_export)
         from .decoder_export import DecoderExport
 
-        if opts.dtype != "fp32":
-            raise PMError(f"--dtype {opts.dtype}: a decoder exports in fp32 (then --quantize int8 | int4)")
         for name, value in (("--base", opts.base), ("--scores", opts.scores), ("--pooling", opts.pooling)):
             if value:
                 raise PMError(f"{name}: does not apply to a decoder language model")
@@ -197,7 +195,7 @@ def _export_into(tmp, src, model, prep, batches, tasks, tasks_note, opts: Export
             )
         )
     probe = _probe(current, model, prep, src, tasks, opts)
-    shutil.move(str(current), str(tmp / MODEL))
+    move_graph(current, tmp / MODEL)
     shutil.rmtree(work)
     prep.save(tmp)
     if src.output == "classifier":
@@ -275,12 +273,14 @@ def _static_width(path: Path, output: str, width: int) -> None:
     (a pooling's masked sum), and clients and the manifest read the width from the graph."""
     import onnx
 
+    from .onnx_trace import save_graph
+
     m = onnx.load(str(path))
     (out,) = [o for o in m.graph.output if o.name == output]
     dim = out.type.tensor_type.shape.dim[1]
     if dim.dim_value != width:
         dim.dim_value = width  # clears dim_param
-        onnx.save(m, str(path))
+        save_graph(m, path)
 
 
 def optimize_graph(raw: Path, work: Path, model: InferenceModel, input_kind: str, use_gpu: bool):
@@ -326,21 +326,33 @@ def optimize_graph(raw: Path, work: Path, model: InferenceModel, input_kind: str
     }
 
 
-def to_fp16(path: Path, dst: Path) -> Path:
-    """The backbone in fp16; the classifier nodes (and inputs / outputs) stay fp32. The pooling runs in fp16:
-    blocking its nodes too makes the converter write two Cast nodes of one name where a tensor feeds two of
-    them; an embedding that overflowed fp16 would fail the parity gate, never reach a bundle.
+def to_fp16(
+    path: Path,
+    dst: Path,
+    keep_io_types: bool | list[str] = True,
+    keep_prefix: str | None = "/classifier/",
+) -> Path:
+    """The graph in fp16 (weights and activations), except the nodes whose names start with KEEP_PREFIX and the
+    inputs / outputs KEEP_IO_TYPES keeps in their types (True: all of them; a list: those named). An encoder keeps
+    its classifier and every input and output in fp32; a decoder (decoder_export) keeps `logits` only, so its
+    KV cache is fp16 too. The pooling runs in fp16: blocking its nodes too makes the converter write two Cast
+    nodes of one name where a tensor feeds two of them; an embedding that overflowed fp16 would fail the parity
+    gate, never reach a bundle.
 
-    Through OnnxModel, whose symbolic shape inference types the fused contrib ops the converter must see."""
+    Through OnnxModel, whose symbolic shape inference types the fused contrib ops the converter must see; saved
+    by onnx_trace.save_graph (external data past 2 GB)."""
     import onnx
     from onnxruntime.transformers.onnx_model import OnnxModel
 
+    from .onnx_trace import save_graph
+
     m = OnnxModel(onnx.load(str(path)))
-    keep = [n.name for n in m.model.graph.node if n.name.startswith("/classifier/")]
+    keep = [n.name for n in m.model.graph.node if keep_prefix and n.name.startswith(keep_prefix)]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        m.convert_float_to_float16(keep_io_types=True, node_block_list=keep)
-    m.save_model_to_file(str(dst))
+        m.convert_float_to_float16(keep_io_types=keep_io_types, node_block_list=keep)
+    m.topological_sort()
+    save_graph(m.model, dst)
     return dst
 
 

@@ -167,11 +167,13 @@ def empty_past(layout: KVLayout, batch: int, dtype=np.float32) -> list[np.ndarra
 
 def prompt_feed(manifest: dict, rows: list[list[int]], pad_id: int) -> dict[str, np.ndarray]:
     """The graph's inputs for the prompts ROWS (left-padded, empty cache), from the bundle's manifest alone: what
-    a child process checks a served candidate on before the server opens its graph (pmserve.serving.candidate)."""
+    a child process checks a served candidate on before the server opens its graph (pmserve.serving.candidate).
+    The cache has the graph's type as the manifest records it (float16 in an fp16 bundle)."""
     c = manifest["cache"]
     layout = KVLayout(int(c["layers"]), int(c["kv_heads"]), int(c["head_dim"]))
+    dtype = next((i["dtype"] for i in manifest["inputs"] if i["name"] == layout.past_names[0]), "float32")
     feed = dict(zip(("input_ids", "attention_mask", "position_ids"), left_pad(rows, pad_id)))
-    return feed | dict(zip(layout.past_names, empty_past(layout, len(rows))))
+    return feed | dict(zip(layout.past_names, empty_past(layout, len(rows), np.dtype(dtype))))
 
 
 def left_pad(rows: list[list[int]], pad_id: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -203,3 +203,140 @@ def test_bad_input_one_line(tiny_model, llama_bundle, tmp_path):
     res = pmserve("export", broken, "--out", tmp_path / "b")
     assert_one_line_error(res, "broken")
     assert not (tmp_path / "b").exists()
+
+
+def _past_and_present(m):
+    """{name: dtype} of the manifest's graph inputs and outputs."""
+    return {v["name"]: v["dtype"] for v in m["inputs"] + m["outputs"]}
+
+
+def _candidate_check(bundle):
+    """The server's child-process check (pmserve.serving.candidate): None when the graph opened and ran there."""
+    from pmserve.serving.candidate import Prober
+    from pmserve.serving.config import ServeConfig
+
+    prober = Prober()
+    try:
+        return prober.check(bundle, ServeConfig())
+    finally:
+        prober.close()
+
+
+def test_fp16_export_generates_like_fp32(tiny_llama, llama_bundle, tmp_path):
+    """--dtype fp16: weights and KV cache float16, logits float32, ids int64; the fp16 graph gated against PyTorch,
+    its greedy tokens close to the fp32 bundle's, and a server's checks (in process and in a child) pass."""
+    from pmserve.decoder_export import FP16_MIN_TOP1, check_decoder_parity
+    from pmserve.export import ExportOptions, export_bundle
+    from pmserve.formats.bundle import verify_bundle
+    from pmserve.generation import SamplingParams
+    from pmserve.serving.config import ServeConfig
+    from pmserve.serving.model import load_bundle, probe_feed
+
+    out = tmp_path / "f16"
+    m = export_bundle(tiny_llama, out, ExportOptions(dtype="fp16"))
+    assert m["dtype"] == "fp16" and m["quantization"] is None
+    io = _past_and_present(m)
+    assert io["logits"] == "float32"
+    assert {io[n] for n in ("input_ids", "attention_mask", "position_ids")} == {"int64"}
+    kv = {n: t for n, t in io.items() if n.startswith(("past_key_values.", "present."))}
+    assert len(kv) == 8 and set(kv.values()) == {"float16"}
+    assert m["parity"]["passed"]  # the fp32 graph it came from passed the fp32 gate first
+    fp = m["fp16"]["parity_vs_pytorch"]
+    assert fp["passed"] and fp["top1_agreement"] >= FP16_MIN_TOP1 and 0 < fp["max_rel_diff"] < 0.05
+    assert "fp16" in (out / "README.md").read_text()
+    # the graph's weights are float16 (no float32 initializer of any size is left)
+    import onnx
+
+    g = onnx.load(str(out / "model.onnx"))
+    big = [t for t in g.graph.initializer if np.prod(t.dims) >= 64]
+    assert big and {t.data_type for t in big} == {onnx.TensorProto.FLOAT16}
+
+    fp16, fp32 = generator(out), generator(llama_bundle)
+    assert fp16.decoder.cache_dtype == np.float16
+    params = SamplingParams(max_new_tokens=16)
+    a, b = fp16.generate(PROMPTS, params), fp32.generate(PROMPTS, params)
+    same = sum(x == y for s, t in zip(a, b) for x, y in zip(s.tokens, t.tokens))
+    assert same / sum(len(t.tokens) for t in b) >= 0.9, ([s.tokens for s in a], [t.tokens for t in b])
+    # the gate replayed on the bundle's graph: a reference computed by PyTorch, independent of the export
+    from pmserve.decoder_export import DecoderExport
+
+    class Opts:
+        opset, quantize, dtype = 17, None, "fp32"
+
+    ref = DecoderExport(tiny_llama, Opts, lambda *_: None).reference
+    again = check_decoder_parity(out / "model.onnx", ref, "fp16")
+    assert again["top1_agreement"] == fp["top1_agreement"] and again["max_rel_diff"] == fp["max_rel_diff"]
+
+    assert load_bundle(out, "f16", ServeConfig()).causal
+    assert probe_feed(out)["past_key_values.0.key"].dtype == np.float16
+    assert _candidate_check(out) is None
+    assert verify_bundle(out)["dtype"] == "fp16"
+    res = pmserve("generate", out, PROMPTS[0], "--max-new-tokens", "6", cwd=tmp_path)
+    assert res.returncode == 0 and res.stdout.strip(), res.stderr
+
+
+def test_fp16_cli(tiny_llama, tmp_path):
+    """`pmserve export --dtype fp16` of a decoder says what it wrote; with --quantize it is one line of refusal."""
+    res = pmserve("export", tiny_llama, "--out", tmp_path / "f16", "--dtype", "fp16", cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    assert "(causal-lm, fp16)" in res.stdout
+    assert json.loads((tmp_path / "f16" / "manifest.json").read_text())["dtype"] == "fp16"
+    res = pmserve(
+        "export", tiny_llama, "--out", tmp_path / "b", "--dtype", "fp16", "--quantize", "int8", cwd=tmp_path
+    )
+    assert_one_line_error(res, "--quantize int8")
+    assert not (tmp_path / "b").exists()
+
+
+@pytest.mark.parametrize("dtype, quantize", [("fp32", None), ("fp16", None), ("fp32", "int4")])
+def test_external_data_past_the_limit(dtype, quantize, tiny_llama, llama_bundle, tmp_path, monkeypatch):
+    """A graph over onnx_trace.EXTERNAL_DATA_BYTES (here lowered to 0) keeps its weights in ONE file beside it,
+    model.onnx.data, through the trace, the fp16 / quantised conversion and the move into the bundle; the
+    bundle passes the gate, generates, serves, and its manifest hashes the data file."""
+    import onnx
+    from onnx.external_data_helper import _get_all_tensors, uses_external_data
+
+    from pmserve import onnx_trace
+    from pmserve.errors import PMError
+    from pmserve.export import ExportOptions, export_bundle
+    from pmserve.formats.bundle import verify_bundle
+    from pmserve.generation import SamplingParams
+    from pmserve.serving.config import ServeConfig
+    from pmserve.serving.model import load_bundle
+
+    assert "model.onnx.data" not in verify_bundle(llama_bundle)["files"]  # under the limit: one file
+    monkeypatch.setattr(onnx_trace, "EXTERNAL_DATA_BYTES", 0)
+    out = tmp_path / "b"
+    m = export_bundle(tiny_llama, out, ExportOptions(dtype=dtype, quantize=quantize))
+    assert m["parity"]["passed"] and m["dtype"] == dtype
+    assert m["files"]["model.onnx.data"]["bytes"] > 1024
+    assert sorted(p.name for p in out.iterdir() if "onnx" in p.name) == ["model.onnx", "model.onnx.data"]
+    g = onnx.load(str(out / "model.onnx"), load_external_data=False)
+    places = {
+        e.value
+        for t in _get_all_tensors(g)
+        if uses_external_data(t)
+        for e in t.external_data
+        if e.key == "location"
+    }
+    assert places == {"model.onnx.data"}
+    assert max(len(t.raw_data) for t in _get_all_tensors(g) if not uses_external_data(t)) < 1024
+
+    gen = generator(out)
+    params = SamplingParams(max_new_tokens=12)
+    got = [s.tokens for s in gen.generate(PROMPTS, params)]
+    if dtype == "fp32" and not quantize:  # the same graph as the one-file bundle: the same tokens
+        assert got == [s.tokens for s in generator(llama_bundle).generate(PROMPTS, params)]
+    assert all(got)
+    assert load_bundle(out, "b", ServeConfig()).causal
+    assert _candidate_check(out) is None  # the child opens model.onnx by path: its data file resolves
+
+    data = out / "model.onnx.data"
+    assert data.stat().st_mode == (out / "model.onnx").stat().st_mode  # as readable as the graph
+    raw = bytearray(data.read_bytes())
+    raw[len(raw) // 2] ^= 0xFF
+    data.write_bytes(bytes(raw))
+    with pytest.raises(PMError, match="model.onnx.data: altered"):
+        verify_bundle(out)
+    with pytest.raises(PMError, match="altered"):
+        load_bundle(out, "b", ServeConfig())
