@@ -98,9 +98,8 @@ def save_graph(model, path: Path) -> None:
         location=data.name,
         size_threshold=1024,
     )
-    if (
-        data.exists()
-    ):  # onnx 1.23 creates it owner-only (0600): a server run as another user could not read it
+    # onnx 1.23 creates the data file owner-only (0600): a server run as another user could not read it
+    if data.exists():
         data.chmod(path.stat().st_mode & 0o777)
 
 
