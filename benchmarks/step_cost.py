@@ -3,6 +3,8 @@ curvature scale of --curvature profile) against one epoch.
 
     python benchmarks/step_cost.py --steps 15 --repeats 7 --json benchmarks/results/step_cost.json
     python benchmarks/step_cost.py --decoder --steps 5 --repeats 5 --json benchmarks/results/decoder_step_cost.json
+    python benchmarks/step_cost.py --decoder --head both --steps 4 --repeats 5 \
+        --json benchmarks/results/decoder_step_cost_head_split.json
 Both step kinds run on the same PEFT model and the same batches, interleaved (plain, pm, plain, pm, ...), so
 machine noise hits both alike; the ratio of medians is reported. Per step, the perturbation folds s into the
 LoRA scaling (no extra operation), so it should cost nothing measurable: the target is <= 1.05. The Fisher pass
@@ -13,7 +15,10 @@ profile alternated --repeats times.
 --decoder: the same for a causal LM (issue 35): builtin:smollm2 with its default LoRA (every linear layer of its
 blocks) on builtin:clinc150-gen's first task, batches of --batch-size (8) x exactly --tokens (48) tokens, the
 response loss (lm_learner.token_losses) with and without the perturbation; then the Fisher and the profile of
-the decoder's default --fisher-samples, against the steps of one epoch of the task.
+the decoder's default --fisher-samples, against the steps of one epoch of the task. --head both times the loss's
+two ways of getting logits in the same run, interleaved by repeat: "full" (the model's forward: the output layer
+at every position) and "split" (the base model, then the output layer at the response positions only:
+lm_learner.ResponseLogits, the default where the model passes check_head_split).
 """
 
 from __future__ import annotations
@@ -61,7 +66,15 @@ def report(out: dict, path: str | None) -> None:
 
 
 def decoder_main(args) -> None:
-    from pmserve.lm_learner import DecoderLearner, decoder_config, load_decoder, pad_batch, token_losses
+    from pmserve.lm_learner import (
+        HEAD_SPLIT,
+        DecoderLearner,
+        causal_lm,
+        decoder_config,
+        load_decoder,
+        pad_batch,
+        token_losses,
+    )
     from pmserve.perturb import Perturbation
 
     torch.manual_seed(0)
@@ -88,6 +101,15 @@ def decoder_main(args) -> None:
         batches.append(b)
     pert = Perturbation(layers, cfg.eps, cfg.perturb_per, seed=0, adapter=ADAPTER)
 
+    lm = causal_lm(peft_model)
+    checked = getattr(lm, HEAD_SPLIT)
+    heads = ["full", "split"] if args.head == "both" else [args.head]
+    if "split" in heads and not checked:
+        raise SystemExit(f"{cfg.model}: check_head_split failed, no split path to time")
+
+    def use(head: str) -> None:
+        setattr(lm, HEAD_SPLIT, head == "split")
+
     def run(perturb: bool) -> float:
         t0 = time.perf_counter()
         for b in batches:
@@ -102,39 +124,62 @@ def decoder_main(args) -> None:
             opt.step()
         return (time.perf_counter() - t0) / len(batches)
 
-    run(False)
-    plain, pm = [], []
+    for head in heads:  # warm-up
+        use(head)
+        run(False)
+    plain: dict[str, list[float]] = {h: [] for h in heads}
+    pm: dict[str, list[float]] = {h: [] for h in heads}
     for _ in range(args.repeats):
-        plain.append(run(False))
-        pm.append(run(True))
-        print(f"step s: plain {plain[-1]:.2f}  pm {pm[-1]:.2f}", flush=True)
+        for head in heads:
+            use(head)
+            plain[head].append(run(False))
+            pm[head].append(run(True))
+            print(f"{head} step s: plain {plain[head][-1]:.2f}  pm {pm[head][-1]:.2f}", flush=True)
     pert.off()
-    fishers, profiles = [], []
+    fishers: dict[str, list[float]] = {h: [] for h in heads}
+    profiles: dict[str, list[float]] = {h: [] for h in heads}
     for _ in range(max(1, args.repeats // 2)):
-        t0 = time.perf_counter()
-        learner._fisher(task, 0, layers)
-        fishers.append(time.perf_counter() - t0)
-        t0 = time.perf_counter()
-        learner._profile(task, 0, layers)
-        profiles.append(time.perf_counter() - t0)
-        print(f"fisher s {fishers[-1]:.1f}  profile s {profiles[-1]:.1f}", flush=True)
-    step = statistics.median(plain)
+        for head in heads:
+            use(head)
+            t0 = time.perf_counter()
+            learner._fisher(task, 0, layers)
+            fishers[head].append(time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            learner._profile(task, 0, layers)
+            profiles[head].append(time.perf_counter() - t0)
+            print(f"{head} fisher s {fishers[head][-1]:.1f}  profile s {profiles[head][-1]:.1f}", flush=True)
+    use("split" if checked else "full")
+
+    def figures(head: str) -> dict:
+        step = statistics.median(plain[head])
+        return {
+            "step_ms_plain_lora": 1000 * step,
+            "step_ms_pm": 1000 * statistics.median(pm[head]),
+            "ratio_pm_over_plain": statistics.median(pm[head]) / step,
+            "steps_plain_ms_all": [1000 * x for x in plain[head]],
+            "steps_pm_ms_all": [1000 * x for x in pm[head]],
+            "fisher_seconds": statistics.median(fishers[head]),
+            "profile_seconds": statistics.median(profiles[head]),
+            "fisher_seconds_all": fishers[head],
+            "profile_seconds_all": profiles[head],
+        }
+
     out = {
         "machine": machine(),
         "model": cfg.model,
         "batch": f"{bs} x {width} tokens",
-        "step_ms_plain_lora": 1000 * step,
-        "step_ms_pm": 1000 * statistics.median(pm),
-        "ratio_pm_over_plain": statistics.median(pm) / step,
-        "steps_plain_ms_all": [1000 * x for x in plain],
-        "steps_pm_ms_all": [1000 * x for x in pm],
+        "head_split_checked": checked,
         "fisher_samples": cfg.fisher_samples,
-        "fisher_seconds": statistics.median(fishers),
-        "profile_seconds": statistics.median(profiles),
         "steps": args.steps,
         "repeats": args.repeats,
         "perturb_per": cfg.perturb_per,
     }
+    if len(heads) == 1:
+        out.update(head=heads[0], **figures(heads[0]))
+    else:
+        out.update({h: figures(h) for h in heads})
+        for k in ("step_ms_plain_lora", "step_ms_pm", "fisher_seconds", "profile_seconds"):
+            out[f"{k}_split_over_full"] = out["split"][k] / out["full"][k]
     report(out, args.json)
 
 
@@ -146,6 +191,12 @@ def main() -> None:
     ap.add_argument("--perturb-per", default="step")
     ap.add_argument("--decoder", action="store_true", help="SmolLM2-135M on builtin:clinc150-gen (issue 35)")
     ap.add_argument("--tokens", type=int, default=48, help="--decoder: tokens per example")
+    ap.add_argument(
+        "--head",
+        choices=["split", "full", "both"],
+        default="split",
+        help="--decoder: the loss's logits at the response positions only, at every position, or both interleaved",
+    )
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     if args.decoder:

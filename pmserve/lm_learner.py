@@ -89,13 +89,15 @@ def decoder_config(cfg: TrainConfig) -> TrainConfig:
 
 
 class Decoder(nn.Module):
-    """A causal LM as the learner's backbone: `.model` is what PEFT wraps and set_merged writes into."""
+    """A causal LM as the learner's backbone: `.model` is what PEFT wraps and set_merged writes into. Whether
+    its loss may apply the output layer at the scored positions only is checked here, once (check_head_split)."""
 
     kind = "generative"
 
     def __init__(self, model: nn.Module):
         super().__init__()
         self.model = model
+        check_head_split(model)
 
 
 class ChatFormat:
@@ -185,14 +187,97 @@ def pad_batch(encoded: list[tuple[list[int], int]], pad_id: int) -> dict[str, to
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 
+HEAD_SPLIT = "pmserve_head_split"  # the attribute check_head_split sets on a causal LM: True where it holds
+
+
+def causal_lm(model: nn.Module) -> nn.Module:
+    """The Hugging Face causal LM inside DDP, ResponseLogits and PEFT wrappers (the one object they all share)."""
+    while True:
+        if isinstance(model, (nn.parallel.DistributedDataParallel, ResponseLogits)):
+            model = model.module
+        elif hasattr(model, "get_base_model"):
+            model = model.get_base_model()
+        else:
+            return model
+
+
+def _split_logits(lm: nn.Module, input_ids, attention_mask, keep: torch.Tensor) -> torch.Tensor:
+    """The logits at the True positions of keep (B, T' <= T), row by row: the base model's final hidden states,
+    then the output layer on (B, max kept per row, H) only. The head sees whole rows (not one flat list) so a
+    per-row hook on it (the per-sample perturbation, if LoRA targets lm_head) still finds one row per sample."""
+    base = getattr(lm, lm.base_model_prefix)
+    hidden = base(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)[0][:, : keep.shape[1]]
+    counts = keep.sum(1)
+    width = int(counts.max()) if counts.numel() else 0
+    # each row's kept positions first, in order (a stable sort of "not kept"), then cut to the longest row's
+    pos = torch.sort((~keep).to(torch.uint8), dim=1, stable=True).indices[:, :width]
+    rows = hidden.gather(1, pos.unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))
+    logits = lm.get_output_embeddings()(rows)
+    return logits[torch.arange(width, device=counts.device) < counts.unsqueeze(1)]
+
+
+class ResponseLogits(nn.Module):
+    """A causal LM's logits at the scored positions only, as one module so DDP can wrap it (DDP syncs the
+    gradients of what runs through its own forward). The output layer (576 x 49152 for SmolLM2) over every
+    position and the log-softmax were most of a step's time, while a response is a few tokens of each row."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.module = model
+
+    def forward(self, input_ids, attention_mask, keep: torch.Tensor) -> torch.Tensor:
+        """(N, V): the logits at the N True positions of keep (B, T' <= T), in row-major order."""
+        lm = causal_lm(self.module)
+        if getattr(lm, HEAD_SPLIT, False):
+            return _split_logits(lm, input_ids, attention_mask, keep)
+        logits = self.module(input_ids=input_ids, attention_mask=attention_mask).logits
+        return logits[:, : keep.shape[1]][keep]
+
+
+@torch.no_grad()
+def check_head_split(model: nn.Module) -> bool:
+    """Whether the model's logits are its output layer applied to its base model's last hidden states, checked
+    against its own forward on a small padded input; recorded on the model (HEAD_SPLIT), which ResponseLogits
+    reads. A model that post-processes its logits (Gemma 2's soft-capping, Cohere's logit_scale), or has no
+    base model or output layer to call, keeps the full forward rather than being silently wrong."""
+    lm = causal_lm(model)
+    training = lm.training
+    ok = False
+    try:
+        lm.eval()
+        vocab = lm.get_input_embeddings().num_embeddings
+        ids = torch.randint(vocab, (2, 8), generator=torch.Generator().manual_seed(0))
+        mask = torch.ones_like(ids)
+        mask[1, 5:] = 0
+        ids = ids.to(lm.device)
+        mask = mask.to(lm.device)
+        full = lm(input_ids=ids, attention_mask=mask).logits
+        keep = torch.ones_like(ids, dtype=torch.bool)
+        fast = _split_logits(lm, ids, mask, keep)
+        ref = full[keep]
+        ok = fast.shape == ref.shape and torch.allclose(
+            fast.float(), ref.float(), rtol=1e-5, atol=1e-5 * float(ref.abs().max())
+        )
+    except Exception:  # any model that cannot be called this way keeps the full forward
+        ok = False
+    finally:
+        lm.train(training)
+    setattr(lm, HEAD_SPLIT, ok)
+    return ok
+
+
 def token_losses(model: nn.Module, batch: dict[str, torch.Tensor], u: torch.Tensor | None = None):
     """(per-sequence summed cross-entropy over response tokens, response token count per sequence). Position t
     predicts token t + 1, scored against the reference token, or with `u` (uniforms, one per position) against
-    a token drawn from the model's own distribution there (sample_targets)."""
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+    a token drawn from the model's own distribution there (sample_targets). Logits are computed at the scored
+    positions only (ResponseLogits); `model` may be one already, or DDP around one."""
     labels = batch["labels"][:, 1:]
     keep = labels != IGNORE
-    logits = logits.float()[keep]
+    if not isinstance(model, ResponseLogits) and not isinstance(
+        getattr(model, "module", None), ResponseLogits
+    ):
+        model = ResponseLogits(model)
+    logits = model(batch["input_ids"], batch["attention_mask"], keep).float()
     targets = labels[keep] if u is None else sample_targets(logits.detach(), u[keep])
     nll = F.cross_entropy(logits, targets, reduction="none")
     per_seq = torch.zeros(labels.shape[0], device=nll.device).index_add(0, keep.nonzero()[:, 0], nll)
@@ -257,7 +342,7 @@ class DecoderLearner(Learner):
         shuffle = stream_generator(cfg.seed, i, SHUFFLE)
         encoded = self._encoded(task.train)
         lengths = [len(ids) for ids, _ in encoded]
-        net = distributed.wrap(peft_model, self.device)
+        net = distributed.wrap(ResponseLogits(peft_model), self.device)
         world = distributed.world()
         for epoch in range(epochs):
             for idx in bucketed_batches(lengths, cfg.batch_size, shuffle):

@@ -171,6 +171,105 @@ def test_loss_is_on_response_tokens_only(arch, llama, gpt2):
         assert int(count[r]) == len(ids) - n_prompt
 
 
+def _scored_batch(fmt):
+    """Rows whose response tokens sit at different positions and differ in number (and one padded row)."""
+    from pmserve.lm_learner import pad_batch
+
+    convs = [["dog the cat", "animal"], ["bread", "food bread"], ["the cat dog bread", "food"]]
+    return pad_batch([fmt.encode([{"role": "user", "content": c}], r) for c, r in convs], fmt.pad_id)
+
+
+def _grads(model, per_seq):
+    return torch.autograd.grad(
+        per_seq.sum() / per_seq.numel(), [p for p in model.parameters() if p.requires_grad]
+    )
+
+
+def _losses_and_grads(model, batch, u=None):
+    from pmserve.lm_learner import token_losses
+
+    per_seq, _ = token_losses(model, batch, u)
+    return per_seq.detach(), _grads(model, per_seq)
+
+
+def _by_hand(model, batch):
+    """The reference: every position's logits from the model's own forward, the response tokens picked out."""
+    logp = torch.log_softmax(
+        model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits, -1
+    )
+    labels = batch["labels"][:, 1:]
+    nll = -logp[:, :-1].gather(-1, labels.clamp_min(0).unsqueeze(-1)).squeeze(-1)
+    return (nll * (labels != -100)).sum(1)
+
+
+@pytest.mark.parametrize(
+    "arch,targets",
+    [("llama", None), ("gpt2", None), ("llama", ("q_proj", "v_proj", "lm_head"))],
+)
+def test_scored_positions_only_equal_the_full_logits(arch, targets, llama, gpt2):
+    """The loss's logits at the response positions only (base model, then the output layer): the same losses and
+    LoRA gradients (lm_head's too, through PEFT's wrapped layer, with a per-sample perturbation hooked on it) as
+    the model's own forward over every position; and the same sampled Fisher labels."""
+    from pmserve.adapters import ADAPTER, LoraSpec, add_lora, lora_layers
+    from pmserve.lm_learner import HEAD_SPLIT, causal_lm
+    from pmserve.perturb import Perturbation
+
+    learner = _learner(llama if arch == "llama" else gpt2)
+    model = learner.encoder.model
+    assert getattr(model, HEAD_SPLIT) is True
+    spec = learner.cfg.lora if targets is None else LoraSpec(rank=2, alpha=4.0, target_modules=targets)
+    torch.manual_seed(0)
+    peft_model = add_lora(model, spec)
+    for n, p in peft_model.named_parameters():
+        if "lora_B" in n:
+            p.data.normal_(0, 0.3)
+    batch = _scored_batch(learner.prep)
+    keep = batch["labels"][:, 1:] != -100
+    assert len({tuple(r.nonzero()[:, 0].tolist()) for r in keep}) == 3  # every row scored elsewhere
+    pert = None
+    if targets is not None:
+        pert = Perturbation(lora_layers(peft_model), 0.5, "sample", seed=0, adapter=ADAPTER)
+        pert.draw(3)
+    u = torch.rand(keep.shape, generator=torch.Generator().manual_seed(0))
+    fast, fast_u = _losses_and_grads(peft_model, batch), _losses_and_grads(peft_model, batch, u)
+    setattr(causal_lm(peft_model), HEAD_SPLIT, False)  # the full forward: every position's logits
+    full, full_u = _losses_and_grads(peft_model, batch), _losses_and_grads(peft_model, batch, u)
+    per_seq = _by_hand(peft_model, batch)
+    ref = per_seq.detach(), _grads(peft_model, per_seq)
+    for got in (fast, full):
+        torch.testing.assert_close(got[0], ref[0], rtol=1e-5, atol=1e-6)
+        assert len(got[1]) == len(ref[1]) > 0
+        for g, r in zip(got[1], ref[1]):
+            torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(fast_u[0], full_u[0], rtol=1e-5, atol=1e-6)
+    for g, r in zip(fast_u[1], full_u[1]):
+        torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-6)
+    if pert is not None:
+        pert.remove()
+
+
+def test_a_model_that_rescales_its_logits_keeps_the_full_forward(llama):
+    """A forward that post-processes the logits (as Gemma 2's soft-capping or Cohere's logit_scale do) fails
+    the check at load, and the loss stays its own forward's."""
+    from transformers import LlamaForCausalLM
+
+    from pmserve.lm_learner import HEAD_SPLIT, Decoder, token_losses
+
+    class Scaled(LlamaForCausalLM):
+        def forward(self, *args, **kwargs):
+            out = super().forward(*args, **kwargs)
+            out.logits = out.logits * 0.5
+            return out
+
+    model = Scaled.from_pretrained(str(llama)).eval()
+    Decoder(model)
+    assert getattr(model, HEAD_SPLIT) is False
+    learner = _learner(llama)
+    batch = _scored_batch(learner.prep)
+    per_seq, _ = token_losses(model, batch)
+    torch.testing.assert_close(per_seq, _by_hand(model, batch), rtol=1e-5, atol=1e-6)
+
+
 def test_exact_match_normalisation():
     from pmserve.lm_learner import normalise
 
