@@ -35,8 +35,8 @@ Choices, and why:
   fp16 gate 32 s on 2 shared cores); the tiny test Llama 1.0 and 6.9e-3, GPT-2 1.0 and 3.9e-4. 0.95 leaves room
   for near-ties that fp16 rounding flips on other models (4 of 85 positions) while an fp16 overflow or a broken
   conversion (agreement near chance) cannot pass. A randomly initialised 604M-parameter Llama (22-token vocabulary,
-  so its logits are near-ties) measured 0.965 and 1.7e-2: the gate's floor is near what random weights give. A GPU's fp16 kernels round differently from the CPU's; the
-  server's probe check allows GPU_PROBE_TOL there.
+  so its logits are near-ties) measured 0.965 and 1.7e-2: the gate's floor is near what random weights give. A
+  GPU's fp16 kernels round differently from the CPU's; the server's probe check allows GPU_PROBE_TOL there.
 - Graphs past 2 GB (protobuf's limit): every graph of the export (the trace, the fp16 or quantised conversion,
   the move into the bundle) is written by onnx_trace.save_graph / move_graph, which put tensors in one external
   data file, model.onnx.data, past EXTERNAL_DATA_BYTES; the manifest lists and hashes it. Measured once, that
