@@ -418,8 +418,17 @@ def test_merge_of_the_run_adapters_is_its_state_and_peft_merge(llama, llama_run,
     from pmserve.merging import MergeOptions, merge_adapters
 
     out, result = llama_run
-    rep = merge_adapters([out], tmp_path / "d", options=MergeOptions("pm", "delta"), log=lambda *_: None)
+    notes = []
+    rep = merge_adapters([out], tmp_path / "d", options=MergeOptions("pm", "delta"), log=notes.append)
     assert rep["alphas"] == pytest.approx(result["alphas"], abs=1e-6)
+    # a causal LM carries no classifier: none written, none mentioned, --calibrate refused before OUT exists
+    assert rep["classifier"] is None and not (tmp_path / "d" / "labels.json").exists()
+    assert not any("classifier" in n for n in notes)
+    with pytest.raises(PMError, match="--calibrate: .* causal LM"):
+        merge_adapters(
+            [out], tmp_path / "c", options=MergeOptions("pm", "delta", calibrate="x"), log=notes.append
+        )
+    assert not (tmp_path / "c").exists()
     ours = load_file(str(tmp_path / "d" / "merged.safetensors"))
     theirs = load_file(str(out / "state" / "merged.safetensors"))
     assert ours.keys() == theirs.keys()

@@ -24,6 +24,8 @@ from pathlib import Path
 import torch
 
 from ..adapters import apply_delta
+from ..backbone import is_decoder
+from ..errors import PMError
 from ..formats import MODEL_CARD, atomic_dir, check_new_out, sha256_file, write_json
 from ..formats import merged as merged_files
 from ..formats import peft as peft_files
@@ -219,6 +221,12 @@ def merge_adapters(
     inputs = check_inputs(ads, resolve_base(base, ads), opts.saved_modules)
     log(f"{len(ads)} adapters, {len(inputs.modules)} modules, base {inputs.base.folder}")
     plan = plan_merge(inputs, opts, log)
+    # a causal LM has no classifier to carry or calibrate: it generates its answers
+    decoder = is_decoder(json.loads((inputs.base.folder / "config.json").read_text()))
+    if decoder and opts.calibrate:
+        raise PMError(
+            f"--calibrate: {inputs.base.folder} is a causal LM, which has no classifier to calibrate"
+        )
     calibrate = calibration_tasks(opts.calibrate, opts.seed, ads) if opts.calibrate else None
     norms: dict[str, dict] = {}
     with atomic_dir(out) as tmp, warnings.catch_warnings():
@@ -229,16 +237,20 @@ def merge_adapters(
             files = write_adapter(tmp, plan, inputs, norms)
         else:
             files = write_full(tmp, plan, inputs, norms, opts.max_shard_size)
-        classifier = write_classifier(
-            tmp,
-            inputs,
-            lambda i, m: module_delta(plan, ads, i, m),
-            opts.calibrate,
-            calibrate,
-            opts.calibrate_head,
-            opts.seed,
-            _labels(ads),
-            log,
+        classifier = (
+            None
+            if decoder
+            else write_classifier(
+                tmp,
+                inputs,
+                lambda i, m: module_delta(plan, ads, i, m),
+                opts.calibrate,
+                calibrate,
+                opts.calibrate_head,
+                opts.seed,
+                _labels(ads),
+                log,
+            )
         )
         report = {
             "method": plan.method.name,
