@@ -1,6 +1,6 @@
 """Choosing a decoder run's lr and epochs (issue 35) on training data only: builtin:clinc150-gen's first task
-(seed 0, 30 requests per intent), its training requests split into 25 to train on and 5 held out per intent;
-SmolLM2-135M with a fresh LoRA (the decoder defaults otherwise) trained with P&M's perturbation, then the exact
+(--seed, default 0; 30 requests per intent), its training requests split into 25 to train on and 5 held out per
+intent; SmolLM2-135M with a fresh LoRA (the decoder defaults otherwise) trained with P&M's perturbation, then the exact
 match and the NLL on the held-out requests. The test requests are never read.
 
     python benchmarks/experiments/decoder_defaults.py --json benchmarks/results/decoder_defaults.json
@@ -41,13 +41,21 @@ def held_out(task: Task, per_intent: int) -> tuple[Task, Split]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--grid", default="5e-4:1,1e-3:1,5e-4:2", help="lr:epochs pairs")
+    ap.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="which domain comes first, and the training's shuffle and LoRA start",
+    )
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
-    task, val = held_out(builtin_tasks("builtin:clinc150-gen:tasks=1,train=30", 0)[0], 5)
+    task, val = held_out(builtin_tasks("builtin:clinc150-gen:tasks=1,train=30", args.seed)[0], 5)
     rows = []
     for pair in args.grid.split(","):
         lr, epochs = float(pair.split(":")[0]), int(pair.split(":")[1])
-        cfg = decoder_config(TrainConfig(data="x", model="builtin:smollm2", lr=lr, epochs=epochs))
+        cfg = decoder_config(
+            TrainConfig(data="x", model="builtin:smollm2", lr=lr, epochs=epochs, seed=args.seed)
+        )
         # pm's steps (the perturbation); the Fisher and profile do not change the first task's model: keep them short
         cfg.curvature, cfg.fisher_samples = "fisher", 1
         dec, fmt, _ = load_decoder(cfg.model, cfg.max_length)
@@ -62,7 +70,13 @@ def main() -> None:
             {"lr": lr, "epochs": epochs, "val_exact": m["exact"], "val_nll": m["nll"], "seconds": seconds}
         )
         print(json.dumps(rows[-1]), flush=True)
-    out = {"task": task.name, "train": len(task.train.labels), "validation": len(val.labels), "rows": rows}
+    out = {
+        "seed": args.seed,
+        "task": task.name,
+        "train": len(task.train.labels),
+        "validation": len(val.labels),
+        "rows": rows,
+    }
     if args.json:
         write_json(args.json, out, indent=1)
 
