@@ -105,9 +105,8 @@ def load_bundle(path: Path, name: str, cfg: ServeConfig, version: str = VERSION)
     exported before probes, run once): a bundle that cannot serve, or does not score as it did at export, is a
     PMError here, before any request reaches it."""
     path = Path(path)
-    if (
-        bundle_kind(read_manifest(path)) == "causal-lm"
-    ):  # "not a bundle" in the bundle's words before anything else
+    manifest = read_manifest(path)  # "not a bundle" in the bundle's words before anything else
+    if bundle_kind(manifest) == "causal-lm":
         return Served(name, path, load_decoder(path, cfg), version)
     # checks every file's sha256; no spinning: ORT's idle threads would take the cores requests are parsed on
     model = OrtModel.from_bundle(path, cfg.provider, cfg.threads, spinning=False)
@@ -137,8 +136,8 @@ def load_bundle(path: Path, name: str, cfg: ServeConfig, version: str = VERSION)
 def load_decoder(path: Path, cfg: ServeConfig) -> Generator:
     """A decoder bundle verified (hashes), opened, and run on its probe: the logits after each probe prompt within
     the probe's tolerance of PyTorch's at export and, for an fp32 graph (not fp16, not quantised), greedy
-    generation giving exactly the tokens
-    Hugging Face generate gave then (pmserve.decoder_export's gate, replayed on the machine that serves)."""
+    generation giving exactly the tokens Hugging Face generate gave then (pmserve.decoder_export's gate, replayed
+    on the machine that serves)."""
     m = verify_bundle(path)
     gen = Generator.from_bundle(path, cfg.provider, cfg.threads, spinning=False)
     probe = read_probe(path, m)
