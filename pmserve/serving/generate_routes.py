@@ -105,14 +105,15 @@ class _Generation:
     async def text(self, request: Request) -> str:
         """The whole text; a client that goes away first cancels the sequence."""
         watch = asyncio.ensure_future(_disconnected(request))
+        done = asyncio.ensure_future(self.stream.text())
         try:
-            done = asyncio.ensure_future(self.stream.text())
             await asyncio.wait({done, watch}, return_when=asyncio.FIRST_COMPLETED)
             if not done.done():
                 self.stream.cancel()  # the engine ends it before its next step; the text so far comes back
             return await done
-        finally:
+        finally:  # also when this request is cancelled itself (shutdown): no task outlives it
             watch.cancel()
+            done.cancel()
             self.end()
 
     def streaming(self, events: AsyncIterator[bytes]):
