@@ -82,17 +82,23 @@ class KVLayout:
         return ["logits", *self.present_names]
 
 
-def load_causal_lm(spec: Path | str):
-    """(model in eval mode, fp32, eager attention; tokenizer; folder) of a causal LM folder or `builtin:smollm2`.
-    Eager attention: the exporter traces plain MatMul/Softmax, which ONNX Runtime runs everywhere."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def load_causal_lm(spec: Path | str, attn: str | None = "eager"):
+    """(model in eval mode, fp32; tokenizer; folder) of a causal LM folder or `builtin:smollm2`: what export and
+    decoder training both load. `attn`: "eager" for the exporter, which traces plain MatMul/Softmax that ONNX
+    Runtime runs everywhere; None for transformers' default (training)."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     from .backbone import resolve_model
 
     folder = resolve_model(str(spec))
     try:
+        config = AutoConfig.from_pretrained(str(folder))
+        if not is_decoder(config):
+            raise PMError(
+                f"{spec}: not a causal language model ({config.model_type}); generative tasks need a decoder"
+            )
         model = AutoModelForCausalLM.from_pretrained(
-            str(folder), attn_implementation="eager", dtype=torch.float32
+            str(folder), config=config, attn_implementation=attn, dtype=torch.float32
         )
         tok = AutoTokenizer.from_pretrained(str(folder))
     except (OSError, ValueError, KeyError) as e:

@@ -30,7 +30,7 @@ from torch import nn
 from . import defaults as D
 from . import distributed
 from .adapters import ADAPTER, Tensors, add_lora, lora_layers, task_vectors
-from .backbone import resolve_model
+from .causal_lm import load_causal_lm
 from .errors import PMError
 from .fisher import diagonal_fisher
 from .learner import Learner, TrainConfig, bucketed_batches
@@ -103,13 +103,8 @@ class Decoder(nn.Module):
 class ChatFormat:
     """Conversations and responses as token ids: the tokenizer's chat template where it has one."""
 
-    def __init__(self, path: Path, max_length: int):
-        from transformers import AutoTokenizer
-
-        try:
-            self.tok = AutoTokenizer.from_pretrained(str(path))
-        except (OSError, ValueError) as e:
-            raise PMError(f"{path}: cannot load the tokenizer ({str(e).splitlines()[0]})") from None
+    def __init__(self, tok, max_length: int):
+        self.tok = tok
         self.max_length = max_length
         self.chat = bool(getattr(self.tok, "chat_template", None))
         eos = self.tok.eos_token_id
@@ -156,22 +151,8 @@ class ChatFormat:
 
 def load_decoder(spec: str, max_length: int) -> tuple[Decoder, ChatFormat, Path]:
     """The causal LM `spec` (a local folder or builtin:smollm2) in eval mode, its chat format, and its folder."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    from .backbone import is_decoder
-
-    path = resolve_model(spec)
-    try:
-        config = AutoConfig.from_pretrained(str(path))
-        if not is_decoder(config):
-            raise PMError(
-                f"{spec}: not a causal language model ({config.model_type}); generative tasks need a decoder"
-            )
-        model = AutoModelForCausalLM.from_pretrained(str(path), config=config, dtype=torch.float32)
-    except (OSError, ValueError, KeyError) as e:
-        raise PMError(f"{spec}: cannot load the model ({str(e).splitlines()[0]})") from None
-    model.eval()
-    return Decoder(model), ChatFormat(path, max_length), path
+    model, tok, path = load_causal_lm(spec, attn=None)
+    return Decoder(model), ChatFormat(tok, max_length), path
 
 
 def pad_batch(encoded: list[tuple[list[int], int]], pad_id: int) -> dict[str, torch.Tensor]:

@@ -107,7 +107,7 @@ def load_bundle(path: Path, name: str, cfg: ServeConfig, version: str = VERSION)
     path = Path(path)
     manifest = read_manifest(path)  # "not a bundle" in the bundle's words before anything else
     if bundle_kind(manifest) == "causal-lm":
-        return Served(name, path, load_decoder(path, cfg), version)
+        return Served(name, path, load_decoder_bundle(path, cfg), version)
     # checks every file's sha256; no spinning: ORT's idle threads would take the cores requests are parsed on
     model = OrtModel.from_bundle(path, cfg.provider, cfg.threads, spinning=False)
     probe = read_probe(path, model.manifest)
@@ -133,7 +133,7 @@ def load_bundle(path: Path, name: str, cfg: ServeConfig, version: str = VERSION)
     return Served(name, path, model, version)
 
 
-def load_decoder(path: Path, cfg: ServeConfig) -> Generator:
+def load_decoder_bundle(path: Path, cfg: ServeConfig) -> Generator:
     """A decoder bundle verified (hashes), opened, and run on its probe: the logits after each probe prompt within
     the probe's tolerance of PyTorch's at export and, for an fp32 graph (not fp16, not quantised), greedy
     generation giving exactly the tokens Hugging Face generate gave then (pmserve.decoder_export's gate, replayed
