@@ -42,8 +42,14 @@ def export_graph(
 
     tmp = Path(tempfile.mkdtemp(prefix=".trace-", dir=Path(path).parent))
     try:
-        _export(module, args, tmp / "trace.onnx", inputs, outputs, axes, opset, what)
-        save_graph(onnx.load(str(tmp / "trace.onnx")), Path(path))  # loads torch's external files, if any
+        trace = tmp / "trace.onnx"
+        _export(module, args, trace, inputs, outputs, axes, opset, what)
+        one_file = [f.name for f in tmp.iterdir()] == [trace.name]
+        if one_file and trace.stat().st_size <= EXTERNAL_DATA_BYTES:  # as save_graph would write it: moved
+            data_file(path).unlink(missing_ok=True)
+            shutil.move(str(trace), str(path))
+        else:  # torch's file per tensor, or past the limit: save_graph's one data file
+            save_graph(onnx.load(str(trace)), Path(path))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
