@@ -135,29 +135,67 @@ class Sequence:
 
 
 class OrtDecoder:
-    """An ONNX Runtime session on a causal_lm graph: one call runs a prompt or a decode step."""
+    """An ONNX Runtime session on a decoder bundle's graph, of either layout: causal_lm's trace (input_ids,
+    attention_mask, position_ids and a cache that each call returns grown by one: PaddedCache) or ONNX Runtime
+    GenAI's model builder (GroupQueryAttention reading and writing one cache buffer in place, positions taken
+    from the mask: SharedCache). prefill() hides which."""
 
     def __init__(self, path: Path | str, provider: str = "cpu", threads: int = 0, spinning: bool = True):
         from .predict import ort_session
 
+        path = Path(path)
         self.session = ort_session(path, provider, threads, spinning)
         names = [i.name for i in self.session.get_inputs()]
         past = [i for i in self.session.get_inputs() if i.name.startswith("past_key_values.")]
-        if names[:3] != ["input_ids", "attention_mask", "position_ids"] or not past:
+        if names[:2] != ["input_ids", "attention_mask"] or not past:
             raise PMError(f"{path}: not a KV-cache decoder graph (inputs {', '.join(names[:4])}, ...)")
+        self.shared = "position_ids" not in names  # the GenAI builder's graph (module docstring)
         shape = past[0].shape
-        self.layout = KVLayout(len(past) // 2, int(shape[1]), int(shape[3]))
+        head_dim = genai_head_size(path.parent) if self.shared else int(shape[3])
+        self.layout = KVLayout(len(past) // 2, int(shape[1]), head_dim)
         self.cache_dtype = np.float16 if "float16" in past[0].type else np.float32
 
     def empty_past(self, batch: int) -> list[np.ndarray]:
         return empty_past(self.layout, batch, self.cache_dtype)
 
     def __call__(self, ids: np.ndarray, mask: np.ndarray, pos: np.ndarray, past: list[np.ndarray]):
-        """(logits [batch, sequence, vocab] float32, present caches)."""
+        """A traced graph's call: (logits [batch, sequence, vocab] float32, present caches)."""
         feed = {"input_ids": ids, "attention_mask": mask, "position_ids": pos}
         feed.update(zip(self.layout.past_names, past))
         out = self.session.run(None, feed)
         return out[0].astype(np.float32, copy=False), out[1:]
+
+    def prefill(self, rows: list[list[int]], pad_id: int):
+        """(logits [batch, vocab] after each prompt of ROWS, their cache): the prompts run as one batch."""
+        if self.shared:
+            return SharedCache.prefill(self, rows, pad_id)
+        return PaddedCache.prefill(self, rows, pad_id)
+
+    def run_bound(self, ids: np.ndarray, mask: np.ndarray, buffers: list[np.ndarray]) -> np.ndarray:
+        """A GenAI graph's call: logits [batch, sequence, vocab] float32; BUFFERS are read and written in place
+        (each layer's past and present bound to the same memory, as GenAI's own runtime binds them)."""
+        import onnxruntime as ort
+
+        bind = self.session.io_binding()
+        bind.bind_cpu_input("input_ids", ids)
+        bind.bind_cpu_input("attention_mask", mask)
+        bind.bind_output("logits")
+        for past, present, buf in zip(self.layout.past_names, self.layout.present_names, buffers):
+            value = ort.OrtValue.ortvalue_from_numpy(buf)  # shares the array's memory
+            bind.bind_ortvalue_input(past, value)
+            bind.bind_ortvalue_output(present, value)
+        self.session.run_with_iobinding(bind)
+        return bind.copy_outputs_to_cpu()[0].astype(np.float32, copy=False)
+
+
+def genai_head_size(folder: Path) -> int:
+    """The head size a GenAI graph's genai_config.json records (its cache inputs leave it symbolic)."""
+    from .formats import read_json
+
+    cfg = folder / "genai_config.json"
+    if not cfg.is_file():
+        raise PMError(f"{folder}: a GroupQueryAttention decoder graph without its genai_config.json")
+    return int(read_json(cfg)["model"]["decoder"]["head_size"])
 
 
 def empty_past(layout: KVLayout, batch: int, dtype=np.float32) -> list[np.ndarray]:
@@ -166,14 +204,18 @@ def empty_past(layout: KVLayout, batch: int, dtype=np.float32) -> list[np.ndarra
 
 
 def prompt_feed(manifest: dict, rows: list[list[int]], pad_id: int) -> dict[str, np.ndarray]:
-    """The graph's inputs for the prompts ROWS (left-padded, empty cache), from the bundle's manifest alone: what
-    a child process checks a served candidate on before the server opens its graph (pmserve.serving.candidate).
+    """The graph's inputs for the prompts ROWS (padded, empty cache), from the bundle's manifest alone: what a
+    child process checks a served candidate on before the server opens its graph (pmserve.serving.candidate).
     The cache has the graph's type as the manifest records it (float16 in an fp16 bundle)."""
     c = manifest["cache"]
     layout = KVLayout(int(c["layers"]), int(c["kv_heads"]), int(c["head_dim"]))
-    dtype = next((i["dtype"] for i in manifest["inputs"] if i["name"] == layout.past_names[0]), "float32")
-    feed = dict(zip(("input_ids", "attention_mask", "position_ids"), left_pad(rows, pad_id)))
-    return feed | dict(zip(layout.past_names, empty_past(layout, len(rows), np.dtype(dtype))))
+    names = {i["name"]: i["dtype"] for i in manifest["inputs"]}
+    dtype = np.dtype(names.get(layout.past_names[0], "float32"))
+    if "position_ids" in names:
+        feed = dict(zip(("input_ids", "attention_mask", "position_ids"), left_pad(rows, pad_id)))
+    else:  # a GenAI graph runs a prompt on an empty cache too (right-padded, positions from the mask)
+        feed = dict(zip(("input_ids", "attention_mask"), right_pad(rows, pad_id)))
+    return feed | dict(zip(layout.past_names, empty_past(layout, len(rows), dtype)))
 
 
 def left_pad(rows: list[list[int]], pad_id: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -188,6 +230,59 @@ def left_pad(rows: list[list[int]], pad_id: int) -> tuple[np.ndarray, np.ndarray
     return ids, mask, pos
 
 
+def right_pad(rows: list[list[int]], pad_id: int) -> tuple[np.ndarray, np.ndarray]:
+    """(input_ids, attention_mask) of token rows padded on the right to one length."""
+    lens = np.array([len(r) for r in rows])
+    ids = np.full((len(rows), int(lens.max())), pad_id, np.int64)
+    for i, r in enumerate(rows):
+        ids[i, : len(r)] = r
+    return ids, _lengths_mask(lens)
+
+
+def _lengths_mask(lens: np.ndarray) -> np.ndarray:
+    return (np.arange(int(lens.max()))[None] < lens[:, None]).astype(np.int64)
+
+
+class PaddedCache:
+    """The cache of a graph that takes position ids (causal_lm's trace, and PyTorch's CachedDecoder in the export
+    gate): rows left-padded to one length, a mask marking their real tokens, the cache returned one longer by each
+    call. DECODER is called as (ids, mask, positions, past) -> (logits, present)."""
+
+    def __init__(self, decoder, past: list[np.ndarray], mask: np.ndarray):
+        self.decoder, self.past, self.mask = decoder, past, mask
+
+    @classmethod
+    def prefill(cls, decoder, rows: list[list[int]], pad_id: int):
+        ids, mask, pos = left_pad(rows, pad_id)
+        logits, present = decoder(ids, mask, pos, decoder.empty_past(len(rows)))
+        return logits[:, -1], cls(decoder, present, mask)
+
+    def step(self, tokens: np.ndarray) -> np.ndarray:
+        """Logits [batch, vocab] after each row reads its token of TOKENS [batch]."""
+        pos = self.mask.sum(1, keepdims=True)  # positions count real tokens only (left padding is skipped)
+        self.mask = np.concatenate([self.mask, np.ones((len(tokens), 1), np.int64)], 1)
+        logits, self.past = self.decoder(tokens[:, None].astype(np.int64), self.mask, pos, self.past)
+        return logits[:, -1]
+
+    def join(self, other: PaddedCache) -> None:
+        """OTHER's rows appended after these (both padded on the left to one width)."""
+        width = max(self.mask.shape[1], other.mask.shape[1])
+        old, old_mask = _pad_cache(self.past, self.mask, width)
+        new, new_mask = _pad_cache(other.past, other.mask, width)
+        self.past = [np.concatenate([a, b]) for a, b in zip(old, new)]
+        self.mask = np.concatenate([old_mask, new_mask])
+
+    def keep(self, rows: list[int]) -> None:
+        """Only ROWS stay; then the columns no remaining row uses go."""
+        self.past = [p[rows] for p in self.past]
+        self.mask = self.mask[rows]
+        used = np.flatnonzero(self.mask.any(0))
+        start = int(used[0]) if len(used) else self.mask.shape[1]
+        if start:
+            self.past = [p[:, :, start:] for p in self.past]
+            self.mask = self.mask[:, start:]
+
+
 def _pad_cache(past: list[np.ndarray], mask: np.ndarray, width: int):
     """Caches and mask padded on the left (axis 2 / axis 1) to WIDTH."""
     extra = width - mask.shape[1]
@@ -195,6 +290,58 @@ def _pad_cache(past: list[np.ndarray], mask: np.ndarray, width: int):
         return past, mask
     past = [np.pad(p, ((0, 0), (0, 0), (extra, 0), (0, 0))) for p in past]
     return past, np.pad(mask, ((0, 0), (extra, 0)))
+
+
+class SharedCache:
+    """The cache of a GenAI graph (OrtDecoder.run_bound): one buffer per layer input, [batch, kv_heads, capacity,
+    head_dim], that the graph writes in place. Row i holds its tokens at [0, lens[i]) (right-padded); the mask
+    only says how many (GroupQueryAttention takes each row's length, and so its next position, from it). The
+    capacity doubles when a row would pass it, so a step never copies the cache."""
+
+    def __init__(self, decoder: OrtDecoder, buffers: list[np.ndarray], lens: np.ndarray):
+        self.decoder, self.buffers, self.lens = decoder, buffers, lens
+
+    @classmethod
+    def prefill(cls, decoder: OrtDecoder, rows: list[list[int]], pad_id: int):
+        ids, mask = right_pad(rows, pad_id)
+        lens = mask.sum(1)
+        lay = decoder.layout
+        shape = (len(rows), lay.kv_heads, _capacity(ids.shape[1] + 1), lay.head_dim)
+        buffers = [np.zeros(shape, decoder.cache_dtype) for _ in lay.past_names]
+        logits = decoder.run_bound(ids, mask, buffers)
+        return logits[np.arange(len(rows)), lens - 1], cls(decoder, buffers, lens)
+
+    def step(self, tokens: np.ndarray) -> np.ndarray:
+        """Logits [batch, vocab] after each row reads its token of TOKENS [batch]."""
+        self.lens = self.lens + 1
+        self._reserve(int(self.lens.max()))
+        logits = self.decoder.run_bound(
+            tokens[:, None].astype(np.int64), _lengths_mask(self.lens), self.buffers
+        )
+        return logits[:, -1]
+
+    def join(self, other: SharedCache) -> None:
+        """OTHER's rows appended after these (both at the larger capacity)."""
+        cap = max(self.buffers[0].shape[2], other.buffers[0].shape[2])
+        self._reserve(cap)
+        other._reserve(cap)
+        self.buffers = [np.concatenate([a, b]) for a, b in zip(self.buffers, other.buffers)]
+        self.lens = np.concatenate([self.lens, other.lens])
+
+    def keep(self, rows: list[int]) -> None:
+        self.buffers = [np.ascontiguousarray(b[rows]) for b in self.buffers]
+        self.lens = self.lens[rows]
+
+    def _reserve(self, length: int) -> None:
+        cap = self.buffers[0].shape[2]
+        if length > cap:
+            extra = _capacity(length) - cap
+            self.buffers = [np.pad(b, ((0, 0), (0, 0), (0, extra), (0, 0))) for b in self.buffers]
+
+
+def _capacity(length: int) -> int:
+    """A cache capacity for LENGTH tokens: the next power of two, at least 64."""
+    return max(64, 1 << (length - 1).bit_length())
 
 
 class DecodeBatch:
@@ -206,8 +353,7 @@ class DecodeBatch:
         self.decoder = decoder
         self.pad_id = pad_id
         self.seqs: list[Sequence] = []
-        self.past: list[np.ndarray] = decoder.empty_past(0)
-        self.mask = np.zeros((0, 0), np.int64)
+        self.cache = None
 
     def __len__(self) -> int:
         return len(self.seqs)
@@ -217,17 +363,12 @@ class DecodeBatch:
         self._leave()
         if not seqs:
             return []
-        ids, mask, pos = left_pad([s.prompt_ids for s in seqs], self.pad_id)
-        logits, present = self.decoder(ids, mask, pos, self.decoder.empty_past(len(seqs)))
-        events = [(s, s.push(logits[i, -1])) for i, s in enumerate(seqs)]
+        logits, cache = self.decoder.prefill([s.prompt_ids for s in seqs], self.pad_id)
+        events = [(s, s.push(logits[i])) for i, s in enumerate(seqs)]
         if self.seqs:
-            width = max(mask.shape[1], self.mask.shape[1])
-            old, old_mask = _pad_cache(self.past, self.mask, width)
-            new, mask = _pad_cache(present, mask, width)
-            self.past = [np.concatenate([a, b]) for a, b in zip(old, new)]
-            self.mask = np.concatenate([old_mask, mask])
+            self.cache.join(cache)
         else:
-            self.past, self.mask = present, mask
+            self.cache = cache
         self.seqs += seqs
         return events
 
@@ -236,25 +377,19 @@ class DecodeBatch:
         self._leave()
         if not self.seqs:
             return []
-        ids = np.array([[s.tokens[-1]] for s in self.seqs], np.int64)
-        pos = self.mask.sum(1, keepdims=True)  # positions count real tokens only (left padding is skipped)
-        self.mask = np.concatenate([self.mask, np.ones((len(self.seqs), 1), np.int64)], 1)
-        logits, self.past = self.decoder(ids, self.mask, pos, self.past)
-        return [(s, s.push(logits[i, -1])) for i, s in enumerate(self.seqs)]
+        logits = self.cache.step(np.array([s.tokens[-1] for s in self.seqs], np.int64))
+        return [(s, s.push(logits[i])) for i, s in enumerate(self.seqs)]
 
     def _leave(self) -> None:
-        """Drop finished rows, then the cache columns no remaining row uses."""
+        """Drop finished rows and what of the cache only they used."""
         keep = [i for i, s in enumerate(self.seqs) if not s.finished]
         if len(keep) == len(self.seqs):
             return
         self.seqs = [self.seqs[i] for i in keep]
-        self.past = [p[keep] for p in self.past]
-        self.mask = self.mask[keep]
-        used = np.flatnonzero(self.mask.any(0))
-        start = int(used[0]) if len(used) else self.mask.shape[1]
-        if start:
-            self.past = [p[:, :, start:] for p in self.past]
-            self.mask = self.mask[:, start:]
+        if keep:
+            self.cache.keep(keep)
+        else:
+            self.cache = None
 
 
 class Generator:

@@ -227,7 +227,7 @@ def test_engine_failure_and_shutdown_end_every_stream(gen):
     ends what still runs as cancelled, with its slot freed."""
     import asyncio
 
-    from pmserve.generation import Generator, SamplingParams
+    from pmserve.generation import Generator, PaddedCache, SamplingParams
     from pmserve.serving.config import ServeConfig
     from pmserve.serving.engine import Engine
     from pmserve.serving.model import Served
@@ -242,6 +242,7 @@ def test_engine_failure_and_shutdown_end_every_stream(gen):
         return gen.decoder(*args)
 
     flaky.empty_past = gen.decoder.empty_past
+    flaky.prefill = lambda rows, pad_id: PaddedCache.prefill(flaky, rows, pad_id)
     flaky_gen = Generator(flaky, gen.tokenizer, gen.eos_ids, gen.pad_id)
     engine = Engine(Served(NAME, Path("."), flaky_gen), ServeConfig())
     ids = gen.encode(PROMPTS[0])

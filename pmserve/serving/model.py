@@ -15,7 +15,7 @@ from .. import defaults as D
 from ..backbone import Preprocessor
 from ..errors import PMError
 from ..formats.bundle import bundle_kind, read_manifest, read_probe, verify_bundle
-from ..generation import Generator, left_pad
+from ..generation import Generator
 from ..predict import OrtModel
 from .config import ServeConfig
 
@@ -145,7 +145,7 @@ def load_decoder_bundle(path: Path, cfg: ServeConfig) -> Generator:
         raise PMError(f"{path}: a decoder bundle without a parity probe (export it again)")
     rows = [gen.encode(p) for p in probe["inputs"]]
     try:
-        logits = [gen.decoder(*left_pad([r], gen.pad_id), gen.decoder.empty_past(1))[0][0, -1] for r in rows]
+        logits = [gen.decoder.prefill([r], gen.pad_id)[0][0] for r in rows]
     except Exception as e:  # noqa: BLE001 -- any failure here means the bundle cannot serve
         raise PMError(f"{path}: the model does not run ({str(e).splitlines()[0][:200]})") from None
     logits = np.stack(logits)
