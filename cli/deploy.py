@@ -61,6 +61,11 @@ def register(app: typer.Typer) -> None:
         block_size: int = typer.Option(
             D.EXPORT_BLOCK_SIZE, help="A decoder's --quantize: weights per block."
         ),
+        graph: str = typer.Option(
+            D.EXPORT_GRAPH,
+            help="A decoder's graph: traced (pmserve's own trace, any causal LM) | genai (ONNX Runtime GenAI's "
+            "model builder: GroupQueryAttention, faster; Llama-family models, pip install 'pmserve[genai]').",
+        ),
         data: str = typer.Option(
             "", help="Task sequence for the int8 accuracy report (default: the source's)."
         ),
@@ -95,6 +100,7 @@ def register(app: typer.Typer) -> None:
             optimize=optimize,
             quantize=quantize or None,
             block_size=block_size,
+            graph=graph,
             data=data or None,
             max_length=max_length or None,
             base=base or None,

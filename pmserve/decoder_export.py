@@ -61,10 +61,11 @@ import torch
 from .causal_lm import load_causal_lm, trace_decoder
 from .errors import PMError
 from .formats.bundle import MODEL, write_manifest, write_probe
-from .generation import Generator, OrtDecoder, generation_ids, left_pad
+from .generation import Generator, OrtDecoder, PaddedCache, generation_ids
 from .onnx_trace import move_graph, save_graph
 
 KIND = "causal-lm"
+GENAI_CONFIG = "genai_config.json"
 FP16_MIN_TOP1 = 0.95  # SmolLM2-135M measured 1.0, max relative difference 8.9e-4 (module docstring)
 FP16_KEEP_FP32 = ["logits"]  # the fp16 graph's one float32 input or output: what sampling and the probe read
 DECODE_STEPS = 16
@@ -99,21 +100,21 @@ class TorchDecoder:
             out = self.wrapper(*(torch.from_numpy(np.ascontiguousarray(x)) for x in (ids, mask, pos, *past)))
         return out[0].float().numpy(), [p.numpy() for p in out[1:]]
 
+    def prefill(self, rows: list[list[int]], pad_id: int):
+        return PaddedCache.prefill(self, rows, pad_id)
+
 
 def teacher_forced(decoder, rows: list[list[int]], pad_id: int, steps: int, tokens: np.ndarray | None = None):
-    """Logits [steps + 1, batch, vocab] after the prompts ROWS (left-padded) and after each of STEPS tokens fed
-    back: TOKENS [batch, steps] when given, else the decoder's own greedy choices; returns (logits, tokens)."""
-    ids, mask, pos = left_pad(rows, pad_id)
-    logits, past = decoder(ids, mask, pos, decoder.empty_past(len(rows)))
-    seen = [logits[:, -1]]
+    """Logits [steps + 1, batch, vocab] after the prompts ROWS (one batch, padded as DECODER pads) and after each
+    of STEPS tokens fed back: TOKENS [batch, steps] when given, else the decoder's own greedy choices; returns
+    (logits, tokens)."""
+    logits, cache = decoder.prefill(rows, pad_id)
+    seen = [logits]
     chosen = []
     for k in range(steps):
         nxt = tokens[:, k] if tokens is not None else seen[-1].argmax(-1)
         chosen.append(nxt)
-        pos = mask.sum(1, keepdims=True)
-        mask = np.concatenate([mask, np.ones((len(rows), 1), np.int64)], 1)
-        logits, past = decoder(nxt[:, None].astype(np.int64), mask, pos, past)
-        seen.append(logits[:, -1])
+        seen.append(cache.step(np.asarray(nxt)))
     return np.stack(seen), np.stack(chosen, 1) if chosen else np.zeros((len(rows), 0), np.int64)
 
 
@@ -217,10 +218,17 @@ class DecoderExport:
         opts, log = self.opts, self.log
         work = tmp / ".work"
         work.mkdir()
-        raw = work / "raw.onnx"
         cfg = self.model.config
-        log(f"exporting {self.source} ({cfg.model_type}, causal LM) to ONNX with a KV cache")
-        layout = trace_decoder(self.model, raw, opts.opset)
+        if opts.graph == "genai":
+            log(
+                f"building {self.source} ({cfg.model_type}, causal LM) with ONNX Runtime GenAI's model builder"
+            )
+            raw, layout, exporter = build_genai(Path(self.folder), cfg, work)
+        else:
+            log(f"exporting {self.source} ({cfg.model_type}, causal LM) to ONNX with a KV cache")
+            raw = work / "raw.onnx"
+            layout = trace_decoder(self.model, raw, opts.opset)
+            exporter = f"torch.onnx TorchScript exporter, torch {torch.__version__} (pmserve.causal_lm)"
         parity = check_decoder_parity(raw, self.reference, None)
         log(f"parity (fp32): {_line(parity)}")
         if not parity["passed"]:
@@ -235,7 +243,7 @@ class DecoderExport:
         current, quantization, fp16 = raw, None, None
         if opts.dtype == "fp16":  # ExportOptions.validate refused --quantize with it
             start = time.perf_counter()
-            current = to_fp16(raw, work / "fp16.onnx", keep_io_types=FP16_KEEP_FP32, keep_prefix=None)
+            current = to_fp16(raw, raw.parent / "fp16.onnx", keep_io_types=FP16_KEEP_FP32, keep_prefix=None)
             fparity = check_decoder_parity(current, self.reference, "fp16")
             log(f"parity (fp16): {_line(fparity)}")
             if not fparity["passed"]:
@@ -247,7 +255,7 @@ class DecoderExport:
                 "parity_vs_pytorch": fparity,
             }
         if opts.quantize:
-            q = work / f"{opts.quantize}.onnx"
+            q = raw.parent / f"{opts.quantize}.onnx"
             bits = 8 if opts.quantize == "int8" else 4
             quantize_nbits(raw, q, bits, opts.block_size)
             method = {
@@ -264,6 +272,8 @@ class DecoderExport:
             quantization = {**method, "parity_vs_pytorch": qparity}
             current = q
         move_graph(current, tmp / MODEL)
+        if opts.graph == "genai":  # the head size OrtDecoder reads; GenAI itself can run the bundle too
+            shutil.copy(raw.parent / GENAI_CONFIG, tmp / GENAI_CONFIG)
         shutil.rmtree(work)
         self.tokenizer.save_pretrained(str(tmp))
         self.model.generation_config.save_pretrained(str(tmp))
@@ -282,7 +292,8 @@ class DecoderExport:
             "chat_template": bool(getattr(self.tokenizer, "chat_template", None)),
             "dtype": opts.dtype,
             "opset": opts.opset,
-            "exporter": f"torch.onnx TorchScript exporter, torch {torch.__version__} (pmserve.causal_lm)",
+            "graph": opts.graph,
+            "exporter": exporter,
             **graph_io(tmp / MODEL),
             "quantization": quantization,
             "fp16": fp16,
@@ -300,9 +311,8 @@ class DecoderExport:
         torch_dec, ort_dec = TorchDecoder(self.model), OrtDecoder(tmp / MODEL, "cpu")
         ref, got = [], []
         for r in self.reference["rows"]:
-            feed = left_pad([r], self.pad_id)
-            ref.append(torch_dec(*feed, torch_dec.empty_past(1))[0][:, -1])
-            got.append(ort_dec(*feed, ort_dec.empty_past(1))[0][:, -1])
+            ref.append(torch_dec.prefill([r], self.pad_id)[0])
+            got.append(ort_dec.prefill([r], self.pad_id)[0])
         ref, got = np.concatenate(ref), np.concatenate(got)
         diff = float(np.abs(ref - got).max())
         tolerance = REL_TOL * float(np.abs(ref).max())
@@ -314,6 +324,43 @@ class DecoderExport:
             )
         entry = write_probe(tmp, "text", GATE_PROMPTS, ref, tolerance, output="logits")
         return {**entry, "greedy_tokens": self.reference["hf_greedy"]}
+
+
+def build_genai(folder: Path, cfg, work: Path):
+    """(graph path, cache layout, exporter) of ONNX Runtime GenAI's model builder run on the causal LM FOLDER, fp32
+    for the CPU, into WORK/genai: GroupQueryAttention, packed QKV and fused norms, the graph GenAI itself runs.
+    Run as a child process: the builder prints progress and holds its own copy of the weights while it works."""
+    import importlib.util
+    import subprocess
+    import sys
+
+    from .causal_lm import KVLayout
+
+    if importlib.util.find_spec("onnxruntime_genai") is None:
+        raise PMError(
+            "--graph genai: needs ONNX Runtime GenAI's model builder (pip install 'pmserve[genai]')"
+        )
+    layout = KVLayout.of(cfg)
+    if layout.head_dim % 16:
+        raise PMError(
+            f"--graph genai: head size {layout.head_dim} is not a multiple of 16, which ONNX Runtime's CPU "
+            "GroupQueryAttention needs; use --graph traced"
+        )
+    out = work / "genai"
+    cmd = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(folder), "-o", str(out)]
+    cmd += ["-p", "fp32", "-e", "cpu", "-c", str(work / "genai-cache")]
+    done = subprocess.run(cmd, capture_output=True, text=True, cwd=work)
+    graph = out / MODEL
+    if done.returncode or not graph.is_file():
+        last = next(
+            (ln for ln in reversed((done.stderr + done.stdout).splitlines()) if ln.strip()), "no output"
+        )
+        raise PMError(
+            f"--graph genai: ONNX Runtime GenAI's builder could not build {folder}: {last.strip()[:300]}"
+        )
+    from importlib.metadata import version
+
+    return graph, layout, f"ONNX Runtime GenAI model builder {version('onnxruntime-genai-cuda')} (fp32, CPU)"
 
 
 def quantize_nbits(path: Path, dst: Path, bits: int, block_size: int) -> None:

@@ -150,8 +150,9 @@ TRITON_INTERPRET_AT_START = os.environ.get("TRITON_INTERPRET")
 DECODER_WORDS = "the a cat dog sat on mat and ran fast slow red blue big small house tree sky".split()
 
 
-def make_causal_lm(folder: Path, arch: str) -> Path:
-    """A tiny random causal LM (llama or gpt2) with a word-level tokenizer and a chat template, saved in FOLDER."""
+def make_causal_lm(folder: Path, arch: str, hidden: int = 32) -> Path:
+    """A tiny random causal LM (llama or gpt2) with a word-level tokenizer and a chat template, saved in FOLDER;
+    4 attention heads of HIDDEN / 4 each (ONNX Runtime's CPU GroupQueryAttention needs a multiple of 16)."""
     import torch
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import (
@@ -178,8 +179,8 @@ def make_causal_lm(folder: Path, arch: str) -> Path:
     if arch == "llama":
         cfg = LlamaConfig(
             vocab_size=len(vocab),
-            hidden_size=32,
-            intermediate_size=64,
+            hidden_size=hidden,
+            intermediate_size=2 * hidden,
             num_hidden_layers=2,
             num_attention_heads=4,
             num_key_value_heads=2,
@@ -188,7 +189,7 @@ def make_causal_lm(folder: Path, arch: str) -> Path:
         )
         LlamaForCausalLM(cfg).save_pretrained(folder)
     else:
-        cfg = GPT2Config(vocab_size=len(vocab), n_embd=32, n_layer=2, n_head=4, n_positions=128, **ids)
+        cfg = GPT2Config(vocab_size=len(vocab), n_embd=hidden, n_layer=2, n_head=4, n_positions=128, **ids)
         GPT2LMHeadModel(cfg).save_pretrained(folder)
     return folder
 

@@ -340,3 +340,75 @@ def test_external_data_past_the_limit(dtype, quantize, tiny_llama, llama_bundle,
         verify_bundle(out)
     with pytest.raises(PMError, match="altered"):
         load_bundle(out, "b", ServeConfig())
+
+
+@pytest.fixture(scope="module")
+def genai_llama(tmp_path_factory):
+    """(model folder, bundle): a tiny Llama with 16-wide heads, exported with ONNX Runtime GenAI's builder."""
+    from pmserve.export import ExportOptions, export_bundle
+
+    root = tmp_path_factory.mktemp("genai")
+    folder = make_causal_lm(root / "model", "llama", hidden=64)
+    export_bundle(folder, root / "bundle", ExportOptions(graph="genai"))
+    return folder, root / "bundle"
+
+
+def test_genai_graph_gated_and_generates_as_hf(genai_llama):
+    """The builder's GroupQueryAttention graph passes the fp32 gate, and greedy generation through it (alone, as
+    one right-padded batch, with a request joining mid-way and the cache growing past its first capacity) gives
+    exactly Hugging Face generate's tokens."""
+    from pmserve.formats.bundle import verify_bundle
+    from pmserve.generation import DecodeBatch, SamplingParams, Sequence
+
+    folder, bundle = genai_llama
+    m = verify_bundle(bundle)
+    assert m["graph"] == "genai" and "genai_config.json" in m["files"]
+    assert "position_ids" not in [i["name"] for i in m["inputs"]]
+    assert m["parity"]["passed"] and m["parity"]["max_rel_diff"] <= 1e-4
+    assert m["parity"]["greedy_vs_hf_generate"]["identical"]
+    gen = generator(bundle)
+    assert gen.decoder.shared
+    params = SamplingParams(max_new_tokens=70)  # past the first capacity (64 positions)
+    want = [hf_generate(folder, gen.encode(p), 70) for p in PROMPTS]
+
+    def seq(p):
+        return Sequence(gen.encode(p), params, gen.tokenizer, [])  # no EOS: every row runs its 70 tokens
+
+    assert [s.tokens for s in gen.generate(PROMPTS, params)] == [w for w in want]
+    batch = DecodeBatch(gen.decoder, gen.pad_id)
+    a, b, c = seq(PROMPTS[0]), seq(PROMPTS[1]), seq(PROMPTS[2])
+    batch.add([a, b])
+    for _ in range(5):
+        batch.step()
+    b.cancel()
+    batch.add([c])  # joins after one row left, with a longer prompt
+    while not (a.finished and c.finished):
+        batch.step()
+    for s, w in ((a, want[0]), (c, want[2])):
+        assert s.tokens[: len(w)] == w  # HF stopped at EOS where there was one; ours ran on without it
+
+
+def test_genai_prompt_feed_matches_prefill(genai_llama):
+    """What the server's candidate check runs (a plain session, the manifest alone) gives the prompts' logits."""
+    import onnxruntime as ort
+
+    from pmserve.formats.bundle import verify_bundle
+    from pmserve.generation import prompt_feed
+
+    _, bundle = genai_llama
+    gen = generator(bundle)
+    rows = [gen.encode(p) for p in PROMPTS]
+    feed = prompt_feed(verify_bundle(bundle), rows, gen.pad_id)
+    logits = ort.InferenceSession(str(bundle / "model.onnx"), providers=["CPUExecutionProvider"]).run(
+        ["logits"], feed
+    )[0]
+    last = logits[np.arange(len(rows)), [len(r) - 1 for r in rows]]
+    np.testing.assert_allclose(last, gen.decoder.prefill(rows, gen.pad_id)[0], atol=1e-5)
+
+
+def test_genai_graph_refused_where_it_cannot_run(tiny_llama, tmp_path):
+    assert_one_line_error(
+        pmserve("export", str(tiny_llama), "--out", str(tmp_path / "b"), "--graph", "genai"),
+        "--graph genai: head size 8",
+    )
+    assert not (tmp_path / "b").exists()
