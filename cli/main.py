@@ -207,7 +207,8 @@ def train(
     else:
         if data is None:
             raise PMError("DATA: missing (a folder of task folders or builtin:...)")
-        result = run_train(TrainConfig(**options), out, progress=not quiet)
+        cfg = TrainConfig(**options, given=frozenset(_typed(ctx, options)))  # decoder_config reads `given`
+        result = run_train(cfg, out, progress=not quiet)
     if distributed.is_main():
         write_heatmap(result, out / "acc_matrix.png")
         print_run(result)
@@ -215,7 +216,8 @@ def train(
 
 
 def _typed(ctx: typer.Context, options: dict) -> dict:
-    """The options typed on the command line (not left at their defaults): what --add and --resume check."""
+    """The options typed on the command line (not left at their defaults): what --add and --resume check, and
+    what a decoder run keeps rather than taking the decoders' defaults."""
 
     def typed(k: str) -> bool:  # by name: typer may carry its own copy of click's enum
         return getattr(ctx.get_parameter_source(k), "name", "") in ("COMMANDLINE", "ENVIRONMENT")

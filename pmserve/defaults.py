@@ -59,7 +59,7 @@ TRAIN_KEEP_TEST = True
 TRAIN_KEEP_FISHER = False
 TRAIN_KERNEL = "torch"  # measured faster than the fused kernel at the shapes pmserve trains (BENCHMARKS.md)
 # A decoder run's (causal LM, generative tasks) own defaults, where the encoders' above do not suit SmolLM2-135M;
-# the run uses these when the option is left at its encoder default (pmserve.lm_learner.decoder_config)
+# the run uses these for the options not given (pmserve.lm_learner.decoder_config)
 TRAIN_DECODER_LR = 5e-4
 TRAIN_DECODER_EPOCHS = 2
 TRAIN_DECODER_BATCH_SIZE = 8

@@ -104,8 +104,14 @@ class TrainConfig:
     kernel: str = D.TRAIN_KERNEL
     keep_test: bool = D.TRAIN_KEEP_TEST  # copy each task's test split into its folder, for later evaluations
     keep_fisher: bool = D.TRAIN_KEEP_FISHER  # each task's Fisher, for offline `pmserve merge --method pm`
+    # Not an option: the names of the options its maker chose (the CLI: those typed; a RUN read back: all), for
+    # the defaults that depend on the backbone (lm_learner.decoder_config); None: the caller did not say, and
+    # an option equal to the encoders' default counts as left alone. Never saved (saved()).
+    given: frozenset[str] | None = field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
+        if self.given is not None:
+            self.given = frozenset(self.given)
         if not self.train_head:
             self.train_head = "cosine" if self.head == "cosine" else "linear"
         if not self.lora_alpha:
@@ -202,8 +208,12 @@ class TrainConfig:
     def lora(self) -> LoraSpec:
         return LoraSpec(self.rank, self.lora_alpha, tuple(self.target_modules))
 
+    def saved(self) -> dict:
+        """The options as config.json records them (everything but `given`)."""
+        return {k: v for k, v in asdict(self).items() if k != "given"}
+
     def results_key(self) -> dict:
-        return {k: v for k, v in asdict(self).items() if k not in EXECUTION_ONLY}
+        return {k: v for k, v in self.saved().items() if k not in EXECUTION_ONLY}
 
 
 def _device(spec: str) -> torch.device:

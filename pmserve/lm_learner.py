@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import string
 import time
-from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -71,19 +70,31 @@ DECODER_DEFAULTS = {
 
 
 def decoder_config(cfg: TrainConfig) -> TrainConfig:
-    """The options of a decoder run: an option left at the encoders' default takes the decoders' one; an
-    encoder-only option set to anything but its default is a PMError (it would silently do nothing)."""
-    plain = asdict(TrainConfig(data=cfg.data))
+    """The options of a decoder run, decided here only. An option not in `cfg.given` takes the decoders' default
+    (DECODER_DEFAULTS); one given keeps its value, whatever it is (`--lr 1e-3` stays 1e-3). A RUN read back from
+    its config.json gives every option (train.run_config), so --resume keeps what the RUN recorded. Where
+    `cfg.given` is None (a TrainConfig built in Python without saying), an option equal to the encoders' default
+    is taken as left alone: pass `given` to ask for that value.
+
+    An encoder-only option that differs from its default is a PMError (it would silently do nothing). One at its
+    default is accepted even when given: it asks for nothing a decoder run does not already do, and a RUN read
+    back gives every option, these included."""
+    plain = TrainConfig(data=cfg.data)
     for k in ENCODER_ONLY:
-        if getattr(cfg, k) != plain[k]:
+        if getattr(cfg, k) != getattr(plain, k):
             raise PMError(
                 f"--{k.replace('_', '-')}: applies to encoders only; a decoder run has no classifier "
                 "(it is measured by exact match and NLL)"
             )
     if cfg.kernel == "triton":
         raise PMError("--kernel: triton is not supported for decoders yet (they train through PEFT's layers)")
-    for k, (encoder_default, decoder_default) in DECODER_DEFAULTS.items():
-        if getattr(cfg, k) == encoder_default:
+    given = cfg.given
+    if given is None:
+        given = {
+            k for k, (encoder_default, _) in DECODER_DEFAULTS.items() if getattr(cfg, k) != encoder_default
+        }
+    for k, (_, decoder_default) in DECODER_DEFAULTS.items():
+        if k not in given:
             setattr(cfg, k, decoder_default)
     return cfg
 

@@ -69,7 +69,7 @@ def _saved_config(raw: dict, where: Path | None = None) -> dict:
     """A saved config.json as today's TrainConfig fields: options added since get the value the run used.
     With `where` (a RUN about to be written), an option this pmserve does not know is refused: the RUN was
     made by a newer pmserve, and continuing it without that option would change what it computes."""
-    names = {f.name for f in fields(TrainConfig)}
+    names = {f.name for f in fields(TrainConfig)} - {"given"}
     unknown = sorted(k for k in raw if k not in names)
     if unknown and where is not None:
         raise PMError(
@@ -80,9 +80,10 @@ def _saved_config(raw: dict, where: Path | None = None) -> dict:
 
 
 def run_config(run: Path, writing: bool = False) -> TrainConfig:
-    """The RUN's TrainConfig; `writing`: for continuing it, where an unknown option is refused."""
-    raw = run_files.read_config(run)
-    return TrainConfig(**_saved_config(raw, Path(run) / run_files.CONFIG if writing else None))
+    """The RUN's TrainConfig, every option given (a RUN keeps the values it recorded: decoder_config changes
+    none); `writing`: for continuing it, where an unknown option is refused."""
+    saved = _saved_config(run_files.read_config(run), Path(run) / run_files.CONFIG if writing else None)
+    return TrainConfig(**saved, given=frozenset(f.name for f in fields(TrainConfig)))
 
 
 def continued_config(run: Path, given: dict, adding: bool = False) -> tuple[TrainConfig, dict]:
@@ -194,7 +195,7 @@ def _prepare_out(out: Path, cfg: TrainConfig, resume: bool, model: nn.Module) ->
         old = run_files.read_config(out)
         mine = cfg.results_key()
         # a key the older run's config lacks was added since: the run used PREDATES' value, else the default
-        old = asdict(TrainConfig(**{"data": cfg.data, **_saved_config(old, cfg_path)}))
+        old = TrainConfig(**{"data": cfg.data, **_saved_config(old, cfg_path)}).saved()
         old["target_modules"] = resolve_targets(model, old["target_modules"])  # "all-linear" before 2026-12
         diff = [k for k in mine if old[k] != mine[k]]
         if diff:
@@ -207,7 +208,7 @@ def _prepare_out(out: Path, cfg: TrainConfig, resume: bool, model: nn.Module) ->
     if out.exists() and any(out.iterdir()):
         raise PMError(f"{out}: exists and is not a pmserve run; choose an empty or new --out")
     (out / run_files.TASKS).mkdir(parents=True, exist_ok=True)
-    run_files.write_config(out, asdict(cfg))
+    run_files.write_config(out, cfg.saved())
 
 
 def load_backbone(spec: str, kind: str, max_length: int) -> tuple:
@@ -478,7 +479,7 @@ def _continue(
                         if peft_model is not None:  # the adapter's card (a frozen task has no adapter)
                             names = [e["name"] for e in plan]  # a joint run's one folder covers every task
                             card = task_card(
-                                info, asdict(cfg), names, base_path=str(model_dir), folder=str(folder)
+                                info, cfg.saved(), names, base_path=str(model_dir), folder=str(folder)
                             )
                             (tmp / MODEL_CARD).write_text(card)
                         with run_files.next_state(out) as state:
@@ -527,5 +528,5 @@ def _result(
         "ridge_drift_mus": [d.get("ridge_drift_mu") for d in done],
         "seconds": sum(d["seconds"] for d in done),
         "by_head": by_head,
-        "config": asdict(cfg),
+        "config": cfg.saved(),
     }

@@ -484,6 +484,51 @@ def test_decoder_defaults_apply_where_options_are_left_alone(gpt2):
         D.TRAIN_DECODER_MAX_LENGTH,
     )
     assert cfg.rank == 4 and decoder_config(TrainConfig(data="x", lr=0.1)).lr == 0.1
+    # given: the options chosen keep their values, even the encoders' defaults; the rest take the decoders'
+    chosen = decoder_config(
+        TrainConfig(data="x", lr=D.TRAIN_LR, epochs=D.TRAIN_EPOCHS, given={"lr", "epochs"})
+    )
+    assert (chosen.lr, chosen.epochs, chosen.batch_size) == (
+        D.TRAIN_LR,
+        D.TRAIN_EPOCHS,
+        D.TRAIN_DECODER_BATCH_SIZE,
+    )
+    assert "given" not in chosen.saved() and chosen.saved() == TrainConfig(**chosen.saved()).saved()
+
+
+def _cli(*args):
+    from pmserve.cli.main import app
+    from typer.testing import CliRunner
+
+    return CliRunner().invoke(app, ["train", *map(str, args)])
+
+
+def test_cli_keeps_an_option_given_at_the_encoder_default(gpt2, gen_tasks, tmp_path, monkeypatch):
+    """`--lr 1e-3` (the encoders' default) typed for a decoder run trains at 1e-3, is what config.json records,
+    and --resume keeps it; left out, the run takes the decoders' 5e-4 (stopped before anything is written)."""
+    from pmserve import defaults as D
+    from pmserve import train as train_module
+
+    out = tmp_path / "given"
+    small = ("--epochs", 1, "--rank", 2, "--fisher-samples", 6, "--quiet")
+    res = _cli(gen_tasks, "--model", gpt2, "--out", out, "--lr", D.TRAIN_LR, *small)
+    assert res.exit_code == 0, res.output
+    saved = json.loads((out / "config.json").read_text())
+    assert (saved["lr"], saved["max_length"], saved["epochs"]) == (D.TRAIN_LR, D.TRAIN_DECODER_MAX_LENGTH, 1)
+    assert "given" not in saved
+    again = _cli("--out", out, "--resume", "--quiet")  # the RUN's lr, not the decoders' default: no conflict
+    assert again.exit_code == 0, again.output
+    assert json.loads((out / "config.json").read_text()) == saved
+
+    seen = []
+
+    def stop(out, cfg, resume, model):  # the configuration the RUN would record
+        seen.append(cfg.saved())
+        raise PMError("stopped")
+
+    monkeypatch.setattr(train_module, "_prepare_out", stop)
+    res = _cli(gen_tasks, "--model", gpt2, "--out", tmp_path / "left", *small)
+    assert "stopped" in res.output and seen[0]["lr"] == D.TRAIN_DECODER_LR
 
 
 # ---------------------------------------------------------------- the real model

@@ -54,7 +54,14 @@ def main() -> None:
     for pair in args.grid.split(","):
         lr, epochs = float(pair.split(":")[0]), int(pair.split(":")[1])
         cfg = decoder_config(
-            TrainConfig(data="x", model="builtin:smollm2", lr=lr, epochs=epochs, seed=args.seed)
+            TrainConfig(
+                data="x",
+                model="builtin:smollm2",
+                lr=lr,
+                epochs=epochs,
+                seed=args.seed,
+                given={"lr", "epochs"},
+            )
         )
         # pm's steps (the perturbation); the Fisher and profile do not change the first task's model: keep them short
         cfg.curvature, cfg.fisher_samples = "fisher", 1
