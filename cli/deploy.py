@@ -120,9 +120,10 @@ def register(app: typer.Typer) -> None:
             graph = f"model.onnx {size:.1f} MiB" + (
                 f" + model.onnx.data {data['bytes'] / 2**20:.1f} MiB" if data else ""
             )
+            ids = ", ".join(i["name"] for i in m["inputs"] if not i["name"].startswith("past_key_values."))
             typer.echo(
-                f"wrote {out}: {graph} (causal-lm, {weights}), input_ids, attention_mask, "
-                f"position_ids and a {m['cache']['layers']}-layer KV cache -> logits, present"
+                f"wrote {out}: {graph} (causal-lm, {weights}, {m.get('graph', 'traced')} graph), {ids} and a "
+                f"{m['cache']['layers']}-layer KV cache -> logits, present"
             )
             return
         ins = ", ".join(f"{i['name']}{i['shape']}" for i in m["inputs"])

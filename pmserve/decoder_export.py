@@ -347,16 +347,15 @@ def build_genai(folder: Path, cfg, work: Path):
             "GroupQueryAttention needs; use --graph traced"
         )
     out = work / "genai"
-    cmd = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(folder), "-o", str(out)]
-    cmd += ["-p", "fp32", "-e", "cpu", "-c", str(work / "genai-cache")]
+    cmd = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(folder.resolve())]
+    cmd += ["-o", str(out.resolve()), "-p", "fp32", "-e", "cpu", "-c", str((work / "genai-cache").resolve())]
     done = subprocess.run(cmd, capture_output=True, text=True, cwd=work)
     graph = out / MODEL
     if done.returncode or not graph.is_file():
-        last = next(
-            (ln for ln in reversed((done.stderr + done.stdout).splitlines()) if ln.strip()), "no output"
-        )
+        lines = [ln.strip() for ln in (done.stdout + "\n" + done.stderr).splitlines() if ln.strip()]
         raise PMError(
-            f"--graph genai: ONNX Runtime GenAI's builder could not build {folder}: {last.strip()[:300]}"
+            f"--graph genai: ONNX Runtime GenAI's builder could not build {folder}: "
+            f"{(lines or ['no output'])[-1][:300]}"
         )
     from importlib.metadata import version
 
