@@ -2,7 +2,8 @@
 
     python -m venv /tmp/venv-genai && /tmp/venv-genai/bin/pip install onnxruntime-genai==0.18.0 \
         "torch==2.13.0+cpu" transformers onnx onnx-ir
-    python benchmarks/genai_decoder_bench.py --bundle SMOL_BUNDLE --genai /tmp/venv-genai [--precision int4]
+    python benchmarks/genai_decoder_bench.py --bundle SMOL_BUNDLE --genai /tmp/venv-genai [--precision int4] \
+        [--genai-bundle SMOL_BUNDLE_EXPORTED_WITH_GRAPH_GENAI]
 
 What a user would do instead: ONNX Runtime GenAI's model builder (`python -m onnxruntime_genai.models.builder -i
 HF_FOLDER -p fp32|int4 -e cpu`) on the bundle's source folder, then its Generator (greedy, exactly --new-tokens
@@ -55,6 +56,11 @@ def main() -> None:
         "--bundle", required=True, help="a pmserve decoder bundle (fp32, or int4 for --precision int4)"
     )
     ap.add_argument("--genai", required=True, help="the virtual environment with onnxruntime-genai")
+    ap.add_argument(
+        "--genai-bundle",
+        help="a pmserve bundle of the same model exported with --graph genai, timed alongside (the builder's "
+        "graph driven by pmserve.generation)",
+    )
     ap.add_argument("--precision", default="fp32", choices=["fp32", "int4"])
     timing_options(ap, "/tmp/pmserve-genai-decoder")
     args = ap.parse_args()
@@ -86,6 +92,8 @@ def main() -> None:
         build_s = time.perf_counter() - t0
     genai, worker = peer(py, WORKER, out, args.threads)
     runners = {"pmserve": _OrtRun(Path(args.bundle) / MODEL, args.threads), "genai": genai}
+    if args.genai_bundle:
+        runners["pmserve-genai-graph"] = _OrtRun(Path(args.genai_bundle) / MODEL, args.threads)
     results = side_by_side(runners, int(manifest["vocab_size"]), args)
     worker.stdin.close()
     worker.wait()
@@ -93,6 +101,7 @@ def main() -> None:
         RESULTS / f"genai_decoder_bench-{args.precision}.json",
         {
             "bundle": args.bundle,
+            "genai_bundle": args.genai_bundle,
             "source": source,
             "precision": args.precision,
             "genai_build_s": build_s,
