@@ -58,7 +58,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .causal_lm import load_causal_lm, trace_decoder
+from .causal_lm import KVLayout, load_causal_lm, trace_decoder
 from .errors import PMError
 from .formats.bundle import MODEL, write_manifest, write_probe
 from .generation import Generator, OrtDecoder, PaddedCache, generation_ids
@@ -66,6 +66,9 @@ from .onnx_trace import move_graph, save_graph
 
 KIND = "causal-lm"
 GENAI_CONFIG = "genai_config.json"
+# --graph auto builds these with ONNX Runtime GenAI's builder: each measured through it and the fp32 gate (SmolLM2
+# as Llama, and tiny random Llama, Mistral, Qwen2 and Qwen3 models in the tests); any other stays traced
+GENAI_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
 FP16_MIN_TOP1 = 0.95  # SmolLM2-135M measured 1.0, max relative difference 8.9e-4 (module docstring)
 FP16_KEEP_FP32 = ["logits"]  # the fp16 graph's one float32 input or output: what sampling and the probe read
 DECODE_STEPS = 16
@@ -219,7 +222,10 @@ class DecoderExport:
         work = tmp / ".work"
         work.mkdir()
         cfg = self.model.config
-        if opts.graph == "genai":
+        graph, why = choose_graph(opts.graph, cfg)
+        if why:
+            log(f"graph: {graph} ({why})")
+        if graph == "genai":
             log(
                 f"building {self.source} ({cfg.model_type}, causal LM) with ONNX Runtime GenAI's model builder"
             )
@@ -272,7 +278,7 @@ class DecoderExport:
             quantization = {**method, "parity_vs_pytorch": qparity}
             current = q
         move_graph(current, tmp / MODEL)
-        if opts.graph == "genai":  # the head size OrtDecoder reads; GenAI itself can run the bundle too
+        if graph == "genai":  # the head size OrtDecoder reads; GenAI itself can run the bundle too
             shutil.copy(raw.parent / GENAI_CONFIG, tmp / GENAI_CONFIG)
         shutil.rmtree(work)
         self.tokenizer.save_pretrained(str(tmp))
@@ -292,7 +298,7 @@ class DecoderExport:
             "chat_template": bool(getattr(self.tokenizer, "chat_template", None)),
             "dtype": opts.dtype,
             "opset": opts.opset,
-            "graph": opts.graph,
+            "graph": graph,
             "exporter": exporter,
             **graph_io(tmp / MODEL),
             "quantization": quantization,
@@ -326,6 +332,20 @@ class DecoderExport:
         return {**entry, "greedy_tokens": self.reference["hf_greedy"]}
 
 
+def choose_graph(asked: str, cfg) -> tuple[str, str]:
+    """(graph, why) for --graph ASKED: auto is genai for the architectures measured through the builder and the
+    gate (GENAI_ARCHITECTURES) when its heads suit ONNX Runtime's CPU GroupQueryAttention, else traced."""
+    if asked != "auto":
+        return asked, ""
+    arch = (getattr(cfg, "architectures", None) or ["?"])[0]
+    if arch not in GENAI_ARCHITECTURES:
+        return "traced", f"{arch} is not one of the architectures built with ONNX Runtime GenAI's builder"
+    head_dim = KVLayout.of(cfg).head_dim
+    if head_dim % 16:
+        return "traced", f"head size {head_dim} is not a multiple of 16, as GroupQueryAttention needs on CPUs"
+    return "genai", f"ONNX Runtime GenAI's builder, for {arch}"
+
+
 def build_genai(folder: Path, cfg, work: Path):
     """(graph path, cache layout, exporter) of ONNX Runtime GenAI's model builder run on the causal LM FOLDER, fp32
     for the CPU, into WORK/genai: GroupQueryAttention, packed QKV and fused norms, the graph GenAI itself runs.
@@ -334,11 +354,11 @@ def build_genai(folder: Path, cfg, work: Path):
     import subprocess
     import sys
 
-    from .causal_lm import KVLayout
+    import onnx
 
     if importlib.util.find_spec("onnxruntime_genai") is None:
         raise PMError(
-            "--graph genai: needs ONNX Runtime GenAI's model builder (pip install 'pmserve[genai]')"
+            "--graph genai: needs ONNX Runtime GenAI's model builder (onnxruntime-genai-cuda, a dependency of pmserve: install pmserve again)"
         )
     layout = KVLayout.of(cfg)
     if layout.head_dim % 16:
@@ -356,6 +376,12 @@ def build_genai(folder: Path, cfg, work: Path):
         raise PMError(
             f"--graph genai: ONNX Runtime GenAI's builder could not build {folder}: "
             f"{(lines or ['no output'])[-1][:300]}"
+        )
+    names = [i.name for i in onnx.load(str(graph), load_external_data=False).graph.input]
+    if names[:2] != ["input_ids", "attention_mask"] or len(names) != 2 + 2 * layout.layers:
+        raise PMError(
+            f"--graph genai: the builder's graph of {folder} takes {', '.join(names[:3])}, ...; pmserve runs "
+            "graphs of input_ids, attention_mask and the cache only; use --graph traced"
         )
     from importlib.metadata import version
 

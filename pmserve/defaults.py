@@ -88,8 +88,8 @@ EXPORT_DTYPE = "fp32"
 EXPORT_OPSET = 17
 EXPORT_OPTIMIZE: bool | None = None  # None: fusions for fp16 (GPU) bundles only; on CPUs they measured slower
 EXPORT_QUANTIZE: str | None = None  # None, int8 (dynamic), int4 (weight-only MatMulNBits; decoders only)
-# a decoder's graph: traced (pmserve.causal_lm) | genai (ONNX Runtime GenAI's builder)
-EXPORT_GRAPH = "traced"
+# a decoder's graph: auto (genai where measured, else traced: decoder_export.choose_graph) | traced | genai
+EXPORT_GRAPH = "auto"
 EXPORT_BLOCK_SIZE = 32  # int4: weights per quantisation block (ONNX Runtime GenAI's builder uses 32 for CPUs)
 EXPORT_DATA: str | None = None  # None: the source's own task sequence
 EXPORT_MAX_LENGTH: int | None = None  # None: the source's (UNKNOWN_MAX_LENGTH when it has none)

@@ -57,7 +57,7 @@ from .onnx_trace import export_graph, move_graph
 
 DTYPES = ("fp32", "fp16")
 QUANTIZATIONS = ("int8", "int4")  # int4: decoders only (decoder_export)
-GRAPHS = ("traced", "genai")  # a decoder's graph (decoder_export)
+GRAPHS = ("auto", "traced", "genai")  # a decoder's graph (decoder_export.choose_graph)
 PARITY_TOL = {"fp32": 1e-4, "fp16": 1e-2}
 MIN_COSINE = 0.9999  # embeddings: every ONNX Runtime row points where PyTorch's does
 OPSETS = range(14, 21)  # what the TorchScript-based exporter writes (and the transformer optimizer reads)
@@ -77,7 +77,7 @@ class ExportOptions:
     optimize: bool | None = D.EXPORT_OPTIMIZE  # None: fused for fp16 (GPUs), not for fp32 and int8 (CPUs)
     quantize: str | None = D.EXPORT_QUANTIZE  # None, "int8", or "int4" (a decoder)
     block_size: int = D.EXPORT_BLOCK_SIZE  # int4: weights per quantisation block
-    graph: str = D.EXPORT_GRAPH  # a decoder's graph: traced (causal_lm) or genai (GenAI's builder)
+    graph: str = D.EXPORT_GRAPH  # a decoder's graph: auto, traced (causal_lm) or genai (GenAI's builder)
     data: str | None = D.EXPORT_DATA  # task sequence for the int8 accuracy report; default: the source's own
     max_length: int | None = D.EXPORT_MAX_LENGTH  # tokenizer truncation; default: the source's
     base: str | None = D.EXPORT_BASE  # the base model of a merge's delta or adapter
@@ -144,8 +144,8 @@ def _prepare(source, opts: ExportOptions, log):
         return DecoderExport(source, opts, log).write
     if opts.quantize == "int4":
         raise PMError("--quantize int4: for decoder language models only (use int8 for this model)")
-    if opts.graph != D.EXPORT_GRAPH:
-        raise PMError(f"--graph {opts.graph}: for decoder language models only")
+    if opts.graph == "genai":
+        raise PMError("--graph genai: for decoder language models only")
     src = inspect_merged(source, base=opts.base)
     for note in src.configure(opts.scores, opts.pooling, opts.normalize):
         log(f"note: {note}")

@@ -200,6 +200,18 @@ def tiny_llama(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def genai_llama(tmp_path_factory) -> tuple[Path, Path]:
+    """(model folder, bundle): a tiny Llama with heads 16 wide, which `pmserve export`'s --graph auto builds with
+    ONNX Runtime GenAI's builder (a GroupQueryAttention graph)."""
+    from pmserve.export import export_bundle
+
+    root = tmp_path_factory.mktemp("genai")
+    folder = make_causal_lm(root / "model", "llama", hidden=64)
+    export_bundle(folder, root / "bundle")
+    return folder, root / "bundle"
+
+
+@pytest.fixture(scope="session")
 def llama_bundle(tiny_llama, tmp_path_factory) -> Path:
     """The tiny Llama exported to an fp32 decoder bundle, once per session."""
     from pmserve.export import export_bundle

@@ -45,6 +45,7 @@ def test_export_parity_and_bundle(arch, tiny_llama, llama_bundle, tmp_path):
         assert bundle == tmp_path / "repo" / "gpt2" / "1"
     m = verify_bundle(bundle)
     assert m["kind"] == "causal-lm" and m["model_type"] == arch
+    assert m["graph"] == "traced"  # --graph auto: a GPT-2, and a Llama with heads 8 wide, are traced
     assert m["parity"]["passed"] and m["parity"]["max_rel_diff"] <= 1e-4
     assert m["parity"]["greedy_vs_hf_generate"]["identical"]
     names = [i["name"] for i in m["inputs"]]
@@ -342,17 +343,6 @@ def test_external_data_past_the_limit(dtype, quantize, tiny_llama, llama_bundle,
         load_bundle(out, "b", ServeConfig())
 
 
-@pytest.fixture(scope="module")
-def genai_llama(tmp_path_factory):
-    """(model folder, bundle): a tiny Llama with 16-wide heads, exported with ONNX Runtime GenAI's builder."""
-    from pmserve.export import ExportOptions, export_bundle
-
-    root = tmp_path_factory.mktemp("genai")
-    folder = make_causal_lm(root / "model", "llama", hidden=64)
-    export_bundle(folder, root / "bundle", ExportOptions(graph="genai"))
-    return folder, root / "bundle"
-
-
 def test_genai_graph_gated_and_generates_as_hf(genai_llama):
     """The builder's GroupQueryAttention graph passes the fp32 gate, and greedy generation through it (alone, as
     one right-padded batch, with a request joining mid-way and the cache growing past its first capacity) gives
@@ -362,7 +352,7 @@ def test_genai_graph_gated_and_generates_as_hf(genai_llama):
 
     folder, bundle = genai_llama
     m = verify_bundle(bundle)
-    assert m["graph"] == "genai" and "genai_config.json" in m["files"]
+    assert m["graph"] == "genai" and "genai_config.json" in m["files"]  # --graph auto chose it
     assert "position_ids" not in [i["name"] for i in m["inputs"]]
     assert m["parity"]["passed"] and m["parity"]["max_rel_diff"] <= 1e-4
     assert m["parity"]["greedy_vs_hf_generate"]["identical"]
@@ -412,3 +402,26 @@ def test_genai_graph_refused_where_it_cannot_run(tiny_llama, tmp_path):
         "--graph genai: head size 8",
     )
     assert not (tmp_path / "b").exists()
+
+
+@pytest.mark.parametrize("arch", ["mistral", "qwen2", "qwen3"])
+def test_genai_graph_for_each_architecture_auto_builds(arch, tmp_path):
+    """Each architecture --graph auto sends to the builder (GENAI_ARCHITECTURES) passes the fp32 gate through it."""
+    import transformers
+
+    from pmserve.decoder_export import GENAI_ARCHITECTURES
+    from pmserve.export import export_bundle
+
+    folder = make_causal_lm(tmp_path / "model", "llama", hidden=64)  # its tokenizer; the model replaced below
+    name = {"mistral": "Mistral", "qwen2": "Qwen2", "qwen3": "Qwen3"}[arch]
+    assert f"{name}ForCausalLM" in GENAI_ARCHITECTURES
+    config = getattr(transformers, f"{name}Config")(
+        vocab_size=22, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=128, pad_token_id=0, bos_token_id=2, eos_token_id=3,
+        **({"head_dim": 16} if arch == "qwen3" else {}),
+    )  # fmt: skip
+    torch.manual_seed(0)
+    getattr(transformers, f"{name}ForCausalLM")(config).save_pretrained(folder)
+    m = export_bundle(folder, tmp_path / "bundle")
+    assert m["graph"] == "genai" and m["model_type"] == arch
+    assert m["parity"]["passed"] and m["parity"]["greedy_vs_hf_generate"]["identical"]

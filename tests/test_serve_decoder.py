@@ -165,6 +165,38 @@ def test_concurrent_requests_get_what_they_get_alone(server, gen):
     assert got == want
 
 
+def test_genai_graph_served_concurrently(genai_llama):
+    """A bundle of the builder's GroupQueryAttention graph serves as a traced one does: it passes the load checks
+    (probe, greedy tokens, the candidate child's run) and concurrent requests, batched with their caches
+    right-padded in one shared buffer, each get what they get alone."""
+    from pmserve.generation import Generator
+
+    folder = genai_llama[1]
+    gen = Generator.from_bundle(folder)
+    cases = [(p, 100 + i) for i, p in enumerate(PROMPTS)]
+    want = [alone(gen, p, max_new_tokens=40, temperature=0.9, top_k=8, seed=s).text for p, s in cases]
+    want.append(alone(gen, PROMPTS[0], max_new_tokens=80, ignore_eos=True).text)  # past the first capacity
+    proc, url = start(folder, "--name", "g")
+    try:
+
+        def ask(i):
+            if i == len(cases):
+                body = {"prompt": PROMPTS[0], "max_tokens": 80, "ignore_eos": True}
+            else:
+                p, s = cases[i]
+                body = {"prompt": p, "max_tokens": 40, "temperature": 0.9, "top_k": 8, "seed": s}
+            r = httpx.post(f"{url}/v1/completions", json={"model": "g", **body}, timeout=60)
+            return r.json()["choices"][0]["text"]
+
+        with ThreadPoolExecutor(len(want)) as pool:
+            got = list(pool.map(ask, range(len(want))))
+    finally:
+        proc.kill()
+        proc.wait()
+    assert "Traceback" not in stderr(proc)
+    assert got == want
+
+
 def test_disconnect_frees_its_slot(server):
     before = metric(server, "pmserve_sequences_finished_total", model=NAME, reason="cancelled")
     body = {"prompt": PROMPTS[0], "max_tokens": 5000, "ignore_eos": True, "stream": True}
