@@ -6,13 +6,12 @@ token; left padding is 0), past_key_values.N.key / .value [batch, kv_heads, past
 (past = 0 for the prompt). Outputs: logits [batch, sequence, vocab] and present.N.key / .value [batch, kv_heads,
 past + sequence, head_dim], the cache to feed back at the next step.
 
-Why a wrapper of our own instead of Optimum's exporter or onnxruntime-genai's builder: Optimum pins transformers
-< 5, and onnxruntime-genai's CPU wheel requires the plain onnxruntime, which clashes with onnxruntime-gpu; the
-wrapper is a dozen lines: it rebuilds transformers' DynamicCache from flat tensors, so the TorchScript exporter
-traces the model's own attention and mask code, for any architecture transformers runs. Measured since
-(BENCHMARKS.md, against ONNX Runtime GenAI): onnxruntime-genai-cuda 0.18 does fit (onnxruntime-gpu >= 1.31, and it
-runs on the CPU provider), and its builder's graph (GroupQueryAttention, packed QKV) decodes SmolLM2 1.35 to 2x
-faster than this one at the same time to first token; moving the export and generation onto it is the open step. The trace uses a padded row and a non-empty
+Since issue 38 this is the graph of the models ONNX Runtime GenAI's builder does not take (decoder_export.
+choose_graph: GPT-2, heads not a multiple of 16 wide, architectures not measured through the builder): the builder's
+GroupQueryAttention graph decodes SmolLM2 1.3 to 1.9x faster (BENCHMARKS.md). The wrapper is a dozen lines: it
+rebuilds transformers' DynamicCache from flat tensors, so the TorchScript exporter traces the model's own attention
+and mask code, for any architecture transformers runs (Optimum's exporter, the other candidate, pins transformers
+< 5). The trace uses a padded row and a non-empty
 past, so no branch that holds only for unpadded or empty-cache inputs is baked into the graph.
 """
 

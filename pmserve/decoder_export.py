@@ -1,12 +1,19 @@
 """`pmserve export` of a decoder language model (a causal LM folder, `pmserve merge --format full` of decoder
-adapters, `builtin:smollm2`): the one-graph KV-cache decoder of causal_lm, parity-gated, in a bundle that carries
-what generation needs.
+adapters, `builtin:smollm2`): one KV-cache decoder graph, parity-gated, in a bundle that carries what generation
+needs.
 
-The bundle (kind "causal-lm"): model.onnx (and model.onnx.data past 2 GB), the tokenizer files (with the chat
-template), generation_config.json (EOS, pad), probe.json, README.md (a model card) and manifest.json with every
-file's sha256.
+The bundle (kind "causal-lm"): model.onnx (and model.onnx.data past 2 GB, or always for a GenAI graph), the
+tokenizer files (with the chat template), generation_config.json (EOS, pad), probe.json, README.md (a model card),
+genai_config.json for a GenAI graph, and manifest.json with every file's sha256.
 
 Choices, and why:
+- The graph (--graph, choose_graph): ONNX Runtime GenAI's model builder where it has been measured to pass this
+  gate (GENAI_ARCHITECTURES, heads a multiple of 16 wide, as ONNX Runtime's CPU GroupQueryAttention needs), since
+  its fused graph decodes SmolLM2-135M 1.3 to 1.9x faster than the trace (BENCHMARKS.md, "Decoder deployment");
+  causal_lm's trace of the transformers model for everything else. Both go through the same gate, quantisers,
+  fp16 conversion and probe: pmserve.generation runs either. Measured through the builder's graph on the merged
+  SmolLM2 of the README's walkthrough: fp32 max relative difference 2.6e-6, int8 top-1 0.929, int4 0.647, fp16
+  1.0 (the traced graph of the same model: int4 0.671; of builtin:smollm2: 1.7e-6, int8 0.956, int4 0.66).
 - Parity gate, teacher-forced: PyTorch (fp32, the same merged weights, its own KV cache) and ONNX Runtime read the
   same tokens, the gate prompts and then 16 greedy tokens PyTorch chose, so a difference at one step cannot
   change what later steps see. The prompts run alone and as one left-padded batch (the padded path a server
@@ -61,11 +68,10 @@ import torch
 from .causal_lm import KVLayout, load_causal_lm, trace_decoder
 from .errors import PMError
 from .formats.bundle import MODEL, write_manifest, write_probe
-from .generation import Generator, OrtDecoder, PaddedCache, generation_ids
+from .generation import GENAI_CONFIG, Generator, OrtDecoder, PaddedCache, generation_ids
 from .onnx_trace import move_graph, save_graph
 
 KIND = "causal-lm"
-GENAI_CONFIG = "genai_config.json"
 # --graph auto builds these with ONNX Runtime GenAI's builder: each measured through it and the fp32 gate (SmolLM2
 # as Llama, and tiny random Llama, Mistral, Qwen2 and Qwen3 models in the tests); any other stays traced
 GENAI_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
@@ -222,7 +228,7 @@ class DecoderExport:
         work = tmp / ".work"
         work.mkdir()
         cfg = self.model.config
-        graph, why = choose_graph(opts.graph, cfg)
+        graph, why = choose_graph(opts.graph, cfg, opts.dtype)
         if why:
             log(f"graph: {graph} ({why})")
         if graph == "genai":
@@ -332,11 +338,14 @@ class DecoderExport:
         return {**entry, "greedy_tokens": self.reference["hf_greedy"]}
 
 
-def choose_graph(asked: str, cfg) -> tuple[str, str]:
+def choose_graph(asked: str, cfg, dtype: str) -> tuple[str, str]:
     """(graph, why) for --graph ASKED: auto is genai for the architectures measured through the builder and the
-    gate (GENAI_ARCHITECTURES) when its heads suit ONNX Runtime's CPU GroupQueryAttention, else traced."""
+    gate (GENAI_ARCHITECTURES) when its heads suit ONNX Runtime's CPU GroupQueryAttention, else traced; and traced
+    for fp16, a GPU's bundle (pmserve runs GenAI graphs on the CPU provider only: generation.OrtDecoder)."""
     if asked != "auto":
         return asked, ""
+    if dtype == "fp16":
+        return "traced", "fp16 is for GPUs, where pmserve runs the traced graph"
     arch = (getattr(cfg, "architectures", None) or ["?"])[0]
     if arch not in GENAI_ARCHITECTURES:
         return "traced", f"{arch} is not one of the architectures built with ONNX Runtime GenAI's builder"

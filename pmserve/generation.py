@@ -1,7 +1,9 @@
-"""Text generation over an ONNX Runtime session of a decoder bundle (causal_lm's one-graph KV-cache decoder).
+"""Text generation over an ONNX Runtime session of a decoder bundle: either graph `pmserve export` writes (causal_lm's
+trace, or ONNX Runtime GenAI's builder's GroupQueryAttention graph; OrtDecoder says which and each has its cache
+class, PaddedCache or SharedCache).
 
 Built for iteration-level batching from the start: a DecodeBatch holds the sequences running now and one KV
-cache for them (left-padded to a common length); between two decode steps a caller may add() new sequences (their
+cache for them (padded to a common length); between two decode steps a caller may add() new sequences (their
 prompts are run as one batch, and their caches merged in by padding) and finished or cancelled ones leave. Each
 Sequence carries its own sampling settings, random generator, stopping rule and text, so what one caller gets does
 not depend on who else is in the batch (greedy tokens are the same alone or batched; a seeded sample is the same
@@ -26,6 +28,8 @@ import numpy as np
 from . import defaults as D
 from .causal_lm import KVLayout
 from .errors import PMError
+
+GENAI_CONFIG = "genai_config.json"  # beside a GroupQueryAttention graph of ONNX Runtime GenAI's builder
 
 
 @dataclass
@@ -144,6 +148,15 @@ class OrtDecoder:
         from .predict import ort_session
 
         path = Path(path)
+        if (path.parent / GENAI_CONFIG).is_file() and provider != "cpu":
+            # SharedCache's buffers are host memory bound in place: measured on the CPU provider only (no GPU
+            # was lent); on CUDA each step would copy them to the device and back, if the in-place update held
+            if provider == "cuda":
+                raise PMError(
+                    f"{path}: a GroupQueryAttention (GenAI) graph runs on the CPU provider in pmserve; for GPUs "
+                    "export with --graph traced (as --dtype fp16 does)"
+                )
+            provider = "cpu"
         self.session = ort_session(path, provider, threads, spinning)
         names = [i.name for i in self.session.get_inputs()]
         past = [i for i in self.session.get_inputs() if i.name.startswith("past_key_values.")]
@@ -193,7 +206,7 @@ def genai_head_size(folder: Path) -> int:
     """The head size a GenAI graph's genai_config.json records (its cache inputs leave it symbolic)."""
     from .formats import read_json
 
-    cfg = folder / "genai_config.json"
+    cfg = folder / GENAI_CONFIG
     if not cfg.is_file():
         raise PMError(f"{folder}: a GroupQueryAttention decoder graph without its genai_config.json")
     return int(read_json(cfg)["model"]["decoder"]["head_size"])

@@ -280,7 +280,7 @@ def test_fp16_cli(tiny_llama, tmp_path):
     """`pmserve export --dtype fp16` of a decoder says what it wrote; with --quantize it is one line of refusal."""
     res = pmserve("export", tiny_llama, "--out", tmp_path / "f16", "--dtype", "fp16", cwd=tmp_path)
     assert res.returncode == 0, res.stderr
-    assert "(causal-lm, fp16)" in res.stdout
+    assert "(causal-lm, fp16, traced graph)" in res.stdout
     assert json.loads((tmp_path / "f16" / "manifest.json").read_text())["dtype"] == "fp16"
     res = pmserve(
         "export", tiny_llama, "--out", tmp_path / "b", "--dtype", "fp16", "--quantize", "int8", cwd=tmp_path
@@ -425,3 +425,23 @@ def test_genai_graph_for_each_architecture_auto_builds(arch, tmp_path):
     m = export_bundle(folder, tmp_path / "bundle")
     assert m["graph"] == "genai" and m["model_type"] == arch
     assert m["parity"]["passed"] and m["parity"]["greedy_vs_hf_generate"]["identical"]
+
+
+def test_auto_graph_choice_and_genai_graph_on_cuda_refused(genai_llama, tiny_llama):
+    """--graph auto: the builder for a measured architecture with 16-wide heads in fp32, the trace otherwise
+    (heads 8 wide, fp16 for GPUs, GPT-2); a GenAI graph asked to run on CUDA is a one-line error, not a guess."""
+    from transformers import AutoConfig, GPT2Config
+
+    from pmserve.decoder_export import choose_graph
+    from pmserve.errors import PMError
+    from pmserve.generation import OrtDecoder
+
+    folder, bundle = genai_llama
+    wide = AutoConfig.from_pretrained(folder)
+    assert choose_graph("auto", wide, "fp32")[0] == "genai"
+    assert choose_graph("auto", wide, "fp16")[0] == "traced"
+    assert choose_graph("auto", AutoConfig.from_pretrained(tiny_llama), "fp32")[0] == "traced"
+    assert choose_graph("auto", GPT2Config(n_embd=64, n_head=4), "fp32")[0] == "traced"
+    assert choose_graph("genai", GPT2Config(), "fp16") == ("genai", "")  # asked for: the gate decides
+    with pytest.raises(PMError, match="CPU provider"):
+        OrtDecoder(bundle / "model.onnx", "cuda")
