@@ -42,18 +42,28 @@ def memory_bandwidth(mib: int = 256, repeats: int = 5) -> float:
 
 def decode_weight_bytes(path: Path) -> int:
     """Bytes of the graph's weights one decode step reads: every initializer but those only a Gather reads (the
-    embedding table, of which a step reads one row per sequence)."""
+    embedding table, of which a step reads one row per sequence), directly or through a Transpose or Cast that
+    ONNX Runtime folds at load (GenAI's builder embeds a tied table as Gather(Transpose(lm_head weight)))."""
     import onnx
 
     m = onnx.load(str(path))
-    readers: dict[str, set[str]] = {}
+    readers: dict[str, list] = {}
     for n in m.graph.node:
         for i in n.input:
-            readers.setdefault(i, set()).add(n.op_type)
+            readers.setdefault(i, []).append(n)
+
+    def gathered(name: str) -> bool:
+        nodes = readers.get(name, [])
+        return bool(nodes) and all(
+            (n.op_type == "Gather" and n.input[0] == name)
+            or (n.op_type in ("Transpose", "Cast") and all(map(gathered, n.output)))
+            for n in nodes
+        )
+
     return sum(
         onnx.numpy_helper.to_array(t).nbytes
         for t in m.graph.initializer
-        if readers.get(t.name, set()) - {"Gather"}
+        if t.name in readers and not gathered(t.name)
     )
 
 
