@@ -184,19 +184,24 @@ class OrtDecoder:
             return SharedCache.prefill(self, rows, pad_id)
         return PaddedCache.prefill(self, rows, pad_id)
 
-    def run_bound(self, ids: np.ndarray, mask: np.ndarray, buffers: list[np.ndarray]) -> np.ndarray:
-        """A GenAI graph's call: logits [batch, sequence, vocab] float32; BUFFERS are read and written in place
-        (each layer's past and present bound to the same memory, as GenAI's own runtime binds them)."""
+    def bind_cache(self, buffers: list[np.ndarray]):
+        """An IO binding of a GenAI graph with each layer's past and present bound to the same buffer of BUFFERS,
+        which the graph then reads and writes in place, as GenAI's own runtime binds them."""
         import onnxruntime as ort
 
         bind = self.session.io_binding()
-        bind.bind_cpu_input("input_ids", ids)
-        bind.bind_cpu_input("attention_mask", mask)
-        bind.bind_output("logits")
+        bind.bind_output("logits")  # first, so that it is get_outputs()[0]
         for past, present, buf in zip(self.layout.past_names, self.layout.present_names, buffers):
             value = ort.OrtValue.ortvalue_from_numpy(buf)  # shares the array's memory
             bind.bind_ortvalue_input(past, value)
             bind.bind_ortvalue_output(present, value)
+        return bind
+
+    def run_bound(self, bind, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
+        """A GenAI graph's call on the cache BIND holds (bind_cache): logits [batch, sequence, vocab] float32."""
+        bind.bind_cpu_input("input_ids", ids)
+        bind.bind_cpu_input("attention_mask", mask)
+        bind.bind_output("logits")  # unallocated again: its shape changes from run to run
         self.session.run_with_iobinding(bind)
         # the logits only: copy_outputs_to_cpu() would copy every cache buffer too (32 ms a step at batch 8)
         return bind.get_outputs()[0].numpy().astype(np.float32, copy=False)
@@ -307,13 +312,21 @@ def _pad_cache(past: list[np.ndarray], mask: np.ndarray, width: int):
 
 
 class SharedCache:
-    """The cache of a GenAI graph (OrtDecoder.run_bound): one buffer per layer input, [batch, kv_heads, capacity,
+    """The cache of a GenAI graph (OrtDecoder.bind_cache): one buffer per layer input, [batch, kv_heads, capacity,
     head_dim], that the graph writes in place. Row i holds its tokens at [0, lens[i]) (right-padded); the mask
     only says how many (GroupQueryAttention takes each row's length, and so its next position, from it). The
-    capacity doubles when a row would pass it, so a step never copies the cache."""
+    capacity doubles when a row would pass it, so only the step that doubles it copies the cache."""
 
     def __init__(self, decoder: OrtDecoder, buffers: list[np.ndarray], lens: np.ndarray):
         self.decoder, self.buffers, self.lens = decoder, buffers, lens
+
+    @property
+    def buffers(self) -> list[np.ndarray]:
+        return self._buffers
+
+    @buffers.setter
+    def buffers(self, value: list[np.ndarray]) -> None:  # new arrays: bound again (0.7 ms), not every step
+        self._buffers, self._bind = value, self.decoder.bind_cache(value)
 
     @classmethod
     def prefill(cls, decoder: OrtDecoder, rows: list[list[int]], pad_id: int):
@@ -321,18 +334,16 @@ class SharedCache:
         lens = mask.sum(1)
         lay = decoder.layout
         shape = (len(rows), lay.kv_heads, _capacity(ids.shape[1] + 1), lay.head_dim)
-        buffers = [np.zeros(shape, decoder.cache_dtype) for _ in lay.past_names]
-        logits = decoder.run_bound(ids, mask, buffers)
-        return logits[np.arange(len(rows)), lens - 1], cls(decoder, buffers, lens)
+        cache = cls(decoder, [np.zeros(shape, decoder.cache_dtype) for _ in lay.past_names], lens)
+        logits = decoder.run_bound(cache._bind, ids, mask)
+        return logits[np.arange(len(rows)), lens - 1], cache
 
     def step(self, tokens: np.ndarray) -> np.ndarray:
         """Logits [batch, vocab] after each row reads its token of TOKENS [batch]."""
         self.lens = self.lens + 1
         self._reserve(int(self.lens.max()))
-        logits = self.decoder.run_bound(
-            tokens[:, None].astype(np.int64), _lengths_mask(self.lens), self.buffers
-        )
-        return logits[:, -1]
+        ids = tokens[:, None].astype(np.int64)
+        return self.decoder.run_bound(self._bind, ids, _lengths_mask(self.lens))[:, -1]
 
     def join(self, other: SharedCache) -> None:
         """OTHER's rows appended after these (both at the larger capacity)."""
