@@ -4,7 +4,7 @@ rejection, and the share of CLINC150's out-of-scope test requests it rejects.
 
     python benchmarks/intents.py --methods frozen pm --seeds 0 1 2 --name clinc150
     python benchmarks/intents.py --report clinc150          # the tables of stored results, no training
-    python benchmarks/quality.py --paired intents-clinc150  # pm - frozen etc. with 95% t intervals
+    python benchmarks/quality.py --paired clinc150          # pm - frozen etc. with 95% t intervals
 
 The threshold is set during training from each task's own in-scope training requests (pmserve.rejection); the
 out-of-scope test requests are only measured here, never used to choose anything. Results go to

@@ -221,7 +221,7 @@ def main() -> None:
         if len(args.between) < 3:
             ap.error("--between: give two methods and at least one results NAME")
         a, b, *names = args.between
-        pooled = [r for n in names for r in read_json(RESULTS / f"quality-{n}.json")]
+        pooled = [r for n in names for r in read_json(_results_file(n))]
         print(between(pooled, a, b))
         return
     if args.report:

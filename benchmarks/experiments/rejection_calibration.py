@@ -40,6 +40,8 @@ n_class = torch.zeros(0, dtype=torch.float64)  # rows per class, for the class m
 def class_means(clf, n):
     """Each class's mean score over its training rows under the current W: exact and exemplar-free (Q = H^T Y)."""
     return (clf.Q * clf.W).sum(0) / n
+
+
 for i, t in enumerate(tasks):
     f = feat(t.train)
     clf.fit(f, t.train.labels, seed=0)
