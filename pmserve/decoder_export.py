@@ -303,7 +303,7 @@ class DecoderExport:
             "pad_token_id": self.pad_id,
             "chat_template": bool(getattr(self.tokenizer, "chat_template", None)),
             "dtype": opts.dtype,
-            "opset": opts.opset,
+            "opset": graph_opset(tmp / MODEL),  # the builder chooses its own
             "graph": graph,
             "exporter": exporter,
             **graph_io(tmp / MODEL),
@@ -338,6 +338,14 @@ class DecoderExport:
         return {**entry, "greedy_tokens": self.reference["hf_greedy"]}
 
 
+def graph_opset(path: Path) -> int:
+    """The ONNX opset of the graph at PATH (its default domain's)."""
+    import onnx
+
+    imports = onnx.load(str(path), load_external_data=False).opset_import
+    return next(int(o.version) for o in imports if o.domain in ("", "ai.onnx"))
+
+
 def choose_graph(asked: str, cfg, dtype: str) -> tuple[str, str]:
     """(graph, why) for --graph ASKED: auto is genai for the architectures measured through the builder and the
     gate (GENAI_ARCHITECTURES) when its heads suit ONNX Runtime's CPU GroupQueryAttention, else traced; and traced
@@ -367,7 +375,8 @@ def build_genai(folder: Path, cfg, work: Path):
 
     if importlib.util.find_spec("onnxruntime_genai") is None:
         raise PMError(
-            "--graph genai: needs ONNX Runtime GenAI's model builder (onnxruntime-genai-cuda, a dependency of pmserve: install pmserve again)"
+            "--graph genai: needs ONNX Runtime GenAI's model builder (onnxruntime-genai-cuda, a dependency of "
+            "pmserve: install pmserve again)"
         )
     layout = KVLayout.of(cfg)
     if layout.head_dim % 16:
