@@ -65,7 +65,7 @@ def register(app: typer.Typer) -> None:
             D.EXPORT_GRAPH,
             help="A decoder's graph: auto (genai for Llama, Mistral, Qwen2 and Qwen3 models whose heads are a "
             "multiple of 16 wide, except fp16; else traced) | traced (pmserve's own trace, any causal LM) | genai "
-            "(ONNX Runtime GenAI's model builder: GroupQueryAttention, 1.3-1.9x faster decoding; CPU provider).",
+            "(ONNX Runtime GenAI's model builder: GroupQueryAttention, 1.2-1.9x faster decoding; CPU provider).",
         ),
         data: str = typer.Option(
             "", help="Task sequence for the int8 accuracy report (default: the source's)."

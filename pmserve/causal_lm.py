@@ -8,7 +8,7 @@ past + sequence, head_dim], the cache to feed back at the next step.
 
 Since issue 38 this is the graph of the models ONNX Runtime GenAI's builder does not take (decoder_export.
 choose_graph: GPT-2, heads not a multiple of 16 wide, architectures not measured through the builder): the builder's
-GroupQueryAttention graph decodes SmolLM2 1.3 to 1.9x faster (BENCHMARKS.md). The wrapper is a dozen lines: it
+GroupQueryAttention graph decodes SmolLM2 1.2 to 1.9x faster (BENCHMARKS.md). The wrapper is a dozen lines: it
 rebuilds transformers' DynamicCache from flat tensors, so the TorchScript exporter traces the model's own attention
 and mask code, for any architecture transformers runs (Optimum's exporter, the other candidate, pins transformers
 < 5). The trace uses a padded row and a non-empty

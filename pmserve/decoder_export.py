@@ -9,7 +9,7 @@ genai_config.json for a GenAI graph, and manifest.json with every file's sha256.
 Choices, and why:
 - The graph (--graph, choose_graph): ONNX Runtime GenAI's model builder where it has been measured to pass this
   gate (GENAI_ARCHITECTURES, heads a multiple of 16 wide, as ONNX Runtime's CPU GroupQueryAttention needs), since
-  its fused graph decodes SmolLM2-135M 1.3 to 1.9x faster than the trace (BENCHMARKS.md, "Decoder deployment");
+  its fused graph decodes SmolLM2-135M 1.2 to 1.9x faster than the trace (BENCHMARKS.md, "Decoder deployment");
   causal_lm's trace of the transformers model for everything else. Both go through the same gate, quantisers,
   fp16 conversion and probe: pmserve.generation runs either. Measured through the builder's graph on the merged
   SmolLM2 of the README's walkthrough: fp32 max relative difference 2.6e-6, int8 top-1 0.929, int4 0.647, fp16
