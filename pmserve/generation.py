@@ -346,11 +346,10 @@ class SharedCache:
         return self.decoder.run_bound(self._bind, ids, _lengths_mask(self.lens))[:, -1]
 
     def join(self, other: SharedCache) -> None:
-        """OTHER's rows appended after these (both at the larger capacity)."""
+        """OTHER's rows appended after these (both at the larger capacity; bound once, as one new cache)."""
         cap = max(self.buffers[0].shape[2], other.buffers[0].shape[2])
-        self._reserve(cap)
-        other._reserve(cap)
-        self.buffers = [np.concatenate([a, b]) for a, b in zip(self.buffers, other.buffers)]
+        pairs = zip(_widened(self.buffers, cap), _widened(other.buffers, cap))
+        self.buffers = [np.concatenate([a, b]) for a, b in pairs]
         self.lens = np.concatenate([self.lens, other.lens])
 
     def keep(self, rows: list[int]) -> None:
@@ -358,10 +357,14 @@ class SharedCache:
         self.lens = self.lens[rows]
 
     def _reserve(self, length: int) -> None:
-        cap = self.buffers[0].shape[2]
-        if length > cap:
-            extra = _capacity(length) - cap
-            self.buffers = [np.pad(b, ((0, 0), (0, 0), (0, extra), (0, 0))) for b in self.buffers]
+        if length > self.buffers[0].shape[2]:
+            self.buffers = _widened(self.buffers, _capacity(length))
+
+
+def _widened(buffers: list[np.ndarray], cap: int) -> list[np.ndarray]:
+    """BUFFERS padded on the right of their sequence axis to capacity CAP (the same arrays when already there)."""
+    extra = cap - buffers[0].shape[2]
+    return [np.pad(b, ((0, 0), (0, 0), (0, extra), (0, 0))) for b in buffers] if extra else buffers
 
 
 def _capacity(length: int) -> int:
