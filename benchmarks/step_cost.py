@@ -18,7 +18,9 @@ response loss (lm_learner.token_losses) with and without the perturbation; then 
 the decoder's default --fisher-samples, against the steps of one epoch of the task. --head both times the loss's
 two ways of getting logits in the same run, interleaved by repeat: "full" (the model's forward: the output layer
 at every position) and "split" (the base model, then the output layer at the response positions only:
-lm_learner.ResponseLogits, the default where the model passes check_head_split).
+lm_learner.ResponseLogits, the default where the model passes check_head_split). Its batches are each example's
+last --tokens tokens, so they share no prefix: training's shared-prefix pass (run_shared) is not in these
+figures; benchmarks/decoder_task.py times a real task with it.
 """
 
 from __future__ import annotations

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import string
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -101,7 +102,8 @@ def decoder_config(cfg: TrainConfig) -> TrainConfig:
 
 class Decoder(nn.Module):
     """A causal LM as the learner's backbone: `.model` is what PEFT wraps and set_merged writes into. Whether
-    its loss may apply the output layer at the scored positions only is checked here, once (check_head_split)."""
+    its loss may apply the output layer at the scored positions only, and run a batch's shared prefix once, is
+    checked here, once (check_head_split, check_prefix_split)."""
 
     kind = "generative"
 
@@ -109,6 +111,7 @@ class Decoder(nn.Module):
         super().__init__()
         self.model = model
         check_head_split(model)
+        check_prefix_split(model)
 
 
 class ChatFormat:
@@ -180,6 +183,7 @@ def pad_batch(encoded: list[tuple[list[int], int]], pad_id: int) -> dict[str, to
 
 
 HEAD_SPLIT = "pmserve_head_split"  # the attribute check_head_split sets on a causal LM: True where it holds
+PREFIX_SPLIT = "pmserve_prefix_split"  # and check_prefix_split: True where a shared prefix may run once
 
 
 def causal_lm(model: nn.Module) -> nn.Module:
@@ -193,12 +197,51 @@ def causal_lm(model: nn.Module) -> nn.Module:
             return model
 
 
-def _split_logits(lm: nn.Module, input_ids, attention_mask, keep: torch.Tensor) -> torch.Tensor:
+def shared_prefix(input_ids: torch.Tensor, attention_mask: torch.Tensor, keep: torch.Tensor) -> int:
+    """How many leading tokens every row of the batch has in common (a chat template's system prompt and an
+    instruction's fixed words: 39 of SmolLM2's 56 on builtin:clinc150-gen), stopping before any row's first
+    scored position: those positions can run once for the whole batch (run_shared)."""
+    if input_ids.shape[0] < 2:
+        return 0
+    same = ((input_ids == input_ids[:1]) & (attention_mask == 1)).all(0)
+    n = int(same.long().cumprod(0).sum())
+    scored = keep.any(1)
+    if scored.any():
+        n = min(n, int(keep.to(torch.uint8).argmax(1)[scored].min()))
+    return n
+
+
+def run_shared(fwd, input_ids: torch.Tensor, attention_mask: torch.Tensor, prefix: int) -> torch.Tensor:
+    """fwd's first output (hidden states or logits) at positions prefix.. of every row. The first `prefix`
+    tokens, the same in every row, run once at batch 1 and their keys and values are repeated for each row:
+    exact in causal attention (a position sees only what precedes it), and gradients reach the shared part
+    summed over the rows, as they would from separate copies."""
+    if prefix == 0:
+        return fwd(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)[0]
+    first = fwd(input_ids=input_ids[:1, :prefix], attention_mask=attention_mask[:1, :prefix], use_cache=True)
+    cache = first.past_key_values
+    cache.batch_repeat_interleave(input_ids.shape[0])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # transformers 5.2x renames past_key_values
+        rest = fwd(
+            input_ids=input_ids[:, prefix:],
+            attention_mask=attention_mask,
+            past_key_values=cache,
+            use_cache=True,
+        )
+    return rest[0]
+
+
+def _split_logits(
+    lm: nn.Module, input_ids, attention_mask, keep: torch.Tensor, prefix: int = 0
+) -> torch.Tensor:
     """The logits at the True positions of keep (B, T' <= T), row by row: the base model's final hidden states,
     then the output layer on (B, max kept per row, H) only. The head sees whole rows (not one flat list) so a
-    per-row hook on it (the per-sample perturbation, if LoRA targets lm_head) still finds one row per sample."""
+    per-row hook on it (the per-sample perturbation, if LoRA targets lm_head) still finds one row per sample.
+    With `prefix`, the first positions (none of them kept) run once for the batch (run_shared)."""
     base = getattr(lm, lm.base_model_prefix)
-    hidden = base(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)[0][:, : keep.shape[1]]
+    keep = keep[:, prefix:]
+    hidden = run_shared(base, input_ids, attention_mask, prefix)[:, : keep.shape[1]]
     counts = keep.sum(1)
     width = int(counts.max()) if counts.numel() else 0
     # each row's kept positions first, in order (a stable sort of "not kept"), then cut to the longest row's
@@ -211,19 +254,27 @@ def _split_logits(lm: nn.Module, input_ids, attention_mask, keep: torch.Tensor) 
 class ResponseLogits(nn.Module):
     """A causal LM's logits at the scored positions only, as one module so DDP can wrap it (DDP syncs the
     gradients of what runs through its own forward). The output layer (576 x 49152 for SmolLM2) over every
-    position and the log-softmax were most of a step's time, while a response is a few tokens of each row."""
+    position and the log-softmax were most of a step's time, while a response is a few tokens of each row.
 
-    def __init__(self, model: nn.Module):
+    `share_prefix`: the tokens every row of a batch begins with run once (shared_prefix, run_shared), where
+    the model passed check_prefix_split. Never for the Fisher (its per-sample gradients need every row's own
+    pass) nor with the per-sample perturbation (its hooks scale the branch row by row)."""
+
+    def __init__(self, model: nn.Module, share_prefix: bool = False):
         super().__init__()
         self.module = model
+        self.share_prefix = share_prefix
 
     def forward(self, input_ids, attention_mask, keep: torch.Tensor) -> torch.Tensor:
         """(N, V): the logits at the N True positions of keep (B, T' <= T), in row-major order."""
         lm = causal_lm(self.module)
+        prefix = 0
+        if self.share_prefix and getattr(lm, PREFIX_SPLIT, False):
+            prefix = shared_prefix(input_ids, attention_mask, keep)
         if getattr(lm, HEAD_SPLIT, False):
-            return _split_logits(lm, input_ids, attention_mask, keep)
-        logits = self.module(input_ids=input_ids, attention_mask=attention_mask).logits
-        return logits[:, : keep.shape[1]][keep]
+            return _split_logits(lm, input_ids, attention_mask, keep, prefix)
+        logits = run_shared(self.module, input_ids, attention_mask, prefix)
+        return logits[:, : keep.shape[1] - prefix][keep[:, prefix:]]
 
 
 @torch.no_grad()
@@ -258,17 +309,61 @@ def check_head_split(model: nn.Module) -> bool:
     return ok
 
 
-def token_losses(model: nn.Module, batch: dict[str, torch.Tensor], u: torch.Tensor | None = None):
+def check_prefix_split(model: nn.Module) -> bool:
+    """Whether running a batch's shared prefix once (run_shared) gives the model's own logits, and gradients
+    through the shared part (checked on the input embeddings, which every position reaches), on a small padded
+    input whose rows share 5 tokens; recorded on the model (PREFIX_SPLIT). A model whose cache cannot be
+    repeated across rows, or computes or back-propagates differently with one, keeps the full pass."""
+    lm = causal_lm(model)
+    training = lm.training
+    weight = lm.get_input_embeddings().weight
+    grads = weight.requires_grad
+    ok = False
+    try:
+        lm.eval()
+        weight.requires_grad_(True)
+        ids = torch.randint(weight.shape[0], (3, 9), generator=torch.Generator().manual_seed(0))
+        ids[:, :5] = ids[0, :5]
+        mask = torch.ones_like(ids)
+        mask[2, 7:] = 0
+        ids, mask = ids.to(lm.device), mask.to(lm.device)
+        outs = []
+        with torch.enable_grad():
+            for prefix in (0, 5):
+                logits = run_shared(lm, ids, mask, prefix)[:, -4:-2]  # positions 5 and 6: real in every row
+                (grad,) = torch.autograd.grad(logits.float().square().mean(), weight)
+                outs.append((logits.detach().float(), grad.float()))
+        (full, g_full), (fast, g_fast) = outs
+
+        def close(a, b):
+            return a.shape == b.shape and torch.allclose(a, b, rtol=1e-4, atol=1e-4 * float(b.abs().max()))
+
+        ok = close(fast, full) and close(g_fast, g_full)
+    except Exception:  # any model that cannot be called this way keeps the full pass
+        ok = False
+    finally:
+        weight.requires_grad_(grads)
+        lm.train(training)
+    setattr(lm, PREFIX_SPLIT, ok)
+    return ok
+
+
+def token_losses(
+    model: nn.Module,
+    batch: dict[str, torch.Tensor],
+    u: torch.Tensor | None = None,
+    share_prefix: bool = False,
+):
     """(per-sequence summed cross-entropy over response tokens, response token count per sequence). Position t
     predicts token t + 1, scored against the reference token, or with `u` (uniforms, one per position) against
     a token drawn from the model's own distribution there (sample_targets). Logits are computed at the scored
-    positions only (ResponseLogits); `model` may be one already, or DDP around one."""
+    positions only (ResponseLogits, with `share_prefix`); `model` may be one already, or DDP around one."""
     labels = batch["labels"][:, 1:]
     keep = labels != IGNORE
     if not isinstance(model, ResponseLogits) and not isinstance(
         getattr(model, "module", None), ResponseLogits
     ):
-        model = ResponseLogits(model)
+        model = ResponseLogits(model, share_prefix)
     logits = model(batch["input_ids"], batch["attention_mask"], keep).float()
     targets = labels[keep] if u is None else sample_targets(logits.detach(), u[keep])
     nll = F.cross_entropy(logits, targets, reduction="none")
@@ -334,7 +429,8 @@ class DecoderLearner(Learner):
         shuffle = stream_generator(cfg.seed, i, SHUFFLE)
         encoded = self._encoded(task.train)
         lengths = [len(ids) for ids, _ in encoded]
-        net = distributed.wrap(ResponseLogits(peft_model), self.device)
+        # a batch's shared prefix runs once, except where the perturbation scales rows apart
+        net = distributed.wrap(ResponseLogits(peft_model, pert is None or pert.per == "step"), self.device)
         world = distributed.world()
         for epoch in range(epochs):
             for idx in bucketed_batches(lengths, cfg.batch_size, shuffle):
@@ -424,7 +520,7 @@ class DecoderLearner(Learner):
             total = torch.zeros(2, dtype=torch.float64, device=self.device)
             with branch_scale(layers, s):
                 for batch, _ in self._global_batches(encoded, None):
-                    per_seq, _ = token_losses(self.encoder.model, batch)
+                    per_seq, _ = token_losses(self.encoder.model, batch, share_prefix=True)
                     total[0] += per_seq.sum().double()
                     total[1] += per_seq.numel()
             distributed.all_reduce_sum(total)
@@ -451,7 +547,8 @@ class DecoderLearner(Learner):
         total, count = 0.0, 0
         for k in range(0, len(order), EVAL_BATCH):
             batch = pad_batch([encoded[j] for j in order[k : k + EVAL_BATCH]], self.prep.pad_id)
-            per_seq, n = token_losses(self.encoder.model, {kk: v.to(self.device) for kk, v in batch.items()})
+            batch = {kk: v.to(self.device) for kk, v in batch.items()}
+            per_seq, n = token_losses(self.encoder.model, batch, share_prefix=True)
             total, count = total + float(per_seq.sum()), count + int(n.sum())
         return total / max(count, 1)
 

@@ -270,6 +270,79 @@ def test_a_model_that_rescales_its_logits_keeps_the_full_forward(llama):
     torch.testing.assert_close(per_seq, _by_hand(model, batch), rtol=1e-5, atol=1e-6)
 
 
+def _prefixed_batch(fmt):
+    """Rows that begin alike (the template's turn start and two words) and then differ, one padded."""
+    from pmserve.lm_learner import pad_batch
+
+    convs = [["the cat dog", "animal"], ["the cat bread food", "food bread"], ["the cat food", "animal"]]
+    return pad_batch([fmt.encode([{"role": "user", "content": c}], r) for c, r in convs], fmt.pad_id)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_a_shared_prefix_run_once_gives_every_rows_own_losses_and_gradients(arch, llama, gpt2):
+    """The tokens every row begins with run once for the batch (their cache repeated per row): the losses and
+    LoRA gradients equal the model's own forward over every full row, with the output layer at the scored
+    positions only and with the full logits; the prefix stops before any row's first scored position."""
+    from pmserve.adapters import add_lora
+    from pmserve.lm_learner import HEAD_SPLIT, PREFIX_SPLIT, causal_lm, shared_prefix, token_losses
+
+    learner = _learner(llama if arch == "llama" else gpt2)
+    model = learner.encoder.model
+    assert getattr(model, PREFIX_SPLIT) is True
+    torch.manual_seed(0)
+    peft_model = add_lora(model, learner.cfg.lora)
+    for n, p in peft_model.named_parameters():
+        if "lora_B" in n:
+            p.data.normal_(0, 0.3)
+    batch = _prefixed_batch(learner.prep)
+    keep = batch["labels"][:, 1:] != -100
+    n = shared_prefix(batch["input_ids"], batch["attention_mask"], keep)
+    assert n == (3 if arch == "llama" else 2)  # <|user|> the cat / the cat
+    per_seq = _by_hand(peft_model, batch)
+    ref = per_seq.detach(), _grads(peft_model, per_seq)
+    shapes = []  # what the embedding sees: the prefix once, then every row's rest
+    hook = (
+        causal_lm(peft_model)
+        .get_input_embeddings()
+        .register_forward_hook(lambda m, i, o: shapes.append(tuple(i[0].shape)))
+    )
+    for split in (True, False):
+        setattr(causal_lm(peft_model), HEAD_SPLIT, split)
+        shapes.clear()
+        got = token_losses(peft_model, batch, share_prefix=True)[0]
+        assert shapes == [(1, n), (3, batch["input_ids"].shape[1] - n)]
+        torch.testing.assert_close(got.detach(), ref[0], rtol=1e-5, atol=1e-6)
+        for g, r in zip(_grads(peft_model, got), ref[1], strict=True):
+            torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-6)
+    hook.remove()
+    same = {k: v[[0, 0]] for k, v in batch.items()}  # identical rows: the prefix ends before the response
+    first = int(keep[0].to(torch.uint8).argmax())
+    assert shared_prefix(same["input_ids"], same["attention_mask"], keep[[0, 0]]) == first
+    assert shared_prefix(batch["input_ids"][:1], batch["attention_mask"][:1], keep[:1]) == 0
+
+
+def test_a_model_that_ignores_its_cache_keeps_the_full_pass(llama):
+    """A forward that drops the cache it is given fails the check at load (its prefix-shared logits differ),
+    and the loss with share_prefix stays its own forward's."""
+    from transformers import LlamaForCausalLM
+
+    from pmserve.lm_learner import PREFIX_SPLIT, Decoder, token_losses
+
+    class Forgetful(LlamaForCausalLM):
+        def forward(self, *args, **kwargs):
+            if kwargs.get("past_key_values") is not None:
+                kwargs["past_key_values"] = None
+                kwargs["attention_mask"] = kwargs["attention_mask"][:, -kwargs["input_ids"].shape[1] :]
+            return super().forward(*args, **kwargs)
+
+    model = Forgetful.from_pretrained(str(llama)).eval()
+    Decoder(model)
+    assert getattr(model, PREFIX_SPLIT) is False
+    batch = _prefixed_batch(_learner(llama).prep)
+    per_seq, _ = token_losses(model, batch, share_prefix=True)
+    torch.testing.assert_close(per_seq, _by_hand(model, batch), rtol=1e-5, atol=1e-6)
+
+
 def test_exact_match_normalisation():
     from pmserve.lm_learner import normalise
 
@@ -504,19 +577,25 @@ def _cli(*args):
 
 
 def test_cli_keeps_an_option_given_at_the_encoder_default(gpt2, gen_tasks, tmp_path, monkeypatch):
-    """`--lr 1e-3` (the encoders' default) typed for a decoder run trains at 1e-3, is what config.json records,
-    and --resume keeps it; left out, the run takes the decoders' 5e-4 (stopped before anything is written)."""
+    """`--max-length 64` (the encoders' default) typed for a decoder run trains at 64, is what config.json
+    records, and --resume keeps it; left out, the run takes the decoders' 96 (stopped before anything is
+    written)."""
     from pmserve import defaults as D
     from pmserve import train as train_module
 
+    assert D.TRAIN_MAX_LENGTH != D.TRAIN_DECODER_MAX_LENGTH  # else this test tells nothing
     out = tmp_path / "given"
     small = ("--epochs", 1, "--rank", 2, "--fisher-samples", 6, "--quiet")
-    res = _cli(gen_tasks, "--model", gpt2, "--out", out, "--lr", D.TRAIN_LR, *small)
+    res = _cli(gen_tasks, "--model", gpt2, "--out", out, "--max-length", D.TRAIN_MAX_LENGTH, *small)
     assert res.exit_code == 0, res.output
     saved = json.loads((out / "config.json").read_text())
-    assert (saved["lr"], saved["max_length"], saved["epochs"]) == (D.TRAIN_LR, D.TRAIN_DECODER_MAX_LENGTH, 1)
+    assert (saved["max_length"], saved["batch_size"], saved["epochs"]) == (
+        D.TRAIN_MAX_LENGTH,
+        D.TRAIN_DECODER_BATCH_SIZE,
+        1,
+    )
     assert "given" not in saved
-    again = _cli("--out", out, "--resume", "--quiet")  # the RUN's lr, not the decoders' default: no conflict
+    again = _cli("--out", out, "--resume", "--quiet")  # the RUN's options, not the decoders' defaults
     assert again.exit_code == 0, again.output
     assert json.loads((out / "config.json").read_text()) == saved
 
@@ -528,7 +607,7 @@ def test_cli_keeps_an_option_given_at_the_encoder_default(gpt2, gen_tasks, tmp_p
 
     monkeypatch.setattr(train_module, "_prepare_out", stop)
     res = _cli(gen_tasks, "--model", gpt2, "--out", tmp_path / "left", *small)
-    assert "stopped" in res.output and seen[0]["lr"] == D.TRAIN_DECODER_LR
+    assert "stopped" in res.output and seen[0]["max_length"] == D.TRAIN_DECODER_MAX_LENGTH
 
 
 # ---------------------------------------------------------------- the real model
