@@ -1,9 +1,10 @@
-"""Choosing a decoder run's lr and epochs (issue 35) on training data only: builtin:clinc150-gen's first task
+"""Choosing a decoder run's lr, epochs and batch size (issue 35) on training data only: builtin:clinc150-gen's first task
 (--seed, default 0; 30 requests per intent), its training requests split into 25 to train on and 5 held out per
 intent; SmolLM2-135M with a fresh LoRA (the decoder defaults otherwise) trained with P&M's perturbation, then the exact
 match and the NLL on the held-out requests. The test requests are never read.
 
     python benchmarks/experiments/decoder_defaults.py --json benchmarks/results/decoder_defaults.json
+    python benchmarks/experiments/decoder_defaults.py --grid 1e-3:2:16 --seed 1   # lr:epochs[:batch size]
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ def held_out(task: Task, per_intent: int) -> tuple[Task, Split]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--grid", default="5e-4:1,1e-3:1,5e-4:2", help="lr:epochs pairs")
+    ap.add_argument("--grid", default="5e-4:1,1e-3:1,5e-4:2", help="lr:epochs[:batch size], comma-separated")
     ap.add_argument(
         "--seed",
         type=int,
@@ -52,7 +53,9 @@ def main() -> None:
     task, val = held_out(builtin_tasks("builtin:clinc150-gen:tasks=1,train=30", args.seed)[0], 5)
     rows = []
     for pair in args.grid.split(","):
-        lr, epochs = float(pair.split(":")[0]), int(pair.split(":")[1])
+        lr, epochs, *batch = pair.split(":")
+        lr, epochs = float(lr), int(epochs)
+        size = {"batch_size": int(batch[0])} if batch else {}
         cfg = decoder_config(
             TrainConfig(
                 data="x",
@@ -60,7 +63,8 @@ def main() -> None:
                 lr=lr,
                 epochs=epochs,
                 seed=args.seed,
-                given={"lr", "epochs"},
+                **size,
+                given={"lr", "epochs", *size},
             )
         )
         # pm's steps (the perturbation); the Fisher and profile do not change the first task's model: keep them short
@@ -74,7 +78,14 @@ def main() -> None:
         learner.encoder.model = peft_model  # evaluate with the task's adapter (alpha_1 = 1: the merged model)
         m = learner.accuracy(val)
         rows.append(
-            {"lr": lr, "epochs": epochs, "val_exact": m["exact"], "val_nll": m["nll"], "seconds": seconds}
+            {
+                "lr": lr,
+                "epochs": epochs,
+                "batch_size": cfg.batch_size,
+                "val_exact": m["exact"],
+                "val_nll": m["nll"],
+                "seconds": seconds,
+            }
         )
         print(json.dumps(rows[-1]), flush=True)
     out = {
