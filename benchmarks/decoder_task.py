@@ -31,12 +31,15 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tasks", type=int, default=2)
     ap.add_argument("--train", type=int, default=30, help="requests per intent (15 intents per task)")
+    ap.add_argument("--test", type=int, help="test requests per intent (default: the built-in's)")
     ap.add_argument("--method", default="pm")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=None, help="the RUN folder (default: a temporary one)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
-    data = f"builtin:clinc150-gen:tasks={args.tasks},train={args.train}"
+    data = f"builtin:clinc150-gen:tasks={args.tasks},train={args.train}" + (
+        f",test={args.test}" if args.test else ""
+    )
     out = Path(args.out or tempfile.mkdtemp(prefix="decoder-task-")) / "run"
     sizes = []
 

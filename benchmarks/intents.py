@@ -99,7 +99,10 @@ def main() -> None:
             r = train(cfg, out, progress=False, log=lambda *_: None, on_task=on_task)
             infos = [json.loads(p.read_text()) for p in sorted(out.glob("tasks/*/task.json"))]
             r.pop("config", None)
-            r["method"], r["config"] = label, {"seed": seed, "reject": args.reject, **extra}
+            r["method"], r["config"] = (
+                label,
+                {"seed": seed, "reject": args.reject, "data": args.data, **extra},
+            )
             r["intents"] = per_task
             r["gate"] = [i.get("gate") for i in infos]
             results = append_result(res_path, r)

@@ -5,13 +5,16 @@
     python benchmarks/quality.py --paired i17-nouns i17-nouns-s34   # pm - frozen, - avg, - merge, / joint
     python benchmarks/quality.py --versus wordnet-nouns-all-linear i17-nouns   # B - A by (method, seed)
     python benchmarks/quality.py --between avg pm i17class-nouns i17class-nouns-s34   # method B - A by seed
+    python benchmarks/quality.py --data builtin:clinc150-gen --model builtin:smollm2 --name clinc150-gen \
+        --methods pm merge avg seq joint frozen --seeds 0 1 2 --set 'device="cuda"'   # a decoder (issue 35)
 Each (method, seed) is one `pmserve train` run that measures the linear training head and the prototype and
 ridge classifiers side by side (--eval-heads), so heads are compared on identical backbones; each seed draws its
 own class order. Results go to benchmarks/results/quality-<name>.json (appended run by run, so a long sweep can
 be read while it goes). The tables give, per method and head, the mean ± std over seeds and every seed's value,
 and per run the alphas (their minimum first), the ridge lambdas and how many sat at the end of their grid.
 Every comparison is paired by seed and reported as the mean difference with its 95% t interval
-(pmserve.metrics.paired_interval), in points.
+(pmserve.metrics.paired_interval), in points. A generative sequence (a decoder's) has one measure, exact match
+("exact" in place of a head), and takes the decoders' own defaults for every option not --set or --epochs.
 """
 
 from __future__ import annotations
@@ -40,8 +43,9 @@ def _mean_std(vals: list[float]) -> str:
     return f"{statistics.mean(vals):.3f} ± {sd:.3f}"
 
 
-COMPARISONS = [  # (B, A, how): the targets of issue 36, B - A in points or B / A
+COMPARISONS = [  # (B, A, how): the targets of issues 35 and 36, B - A in points or B / A
     ("pm", "frozen", "-"),
+    ("pm", "seq", "-"),
     ("pm", "avg", "-"),
     ("pm", "merge", "-"),
     ("pm", "joint", "/"),
@@ -60,7 +64,7 @@ def interval(d: list[float], unit: str = "") -> str:
 def comparisons(results: list[dict], head: str = "ridge") -> str:
     """Every COMPARISONS pair the results hold: per seed, and the mean with its 95% t interval. B - A in
     points of ACC; B / A as a percentage of A."""
-    acc = {(r["method"], _seed(r)): r["by_head"][head]["ACC"] for r in results}
+    acc = {(r["method"], _seed(r)): _head(r, head)["ACC"] for r in results}
     rows = ["| comparison | seeds | per seed | mean [95% t interval] |", "|---|---|---|---|"]
     for b, a, how in COMPARISONS:
         seeds = sorted(s for m, s in acc if m == b and (a, s) in acc)
@@ -79,6 +83,11 @@ def comparisons(results: list[dict], head: str = "ridge") -> str:
 
 def _seed(r: dict) -> int:
     return r["config"]["seed"]
+
+
+def _head(r: dict, head: str) -> dict:
+    """The run's figures for `head`; a decoder run's for its one measure (exact match), whatever `head` says."""
+    return r["by_head"].get(head) or r["by_head"][r["head"]]
 
 
 def table(results: list[dict], heads: list[str]) -> str:
@@ -184,7 +193,7 @@ def main() -> None:
     ap.add_argument("--methods", nargs="+", default=METHODS)
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     ap.add_argument("--train-head", default="linear")
-    ap.add_argument("--epochs", type=int, default=5)
+    ap.add_argument("--epochs", type=int, help="epochs per task (default: the RUN's default)")
     ap.add_argument("--out", type=Path, default=Path("/tmp/pmserve-quality"))
     ap.add_argument("--name", default=None, help="results file quality-NAME.json (default: the sequence's)")
     ap.add_argument("--report", nargs="+", metavar="NAME", help="print the tables of stored results and stop")
@@ -227,8 +236,10 @@ def main() -> None:
     if args.report:
         for name in args.report:
             results = read_json(RESULTS / f"quality-{name}.json")
-            print(f"## {name}\n\n{table(results, heads)}\n\n{runs_table(results)}\n")
+            shown = heads if any(h in r["by_head"] for r in results for h in heads) else ["exact"]
+            print(f"## {name}\n\n{table(results, shown)}\n\n{runs_table(results)}\n")
         return
+    from pmserve.tasks import load_tasks
     from pmserve.train import TrainConfig, train
 
     if args.sequence:
@@ -237,21 +248,31 @@ def main() -> None:
     extra = {k: json.loads(v) for k, v in (kv.split("=", 1) for kv in args.set)}
     res_path = RESULTS / f"quality-{args.name}.json"
     results = read_json(res_path, [])
+    generative = load_tasks(args.data)[0].kind == "generative"
+    if generative:  # no heads: exact match; the decoders' defaults for what is not given
+        heads = ["exact"]
+    epochs = {} if args.epochs is None else {"epochs": args.epochs}
     for seed in args.seeds:
         for method in args.methods:
             if any(r["method"] == method and r["config"]["seed"] == seed for r in results):
                 continue
-            cfg = TrainConfig(
-                data=args.data,
-                model=args.model,
-                method=method,
-                head=args.train_head,
-                eval_heads=heads[1:],
-                epochs=args.epochs,
-                seed=seed,
-                **extra,
-            )
-            if method == "joint":  # the upper bound of PM_METHOD.md: 3 epochs at lr 5e-4
+            if generative:
+                given = {**extra, **epochs}
+                cfg = TrainConfig(
+                    data=args.data, model=args.model, method=method, seed=seed, **given, given=set(given)
+                )
+            else:
+                cfg = TrainConfig(
+                    data=args.data,
+                    model=args.model,
+                    method=method,
+                    head=args.train_head,
+                    eval_heads=heads[1:],
+                    seed=seed,
+                    **epochs,
+                    **extra,
+                )
+            if method == "joint" and not generative:  # the upper bound of PM_METHOD.md: 3 epochs at lr 5e-4
                 cfg.epochs, cfg.lr = 3, 5e-4
             r = train(
                 cfg,
