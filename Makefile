@@ -1,6 +1,7 @@
 # Two commands on a fresh machine (README, "Install and quickstart"):
 #   make quickstart   install into $(VENV) if needed, then train the quickstart run into runs/quickstart
-#   make test         install into $(VENV) if needed, then lint (ruff check) and run the test suite
+#   make test         install into $(VENV) if needed, then lint (ruff check, ruff format --check) and run the
+#                     test suite
 #   make bench-smoke  build the peers' environments if needed (benchmarks/*_env.sh), then run every comparison
 #                     (PEFT, mergekit, Optimum, our server, KServe) at tiny sizes into $(SMOKE): that each still
 #                     runs, not what it measures; a dependency's change shows the day it lands
@@ -16,6 +17,7 @@ quickstart: $(VENV)/bin/pmserve
 
 test: $(VENV)/bin/pmserve
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/python -m pytest tests
 
 setup: $(VENV)/bin/pmserve
