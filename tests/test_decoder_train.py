@@ -641,9 +641,11 @@ def test_smollm2_trains_one_tiny_task_end_to_end(smollm2_cache, tmp_path):
     )
 
 
-def test_two_ranks_give_one_process_results(llama, tmp_path):
+@pytest.mark.parametrize("per", ["sample", "step"])
+def test_two_ranks_give_one_process_results(per, llama, tmp_path):
     """torchrun, two gloo ranks: the same global batches (10 examples in batches of 4: the last splits 1 + 1),
-    per-sample perturbation draws and sampled Fisher labels as one process."""
+    perturbation draws and sampled Fisher labels as one process; per step, each rank's rows also run their
+    shared prefix (the template's first token) once."""
     import os
     import subprocess
     import sys
@@ -651,7 +653,7 @@ def test_two_ranks_give_one_process_results(llama, tmp_path):
     from pmserve.train import train
 
     data = write_gen_tasks(tmp_path / "data", [["animal", "food"], ["tool", "place"]], n_train=5, n_test=2)
-    opts = dict(epochs=2, batch_size=4, rank=2, fisher_samples=6, lr=2e-2, seed=1, perturb_per="sample")
+    opts = dict(epochs=2, batch_size=4, rank=2, fisher_samples=6, lr=2e-2, seed=1, perturb_per=per)
     one = train(config(data, llama, **opts), tmp_path / "one", **QUIET)
     argv = [
         sys.executable,
