@@ -317,7 +317,7 @@ def check_prefix_split(model: nn.Module) -> bool:
     lm = causal_lm(model)
     training = lm.training
     weight = lm.get_input_embeddings().weight
-    grads = weight.requires_grad
+    had_grad = weight.requires_grad
     ok = False
     try:
         lm.eval()
@@ -342,7 +342,7 @@ def check_prefix_split(model: nn.Module) -> bool:
     except Exception:  # any model that cannot be called this way keeps the full pass
         ok = False
     finally:
-        weight.requires_grad_(grads)
+        weight.requires_grad_(had_grad)
         lm.train(training)
     setattr(lm, PREFIX_SPLIT, ok)
     return ok
