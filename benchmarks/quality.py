@@ -202,7 +202,8 @@ def main() -> None:
         nargs="+",
         metavar="NAME",
         help="pm - frozen, - avg, - merge and / joint (ridge ACC), paired by seed with 95%% t intervals, over "
-        "the NAMEd results files pooled (quality-NAME.json or intents-NAME.json), and stop",
+        "the NAMEd results files pooled (quality-NAME.json or intents-NAME.json; a later file's run replaces an "
+        "earlier one's of the same method and seed), and stop",
     )
     ap.add_argument(
         "--versus", nargs=2, metavar=("A", "B"), help="ridge ACC of B - A by (method, seed), and stop"
