@@ -1,14 +1,17 @@
 """Which calibration rule keeps its promise as tasks accumulate? Frozen MiniLM features (exact for frozen),
-CLINC150 seed 0 default tasks; judged on CLINC150's *validation* split (in scope) and oos_val, never test.
+CLINC150 default tasks of seed SEED (0); judged on CLINC150's *validation* split (in scope) and oos_val, never test.
 
-    python benchmarks/experiments/rejection_calibration.py > benchmarks/results/rejection_calibration-val-s0.jsonl
+    python benchmarks/experiments/rejection_calibration.py [SEED] > benchmarks/results/rejection_calibration-val-sSEED.jsonl
 
 Per task: the share of the in-scope validation accuracy kept and the oos_val recall, for thresholds read from
 the leave-one-out histogram of every task so far (pooled, what pmserve does), of tasks decayed by 0.5 per
-task, or of the current task only, at acceptance 0.99 and 0.98.
+task, or of the current task only, at acceptance 0.99 and 0.98; and for another score ("cosine", pooled):
+the largest cosine between a request's projected features and a class's column of Q (its mean's direction),
+calibrated on each task's rows with their own class's column less the row (exact leave-one-out).
 """
 
 import json
+import sys
 
 import torch
 
@@ -18,7 +21,7 @@ from pmserve.heads import Ridge
 from pmserve.tasks import Split, builtin_tasks, clinc150_records
 
 torch.set_num_threads(1)
-tasks = builtin_tasks("builtin:clinc150", 0)
+tasks = builtin_tasks("builtin:clinc150", int(sys.argv[1]) if len(sys.argv) > 1 else 0)
 enc, prep, _ = load_encoder("builtin:minilm", "text", 64)
 dev = torch.device("cpu")
 
@@ -32,6 +35,7 @@ oos = [r.text for r in clinc150_records("oos_val")]
 F_oos = feat(Split(oos, ["oos"] * len(oos)))
 rows = []
 clf = Ridge(enc.hidden_size, 2000, 0, None, "gcv", 0.99)
+per_task_cos = []  # the top LOO cosines of the same rows (the "cosine" score)
 per_task_loo = []  # the top LOO scores of the correct rows of each task, under the classifier of its time
 residuals = []  # "rescored": those scores less their class's mean score then (Q_c . W_c / n_c)
 n_class = torch.zeros(0, dtype=torch.float64)  # rows per class, for the class means of the projected features
@@ -49,6 +53,11 @@ for i, t in enumerate(tasks):
     loo = rejection.loo_ridge_scores(h, y, clf.G, clf.lam, clf.W)
     top, pred = loo.max(1)
     per_task_loo.append(top[pred == y.argmax(1)])
+    hn = torch.nn.functional.normalize(h, dim=1)
+    cos = hn @ torch.nn.functional.normalize(clf.Q, dim=0)
+    own = torch.nn.functional.normalize(clf.Q[:, y.argmax(1)].T - h, dim=1)
+    cos[torch.arange(len(h)), y.argmax(1)] = (hn * own).sum(1)
+    per_task_cos.append(cos.max(1).values[pred == y.argmax(1)])
     n_class = torch.cat([n_class, torch.zeros(len(clf.labels) - len(n_class), dtype=torch.float64)])
     n_class += y.sum(0)
     right = pred == y.argmax(1)
@@ -75,4 +84,16 @@ for i, t in enumerate(tasks):
         kept = float((ok & (best >= t[s.argmax(1)])).double().mean()) / out["acc"]
         so = clf.scores(F_oos)
         out[f"rescored@{a}"] = (round(kept, 4), round(float((ob < t[so.argmax(1)]).double().mean()), 3))
+        th = rejection.threshold(sum(rejection.histogram(c) for c in per_task_cos), a)
+        fv, fo = (
+            (
+                torch.nn.functional.normalize(clf.project(x), dim=1)
+                @ torch.nn.functional.normalize(clf.Q, dim=0)
+            )
+            .max(1)
+            .values
+            for x in (Fv, F_oos)
+        )
+        kept = float((ok & (fv >= th)).double().mean()) / out["acc"]
+        out[f"cosine@{a}"] = (round(kept, 4), round(float((fo < th).double().mean()), 3))
     print(json.dumps(out), flush=True)
