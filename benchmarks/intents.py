@@ -57,30 +57,21 @@ def measure(learner, tests: list, oos, cos_counts=None) -> dict:
 
 
 def top_cosine(clf, feats):
-    """The candidate out-of-scope score: each row's largest cosine between its projected features and a class's
-    column of ridge's Q (the sum of that class's projected rows: the direction of its mean; exemplar-free, and
-    carried across merges with G)."""
-    import torch.nn.functional as F
+    """The candidate out-of-scope score (pmserve.rejection.top_cosines) of features under ridge's Q."""
+    from pmserve.rejection import top_cosines
 
-    h = F.normalize(clf.project(feats), dim=1)
-    return (h @ F.normalize(clf.Q, dim=0)).max(1).values.float()
+    return top_cosines(clf.project(feats), clf.Q).float()
 
 
 def cosine_counts(clf, feats, labels):
-    """The candidate's calibration histogram for a task's training rows just after its fit: each row's own class
-    without the row (leave-one-out, exact: Q_c - h), for the rows ridge's leave-one-out classifies right."""
-    import torch
-    import torch.nn.functional as F
-
-    from pmserve.rejection import histogram, loo_ridge_scores
+    """The candidate's calibration histogram for a task's training rows just after its fit: leave-one-out
+    (pmserve.rejection.loo_top_cosines), for the rows ridge's leave-one-out classifies right."""
+    from pmserve.rejection import histogram, loo_ridge_scores, loo_top_cosines
 
     h, y = clf.project(feats), clf._targets(labels)
     yi = y.argmax(1)
     right = loo_ridge_scores(h, y, clf.G, clf.lam, clf.W).argmax(1) == yi
-    hn = F.normalize(h, dim=1)
-    c = hn @ F.normalize(clf.Q, dim=0)
-    c[torch.arange(len(yi)), yi] = (hn * F.normalize(clf.Q[:, yi].T - h, dim=1)).sum(1)
-    return histogram(c.max(1).values[right])
+    return histogram(loo_top_cosines(h, yi, clf.Q)[right])
 
 
 def main() -> None:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 OUT_OF_SCOPE = "<out of scope>"  # angle brackets: no task's label can be it (tasks.check_tasks refuses it)
 BINS, LOW, HIGH = (
@@ -42,6 +43,24 @@ def loo_ridge_scores(
     lev = (H * torch.linalg.solve(A, H.T).T).sum(1, keepdim=True)
     fit = H @ W
     return Y - (Y - fit) / (1 - lev).clamp_min(1e-12)
+
+
+def top_cosines(H: torch.Tensor, Q: torch.Tensor) -> torch.Tensor:
+    """Each row's largest cosine with a column of Q (ridge's H^T Y: a class's summed rows, its mean's direction).
+
+    A candidate rejection score (BENCHMARKS.md, "A rejection score that survives growth"): new classes leave an
+    old class's column as it was, where they lower its ridge scores. Not yet what --reject thresholds."""
+    return (F.normalize(H, dim=1) @ F.normalize(Q, dim=0)).max(1).values
+
+
+def loo_top_cosines(H: torch.Tensor, targets: torch.Tensor, Q: torch.Tensor) -> torch.Tensor:
+    """top_cosines of rows H that are part of Q (`targets`: their class indices), each row's own class column
+    without the row (Q_c - h_i: exact leave-one-out, as loo_ridge_scores is for ridge's scores)."""
+    Hn = F.normalize(H, dim=1)
+    cos = Hn @ F.normalize(Q, dim=0)
+    own = (Hn * F.normalize(Q[:, targets].T - H, dim=1)).sum(1)
+    cos[torch.arange(len(H)), targets] = own
+    return cos.max(1).values
 
 
 def histogram(top: torch.Tensor) -> torch.Tensor:

@@ -35,6 +35,21 @@ def test_leave_one_out_scores_equal_refits_without_the_row():
         torch.testing.assert_close(loo[i], H[i] @ Wr)
 
 
+def test_leave_one_out_cosines_equal_cosines_to_class_sums_without_the_row():
+    g = torch.Generator().manual_seed(1)
+    H = torch.rand(12, 6, generator=g, dtype=torch.float64)
+    y = torch.arange(12) % 3
+    Q = H.T @ torch.nn.functional.one_hot(y, 3).double()
+    loo = rejection.loo_top_cosines(H, y, Q)
+    for i in range(12):
+        keep = torch.arange(12) != i
+        Qr = H[keep].T @ torch.nn.functional.one_hot(y[keep], 3).double()
+        cos = [float(H[i] @ Qr[:, c] / (H[i].norm() * Qr[:, c].norm())) for c in range(3)]
+        assert float(loo[i]) == pytest.approx(max(cos), abs=1e-12)
+    top = rejection.top_cosines(H, Q)  # without leaving out: no lower than the row's own class column alone
+    assert bool((top >= loo - 1e-12).all()) and float(top.max()) <= 1 + 1e-12
+
+
 def test_threshold_keeps_the_asked_share_of_rows():
     scores = torch.tensor([0.05, 0.21, 0.33, 0.5, 0.61, 0.7, 0.8, 0.9, 0.95, 0.99], dtype=torch.float64)
     counts = rejection.histogram(scores)

@@ -53,11 +53,7 @@ for i, t in enumerate(tasks):
     loo = rejection.loo_ridge_scores(h, y, clf.G, clf.lam, clf.W)
     top, pred = loo.max(1)
     per_task_loo.append(top[pred == y.argmax(1)])
-    hn = torch.nn.functional.normalize(h, dim=1)
-    cos = hn @ torch.nn.functional.normalize(clf.Q, dim=0)
-    own = torch.nn.functional.normalize(clf.Q[:, y.argmax(1)].T - h, dim=1)
-    cos[torch.arange(len(h)), y.argmax(1)] = (hn * own).sum(1)
-    per_task_cos.append(cos.max(1).values[pred == y.argmax(1)])
+    per_task_cos.append(rejection.loo_top_cosines(h, y.argmax(1), clf.Q)[pred == y.argmax(1)])
     n_class = torch.cat([n_class, torch.zeros(len(clf.labels) - len(n_class), dtype=torch.float64)])
     n_class += y.sum(0)
     right = pred == y.argmax(1)
@@ -85,15 +81,7 @@ for i, t in enumerate(tasks):
         so = clf.scores(F_oos)
         out[f"rescored@{a}"] = (round(kept, 4), round(float((ob < t[so.argmax(1)]).double().mean()), 3))
         th = rejection.threshold(sum(rejection.histogram(c) for c in per_task_cos), a)
-        fv, fo = (
-            (
-                torch.nn.functional.normalize(clf.project(x), dim=1)
-                @ torch.nn.functional.normalize(clf.Q, dim=0)
-            )
-            .max(1)
-            .values
-            for x in (Fv, F_oos)
-        )
+        fv, fo = (rejection.top_cosines(clf.project(x), clf.Q) for x in (Fv, F_oos))
         kept = float((ok & (fv >= th)).double().mean()) / out["acc"]
         out[f"cosine@{a}"] = (round(kept, 4), round(float((fo < th).double().mean()), 3))
     print(json.dumps(out), flush=True)
