@@ -91,6 +91,9 @@ def main() -> None:
         for name in args.report:
             print(f"## {name}\n\n{report(read_json(RESULTS / f'intents-{name}.json'))}\n")
         return
+    from torch import float64, zeros
+
+    from pmserve.rejection import BINS
     from pmserve.tasks import Split, builtin_tasks, clinc150_records
     from pmserve.train import TrainConfig, train
 
@@ -112,7 +115,7 @@ def main() -> None:
             if method == "joint":  # the upper bound of PM_METHOD.md: 3 epochs at lr 5e-4
                 cfg.epochs, cfg.lr = 3, 5e-4
             per_task: list[dict] = []
-            cos_counts: list = []  # the candidate score's calibration histogram, a running sum
+            cos_counts = zeros(BINS, dtype=float64)  # the candidate score's calibration histogram
 
             def on_task(
                 i: int,
@@ -127,13 +130,12 @@ def main() -> None:
                 seen = tasks if method == "joint" else tasks[: i + 1]
                 clf = next(iter(learner.classifiers.values()))
                 for t in seen if method == "joint" else seen[-1:]:
-                    part = cosine_counts(clf, learner.features(t.train), t.train.labels)
-                    cos_counts[:] = [cos_counts[0] + part] if cos_counts else [part]
-                per_task.append({"task": i, **measure(learner, [t.test for t in seen], oos, cos_counts[0])})
+                    cos_counts += cosine_counts(clf, learner.features(t.train), t.train.labels)
+                per_task.append({"task": i, **measure(learner, [t.test for t in seen], oos, cos_counts)})
                 if "clinc150" in args.data:
                     known = {y for t in seen for y in t.classes}
                     val_known = split([r for r in val if r.intent in known])
-                    per_task[-1]["val"] = measure(learner, [val_known], oos_val, cos_counts[0])
+                    per_task[-1]["val"] = measure(learner, [val_known], oos_val, cos_counts)
                 p = per_task[-1]
                 print(
                     f"  {label} s{seed} task {i}: {p['acc']:.4f} {p['acc_reject']:.4f} {p['oos_recall']:.3f}",
