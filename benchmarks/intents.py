@@ -12,7 +12,9 @@ figures on its validation split (`val`: the seen intents' validation requests an
 acceptance may be chosen by. Results go to
 benchmarks/results/intents-NAME.json in quality.py's layout (method, by_head.ridge.ACC, config.seed), one run
 appended at a time, plus per task: in-scope accuracy without and with rejection, out-of-scope recall, the
-threshold, and the gate's decision where there is one.
+threshold, and the gate's decision where there is one. Beside the classifier's own rejection score (the fit,
+for runs made now; `config.reject_score`), the other one ("top": ridge's top score, as runs before it did),
+calibrated the same way.
 """
 
 from __future__ import annotations
@@ -27,51 +29,57 @@ from harness import RESULTS, append_result, read_json
 ACCEPTS = (0.999, 0.995, 0.99, 0.98, 0.95)  # other in-scope acceptance targets, read from the same histogram
 
 
-def measure(learner, tests: list, oos, cos_counts=None) -> dict:
+# the score measured beside the classifier's own (pmserve.rejection)
+OTHER = {"cosine": "top", "top": "cosine"}
+
+
+def measure(learner, tests: list, oos, other_counts=None) -> dict:
     """In-scope accuracy without / with rejection over `tests` (seen tasks' test splits, pooled), and the
     out-of-scope recall on `oos` (a Split of out-of-scope requests), with the --head classifier (ridge with
-    --reject); `by_accept`: the same at other acceptance targets, from the same calibration histogram.
-    `cosine`: the same for the candidate score `top_cosine`, its thresholds from `cos_counts`."""
+    --reject, by its own score); `by_accept`: the same at other acceptance targets, from the same calibration
+    histogram. Under the other score's name (OTHER: "top" for today's classifiers, which reject by the fit):
+    the same for that score, its thresholds from `other_counts`."""
     from pmserve.rejection import threshold
 
     clf = next(iter(learner.classifiers.values()))
-    ok, best, fit = [], [], []
+    own, other = clf.reject_score, OTHER[clf.reject_score]
+    ok, score = [], {own: [], other: []}
     for split in tests:
         f = learner.features(split)
         s = clf.scores(f)
         ok += [clf.labels[k] == y for k, y in zip(s.argmax(1).tolist(), split.labels)]
-        best += s.max(1).values.tolist()
-        fit += top_cosine(clf, f).tolist()
+        for name in score:
+            score[name] += rejection_scores(clf, f, name).tolist()
     f_oos = learner.features(oos)
-    oos_best, oos_fit = clf.scores(f_oos).max(1).values, top_cosine(clf, f_oos)
+    oos_score = {name: rejection_scores(clf, f_oos, name) for name in score}
 
-    def at(t: float, best=best, oos_best=oos_best) -> dict:
-        kept = sum(o and b >= t for o, b in zip(ok, best)) / len(ok)
-        return {"acc_reject": kept, "oos_recall": float((oos_best < t).double().mean()), "threshold": t}
+    def at(t: float, name: str = own) -> dict:
+        kept = sum(o and b >= t for o, b in zip(ok, score[name])) / len(ok)
+        return {
+            "acc_reject": kept,
+            "oos_recall": float((oos_score[name] < t).double().mean()),
+            "threshold": t,
+        }
 
     out = {"acc": sum(ok) / len(ok), **at(clf.threshold())}
     out["by_accept"] = {str(a): at(threshold(clf.counts, a)) for a in ACCEPTS}
-    if cos_counts is not None:
-        out["cosine"] = {str(a): at(threshold(cos_counts, a), fit, oos_fit) for a in ACCEPTS}
+    if other_counts is not None:
+        out[other] = {str(a): at(threshold(other_counts, a), other) for a in ACCEPTS}
     return out
 
 
-def top_cosine(clf, feats):
-    """The candidate out-of-scope score (pmserve.rejection.top_cosines) of features under ridge's Q."""
-    from pmserve.rejection import top_cosines
-
-    return top_cosines(clf.project(feats), clf.Q).float()
+def rejection_scores(clf, feats, score: str):
+    """Each row's rejection score: "cosine", the fit (what --reject thresholds); "top", the top ridge score."""
+    return clf.fits(feats) if score == "cosine" else clf.scores(feats).max(1).values
 
 
-def cosine_counts(clf, feats, labels):
-    """The candidate's calibration histogram for a task's training rows just after its fit: leave-one-out
-    (pmserve.rejection.loo_top_cosines), for the rows ridge's leave-one-out classifies right."""
-    from pmserve.rejection import histogram, loo_ridge_scores, loo_top_cosines
+def other_counts_of(clf, feats, labels):
+    """The other score's calibration histogram for a task's training rows just after its fit, made as the
+    classifier makes its own (pmserve.rejection.calibration_counts)."""
+    from pmserve.rejection import calibration_counts
 
     h, y = clf.project(feats), clf._targets(labels)
-    yi = y.argmax(1)
-    right = loo_ridge_scores(h, y, clf.G, clf.lam, clf.W).argmax(1) == yi
-    return histogram(loo_top_cosines(h, yi, clf.Q)[right])
+    return calibration_counts(h, y, clf.G, clf.lam, clf.W, clf.Q, OTHER[clf.reject_score])
 
 
 def main() -> None:
@@ -115,7 +123,7 @@ def main() -> None:
             if method == "joint":  # the upper bound of PM_METHOD.md: 3 epochs at lr 5e-4
                 cfg.epochs, cfg.lr = 3, 5e-4
             per_task: list[dict] = []
-            cos_counts = zeros(BINS, dtype=float64)  # the candidate score's calibration histogram
+            other_counts = zeros(BINS, dtype=float64)  # the other score's calibration histogram
 
             def on_task(
                 i: int,
@@ -125,17 +133,17 @@ def main() -> None:
                 method=method,
                 seed=seed,
                 label=label,
-                cos_counts=cos_counts,
+                other_counts=other_counts,
             ) -> None:
                 seen = tasks if method == "joint" else tasks[: i + 1]
                 clf = next(iter(learner.classifiers.values()))
                 for t in seen if method == "joint" else seen[-1:]:
-                    cos_counts += cosine_counts(clf, learner.features(t.train), t.train.labels)
-                per_task.append({"task": i, **measure(learner, [t.test for t in seen], oos, cos_counts)})
+                    other_counts += other_counts_of(clf, learner.features(t.train), t.train.labels)
+                per_task.append({"task": i, **measure(learner, [t.test for t in seen], oos, other_counts)})
                 if "clinc150" in args.data:
                     known = {y for t in seen for y in t.classes}
                     val_known = split([r for r in val if r.intent in known])
-                    per_task[-1]["val"] = measure(learner, [val_known], oos_val, cos_counts)
+                    per_task[-1]["val"] = measure(learner, [val_known], oos_val, other_counts)
                 p = per_task[-1]
                 print(
                     f"  {label} s{seed} task {i}: {p['acc']:.4f} {p['acc_reject']:.4f} {p['oos_recall']:.3f}",
@@ -150,6 +158,8 @@ def main() -> None:
                 label,
                 {"seed": seed, "reject": args.reject, "data": args.data, **extra},
             )
+            clf_meta = json.loads((out / "state" / "classifier.json").read_text())
+            r["config"]["reject_score"] = clf_meta.get("reject_score", "top")  # before it: the top score
             r["intents"] = per_task
             r["gate"] = [i.get("gate") for i in infos]
             results = append_result(res_path, r)

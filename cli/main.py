@@ -126,8 +126,9 @@ def train(
     ),
     reject: float = typer.Option(
         D.TRAIN_REJECT,
-        help="Out-of-scope rejection (--head ridge): answer '<out of scope>' below a top-score threshold that "
-        "keeps this share of each task's in-scope training answers (leave-one-out), e.g. 0.99; 0 turns it off.",
+        help="Out-of-scope rejection (--head ridge): answer '<out of scope>' where a request's fit (its largest "
+        "cosine with a known class's features) is below a threshold that keeps this share of each task's "
+        "in-scope training answers (leave-one-out), e.g. 0.99; 0 turns it off.",
     ),
     gate: bool = typer.Option(
         D.TRAIN_GATE,

@@ -52,7 +52,7 @@ from .formats import run as run_files
 from .formats.bundle import MODEL, write_labels, write_manifest, write_probe
 from .formats.merged import MergedSource, inspect_merged, source_hashes
 from .formats.repository import check_model_dir, new_version
-from .merged_model import InferenceModel, load_inference_model
+from .merged_model import InferenceModel, load_inference_model, saved_rejection
 from .onnx_trace import export_graph, move_graph
 
 DTYPES = ("fp32", "fp16")
@@ -220,7 +220,7 @@ def _export_into(tmp, src, model, prep, batches, tasks, tasks_note, opts: Export
             "classes": len(src.labels),
             "labels": src.labels,
             "head": src.head,
-            "reject": _reject(src),
+            "reject": saved_rejection(src),
             "scores": src.scores,
             "pooling": src.pooling,
             "normalize": src.normalize,
@@ -243,34 +243,24 @@ def _export_into(tmp, src, model, prep, batches, tasks, tasks_note, opts: Export
 # ---------------------------------------------------------------- steps
 
 
-def _reject(src) -> dict | None:
-    """The manifest's out-of-scope rule: predict and the server answer `label` where the top score is below
-    `threshold` (pmserve.rejection); None where the source's classifier does not reject."""
-    from .merged_model import saved_threshold
-    from .rejection import OUT_OF_SCOPE
-
-    t = saved_threshold(src)
-    return None if t is None else {"threshold": t, "label": OUT_OF_SCOPE, "score": "top class score"}
-
-
 def trace_onnx(model: InferenceModel, batch: dict[str, torch.Tensor], path: Path, opset: int) -> None:
-    """The InferenceModel as ONNX with batch (and sequence) axes dynamic and one output, `scores` or
-    `embedding` (model.output)."""
+    """The InferenceModel as ONNX with batch (and sequence) axes dynamic and its outputs: `scores` or
+    `embedding` (model.output), then `fit` [batch] for a classifier that rejects by fit."""
     names = model.input_names
     axes = {n: ({0: "batch", 1: "sequence"} if n != "pixel_values" else {0: "batch"}) for n in names}
-    axes[model.output] = {0: "batch"}
+    axes |= {o: {0: "batch"} for o in model.outputs}
     export_graph(
         model,
         tuple(batch[n] for n in names),
         path,
         names,
-        [model.output],
+        model.outputs,
         axes,
         opset,
         model.encoder.model.config.model_type,
     )
     with torch.no_grad():
-        width = int(model.scores(batch).shape[1])
+        width = int(model.scores(batch).shape[1]) - model.has_fit
     _static_width(path, model.output, width)
 
 
@@ -420,20 +410,21 @@ def parity_batches(
 def check_parity(path: Path, model: InferenceModel, batches, tol: float | None) -> dict:
     """ONNX Runtime (CPU) against PyTorch over every batch: the max |output difference|, and top-1 mismatches
     (classifiers) or the smallest cosine between the rows (embeddings); passed iff within tol and agreeing."""
-    from .predict import ort_session
+    from .predict import ort_rows, ort_session
 
     sess = ort_session(path, "cpu")
     names = [i.name for i in sess.get_inputs()]
     embedding = model.output == "embedding"
+    scores = slice(None, -1 if model.has_fit else None)  # the class scores of a row (the fit is compared too)
     diff, mismatches, samples, cosine = 0.0, 0, 0, 1.0
     for b in batches:
         ref = model.scores(b).float().numpy()
-        got = sess.run([model.output], {n: b[n].numpy() for n in names})[0].astype(np.float32)
+        got = ort_rows(sess, model.outputs, {n: b[n].numpy() for n in names})
         diff = max(diff, float(np.abs(ref - got).max()))
         if embedding:
             cosine = min(cosine, float(_cosines(ref, got).min()))
         else:
-            mismatches += int((ref.argmax(1) != got.argmax(1)).sum())
+            mismatches += int((ref[:, scores].argmax(1) != got[:, scores].argmax(1)).sum())
         samples += len(ref)
     out = {"max_abs_diff": diff, "samples": samples, "provider": "CPUExecutionProvider"}
     if embedding:

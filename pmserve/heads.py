@@ -247,7 +247,8 @@ class Ridge:
     State: G = sum h h^T (size x size), Q = sum h y^T (size x classes) and n, the number of rows added;
     weights = (G + lambda I)^-1 Q. `select` is how lambda is chosen when it is not fixed (RIDGE_SELECT).
     `reject` (0: off) is the share of in-scope rows out-of-scope rejection keeps: then `counts` holds the
-    histogram its threshold is read from (pmserve.rejection).
+    histogram its threshold is read from, of `reject_score` (pmserve.rejection.SCORES: "cosine", the fit, for
+    every classifier made now; "top" for those saved before it).
     """
 
     def __init__(
@@ -258,6 +259,7 @@ class Ridge:
         lam: float | None = None,
         select: str = "gcv",
         reject: float = 0.0,
+        reject_score: str = "cosine",
     ):
         need = size * size * 8 * 3 / 2**30  # G, its solve copy and Cholesky factor, float64
         if size < 1:
@@ -279,7 +281,7 @@ class Ridge:
         self.Q = torch.zeros(size, 0, dtype=torch.float64)
         self.lam = lam if lam is not None else RIDGE_LAMBDAS[0]
         self.W: torch.Tensor | None = None
-        self.reject = reject
+        self.reject, self.reject_score = reject, reject_score
         self.counts = torch.zeros(rejection.BINS, dtype=torch.float64)
 
     def project(self, feats: torch.Tensor) -> torch.Tensor:
@@ -356,13 +358,18 @@ class Ridge:
         self.W = self.solve(self.lam)
         if self.reject:
             h, y = self.project(feats), self._targets(labels)
-            loo = rejection.loo_ridge_scores(h, y, self.G, self.lam, self.W)
-            self.counts += rejection.calibration_counts(loo, y.argmax(1))
+            self.counts += rejection.calibration_counts(
+                h, y, self.G, self.lam, self.W, self.Q, self.reject_score
+            )
         return self.lam
 
     def threshold(self) -> float | None:
-        """The top score below which a request is out of scope (None: rejection is off)."""
+        """The fit (or top score: `reject_score`) below which a request is out of scope (None: rejection off)."""
         return rejection.threshold(self.counts, self.reject) if self.reject else None
+
+    def fits(self, feats: torch.Tensor) -> torch.Tensor:
+        """Each row's fit (pmserve.rejection.top_cosines): what a "cosine" threshold is compared with."""
+        return rejection.top_cosines(self.project(feats), self.Q).float()
 
     def scores(self, feats: torch.Tensor) -> torch.Tensor:
         if self.W is None:
@@ -418,7 +425,9 @@ def save_scorer(scorer: Scorer, folder, prefix: str = "classifier") -> None:
             select=scorer.select,
         )
         if scorer.reject:
-            meta.update(reject=scorer.reject, reject_threshold=scorer.threshold())
+            meta.update(
+                reject=scorer.reject, reject_score=scorer.reject_score, reject_threshold=scorer.threshold()
+            )
     save_file({k: v.contiguous() for k, v in scorer.state().items()}, str(folder / f"{prefix}.safetensors"))
     (folder / f"{prefix}.json").write_text(json.dumps(meta, indent=2))
 
@@ -452,6 +461,9 @@ def load_scorer(folder, prefix: str = "classifier") -> Scorer:
         s = Ridge(
             dim, meta["size"], meta["seed"], fixed, meta.get("select", "holdout"), meta.get("reject", 0.0)
         )
+        s.reject_score = meta.get("reject_score", "top")  # saved before the fit: the top score, as then
+        if s.reject_score not in rejection.SCORES:
+            raise PMError(f"{meta_path}: unknown reject_score {s.reject_score!r}")
         if s.reject and "reject_counts" not in state:
             raise PMError(f"{tensor_path}: no reject_counts, but {meta_path} says rejection is on")
         s.load(state, labels, meta["lambda_"])  # a select missing (older classifiers): holdout

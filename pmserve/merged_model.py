@@ -33,6 +33,7 @@ from .heads import (
     ridge_scores,
     scorer_kind,
 )
+from .rejection import FIT, OUT_OF_SCOPE, SCORES, top_cosines
 
 TEXT_INPUTS = ("input_ids", "attention_mask", "token_type_ids")  # the order of the exported graph's inputs
 
@@ -65,15 +66,23 @@ class CosineScores(nn.Module):
 
 
 class RidgeScores(nn.Module):
-    """RanPAC: relu(feats @ P) @ W, with W = (G + lambda I)^-1 Q solved once in float64, then stored in fp32."""
+    """RanPAC: relu(feats @ P) @ W, with W = (G + lambda I)^-1 Q solved once in float64, then stored in fp32.
+    With `columns` (Q's columns, normalised: a classifier that rejects by fit) also each row's fit, the largest
+    cosine of relu(feats @ P) with them (pmserve.rejection), as a second output."""
 
-    def __init__(self, projection: torch.Tensor, weight: torch.Tensor):
+    def __init__(self, projection: torch.Tensor, weight: torch.Tensor, columns: torch.Tensor | None = None):
         super().__init__()
         self.register_buffer("projection", projection.float().contiguous())
         self.register_buffer("weight", weight.float().contiguous())
+        self.has_fit = columns is not None
+        if self.has_fit:
+            self.register_buffer("columns", F.normalize(columns.float(), dim=0).contiguous())
 
-    def forward(self, feats: torch.Tensor) -> torch.Tensor:
-        return ridge_scores(feats, self.projection, self.weight)
+    def forward(self, feats: torch.Tensor):
+        if not self.has_fit:
+            return ridge_scores(feats, self.projection, self.weight)
+        h = torch.relu(feats @ self.projection)
+        return h @ self.weight, top_cosines(h, self.columns)
 
 
 def scorer_module(scorer: Scorer) -> nn.Module:
@@ -86,7 +95,8 @@ def scorer_module(scorer: Scorer) -> nn.Module:
         return CosineScores(scorer.means())
     if isinstance(scorer, Ridge):
         w = scorer.W if scorer.W is not None else scorer.solve(scorer.lam)
-        return RidgeScores(scorer.P, w)
+        by_fit = scorer.reject and scorer.reject_score == "cosine"
+        return RidgeScores(scorer.P, w, scorer.Q if by_fit else None)
     raise TypeError(f"no module for classifier {type(scorer).__name__}")
 
 
@@ -99,8 +109,8 @@ class Softmax(nn.Module):
 
 class InferenceModel(nn.Module):
     """Inputs (in `input_names` order) -> the encoder's features (pooled, or a head's logits) -> `classifier` ->
-    the one output: `scores` over every class in `labels` order, or, for an embedding model (no labels, no
-    classifier), `embedding`."""
+    the output: `scores` over every class in `labels` order (and, for a classifier that rejects by fit, each
+    row's fit: `outputs`), or, for an embedding model (no labels, no classifier), `embedding`."""
 
     def __init__(
         self,
@@ -113,13 +123,21 @@ class InferenceModel(nn.Module):
         super().__init__()
         self.encoder, self.classifier = encoder, classifier if classifier is not None else nn.Identity()
         self.input_names, self.labels, self.output = list(input_names), list(labels), output
+        self.has_fit = bool(getattr(self.classifier, "has_fit", False))
 
-    def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
+    @property
+    def outputs(self) -> list[str]:
+        """The graph's outputs: `output`, then FIT for a classifier that rejects by fit."""
+        return [self.output] + [FIT] * self.has_fit
+
+    def forward(self, *inputs: torch.Tensor):
         return self.classifier(self.encoder(**dict(zip(self.input_names, inputs))))
 
     def scores(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """The output (class scores, or embeddings) of one batch of model inputs."""
-        return self(*[batch[n] for n in self.input_names])
+        """The output (class scores, or embeddings) of one batch of model inputs; with a fit, it is one more
+        column, last (the layout predict.Model's rows have)."""
+        out = self(*[batch[n] for n in self.input_names])
+        return torch.cat([out[0], out[1][:, None]], 1) if self.has_fit else out
 
 
 def input_names(prep: Preprocessor) -> list[str]:
@@ -142,12 +160,15 @@ def _classifier(src: MergedSource, dim: int) -> nn.Module:
     return scorer_module(scorer)
 
 
-def saved_threshold(src: MergedSource) -> float | None:
-    """The out-of-scope threshold of the source's classifier (pmserve.rejection); None: no rejection."""
+def saved_rejection(src: MergedSource) -> dict | None:
+    """The source's out-of-scope rule, as a bundle's manifest keeps it: answer `label` where `score` (the fit,
+    or the top class score) is below `threshold` (pmserve.rejection); None: its classifier does not reject."""
     if src.classifier_dir is None or src.head != "ridge":
         return None
     scorer = load_scorer(src.classifier_dir)
-    return scorer.threshold() if isinstance(scorer, Ridge) else None
+    if not isinstance(scorer, Ridge) or not scorer.reject:
+        return None
+    return {"threshold": scorer.threshold(), "label": OUT_OF_SCOPE, "score": SCORES[scorer.reject_score]}
 
 
 def _after_encoder(src: MergedSource, encoder: Encoder) -> nn.Module | None:

@@ -23,8 +23,8 @@ from .errors import PMError
 from .formats import run as run_files
 from .formats.bundle import MODEL, is_bundle, require_encoder, verify_bundle
 from .formats.merged import MergedSource, inspect_merged
-from .merged_model import InferenceModel, load_inference_model, saved_threshold
-from .rejection import top_labels
+from .merged_model import InferenceModel, load_inference_model, saved_rejection
+from .rejection import FIT, SCORES, top_labels
 
 PROVIDERS = ("auto", "cpu", "cuda")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
@@ -89,11 +89,13 @@ def ort_session(path: Path | str, provider: str = "auto", threads: int = 0, spin
 
 
 class Model:
-    """Raw inputs -> the model's one output (numpy, float32): `scores` [n, classes] with the labels of the
-    columns, or `embedding` [n, dim] (no labels)."""
+    """Raw inputs -> the model's rows (numpy, float32): `scores` [n, classes] with the labels of the columns,
+    or `embedding` [n, dim] (no labels). A classifier that rejects by fit (pmserve.rejection) has one more
+    column, last: each row's fit (`has_fit`); `split` parts a row's scores from it."""
 
     backend = ""
-    reject: float | None = None  # the out-of-scope threshold on the top score (pmserve.rejection); None: off
+    reject: float | None = None  # the out-of-scope threshold (pmserve.rejection); None: off
+    has_fit = False
 
     def __init__(
         self,
@@ -114,9 +116,14 @@ class Model:
     def run(self, batch: dict[str, torch.Tensor]) -> np.ndarray:
         raise NotImplementedError
 
-    def top_labels(self, scores: np.ndarray) -> list[str]:
+    def split(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """(scores, fit) of the model's rows; fit None where the model has none."""
+        return (rows[:, :-1], rows[:, -1]) if self.has_fit else (rows, None)
+
+    def top_labels(self, rows: np.ndarray) -> list[str]:
         """Each row's answer: its top label, or the out-of-scope label where the model rejects it."""
-        return top_labels(scores, self.labels, self.reject)
+        scores, fit = self.split(rows)
+        return top_labels(scores, self.labels, self.reject, fit)
 
     def encode(self, inputs: list):
         """Inputs tokenized (or pixel values), not padded: one encoding serves several calls (`score_rows`)."""
@@ -153,7 +160,9 @@ class OrtModel(Model):
     ):
         self.session = ort_session(onnx_path, provider, threads, spinning)
         names = [i.name for i in self.session.get_inputs()]
-        super().__init__(prep, labels, names, input_kind, self.session.get_outputs()[0].name)
+        self.outputs = [o.name for o in self.session.get_outputs()]
+        super().__init__(prep, labels, names, input_kind, self.outputs[0])
+        self.has_fit = FIT in self.outputs[1:]
         self.providers = self.session.get_providers()
 
     @classmethod
@@ -166,12 +175,22 @@ class OrtModel(Model):
         prep = Preprocessor(path, m["input_kind"], int(m.get("max_length", D.UNKNOWN_MAX_LENGTH)))
         model = cls(path / MODEL, prep, m["labels"], m["input_kind"], provider, threads, spinning)
         model.manifest = m
-        model.reject = (m.get("reject") or {}).get("threshold")
+        reject = m.get("reject") or {}
+        model.reject = reject.get("threshold")
+        if reject.get("score") == SCORES["cosine"] and not model.has_fit:
+            raise PMError(f"{path}: its manifest rejects by fit, but {MODEL} has no {FIT!r} output")
         return model
 
     def run(self, batch: dict[str, torch.Tensor]) -> np.ndarray:
-        feed = {n: batch[n].numpy() for n in self.input_names}
-        return self.session.run([self.output], feed)[0].astype(np.float32, copy=False)
+        return ort_rows(self.session, self.outputs, {n: batch[n].numpy() for n in self.input_names})
+
+
+def ort_rows(session, outputs: list[str], feed: dict[str, np.ndarray]) -> np.ndarray:
+    """A graph's `outputs` as Model's rows: the first, then the fit as one more column where there is one."""
+    if FIT not in outputs[1:]:
+        return session.run(outputs[:1], feed)[0].astype(np.float32, copy=False)
+    scores, fit = session.run([outputs[0], FIT], feed)
+    return np.concatenate([scores, fit[:, None]], 1).astype(np.float32, copy=False)
 
 
 class TorchModel(Model):
@@ -179,6 +198,7 @@ class TorchModel(Model):
 
     def __init__(self, model: InferenceModel, prep: Preprocessor, input_kind: str, device: str = "cpu"):
         super().__init__(prep, model.labels, model.input_names, input_kind, model.output)
+        self.has_fit = model.has_fit
         self.device = torch.device(device)
         self.model = model.to(self.device)
 
@@ -188,7 +208,7 @@ class TorchModel(Model):
         model, prep = load_inference_model(src)
         model.source = src
         out = cls(model, prep, src.input_kind, torch_device(provider))
-        out.reject = saved_threshold(src)
+        out.reject = (saved_rejection(src) or {}).get("threshold")
         return out
 
     @torch.inference_mode()
@@ -286,7 +306,8 @@ def _batches(inputs: list, batch_size: int):
 
 
 def score_all(model: Model, inputs: list, batch_size: int = 64) -> np.ndarray:
-    """The model's output for every input, in input order: [n, classes] scores or [n, dim] embeddings."""
+    """The model's rows for every input, in input order: [n, classes] scores (and the fit: Model.split) or
+    [n, dim] embeddings."""
     out = None
     for idx in _batches(inputs, batch_size):
         rows = model.scores([inputs[i] for i in idx])
@@ -311,11 +332,11 @@ def predict(
         raise PMError(f"--batch-size: must be at least 1, got {batch_size}")
     model = open_model(path, provider)
     xs = read_inputs(inputs, model.input_kind)
-    scores = score_all(model, xs, batch_size)
+    out = score_all(model, xs, batch_size)
     if model.kind == "embedding":
-        return [{"input": x, "embedding": e.tolist()} for x, e in zip(xs, scores)], model
-    rows = []
-    for x, s, label in zip(xs, scores, model.top_labels(scores)):
+        return [{"input": x, "embedding": e.tolist()} for x, e in zip(xs, out)], model
+    rows, scores = [], model.split(out)[0]
+    for x, s, label in zip(xs, scores, model.top_labels(out)):
         top = np.argsort(-s, kind="stable")[:top_k]
         rows.append(
             {
@@ -391,7 +412,7 @@ def evaluate_model(model: Model, tasks: list, batch_size: int = D.PREDICT_BATCH_
             raise PMError(
                 f"task {t.name}: label {unknown[0]!r} is not one of the model's {len(known)} classes"
             )
-        pred = score_all(model, t.test.inputs, batch_size).argmax(1)
+        pred = model.split(score_all(model, t.test.inputs, batch_size))[0].argmax(1)
         ok = sum(model.labels[p] == y for p, y in zip(pred.tolist(), t.test.labels))
         rows.append({"task": t.name, "n": len(t.test.labels), "acc": ok / len(t.test.labels)})
         hits, total = hits + ok, total + len(t.test.labels)

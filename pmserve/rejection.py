@@ -1,18 +1,24 @@
 """Out-of-scope rejection: answer OUT_OF_SCOPE when no known class fits a request, exemplar-free.
 
 An intent classifier meets requests that are none of its intents. The ridge head (RanPAC) scores every class
-seen; a request whose top score is below a threshold is rejected. The threshold is set from in-scope data only,
-so the default needs no out-of-scope examples: when a task is trained, each of its own training rows gets the
-top score ridge would give it had the row been left out of the fit (exact in closed form, `loo_ridge_scores`,
-so no split of the task is lost to calibration), and the top scores of the rows that leave-one-out still
-classifies right are added to a fixed histogram (BINS counts, constant in the number of tasks). The threshold
-is the score that keeps `accept` of those rows: rejection then costs about 1 - accept of the in-scope
-accuracy, by construction, and rejects whatever scores below what known intents score.
+seen; a request whose *fit* is below a threshold is rejected. The fit is the largest cosine between the
+request's projected features relu(fP) and a column of ridge's Q (a class's summed rows: its mean's direction):
+new classes leave an old class's column as it was, where they lower its ridge scores, so a threshold read
+while the first tasks were trained still means the same after the tenth (BENCHMARKS.md, "A rejection score
+that survives growth"). Classifiers saved before it threshold the top ridge score instead (`reject_score`
+"top"); they keep doing so.
+
+The threshold is set from in-scope data only, so it needs no out-of-scope examples: when a task is trained,
+each of its own training rows gets the fit it would have had the row been left out (exact in closed form:
+its class's column less the row, `loo_top_cosines`; for "top", `loo_ridge_scores`), so no split of the task
+is lost to calibration, and the fits of the rows that leave-one-out ridge still classifies right are added to
+a fixed histogram (BINS counts, constant in the number of tasks). The threshold is the fit that keeps
+`accept` of those rows: rejection then costs about 1 - accept of the in-scope accuracy, by construction.
 
 The histogram is part of ridge's saved state (classifier.safetensors), so it is carried bitwise across merges,
---resume and --add, and `pmserve export` writes the threshold into the bundle's manifest, where predict and the
-server read it. Old tasks' rows were scored by the classifier of their time; the histogram keeps them as they
-were (it cannot rescore them without their data).
+--resume and --add, and `pmserve export` writes the threshold into the bundle's manifest and the fit as the
+graph's second output, `fit`, where predict and the server read them. Old tasks' rows were scored by the
+classifier of their time; the histogram keeps them as they were (it cannot rescore them without their data).
 """
 
 from __future__ import annotations
@@ -28,6 +34,11 @@ BINS, LOW, HIGH = (
     2.0,
 )  # top ridge scores sit near [0, 1]; outside the range they count at its ends
 ACCEPT_ALL = -1e30  # the threshold where no bin can be rejected (finite: JSON has no infinity)
+FIT = "fit"  # the name of the exported graph's second output, each row's fit
+SCORES = {
+    "cosine": "top cosine",
+    "top": "top class score",
+}  # what a classifier thresholds -> the manifest's words
 
 
 def loo_ridge_scores(
@@ -46,10 +57,7 @@ def loo_ridge_scores(
 
 
 def top_cosines(H: torch.Tensor, Q: torch.Tensor) -> torch.Tensor:
-    """Each row's largest cosine with a column of Q (ridge's H^T Y: a class's summed rows, its mean's direction).
-
-    A candidate rejection score (BENCHMARKS.md, "A rejection score that survives growth"): new classes leave an
-    old class's column as it was, where they lower its ridge scores. Not yet what --reject thresholds."""
+    """Each row's fit: its largest cosine with a column of Q (ridge's H^T Y: a class's summed rows)."""
     return (F.normalize(H, dim=1) @ F.normalize(Q, dim=0)).max(1).values
 
 
@@ -69,10 +77,22 @@ def histogram(top: torch.Tensor) -> torch.Tensor:
     return torch.bincount(k, minlength=BINS).double()
 
 
-def calibration_counts(loo: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """The histogram of the top leave-one-out scores of the rows leave-one-out classifies right (`targets`:
-    their class indices): the in-scope rows whose acceptance rejection must keep."""
-    top, pred = loo.max(1)
+def calibration_counts(
+    H: torch.Tensor,
+    Y: torch.Tensor,
+    G: torch.Tensor,
+    lam: float,
+    W: torch.Tensor,
+    Q: torch.Tensor,
+    score: str,
+) -> torch.Tensor:
+    """The histogram of a task's rows H (targets Y, one-hot; part of the fit W, Q) that rejection must keep: the
+    leave-one-out `score` ("cosine": the fit; "top": the top ridge score) of the rows leave-one-out ridge
+    classifies right."""
+    top, pred = loo_ridge_scores(H, Y, G, lam, W).max(1)
+    targets = Y.argmax(1)
+    if score == "cosine":
+        top = loo_top_cosines(H, targets, Q)
     return histogram(top[pred == targets])
 
 
@@ -89,10 +109,13 @@ def threshold(counts: torch.Tensor, accept: float) -> float:
     )  # below the edge: its bin's rows pass
 
 
-def top_labels(scores: np.ndarray, labels: list[str], reject: float | None) -> list[str]:
-    """Each row's top label, or OUT_OF_SCOPE where its top score is below `reject` (None: never)."""
+def top_labels(
+    scores: np.ndarray, labels: list[str], reject: float | None, fit: np.ndarray | None = None
+) -> list[str]:
+    """Each row's top label, or OUT_OF_SCOPE where its fit (without one: its top score) is below `reject`
+    (None: never)."""
     top = scores.argmax(1)
     if reject is None:
         return [labels[k] for k in top.tolist()]
-    best = scores[np.arange(len(top)), top]
+    best = scores[np.arange(len(top)), top] if fit is None else fit
     return [labels[k] if s >= reject else OUT_OF_SCOPE for k, s in zip(top.tolist(), best.tolist())]

@@ -157,7 +157,27 @@ def test_an_unseen_class_is_rejected_more_often_than_a_known_one(runs):
     assert rejected_unseen > rejected_known
 
 
-def test_bundle_carries_the_threshold_and_predict_returns_out_of_scope(runs, tmp_path):
+def brute_force_fits(run, texts) -> np.ndarray:
+    """Each text's largest cosine with a column of the RUN's ridge Q, class by class in float64 numpy, from the
+    RUN's merged model's pooled features: the reference for the exported `fit`."""
+    from pmserve.heads import load_scorer
+    from pmserve.predict import TorchModel
+
+    model = TorchModel.from_merged(run, "cpu")
+    ridge = load_scorer(run / "state")
+    batch = model.prep.collate(model.encode(texts))
+    with torch.no_grad():
+        feats = model.model.encoder(**{n: batch[n] for n in model.input_names}).double().numpy()
+    h = np.maximum(feats @ ridge.P.double().numpy(), 0)
+    Q = ridge.Q.numpy()
+    cos = [
+        [h[i] @ Q[:, c] / (np.linalg.norm(h[i]) * np.linalg.norm(Q[:, c])) for c in range(Q.shape[1])]
+        for i in range(len(h))
+    ]
+    return np.array(cos).max(1)
+
+
+def test_bundle_rejects_by_its_fit_output_as_the_run_does(runs, tmp_path):
     import random
 
     from pmserve.export import export_bundle
@@ -167,18 +187,86 @@ def test_bundle_carries_the_threshold_and_predict_returns_out_of_scope(runs, tmp
     bundle = tmp_path / "bundle"
     manifest = export_bundle(once, bundle)
     meta = json.loads((once / "state" / "classifier.json").read_text())
+    assert meta["reject_score"] == "cosine"
     assert manifest["reject"] == {
         "threshold": meta["reject_threshold"],
         "label": rejection.OUT_OF_SCOPE,
-        "score": "top class score",
+        "score": "top cosine",
     }
+    assert [o["name"] for o in manifest["outputs"]] == ["scores", "fit"]
+    assert manifest["outputs"][1]["shape"] == ["batch"]
     texts = make_texts("feeling", 20, random.Random(2)) + make_texts("tool", 20, random.Random(3))
     from_run, _ = predict(once, texts, provider="cpu")
     from_bundle, model = predict(bundle, texts, provider="cpu")
     assert [r["label"] for r in from_bundle] == [r["label"] for r in from_run]
     assert any(r["label"] == rejection.OUT_OF_SCOPE for r in from_bundle)
-    # the label is the rule applied to the bundle's own scores
-    scores = OrtModel.from_bundle(bundle, "cpu").scores(texts)
-    assert [r["label"] for r in from_bundle] == rejection.top_labels(
-        scores, model.labels, meta["reject_threshold"]
-    )
+    assert any(r["label"] != rejection.OUT_OF_SCOPE for r in from_bundle)
+    # the bundle's fit is the cosine computed by hand; the label is the rule applied to it; scores stay scores
+    rows = OrtModel.from_bundle(bundle, "cpu").scores(texts)
+    assert rows.shape == (len(texts), len(model.labels) + 1)
+    np.testing.assert_allclose(rows[:, -1], brute_force_fits(once, texts), atol=1e-4)
+    assert [r["label"] for r in from_bundle] == [
+        y if f >= meta["reject_threshold"] else rejection.OUT_OF_SCOPE
+        for y, f in zip((model.labels[k] for k in rows[:, :-1].argmax(1)), rows[:, -1])
+    ]
+    assert [r["score"] for r in from_bundle] == pytest.approx(rows[:, :-1].max(1).tolist(), abs=1e-6)
+
+
+def test_a_run_saved_before_the_fit_still_rejects_by_its_top_score(runs, tmp_path):
+    """A classifier.json without reject_score (written before it) thresholds the top ridge score, as then: its
+    bundle has no fit output and says so in its manifest."""
+    import random
+
+    from pmserve.export import export_bundle
+    from pmserve.predict import OrtModel, predict
+
+    once, _, _ = runs
+    old = tmp_path / "old"
+    shutil.copytree(once, old)
+    meta_path = old / "state" / "classifier.json"
+    meta = json.loads(meta_path.read_text())
+    del meta["reject_score"]
+    meta_path.write_text(json.dumps(meta))
+    manifest = export_bundle(old, tmp_path / "bundle")
+    assert manifest["reject"]["score"] == "top class score"
+    assert [o["name"] for o in manifest["outputs"]] == ["scores"]
+    texts = make_texts("feeling", 20, random.Random(2)) + make_texts("tool", 20, random.Random(3))
+    rows, model = predict(tmp_path / "bundle", texts, provider="cpu")
+    scores = OrtModel.from_bundle(tmp_path / "bundle", "cpu").scores(texts)
+    t = meta["reject_threshold"]
+    assert [r["label"] for r in rows] == [
+        model.labels[k] if s[k] >= t else rejection.OUT_OF_SCOPE for k, s in zip(scores.argmax(1), scores)
+    ]
+    assert [r["label"] for r in predict(old, texts, provider="cpu")[0]] == [r["label"] for r in rows]
+
+
+def test_server_answers_out_of_scope_with_scores_only(runs, tmp_path):
+    """The served bundle's v2 `label` and /predict answers are predict's; its v2 `scores` are the class
+    scores alone (the fit stays inside the server)."""
+    import random
+
+    import httpx
+
+    from pmserve.export import export_bundle
+    from pmserve.predict import predict, score_all
+    from tests.test_serve import infer_body, start
+
+    once, _, _ = runs
+    export_bundle(once, tmp_path / "bundle")
+    texts = make_texts("feeling", 4, random.Random(2)) + make_texts("tool", 4, random.Random(3))
+    want, model = predict(tmp_path / "bundle", texts, provider="cpu")
+    proc, url = start(tmp_path / "bundle", "--name", "r")
+    try:
+        out = httpx.post(f"{url}/v2/models/r/infer", json=infer_body(texts)).json()
+        plain = httpx.post(f"{url}/predict", json={"inputs": texts}).json()
+    finally:
+        proc.kill()
+        proc.wait()
+    by_name = {o["name"]: o for o in out["outputs"]}
+    assert by_name["label"]["data"] == [r["label"] for r in want]
+    assert by_name["scores"]["shape"] == [len(texts), len(model.labels)]
+    scores = model.split(score_all(model, texts))[0]
+    got = np.array(by_name["scores"]["data"], dtype=np.float32).reshape(scores.shape)
+    np.testing.assert_allclose(got, scores, rtol=1e-4, atol=1e-5)
+    assert [p["label"] for p in plain["predictions"]] == [r["label"] for r in want]
+    assert [p["score"] for p in plain["predictions"]] == pytest.approx([r["score"] for r in want], abs=1e-5)

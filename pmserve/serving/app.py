@@ -282,12 +282,12 @@ def create_app(models: list[Served], cfg: ServeConfig, repository=None, loopback
     @app.post("/predict")
     async def predict(request: Request):
         """For curl: {"inputs": [...], "model": NAME (optional)} -> the top label and score of each input."""
-        served, scores = await plain_rows(request, embedding=False)
-        top = scores.max(1).tolist()
+        served, rows = await plain_rows(request, embedding=False)
+        top = served.model.split(rows)[0].max(1).tolist()
         return {
             "model": served.name,
             "predictions": [
-                {"label": y, "score": float(s)} for y, s in zip(served.model.top_labels(scores), top)
+                {"label": y, "score": float(s)} for y, s in zip(served.model.top_labels(rows), top)
             ],
         }
 

@@ -196,10 +196,11 @@ def requested_outputs(req: dict, names: tuple[str, ...] = ("label", "scores")) -
     return out
 
 
-def infer_response(served: Served, req: dict, scores: np.ndarray) -> tuple[dict, bytes]:
+def infer_response(served: Served, req: dict, rows: np.ndarray) -> tuple[dict, bytes]:
     """The v2 response header and the binary data that follows it (empty when every output is JSON).
-    `scores` is the model's output: class scores, or embeddings for an embedding model."""
-    labels = [] if served.embedding else served.model.top_labels(scores)
+    `rows` are the model's (predict.Model): class scores (and the fit), or embeddings for an embedding model."""
+    labels = [] if served.embedding else served.model.top_labels(rows)
+    scores = rows if served.embedding else served.model.split(rows)[0]
     outputs, chunks = [], []
     for name, binary in requested_outputs(req, served.outputs):
         if name == "label":
