@@ -149,7 +149,9 @@ def register(app: typer.Typer) -> None:
         ),
     ):
         """Print the predicted label(s) and score(s), tab-separated, then the input; for an embedding model, the
-        embedding's values, space-separated, then the input.
+        embedding's values, space-separated, then the input. A model trained with --reject first prints each
+        input's answer (its top label, or '<out of scope>') and the score it was judged by (the fit, or for
+        older RUNs the top score), then the labels and scores.
 
         The score is the classifier's raw score: a logit (linear head), a scaled cosine (cosine head), a cosine
         to the class mean (prototype) or the ridge regression's output (ridge); a model's own head gives its
@@ -164,6 +166,10 @@ def register(app: typer.Typer) -> None:
                 typer.echo(" ".join(f"{v:.6g}" for v in r["embedding"]) + f"\t{r['input']}")
             else:
                 top = "\t".join(f"{lab}\t{s:.4f}" for lab, s in r["top"])
+                if (
+                    model.reject is not None
+                ):  # the answer first: a label or <out of scope>, and what judged it
+                    top = f"{r['label']}\t{r.get('fit', r['score']):.4f}\t{top}"
                 typer.echo(f"{top}\t{r['input']}")
         _echo_err(
             f"{len(rows)} inputs scored by {model.backend} ({', '.join(getattr(model, 'providers', ['pytorch']))})"

@@ -324,8 +324,9 @@ def predict(
     top_k: int = D.PREDICT_TOP_K,
     batch_size: int = D.PREDICT_BATCH_SIZE,
 ) -> tuple[list[dict], Model]:
-    """For each input: its top label and score (and the next top_k - 1), or its embedding (an embedding model);
-    the model is returned for its facts."""
+    """For each input: its answer (its top label, or OUT_OF_SCOPE where the model rejects it), the top score
+    (and the next top_k - 1 labels and scores) and, for a model that rejects by fit, its fit; or its embedding
+    (an embedding model). The model is returned for its facts."""
     if top_k < 1:
         raise PMError(f"--top-k: must be at least 1, got {top_k}")
     if batch_size < 1:
@@ -335,8 +336,8 @@ def predict(
     out = score_all(model, xs, batch_size)
     if model.kind == "embedding":
         return [{"input": x, "embedding": e.tolist()} for x, e in zip(xs, out)], model
-    rows, scores = [], model.split(out)[0]
-    for x, s, label in zip(xs, scores, model.top_labels(out)):
+    rows, (scores, fit) = [], model.split(out)
+    for k, (x, s, label) in enumerate(zip(xs, scores, model.top_labels(out))):
         top = np.argsort(-s, kind="stable")[:top_k]
         rows.append(
             {
@@ -345,6 +346,7 @@ def predict(
                 "score": float(s[top[0]]),
                 "top": [(model.labels[i], float(s[i])) for i in top],
             }
+            | ({} if fit is None else {"fit": float(fit[k])})
         )
     return rows, model
 

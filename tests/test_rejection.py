@@ -16,6 +16,7 @@ from pmserve.gate import GATE_SCALES
 from pmserve.metrics import paired_interval, t_quantile
 from pmserve.train import TrainConfig, add_tasks, train
 from tests.conftest import make_texts, write_tasks
+from tests.test_export import cli  # noqa: F401 -- the CLI runner fixture
 
 QUIET = dict(progress=False, log=lambda *_: None)
 
@@ -177,7 +178,7 @@ def brute_force_fits(run, texts) -> np.ndarray:
     return np.array(cos).max(1)
 
 
-def test_bundle_rejects_by_its_fit_output_as_the_run_does(runs, tmp_path):
+def test_bundle_rejects_by_its_fit_output_as_the_run_does(runs, tmp_path, cli):  # noqa: F811
     import random
 
     from pmserve.export import export_bundle
@@ -210,6 +211,16 @@ def test_bundle_rejects_by_its_fit_output_as_the_run_does(runs, tmp_path):
         for y, f in zip((model.labels[k] for k in rows[:, :-1].argmax(1)), rows[:, -1])
     ]
     assert [r["score"] for r in from_bundle] == pytest.approx(rows[:, :-1].max(1).tolist(), abs=1e-6)
+    assert [r["fit"] for r in from_bundle] == pytest.approx(rows[:, -1].tolist(), abs=1e-6)
+    # the CLI prints the answer and the fit first, then the top label and its score
+    res = cli("predict", bundle, *texts[:4], "--provider", "cpu")
+    assert res.exit_code == 0, res.stderr
+    got = [line.split("\t") for line in res.stdout.strip().splitlines()]
+    assert [g[0] for g in got] == [r["label"] for r in from_bundle[:4]]
+    assert [float(g[1]) for g in got] == pytest.approx([r["fit"] for r in from_bundle[:4]], abs=1e-4)
+    assert [g[2] for g in got] == [r["top"][0][0] for r in from_bundle[:4]] and [g[4] for g in got] == texts[
+        :4
+    ]
 
 
 def test_a_run_saved_before_the_fit_still_rejects_by_its_top_score(runs, tmp_path):
