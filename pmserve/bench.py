@@ -83,7 +83,7 @@ def _ort_runner(onnx_path: Path, provider: str, threads: int, name: str = "onnxr
 
     sess = ort_session(onnx_path, provider, threads)
     names = [i.name for i in sess.get_inputs()]
-    output = sess.get_outputs()[0].name  # scores, or embedding
+    outputs = [o.name for o in sess.get_outputs()]  # scores or embedding, and fit where serving reads one
     state: dict = {}
 
     if provider == "cuda":
@@ -93,7 +93,8 @@ def _ort_runner(onnx_path: Path, provider: str, threads: int, name: str = "onnxr
             vals = {n: ort.OrtValue.ortvalue_from_numpy(feed[n], "cuda", 0) for n in names}
             for n, v in vals.items():
                 io.bind_ortvalue_input(n, v)
-            io.bind_output(output, "cuda")
+            for o in outputs:
+                io.bind_output(o, "cuda")
             state.update(io=io, vals=vals)
 
         def call():
@@ -105,7 +106,7 @@ def _ort_runner(onnx_path: Path, provider: str, threads: int, name: str = "onnxr
             state["feed"] = {n: feed[n] for n in names}
 
         def call():
-            sess.run([output], state["feed"])
+            sess.run(outputs, state["feed"])
 
     return _Runner(
         name, prepare, call, f"ONNX Runtime {ort.__version__}, {sess.get_providers()[0]}, {onnx_path}"
