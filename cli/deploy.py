@@ -166,9 +166,8 @@ def register(app: typer.Typer) -> None:
                 typer.echo(" ".join(f"{v:.6g}" for v in r["embedding"]) + f"\t{r['input']}")
             else:
                 top = "\t".join(f"{lab}\t{s:.4f}" for lab, s in r["top"])
-                if (
-                    model.reject is not None
-                ):  # the answer first: a label or <out of scope>, and what judged it
+                # a rejecting model's answer first: a label or <out of scope>, and what judged it
+                if model.reject is not None:
                     top = f"{r['label']}\t{r.get('fit', r['score']):.4f}\t{top}"
                 typer.echo(f"{top}\t{r['input']}")
         _echo_err(

@@ -281,3 +281,4 @@ def test_server_answers_out_of_scope_with_scores_only(runs, tmp_path):
     np.testing.assert_allclose(got, scores, rtol=1e-4, atol=1e-5)
     assert [p["label"] for p in plain["predictions"]] == [r["label"] for r in want]
     assert [p["score"] for p in plain["predictions"]] == pytest.approx([r["score"] for r in want], abs=1e-5)
+    assert [p["fit"] for p in plain["predictions"]] == pytest.approx([r["fit"] for r in want], abs=1e-5)

@@ -281,15 +281,17 @@ def create_app(models: list[Served], cfg: ServeConfig, repository=None, loopback
 
     @app.post("/predict")
     async def predict(request: Request):
-        """For curl: {"inputs": [...], "model": NAME (optional)} -> the top label and score of each input."""
+        """For curl: {"inputs": [...], "model": NAME (optional)} -> the answer (top label, or `<out of scope>`)
+        and top score of each input, and its fit where the model rejects by fit."""
         served, rows = await plain_rows(request, embedding=False)
-        top = served.model.split(rows)[0].max(1).tolist()
-        return {
-            "model": served.name,
-            "predictions": [
-                {"label": y, "score": float(s)} for y, s in zip(served.model.top_labels(rows), top)
-            ],
-        }
+        scores, fit = served.model.split(rows)
+        answers = [
+            {"label": y, "score": float(s)} for y, s in zip(served.model.top_labels(rows), scores.max(1))
+        ]
+        if fit is not None:
+            for a, f in zip(answers, fit.tolist()):
+                a["fit"] = f
+        return {"model": served.name, "predictions": answers}
 
     @app.post("/embed")
     async def embed(request: Request):
