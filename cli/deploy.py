@@ -226,7 +226,8 @@ def register(app: typer.Typer) -> None:
         batch_size: int = typer.Option(D.PREDICT_BATCH_SIZE, help="Inputs per model call."),
         json_file: Path = typer.Option(None, "--json", help="Also write the results here."),
     ):
-        """Accuracy on the test split of every task, and overall."""
+        """Accuracy on the test split of every task, and overall; for a model trained with --reject, also with
+        rejection (an in-scope request answered '<out of scope>' counts as wrong)."""
         from pmserve.predict import evaluate
 
         res = evaluate(model, data, seed, provider, batch_size)
@@ -234,11 +235,17 @@ def register(app: typer.Typer) -> None:
             if r["acc"] is None:
                 typer.echo(f"{r['task']:<24} not evaluated (its test set is not reachable here)")
             else:
-                typer.echo(f"{r['task']:<24} {r['acc']:.4f}  (n={r['n']})")
+                rejecting = (
+                    f"  with rejection {r['acc_with_rejection']:.4f}" if "acc_with_rejection" in r else ""
+                )
+                typer.echo(f"{r['task']:<24} {r['acc']:.4f}{rejecting}  (n={r['n']})")
         if res["mean"] is None:
             typer.echo("no test set of this model is reachable here; give DATA")
         else:
-            typer.echo(f"{'mean over tasks':<24} {res['mean']:.4f}")
+            rejecting = (
+                f"  with rejection {res['mean_with_rejection']:.4f}" if "mean_with_rejection" in res else ""
+            )
+            typer.echo(f"{'mean over tasks':<24} {res['mean']:.4f}{rejecting}")
             typer.echo(f"{'all test examples':<24} {res['overall']:.4f}  ({res['backend']})")
         if json_file:
             json_file.write_text(json.dumps(res, indent=2))

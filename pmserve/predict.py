@@ -365,7 +365,8 @@ def evaluate(
     provider: str = D.PREDICT_PROVIDER,
     batch_size: int = D.PREDICT_BATCH_SIZE,
 ) -> dict:
-    """Accuracy on the test split of every task of DATA (default: the task sequence the model was trained on)."""
+    """Accuracy on the test split of every task of DATA (default: the task sequence the model was trained on);
+    for a model that rejects, also with rejection (`acc_with_rejection`)."""
     from .tasks import load_tasks
 
     if batch_size < 1:
@@ -414,13 +415,20 @@ def evaluate_model(model: Model, tasks: list, batch_size: int = D.PREDICT_BATCH_
             raise PMError(
                 f"task {t.name}: label {unknown[0]!r} is not one of the model's {len(known)} classes"
             )
-        pred = model.split(score_all(model, t.test.inputs, batch_size))[0].argmax(1)
+        out = score_all(model, t.test.inputs, batch_size)
+        pred = model.split(out)[0].argmax(1)
         ok = sum(model.labels[p] == y for p, y in zip(pred.tolist(), t.test.labels))
         rows.append({"task": t.name, "n": len(t.test.labels), "acc": ok / len(t.test.labels)})
+        if model.reject is not None:  # a rejected request is a wrong answer: what rejection costs in scope
+            kept = sum(a == y for a, y in zip(model.top_labels(out), t.test.labels))
+            rows[-1]["acc_with_rejection"] = kept / len(t.test.labels)
         hits, total = hits + ok, total + len(t.test.labels)
-    return {
+    res = {
         "backend": model.backend,
         "tasks": rows,
         "mean": sum(r["acc"] for r in rows) / len(rows),  # ACC as metrics.json reports it
         "overall": hits / total,  # pooled over every test example
     }
+    if model.reject is not None:
+        res["mean_with_rejection"] = sum(r["acc_with_rejection"] for r in rows) / len(rows)
+    return res

@@ -212,6 +212,20 @@ def test_bundle_rejects_by_its_fit_output_as_the_run_does(runs, tmp_path, cli): 
     ]
     assert [r["score"] for r in from_bundle] == pytest.approx(rows[:, :-1].max(1).tolist(), abs=1e-6)
     assert [r["fit"] for r in from_bundle] == pytest.approx(rows[:, -1].tolist(), abs=1e-6)
+    # eval: accuracy with rejection counts a rejected in-scope request as wrong
+    from pmserve.predict import evaluate
+    from pmserve.train import run_tests
+
+    res = evaluate(bundle, provider="cpu")
+    t = meta["reject_threshold"]
+    for task, row in zip(run_tests(once), res["tasks"]):
+        r = OrtModel.from_bundle(bundle, "cpu").scores(task.test.inputs)
+        answers = [
+            model.labels[k] if f >= t else rejection.OUT_OF_SCOPE
+            for k, f in zip(r[:, :-1].argmax(1), r[:, -1])
+        ]
+        want = sum(a == y for a, y in zip(answers, task.test.labels)) / len(answers)
+        assert row["acc_with_rejection"] == pytest.approx(want) and want <= row["acc"]
     # the CLI prints the answer and the fit first, then the top label and its score
     res = cli("predict", bundle, *texts[:4], "--provider", "cpu")
     assert res.exit_code == 0, res.stderr
